@@ -1,0 +1,561 @@
+//! rasvmm-agent: the guest side of the rasvmm agent protocol.
+//!
+//! Started by the guest initramfs's /init. It opens the agent UART
+//! (`/dev/ttyS1`, or the path in argv[1]) in raw mode, says hello, then
+//! serves requests one at a time while forwarding signals that its page
+//! holders receive. Page holders are child processes that each own one user
+//! page, so that a SIGBUS from memory-failure handling hits a process other
+//! than the agent; a holder recovers by mapping a fresh page over the
+//! poisoned one and reports what it got.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::process::{Command as ProcCommand, Stdio};
+
+use guest_agent::{
+    decode, encode, AgentMessage, Command, ExecResult, Hello, KernelPageKind, LineBuffer, PageInfo,
+    PageRecord, Payload, Reply, Request, SignalReport, SysctlValue, TouchResult, KPF_HWPOISON,
+    MAX_EXEC_OUTPUT, MAX_KERNEL_PAGES, PROTOCOL_VERSION,
+};
+
+const PAGE_SIZE: usize = 4096;
+/// Page holders one agent keeps at most.
+const MAX_HOLDERS: usize = 256;
+/// Size of a holder's report record: kind, signo, code, addr_lsb, addr, pfn.
+const REPORT_SIZE: usize = 40;
+const REPORT_READY: u32 = 1;
+const REPORT_TOUCHED: u32 = 2;
+const REPORT_SIGNAL: u32 = 3;
+
+fn main() {
+    let path = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "/dev/ttyS1".into());
+    if let Err(e) = run(&path) {
+        eprintln!("rasvmm-agent: {e}");
+        std::process::exit(1);
+    }
+}
+
+struct Holder {
+    pid: i32,
+    /// Agent -> holder commands ('r' read, 'w' write).
+    cmd: File,
+    /// Holder -> agent reports.
+    report: File,
+}
+
+struct Agent {
+    port: File,
+    holders: BTreeMap<u32, Holder>,
+}
+
+fn run(path: &str) -> std::io::Result<()> {
+    let port = OpenOptions::new().read(true).write(true).open(path)?;
+    set_raw(port.as_raw_fd())?;
+    let mut agent = Agent {
+        port,
+        holders: BTreeMap::new(),
+    };
+    let hello = AgentMessage::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+        cpus: online_cpus(),
+    });
+    agent.send(&hello)?;
+
+    let mut lines = LineBuffer::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut fds = vec![libc::pollfd {
+            fd: agent.port.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let ids: Vec<u32> = agent.holders.keys().copied().collect();
+        for id in &ids {
+            fds.push(libc::pollfd {
+                fd: agent.holders[id].report.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: `fds` is a valid, initialised array of `fds.len()` pollfds
+        // that outlives the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        for (i, id) in ids.iter().enumerate() {
+            if fds[i + 1].revents != 0 {
+                agent.drain_holder(*id)?;
+            }
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            let n = agent.port.read(&mut buf)?;
+            let mut requests = Vec::new();
+            lines.push(&buf[..n], |l| requests.push(l.map(|b| b.to_vec())));
+            for line in requests {
+                match line.and_then(|l| decode::<Request>(&l)) {
+                    Ok(req) => agent.serve(req)?,
+                    Err(e) => eprintln!("rasvmm-agent: dropped request: {e}"),
+                }
+            }
+        }
+    }
+}
+
+impl Agent {
+    fn send(&mut self, msg: &AgentMessage) -> std::io::Result<()> {
+        self.port.write_all(&encode(msg))?;
+        self.port.flush()
+    }
+
+    fn serve(&mut self, req: Request) -> std::io::Result<()> {
+        let poweroff = req.cmd == Command::Poweroff;
+        let result = self.execute(req.cmd);
+        let reply = match result {
+            Ok(p) => Reply {
+                id: req.id,
+                ok: Some(p),
+                error: None,
+            },
+            Err(e) => Reply {
+                id: req.id,
+                ok: None,
+                error: Some(e),
+            },
+        };
+        self.send(&AgentMessage::Reply(reply))?;
+        if poweroff {
+            power_off();
+        }
+        Ok(())
+    }
+
+    fn execute(&mut self, cmd: Command) -> Result<Payload, String> {
+        match cmd {
+            Command::Exec { sh } => exec(&sh).map(Payload::Exec),
+            Command::AllocPage => self.alloc_page().map(Payload::Page),
+            Command::TouchPage { page, write } => self.touch_page(page, write).map(Payload::Touch),
+            Command::KernelPages { kind, count } => {
+                kernel_pages(kind, count).map(Payload::KernelPages)
+            }
+            Command::PageInfo { pfn } => page_info(pfn).map(Payload::PageInfo),
+            Command::Sysctl { name, value } => sysctl(&name, value.as_deref()).map(Payload::Sysctl),
+            Command::Poweroff => {
+                // SAFETY: sync() has no preconditions.
+                unsafe { libc::sync() };
+                Ok(Payload::Done)
+            }
+        }
+    }
+
+    fn alloc_page(&mut self) -> Result<PageRecord, String> {
+        if self.holders.len() >= MAX_HOLDERS {
+            return Err(format!("at most {MAX_HOLDERS} pages can be held"));
+        }
+        let id = self.holders.keys().next_back().map_or(0, |k| k + 1);
+        let (cmd_r, cmd_w) = pipe()?;
+        let (rep_r, rep_w) = pipe()?;
+        // SAFETY: the agent is single-threaded, so the child may run any code.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(format!("fork: {}", std::io::Error::last_os_error()));
+        }
+        if pid == 0 {
+            drop(cmd_w);
+            drop(rep_r);
+            holder_main(cmd_r, rep_w);
+        }
+        drop(cmd_r);
+        drop(rep_w);
+        let mut report = File::from(rep_r);
+        let r = read_report(&mut report).map_err(|e| format!("page holder: {e}"))?;
+        if r.kind != REPORT_READY {
+            return Err("page holder failed to map its page".into());
+        }
+        let vaddr = r.addr;
+        let pfn = pfn_of(pid, vaddr)?;
+        self.holders.insert(
+            id,
+            Holder {
+                pid,
+                cmd: File::from(cmd_w),
+                report,
+            },
+        );
+        Ok(PageRecord {
+            page: id,
+            pid,
+            vaddr,
+            pfn,
+        })
+    }
+
+    fn touch_page(&mut self, page: u32, write: bool) -> Result<TouchResult, String> {
+        let h = self
+            .holders
+            .get_mut(&page)
+            .ok_or_else(|| format!("no such page {page}"))?;
+        h.cmd
+            .write_all(if write { b"w" } else { b"r" })
+            .map_err(|e| format!("page holder {page} is gone: {e}"))?;
+        let pid = h.pid;
+        let mut signal = None;
+        // A touch yields its signals (if any) and then one TOUCHED report; a
+        // holder that keeps faulting is given up on rather than waited for.
+        for _ in 0..8 {
+            let r = read_report(&mut h.report).map_err(|e| format!("page holder {page}: {e}"))?;
+            match r.kind {
+                REPORT_SIGNAL => {
+                    let s = r.signal(page, pid);
+                    signal = Some(s);
+                    self.port
+                        .write_all(&encode(&AgentMessage::Signal(s)))
+                        .map_err(|e| e.to_string())?;
+                }
+                REPORT_TOUCHED => return Ok(TouchResult { page, signal }),
+                k => return Err(format!("page holder {page} sent report kind {k}")),
+            }
+        }
+        Err(format!("page holder {page} keeps faulting"))
+    }
+
+    /// Forwards asynchronous reports (an action-optional SIGBUS) from a holder.
+    fn drain_holder(&mut self, id: u32) -> std::io::Result<()> {
+        let Some(h) = self.holders.get_mut(&id) else {
+            return Ok(());
+        };
+        match read_report(&mut h.report) {
+            Ok(r) if r.kind == REPORT_SIGNAL => {
+                let s = r.signal(id, h.pid);
+                self.send(&AgentMessage::Signal(s))
+            }
+            Ok(_) => Ok(()),
+            Err(_) => {
+                // The holder died; reap it and forget it.
+                let pid = h.pid;
+                // SAFETY: waitpid on our own child with a valid status pointer.
+                unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+                self.holders.remove(&id);
+                Ok(())
+            }
+        }
+    }
+}
+
+struct Report {
+    kind: u32,
+    signo: i32,
+    code: i32,
+    addr_lsb: i32,
+    addr: u64,
+}
+
+impl Report {
+    fn signal(&self, page: u32, pid: i32) -> SignalReport {
+        SignalReport {
+            page,
+            pid,
+            signo: self.signo,
+            code: self.code,
+            addr: self.addr,
+            addr_lsb: self.addr_lsb,
+        }
+    }
+}
+
+fn read_report(f: &mut File) -> std::io::Result<Report> {
+    let mut b = [0u8; REPORT_SIZE];
+    f.read_exact(&mut b)?;
+    let u32_at = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    let u64_at = |o: usize| u64::from_ne_bytes(std::array::from_fn(|i| b[o + i]));
+    Ok(Report {
+        kind: u32_at(0),
+        signo: u32_at(4) as i32,
+        code: u32_at(8) as i32,
+        addr_lsb: u32_at(12) as i32,
+        addr: u64_at(16),
+    })
+}
+
+/// The holder's report pipe, for the signal handler.
+static mut HOLDER_REPORT_FD: RawFd = -1;
+
+fn write_report_raw(fd: RawFd, kind: u32, signo: i32, code: i32, addr_lsb: i32, addr: u64) {
+    let mut b = [0u8; REPORT_SIZE];
+    b[0..4].copy_from_slice(&kind.to_ne_bytes());
+    b[4..8].copy_from_slice(&signo.to_ne_bytes());
+    b[8..12].copy_from_slice(&code.to_ne_bytes());
+    b[12..16].copy_from_slice(&addr_lsb.to_ne_bytes());
+    b[16..24].copy_from_slice(&addr.to_ne_bytes());
+    // SAFETY: writes REPORT_SIZE bytes from a live stack buffer; write(2) is
+    // async-signal-safe, and a pipe write of this size is atomic.
+    unsafe { libc::write(fd, b.as_ptr().cast(), REPORT_SIZE) };
+}
+
+extern "C" fn on_sigbus(signo: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
+    let (code, addr, lsb) = unsafe {
+        let i = &*info;
+        let addr = i.si_addr() as u64;
+        // si_addr_lsb is the short right after si_addr in the _sigfault union.
+        let lsb_ptr = (std::ptr::addr_of!(*i) as *const u8).add(16 + 8) as *const i16;
+        (i.si_code, addr, i32::from(*lsb_ptr))
+    };
+    // SAFETY: reading a plain integer set before the handler was installed.
+    let fd = unsafe { HOLDER_REPORT_FD };
+    write_report_raw(fd, REPORT_SIGNAL, signo, code, lsb, addr);
+    if code == guest_agent::BUS_MCEERR_AR {
+        // Recover like a RAS-aware application: replace the poisoned page by
+        // a fresh zero page so the faulting access can complete.
+        let page = (addr as usize) & !(PAGE_SIZE - 1);
+        // SAFETY: maps over our own page; mmap is a raw system call, safe to
+        // use in a handler that interrupted an access to that same page.
+        let p = unsafe {
+            libc::mmap(
+                page as *mut libc::c_void,
+                PAGE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(135) };
+        }
+    }
+}
+
+/// A page holder: maps one page, touches it, reports its address, then
+/// accesses it whenever the agent asks. Never returns.
+fn holder_main(cmd: OwnedFd, report: OwnedFd) -> ! {
+    let report_fd = report.as_raw_fd();
+    // SAFETY: single-threaded child; the handler only reads this after it is set.
+    unsafe { HOLDER_REPORT_FD = report_fd };
+    // SAFETY: installing an SA_SIGINFO handler with a zeroed, then filled, sigaction.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigbus as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+        // Early kill follows vm.memory_failure_early_kill, not a per-process choice.
+    }
+    // SAFETY: anonymous private mapping of one page; result checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        write_report_raw(report_fd, 0, 0, 0, 0, 0);
+        // SAFETY: _exit never returns.
+        unsafe { libc::_exit(1) };
+    }
+    let page = p.cast::<u8>();
+    // SAFETY: `page` is a live, writable mapping of PAGE_SIZE bytes.
+    unsafe { std::ptr::write_bytes(page, 0x5a, PAGE_SIZE) };
+    write_report_raw(report_fd, REPORT_READY, 0, 0, 0, page as u64);
+    let mut cmd = File::from(cmd);
+    let mut c = [0u8; 1];
+    loop {
+        match cmd.read(&mut c) {
+            Ok(1) => {}
+            // The agent went away.
+            _ => {
+                // SAFETY: _exit never returns.
+                unsafe { libc::_exit(0) }
+            }
+        }
+        // SAFETY: volatile access to our own live page, so the compiler
+        // cannot elide the load or store that must reach memory.
+        unsafe {
+            if c[0] == b'w' {
+                std::ptr::write_volatile(page, 0xa5);
+            } else {
+                std::ptr::read_volatile(page);
+            }
+        }
+        write_report_raw(report_fd, REPORT_TOUCHED, 0, 0, 0, page as u64);
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by us.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// PFN of `vaddr` in process `pid`, from /proc/<pid>/pagemap (bit 63 present,
+/// bits 0-54 PFN; Documentation/admin-guide/mm/pagemap.rst).
+fn pfn_of(pid: i32, vaddr: u64) -> Result<u64, String> {
+    let mut f = File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("pagemap: {e}"))?;
+    f.seek(SeekFrom::Start(vaddr / PAGE_SIZE as u64 * 8))
+        .map_err(|e| format!("pagemap: {e}"))?;
+    let mut b = [0u8; 8];
+    f.read_exact(&mut b).map_err(|e| format!("pagemap: {e}"))?;
+    let e = u64::from_ne_bytes(b);
+    if e >> 63 == 0 {
+        return Err(format!("page {vaddr:#x} is not present"));
+    }
+    Ok(e & ((1 << 55) - 1))
+}
+
+fn exec(sh: &str) -> Result<ExecResult, String> {
+    let out = ProcCommand::new("/bin/sh")
+        .arg("-c")
+        .arg(sh)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("sh: {e}"))?;
+    let status = out.status.code().unwrap_or_else(|| {
+        use std::os::unix::process::ExitStatusExt;
+        128 + out.status.signal().unwrap_or(0)
+    });
+    let clip = |b: &[u8]| String::from_utf8_lossy(&b[..b.len().min(MAX_EXEC_OUTPUT)]).into_owned();
+    Ok(ExecResult {
+        status,
+        stdout: clip(&out.stdout),
+        stderr: clip(&out.stderr),
+    })
+}
+
+fn kernel_pages(kind: KernelPageKind, count: u32) -> Result<Vec<u64>, String> {
+    if count == 0 || count > MAX_KERNEL_PAGES {
+        return Err(format!("count must be 1..={MAX_KERNEL_PAGES}"));
+    }
+    let mut f = File::open("/proc/kpageflags").map_err(|e| format!("kpageflags: {e}"))?;
+    let bit = 1u64 << kind.kpf_bit();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 8 * 4096];
+    let mut pfn = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| format!("kpageflags: {e}"))?;
+        if n < 8 {
+            break;
+        }
+        for w in buf[..n - n % 8].chunks_exact(8) {
+            let flags = u64::from_ne_bytes(std::array::from_fn(|i| w[i]));
+            // Skip pages already poisoned: they are not candidates.
+            if flags & bit != 0 && flags & (1 << KPF_HWPOISON) == 0 {
+                out.push(pfn);
+                if out.len() == count as usize {
+                    return Ok(out);
+                }
+            }
+            pfn += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn page_info(pfn: u64) -> Result<PageInfo, String> {
+    let mut f = File::open("/proc/kpageflags").map_err(|e| format!("kpageflags: {e}"))?;
+    let off = pfn.checked_mul(8).ok_or("pfn out of range")?;
+    f.seek(SeekFrom::Start(off))
+        .map_err(|e| format!("kpageflags: {e}"))?;
+    let mut b = [0u8; 8];
+    f.read_exact(&mut b)
+        .map_err(|_| format!("pfn {pfn:#x} is beyond the guest's memory map"))?;
+    let flags = u64::from_ne_bytes(b);
+    Ok(PageInfo {
+        pfn,
+        kpageflags: flags,
+        hwpoison: flags & (1 << KPF_HWPOISON) != 0,
+        hardware_corrupted_kb: hardware_corrupted_kb(),
+    })
+}
+
+fn hardware_corrupted_kb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("HardwareCorrupted:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn sysctl(name: &str, value: Option<&str>) -> Result<SysctlValue, String> {
+    let valid = !name.is_empty()
+        && name.len() <= 128
+        && name.split('.').all(|p| !p.is_empty())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+    if !valid {
+        return Err(format!("invalid sysctl name {name:?}"));
+    }
+    let path = format!("/proc/sys/{}", name.replace('.', "/"));
+    if let Some(v) = value {
+        std::fs::write(&path, v).map_err(|e| format!("{name}: {e}"))?;
+    }
+    let value = std::fs::read_to_string(&path)
+        .map_err(|e| format!("{name}: {e}"))?
+        .trim()
+        .to_string();
+    Ok(SysctlValue {
+        name: name.into(),
+        value,
+    })
+}
+
+fn power_off() -> ! {
+    // SAFETY: reboot(2) with a valid command; only returns on failure.
+    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    eprintln!(
+        "rasvmm-agent: poweroff failed: {}",
+        std::io::Error::last_os_error()
+    );
+    std::process::exit(1);
+}
+
+fn set_raw(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: termios is plain data; tcgetattr fills it for a valid fd.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is an open tty and `t` a valid termios.
+    if unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: cfmakeraw only edits the struct it is given.
+    unsafe { libc::cfmakeraw(&mut t) };
+    t.c_cflag |= libc::CLOCAL;
+    // SAFETY: valid fd and termios.
+    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn online_cpus() -> u32 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    u32::try_from(n).unwrap_or(0)
+}

@@ -1,0 +1,157 @@
+//! The VMM end of the guest agent channel (COM2).
+//!
+//! [`AgentPort`] is the UART the agent talks through: bytes the agent sends
+//! become [`VmEvent::Agent`] lines; requests are queued and fed into the
+//! 64-byte receive FIFO as the guest drains it. The typed request/response
+//! logic is in [`crate::vm::Session::call`].
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::sync::mpsc::Sender;
+
+use devices::bus::PioDevice;
+use devices::legacy::SerialPort;
+use guest_agent::LineBuffer;
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vm::VmEvent;
+
+/// Most request bytes waiting for the guest to read.
+const MAX_PENDING: usize = 1 << 20;
+
+/// Errors sending to the agent.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum Error {
+    /// The guest is not reading the channel.
+    #[error("Agent channel is full: the guest has not read {0} queued bytes")]
+    Full(usize),
+}
+
+/// Bytes from the agent, split into bounded lines.
+pub struct AgentOut {
+    lines: LineBuffer,
+    events: Sender<VmEvent>,
+}
+
+impl Write for AgentOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let events = &self.events;
+        self.lines.push(buf, |l| {
+            let _ = events.send(VmEvent::Agent(l.map(<[u8]>::to_vec)));
+        });
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// COM2, the agent's UART.
+pub struct AgentPort {
+    uart: SerialPort<AgentOut>,
+    pending: VecDeque<u8>,
+}
+
+impl AgentPort {
+    /// A port raising `irq` and reporting agent lines to `events`.
+    pub fn new(irq: EventFd, events: Sender<VmEvent>) -> Self {
+        let out = AgentOut {
+            lines: LineBuffer::new(),
+            events,
+        };
+        Self {
+            uart: SerialPort::new(irq, out),
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Queues bytes for the agent.
+    pub fn send(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        if self.pending.len() + bytes.len() > MAX_PENDING {
+            return Err(Error::Full(self.pending.len()));
+        }
+        self.pending.extend(bytes);
+        self.pump();
+        Ok(())
+    }
+
+    fn pump(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let n = self.uart.enqueue(self.pending.make_contiguous());
+        self.pending.drain(..n);
+    }
+}
+
+impl PioDevice for AgentPort {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        self.uart.read(offset, data);
+        // The guest just took a byte or looked at the line status: refill.
+        self.pump();
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        self.uart.write(offset, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::channel;
+
+    use super::*;
+
+    #[test]
+    fn long_requests_are_paced_through_the_fifo() {
+        let (tx, _rx) = channel();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut p = AgentPort::new(irq, tx);
+        let msg: Vec<u8> = (0..200u8).collect();
+        p.send(&msg).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..1000 {
+            let mut lsr = [0u8];
+            p.read(5, &mut lsr);
+            if lsr[0] & 1 == 0 {
+                break;
+            }
+            let mut b = [0u8];
+            p.read(0, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got, msg);
+    }
+
+    #[test]
+    fn agent_output_becomes_lines() {
+        let (tx, rx) = channel();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut p = AgentPort::new(irq, tx);
+        for b in b"{\"a\":1}\n" {
+            p.write(0, &[*b]);
+        }
+        match rx.try_recv().unwrap() {
+            VmEvent::Agent(Ok(l)) => assert_eq!(l, b"{\"a\":1}"),
+            _ => panic!("expected an agent line"),
+        }
+    }
+
+    #[test]
+    fn a_guest_that_never_reads_fills_up() {
+        let (tx, _rx) = channel();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut p = AgentPort::new(irq, tx);
+        let chunk = vec![b'x'; 4096];
+        let mut err = None;
+        for _ in 0..(MAX_PENDING / 4096 + 2) {
+            if let Err(e) = p.send(&chunk) {
+                err = Some(e);
+                break;
+            }
+        }
+        assert!(matches!(err, Some(Error::Full(_))));
+    }
+}

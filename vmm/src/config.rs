@@ -1,0 +1,380 @@
+//! What a VM is made of, validated before anything is created.
+//!
+//! Every bound here turns bad user input into a one-line error instead of a
+//! failure deep inside KVM or the guest.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use arch::x86_64::cpuid::{self, CpuProfile};
+use guest_agent::{Command, KernelPageKind};
+use thiserror::Error;
+
+/// Smallest guest RAM a Linux 7.3 tinyconfig guest with our initramfs boots in.
+pub const MIN_MEMORY_MIB: u64 = 64;
+/// Largest guest RAM rasvmm accepts (64 GiB); the host must also have it.
+pub const MAX_MEMORY_MIB: u64 = 64 << 10;
+/// Most vCPUs (bounded by the MP table).
+pub const MAX_VCPUS: u8 = arch::x86_64::mptable::MAX_CPUS;
+/// Longest run rasvmm allows.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// The default guest command line. `reboot=k` resets through the i8042 so a
+/// triple fault stays a distinct outcome; `panic=-1` reboots at once after a
+/// panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+
+/// Errors in the VM configuration.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Guest RAM outside the accepted range.
+    #[error("Memory must be {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB, got {0} MiB")]
+    MemoryRange(u64),
+    /// More guest RAM than the host has.
+    #[error("Memory of {0} MiB exceeds the host's {1} MiB")]
+    MemoryHost(u64, u64),
+    /// vCPU count outside the accepted range.
+    #[error("vCPUs must be 1 to {MAX_VCPUS}, got {0}")]
+    Vcpus(u64),
+    /// Unknown CPU profile.
+    #[error("Unknown CPU profile '{0}' (available: {1})")]
+    CpuProfile(String, String),
+    /// Timeout zero or beyond the maximum.
+    #[error("Timeout must be between 1 s and 24 h")]
+    Timeout,
+    /// A kernel or initramfs path that cannot be read.
+    #[error("Cannot read {what} '{path}': {reason}")]
+    File {
+        /// "kernel" or "initramfs".
+        what: &'static str,
+        /// The path given.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// An agent step that does not parse.
+    #[error("Bad agent step '{0}': {1}")]
+    AgentStep(String, String),
+}
+
+/// Where the guest console (COM1) goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleTarget {
+    /// rasvmm's standard output.
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// Only the in-memory log used for classification.
+    Discard,
+}
+
+/// How the guest is booted.
+#[derive(Debug, Clone)]
+pub enum BootSource {
+    /// A Linux bzImage or ELF vmlinux with an optional initramfs.
+    Linux {
+        /// Kernel image.
+        kernel: PathBuf,
+        /// Initramfs (cpio, optionally compressed).
+        initramfs: Option<PathBuf>,
+        /// Command line.
+        cmdline: String,
+    },
+    /// A flat 64-bit payload loaded at `load_addr` and entered there in long
+    /// mode: for tests of the VMM itself without Linux.
+    Payload {
+        /// Code and data.
+        bytes: Vec<u8>,
+        /// Where it is loaded and entered.
+        load_addr: u64,
+    },
+}
+
+/// A validated VM configuration.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// What to boot.
+    pub boot: BootSource,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// CPU model.
+    pub cpu: &'static CpuProfile,
+    /// Console destination.
+    pub console: ConsoleTarget,
+    /// Deadline for the whole run, from VMM start.
+    pub timeout: Duration,
+}
+
+impl VmConfig {
+    /// Checks sizes and counts; `host_mib` is the host's RAM, if known.
+    pub fn validate(&self, host_mib: Option<u64>) -> Result<(), ConfigError> {
+        check_memory(self.memory_mib, host_mib)?;
+        check_vcpus(u64::from(self.vcpus))?;
+        check_timeout(self.timeout)?;
+        if let BootSource::Linux {
+            kernel, initramfs, ..
+        } = &self.boot
+        {
+            check_file("kernel", kernel)?;
+            if let Some(i) = initramfs {
+                check_file("initramfs", i)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a guest RAM size.
+pub fn check_memory(mib: u64, host_mib: Option<u64>) -> Result<(), ConfigError> {
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mib) {
+        return Err(ConfigError::MemoryRange(mib));
+    }
+    match host_mib {
+        Some(h) if mib > h => Err(ConfigError::MemoryHost(mib, h)),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a vCPU count.
+pub fn check_vcpus(n: u64) -> Result<u8, ConfigError> {
+    match u8::try_from(n) {
+        Ok(v) if (1..=MAX_VCPUS).contains(&v) => Ok(v),
+        _ => Err(ConfigError::Vcpus(n)),
+    }
+}
+
+/// Checks a run deadline.
+pub fn check_timeout(t: Duration) -> Result<(), ConfigError> {
+    if t.is_zero() || t > MAX_TIMEOUT {
+        return Err(ConfigError::Timeout);
+    }
+    Ok(())
+}
+
+/// Looks up a CPU profile by name.
+pub fn cpu_profile(name: &str) -> Result<&'static CpuProfile, ConfigError> {
+    cpuid::profile(name)
+        .ok_or_else(|| ConfigError::CpuProfile(name.into(), cpuid::profile_names().join(", ")))
+}
+
+fn check_file(what: &'static str, path: &PathBuf) -> Result<(), ConfigError> {
+    let err = |reason: String| ConfigError::File {
+        what,
+        path: path.display().to_string(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    if meta.len() == 0 {
+        return Err(err("file is empty".into()));
+    }
+    Ok(())
+}
+
+/// The host's RAM in MiB, from /proc/meminfo.
+pub fn host_memory_mib() -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = m
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
+}
+
+/// Parses an agent step given on the command line: JSON in the wire format
+/// (`{"exec":{"sh":"nproc"}}`) or a shorthand:
+/// `exec:<shell>`, `alloc-page`, `touch-page:<n>[:write]`,
+/// `kernel-pages:<slab|reserved|page-table>:<count>`, `page-info:<pfn>`,
+/// `sysctl:<name>[=<value>]`, `poweroff`.
+pub fn parse_agent_step(s: &str) -> Result<Command, ConfigError> {
+    let bad = |why: &str| ConfigError::AgentStep(s.into(), why.into());
+    let num = |v: &str| -> Result<u64, ConfigError> {
+        let v = v.trim();
+        let r = match v.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16),
+            None => v.parse(),
+        };
+        r.map_err(|_| bad("expected a number"))
+    };
+    if s.trim_start().starts_with('{') || s.trim_start().starts_with('"') {
+        return serde_json::from_str(s).map_err(|e| bad(&e.to_string()));
+    }
+    let (verb, arg) = match s.split_once(':') {
+        Some((v, a)) => (v, Some(a)),
+        None => (s, None),
+    };
+    match (verb, arg) {
+        ("exec", Some(sh)) if !sh.trim().is_empty() => Ok(Command::Exec { sh: sh.into() }),
+        ("alloc-page", None) => Ok(Command::AllocPage),
+        ("touch-page", Some(a)) => {
+            let (n, write) = match a.split_once(':') {
+                Some((n, "write")) => (n, true),
+                Some(_) => return Err(bad("expected touch-page:<n>[:write]")),
+                None => (a, false),
+            };
+            let page = u32::try_from(num(n)?).map_err(|_| bad("page index too large"))?;
+            Ok(Command::TouchPage { page, write })
+        }
+        ("kernel-pages", Some(a)) => {
+            let (kind, count) = a
+                .split_once(':')
+                .ok_or_else(|| bad("expected kernel-pages:<kind>:<count>"))?;
+            let kind = match kind {
+                "slab" => KernelPageKind::Slab,
+                "reserved" => KernelPageKind::Reserved,
+                "page-table" => KernelPageKind::PageTable,
+                _ => return Err(bad("kind is slab, reserved or page-table")),
+            };
+            let count = u32::try_from(num(count)?).map_err(|_| bad("count too large"))?;
+            Ok(Command::KernelPages { kind, count })
+        }
+        ("page-info", Some(a)) => Ok(Command::PageInfo { pfn: num(a)? }),
+        ("sysctl", Some(a)) => {
+            let (name, value) = match a.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (a, None),
+            };
+            if name.is_empty() {
+                return Err(bad("missing sysctl name"));
+            }
+            Ok(Command::Sysctl {
+                name: name.into(),
+                value,
+            })
+        }
+        ("poweroff", None) => Ok(Command::Poweroff),
+        _ => Err(bad(
+            "expected exec:<sh>, alloc-page, touch-page:<n>, kernel-pages:<kind>:<n>, \
+             page-info:<pfn>, sysctl:<name>[=<value>], poweroff or JSON",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_bounds() {
+        assert!(check_memory(256, Some(1024)).is_ok());
+        assert_eq!(check_memory(0, None), Err(ConfigError::MemoryRange(0)));
+        assert_eq!(check_memory(63, None), Err(ConfigError::MemoryRange(63)));
+        assert_eq!(
+            check_memory(MAX_MEMORY_MIB + 1, None),
+            Err(ConfigError::MemoryRange(MAX_MEMORY_MIB + 1))
+        );
+        assert_eq!(
+            check_memory(2048, Some(1024)),
+            Err(ConfigError::MemoryHost(2048, 1024))
+        );
+    }
+
+    #[test]
+    fn vcpu_bounds() {
+        assert_eq!(check_vcpus(2), Ok(2));
+        assert_eq!(check_vcpus(0), Err(ConfigError::Vcpus(0)));
+        assert_eq!(check_vcpus(33), Err(ConfigError::Vcpus(33)));
+        assert_eq!(check_vcpus(1 << 40), Err(ConfigError::Vcpus(1 << 40)));
+    }
+
+    #[test]
+    fn timeouts() {
+        assert!(check_timeout(Duration::from_secs(1)).is_ok());
+        assert_eq!(check_timeout(Duration::ZERO), Err(ConfigError::Timeout));
+        assert_eq!(
+            check_timeout(MAX_TIMEOUT + Duration::from_secs(1)),
+            Err(ConfigError::Timeout)
+        );
+    }
+
+    #[test]
+    fn profiles() {
+        assert!(cpu_profile("amd").is_ok());
+        let e = cpu_profile("max").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Unknown CPU profile 'max' (available: intel, amd)"
+        );
+    }
+
+    #[test]
+    fn missing_and_empty_files() {
+        let e = check_file("kernel", &PathBuf::from("/nonexistent/bzImage")).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("Cannot read kernel '/nonexistent/bzImage': "));
+        let empty = std::env::temp_dir().join(format!("rasvmm-empty-{}", std::process::id()));
+        std::fs::write(&empty, b"").unwrap();
+        let e = check_file("initramfs", &empty).unwrap_err();
+        assert!(e.to_string().ends_with("file is empty"));
+        std::fs::remove_file(empty).unwrap();
+        assert!(check_file("kernel", &PathBuf::from("/")).is_err());
+    }
+
+    #[test]
+    fn agent_step_shorthands() {
+        assert_eq!(
+            parse_agent_step("exec:cat /proc/cpuinfo").unwrap(),
+            Command::Exec {
+                sh: "cat /proc/cpuinfo".into()
+            }
+        );
+        assert_eq!(parse_agent_step("poweroff").unwrap(), Command::Poweroff);
+        assert_eq!(parse_agent_step("alloc-page").unwrap(), Command::AllocPage);
+        assert_eq!(
+            parse_agent_step("touch-page:2:write").unwrap(),
+            Command::TouchPage {
+                page: 2,
+                write: true
+            }
+        );
+        assert_eq!(
+            parse_agent_step("kernel-pages:slab:4").unwrap(),
+            Command::KernelPages {
+                kind: KernelPageKind::Slab,
+                count: 4
+            }
+        );
+        assert_eq!(
+            parse_agent_step("page-info:0x1234").unwrap(),
+            Command::PageInfo { pfn: 0x1234 }
+        );
+        assert_eq!(
+            parse_agent_step("sysctl:vm.panic_on_unrecoverable_memory_failure=1").unwrap(),
+            Command::Sysctl {
+                name: "vm.panic_on_unrecoverable_memory_failure".into(),
+                value: Some("1".into())
+            }
+        );
+        assert_eq!(
+            parse_agent_step(r#"{"exec":{"sh":"nproc"}}"#).unwrap(),
+            Command::Exec { sh: "nproc".into() }
+        );
+    }
+
+    #[test]
+    fn bad_agent_steps() {
+        for s in [
+            "",
+            "exec:",
+            "reboot",
+            "touch-page:x",
+            "touch-page:1:read",
+            "kernel-pages:dma:1",
+            "kernel-pages:slab",
+            "page-info:",
+            "sysctl:",
+            "poweroff:now",
+            "{\"exec\":{}}",
+        ] {
+            assert!(parse_agent_step(s).is_err(), "{s:?} should be refused");
+        }
+    }
+}

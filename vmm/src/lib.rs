@@ -1,0 +1,17 @@
+//! rasvmm: a KVM virtual machine monitor for RAS validation of Linux.
+//!
+//! - [`config`]: what a VM is made of, validated up front;
+//! - [`vm`]: creating the VM, loading the guest, the event session;
+//! - [`vcpu`]: vCPU threads;
+//! - [`console`], [`agent`]: the two UARTs (console and guest agent);
+//! - [`outcome`]: how a run ended; [`report`]: what a run produced;
+//! - [`run`]: a whole run from configuration to report.
+
+pub mod agent;
+pub mod config;
+pub mod console;
+pub mod outcome;
+pub mod report;
+pub mod run;
+pub mod vcpu;
+pub mod vm;

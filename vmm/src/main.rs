@@ -1,0 +1,190 @@
+//! The `rasvmm` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use vmm::config::{self, BootSource, ConsoleTarget, VmConfig, DEFAULT_CMDLINE};
+use vmm::outcome::OutcomeKind;
+
+/// rasvmm: a KVM VMM for RAS validation of Linux.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a Linux guest, run agent steps, and report how it ended.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel image: bzImage or ELF vmlinux.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs (cpio archive, optionally compressed).
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line, replacing the default.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Appended to the command line.
+    #[arg(long)]
+    append: Option<String>,
+    /// Guest RAM: MiB, or with a suffix M or G.
+    #[arg(long, default_value = "256")]
+    memory: String,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u64,
+    /// CPU profile: intel or amd.
+    #[arg(long, default_value = arch::x86_64::cpuid::DEFAULT_PROFILE)]
+    cpu: String,
+    /// Console: stdout, none, or a file path.
+    #[arg(long, default_value = "stdout")]
+    console: String,
+    /// Seconds before the run ends as a timeout.
+    #[arg(long, default_value_t = 120.0)]
+    timeout: f64,
+    /// Agent step, repeatable, run in order once the agent is ready:
+    /// exec:<sh>, alloc-page, touch-page:<n>[:write], kernel-pages:<kind>:<n>,
+    /// page-info:<pfn>, sysctl:<name>[=<value>], poweroff, or JSON.
+    #[arg(long = "agent", value_name = "STEP")]
+    agent: Vec<String>,
+    /// Write the JSON report here ("-" for stdout).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Outcome that counts as success (exit 0); others exit 1.
+    #[arg(long, default_value = "poweroff")]
+    expect: String,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{} (see rasvmm --help)", first.trim());
+            return ExitCode::from(2);
+        }
+    };
+    match cli.cmd {
+        Cmd::Run(args) => match run(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+/// Formats an error with its chain of causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
+}
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('G' | 'g') => (&t[..t.len() - 1], 1024),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid memory size '{s}' (use MiB, or a number with M or G)"))
+}
+
+fn run(a: RunArgs) -> Result<ExitCode, String> {
+    let memory_mib = parse_memory(&a.memory)?;
+    let vcpus = config::check_vcpus(a.vcpus).map_err(|e| e.to_string())?;
+    let cpu = config::cpu_profile(&a.cpu).map_err(|e| e.to_string())?;
+    if !a.timeout.is_finite() || a.timeout <= 0.0 || a.timeout > 86400.0 {
+        return Err(config::ConfigError::Timeout.to_string());
+    }
+    let expect = OutcomeKind::parse(&a.expect).ok_or_else(|| {
+        format!("unknown outcome '{}' for --expect (poweroff, reboot, panic, triple-fault, timeout, vmm-error)", a.expect)
+    })?;
+    let console = match a.console.as_str() {
+        "stdout" => ConsoleTarget::Stdout,
+        "none" => ConsoleTarget::Discard,
+        p => ConsoleTarget::File(PathBuf::from(p)),
+    };
+    if a.json.as_deref() == Some(std::path::Path::new("-")) && console == ConsoleTarget::Stdout {
+        return Err("--json - needs --console to be a file or none".into());
+    }
+    let steps = a
+        .agent
+        .iter()
+        .map(|s| config::parse_agent_step(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let mut cmdline = a.cmdline;
+    if let Some(extra) = a.append {
+        cmdline = format!("{cmdline} {extra}");
+    }
+    let cfg = VmConfig {
+        boot: BootSource::Linux {
+            kernel: a.kernel,
+            initramfs: a.initramfs,
+            cmdline,
+        },
+        memory_mib,
+        vcpus,
+        cpu,
+        console,
+        timeout: Duration::from_secs_f64(a.timeout),
+    };
+    cfg.validate(config::host_memory_mib())
+        .map_err(|e| e.to_string())?;
+    let report = vmm::run::run(&cfg, &steps).map_err(|e| chain(&e))?;
+    eprint!("{}", report.human());
+    if let Some(path) = &a.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        if path.as_os_str() == "-" {
+            println!("{json}");
+        } else {
+            std::fs::write(path, json + "\n")
+                .map_err(|e| format!("cannot write report '{}': {e}", path.display()))?;
+        }
+    }
+    Ok(match report.outcome {
+        k if k == expect => ExitCode::SUCCESS,
+        OutcomeKind::VmmError => ExitCode::from(2),
+        _ => ExitCode::from(1),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory("256"), Ok(256));
+        assert_eq!(parse_memory("2G"), Ok(2048));
+        assert_eq!(parse_memory("512M"), Ok(512));
+        assert!(parse_memory("lots").is_err());
+        assert!(parse_memory("99999999999999999999G").is_err());
+        assert!(parse_memory("").is_err());
+    }
+}

@@ -1,0 +1,289 @@
+//! How a run ended, decided from what the guest printed and how it stopped.
+//!
+//! Every run ends with exactly one [`OutcomeKind`]. The [`Classifier`] is a
+//! pure state machine fed with console lines and stop events, so its rules
+//! are unit-tested without a guest. Linux's own messages are the evidence:
+//! "Kernel panic - not syncing: " (kernel/panic.c) marks a panic,
+//! "reboot: Power down" and "reboot: Restarting system" (kernel/reboot.c)
+//! an orderly power-off or reboot.
+
+use std::collections::VecDeque;
+
+use serde::Serialize;
+
+/// The classified end of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutcomeKind {
+    /// The guest powered itself off.
+    Poweroff,
+    /// The guest rebooted (i8042 reset or KVM reset event) without a panic.
+    Reboot,
+    /// The guest kernel panicked.
+    Panic,
+    /// The vCPU triple-faulted (KVM_EXIT_SHUTDOWN) without a panic first.
+    TripleFault,
+    /// The deadline passed first.
+    Timeout,
+    /// rasvmm itself failed (a KVM error, an exit it cannot handle).
+    VmmError,
+}
+
+impl OutcomeKind {
+    /// The name used in reports and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeKind::Poweroff => "poweroff",
+            OutcomeKind::Reboot => "reboot",
+            OutcomeKind::Panic => "panic",
+            OutcomeKind::TripleFault => "triple-fault",
+            OutcomeKind::Timeout => "timeout",
+            OutcomeKind::VmmError => "vmm-error",
+        }
+    }
+
+    /// Parses a name from [`OutcomeKind::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            OutcomeKind::Poweroff,
+            OutcomeKind::Reboot,
+            OutcomeKind::Panic,
+            OutcomeKind::TripleFault,
+            OutcomeKind::Timeout,
+            OutcomeKind::VmmError,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
+/// A classified outcome with its evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Outcome {
+    /// What happened.
+    pub kind: OutcomeKind,
+    /// The panic line, the error, or what stopped the guest.
+    pub detail: String,
+    /// Console lines leading up to (and, for a panic, following) the event.
+    pub log: Vec<String>,
+}
+
+/// Console lines kept as context.
+const TAIL_LINES: usize = 60;
+/// Lines kept after a panic line (the panic's own report and backtrace).
+const AFTER_PANIC_LINES: usize = 80;
+
+const PANIC_MARK: &str = "Kernel panic - not syncing: ";
+const PANIC_END_MARK: &str = "---[ end Kernel panic - not syncing";
+const POWER_DOWN_MARK: &str = "reboot: Power down";
+const HALTED_MARK: &str = "reboot: System halted";
+
+/// Turns console lines and stop events into an [`Outcome`].
+#[derive(Debug, Default)]
+pub struct Classifier {
+    tail: VecDeque<String>,
+    panic: Option<(String, Vec<String>)>,
+}
+
+impl Classifier {
+    /// A classifier that has seen nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The panic line, once one was printed.
+    pub fn panic_line(&self) -> Option<&str> {
+        self.panic.as_ref().map(|(l, _)| l.as_str())
+    }
+
+    /// Feeds one console line; returns the outcome if the line ends the run.
+    pub fn console_line(&mut self, line: &str) -> Option<Outcome> {
+        let line = line.trim_end_matches('\r');
+        if let Some((_, log)) = &mut self.panic {
+            if log.len() < TAIL_LINES + AFTER_PANIC_LINES {
+                log.push(line.to_string());
+            }
+            if line.contains(PANIC_END_MARK) {
+                return Some(self.panic_outcome());
+            }
+            return None;
+        }
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line.to_string());
+        if let Some(pos) = line.find(PANIC_MARK) {
+            let panic_line = line[pos..].to_string();
+            self.panic = Some((panic_line, self.tail.iter().cloned().collect()));
+            return None;
+        }
+        if line.contains(POWER_DOWN_MARK) {
+            return Some(self.outcome(OutcomeKind::Poweroff, POWER_DOWN_MARK.into()));
+        }
+        if line.contains(HALTED_MARK) {
+            return Some(self.outcome(OutcomeKind::Poweroff, HALTED_MARK.into()));
+        }
+        None
+    }
+
+    /// The guest reset itself (i8042 0xfe, KVM_SYSTEM_EVENT_RESET).
+    pub fn reset(&mut self) -> Outcome {
+        if self.panic.is_some() {
+            return self.panic_outcome();
+        }
+        self.outcome(OutcomeKind::Reboot, "guest reset".into())
+    }
+
+    /// KVM reported a guest power-off system event.
+    pub fn shutdown_event(&mut self) -> Outcome {
+        if self.panic.is_some() {
+            return self.panic_outcome();
+        }
+        self.outcome(OutcomeKind::Poweroff, "KVM_SYSTEM_EVENT_SHUTDOWN".into())
+    }
+
+    /// A vCPU triple-faulted.
+    pub fn triple_fault(&mut self, vcpu: u8) -> Outcome {
+        if self.panic.is_some() {
+            return self.panic_outcome();
+        }
+        self.outcome(
+            OutcomeKind::TripleFault,
+            format!("vCPU {vcpu} triple fault"),
+        )
+    }
+
+    /// The deadline passed. A guest that panicked and then hung (panic=0)
+    /// still counts as a panic.
+    pub fn deadline(&mut self, after_secs: f64) -> Outcome {
+        if self.panic.is_some() {
+            return self.panic_outcome();
+        }
+        self.outcome(
+            OutcomeKind::Timeout,
+            format!("no outcome within {after_secs:.1} s"),
+        )
+    }
+
+    /// rasvmm failed.
+    pub fn vmm_error(&mut self, error: String) -> Outcome {
+        self.outcome(OutcomeKind::VmmError, error)
+    }
+
+    fn outcome(&self, kind: OutcomeKind, detail: String) -> Outcome {
+        Outcome {
+            kind,
+            detail,
+            log: self.tail.iter().cloned().collect(),
+        }
+    }
+
+    fn panic_outcome(&self) -> Outcome {
+        let (line, log) = self.panic.clone().unwrap_or_default();
+        Outcome {
+            kind: OutcomeKind::Panic,
+            detail: line,
+            log,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn power_down_line_is_poweroff() {
+        let mut c = Classifier::new();
+        assert!(c
+            .console_line("[    1.0] Run /init as init process")
+            .is_none());
+        let o = c.console_line("[    2.5] reboot: Power down\r").unwrap();
+        assert_eq!(o.kind, OutcomeKind::Poweroff);
+        assert_eq!(o.log.len(), 2);
+    }
+
+    #[test]
+    fn panic_then_reset_is_panic_with_context() {
+        let mut c = Classifier::new();
+        for i in 0..100 {
+            c.console_line(&format!("line {i}"));
+        }
+        c.console_line("[   3.1] sysrq: Trigger a crash");
+        assert!(c
+            .console_line("[   3.1] Kernel panic - not syncing: sysrq triggered crash")
+            .is_none());
+        c.console_line("[   3.1] CPU: 0 UID: 0 PID: 1 Comm: sh");
+        assert_eq!(
+            c.panic_line(),
+            Some("Kernel panic - not syncing: sysrq triggered crash")
+        );
+        let o = c.reset();
+        assert_eq!(o.kind, OutcomeKind::Panic);
+        assert_eq!(
+            o.detail,
+            "Kernel panic - not syncing: sysrq triggered crash"
+        );
+        assert_eq!(o.log.len(), TAIL_LINES + 1);
+        assert!(o.log.iter().any(|l| l.contains("sysrq: Trigger a crash")));
+        assert!(o.log.last().unwrap().contains("Comm: sh"));
+    }
+
+    #[test]
+    fn panic_end_marker_ends_the_run() {
+        let mut c = Classifier::new();
+        c.console_line("Kernel panic - not syncing: Fatal exception");
+        let o = c
+            .console_line("---[ end Kernel panic - not syncing: Fatal exception ]---")
+            .unwrap();
+        assert_eq!(o.kind, OutcomeKind::Panic);
+    }
+
+    #[test]
+    fn power_down_after_panic_does_not_hide_it() {
+        let mut c = Classifier::new();
+        c.console_line("Kernel panic - not syncing: x");
+        assert!(c.console_line("reboot: Power down").is_none());
+        assert_eq!(c.deadline(1.0).kind, OutcomeKind::Panic);
+        assert_eq!(c.triple_fault(0).kind, OutcomeKind::Panic);
+    }
+
+    #[test]
+    fn stops_without_panic() {
+        assert_eq!(Classifier::new().reset().kind, OutcomeKind::Reboot);
+        assert_eq!(
+            Classifier::new().triple_fault(1).kind,
+            OutcomeKind::TripleFault
+        );
+        assert_eq!(Classifier::new().deadline(5.0).kind, OutcomeKind::Timeout);
+        assert_eq!(
+            Classifier::new().vmm_error("x".into()).kind,
+            OutcomeKind::VmmError
+        );
+    }
+
+    #[test]
+    fn panic_log_is_bounded() {
+        let mut c = Classifier::new();
+        c.console_line("Kernel panic - not syncing: x");
+        for i in 0..10_000 {
+            c.console_line(&format!("trace {i}"));
+        }
+        assert!(c.reset().log.len() <= TAIL_LINES + AFTER_PANIC_LINES);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for k in [
+            "poweroff",
+            "reboot",
+            "panic",
+            "triple-fault",
+            "timeout",
+            "vmm-error",
+        ] {
+            assert_eq!(OutcomeKind::parse(k).unwrap().as_str(), k);
+        }
+        assert!(OutcomeKind::parse("crash").is_none());
+    }
+}

@@ -1,0 +1,194 @@
+//! The record of a run: printed for humans and written as JSON for CI.
+
+use guest_agent::{Command, Payload, SignalReport};
+use serde::Serialize;
+
+use crate::outcome::{Outcome, OutcomeKind};
+
+/// One agent step and its result.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    /// What was asked.
+    pub request: Command,
+    /// The reply, on success.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply: Option<Payload>,
+    /// Why it failed, otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Milliseconds from VMM start when the reply (or failure) came.
+    pub at_ms: u64,
+}
+
+/// Memory rasvmm uses, measured at the end of the run.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct MemoryUse {
+    /// VmRSS of the rasvmm process, KiB.
+    pub rss_kib: u64,
+    /// Guest RAM pages resident in the process, KiB.
+    pub guest_resident_kib: u64,
+    /// RSS beyond guest RAM: what rasvmm itself costs, KiB.
+    pub vmm_overhead_kib: u64,
+}
+
+/// Everything a run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// rasvmm version.
+    pub rasvmm: &'static str,
+    /// How the run ended.
+    pub outcome: OutcomeKind,
+    /// Panic line, error, or what stopped the guest.
+    pub detail: String,
+    /// Console lines around the event.
+    pub log: Vec<String>,
+    /// Milliseconds from VMM start to the agent's hello.
+    pub agent_ready_ms: Option<u64>,
+    /// Guest kernel release, from the agent.
+    pub guest_kernel: Option<String>,
+    /// CPUs the guest sees, from the agent.
+    pub guest_cpus: Option<u32>,
+    /// Agent steps in order.
+    pub steps: Vec<StepRecord>,
+    /// Signals the agent's page holders received.
+    pub signals: Vec<SignalReport>,
+    /// Agent lines rasvmm rejected.
+    pub agent_errors: Vec<String>,
+    /// Milliseconds from VMM start to the outcome.
+    pub elapsed_ms: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// CPU profile name.
+    pub cpu_profile: &'static str,
+    /// Memory rasvmm used.
+    pub memory_use: MemoryUse,
+}
+
+impl RunReport {
+    /// A short human summary, one fact per line.
+    pub fn human(&self) -> String {
+        let mut s = format!("outcome: {}", self.outcome.as_str());
+        if !self.detail.is_empty() {
+            s += &format!(" ({})", self.detail);
+        }
+        s.push('\n');
+        if let Some(ms) = self.agent_ready_ms {
+            s += &format!(
+                "agent ready: {:.2} s (guest kernel {}, {} CPUs)\n",
+                ms as f64 / 1000.0,
+                self.guest_kernel.as_deref().unwrap_or("?"),
+                self.guest_cpus.unwrap_or(0)
+            );
+        } else {
+            s += "agent ready: never\n";
+        }
+        for (i, st) in self.steps.iter().enumerate() {
+            let result = match (&st.reply, &st.error) {
+                (Some(p), _) => serde_json::to_string(p).unwrap_or_default(),
+                (None, Some(e)) => format!("error: {e}"),
+                (None, None) => String::new(),
+            };
+            let req = serde_json::to_string(&st.request).unwrap_or_default();
+            s += &format!("step {}: {req} -> {}\n", i + 1, clip(&result, 200));
+        }
+        for sig in &self.signals {
+            s += &format!(
+                "signal: page {} pid {} signo {} code {} addr {:#x}\n",
+                sig.page, sig.pid, sig.signo, sig.code, sig.addr
+            );
+        }
+        if matches!(
+            self.outcome,
+            OutcomeKind::Panic | OutcomeKind::TripleFault | OutcomeKind::VmmError
+        ) {
+            for l in self.log.iter().rev().take(15).rev() {
+                s += &format!("  | {l}\n");
+            }
+        }
+        s += &format!(
+            "elapsed: {:.2} s; rasvmm RSS beyond guest RAM: {} KiB\n",
+            self.elapsed_ms as f64 / 1000.0,
+            self.memory_use.vmm_overhead_kib
+        );
+        s
+    }
+
+    /// Builds a report from an outcome and the facts gathered.
+    pub fn new(outcome: Outcome, profile: &'static str, vcpus: u8, memory_mib: u64) -> Self {
+        RunReport {
+            rasvmm: env!("CARGO_PKG_VERSION"),
+            outcome: outcome.kind,
+            detail: outcome.detail,
+            log: outcome.log,
+            agent_ready_ms: None,
+            guest_kernel: None,
+            guest_cpus: None,
+            steps: Vec::new(),
+            signals: Vec::new(),
+            agent_errors: Vec::new(),
+            elapsed_ms: 0,
+            vcpus,
+            memory_mib,
+            cpu_profile: profile,
+            memory_use: MemoryUse::default(),
+        }
+    }
+}
+
+fn clip(s: &str, n: usize) -> String {
+    if s.len() <= n {
+        return s.to_string();
+    }
+    let mut end = n;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// VmRSS of this process in KiB.
+pub fn process_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_names_are_stable() {
+        let r = RunReport::new(
+            Outcome {
+                kind: OutcomeKind::TripleFault,
+                detail: "vCPU 0 triple fault".into(),
+                log: vec![],
+            },
+            "intel",
+            1,
+            256,
+        );
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["outcome"], "triple-fault");
+        assert_eq!(v["cpu_profile"], "intel");
+        assert!(v["agent_ready_ms"].is_null());
+        assert!(r
+            .human()
+            .starts_with("outcome: triple-fault (vCPU 0 triple fault)\n"));
+    }
+
+    #[test]
+    fn clip_respects_char_boundaries() {
+        assert_eq!(clip("héllo", 2), "h...");
+        assert_eq!(clip("abc", 5), "abc");
+    }
+}

@@ -1,0 +1,525 @@
+//! A running VM and the session that watches it.
+//!
+//! [`Vm::start`] creates the KVM VM, loads the guest, wires the devices and
+//! starts one thread per vCPU. Everything the guest does that matters to the
+//! VMM arrives as a [`VmEvent`] on one channel; [`Session`] consumes it,
+//! talks to the guest agent and classifies the outcome. The session runs on
+//! the caller's thread, so there is one place where the run's state lives.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arch::x86_64::{boot, cpuid, layout, mptable, regs};
+use devices::bus::{lock, PioBus};
+use devices::legacy::{Cmos, FnTrigger, SerialPort, I8042};
+use guest_agent::{
+    decode_agent_message, encode, AgentMessage, Command, Hello, Payload, ProtocolError, Request,
+    SignalReport,
+};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::agent::AgentPort;
+use crate::config::{BootSource, ConsoleTarget, VmConfig};
+use crate::console::ConsoleOut;
+use crate::outcome::{Classifier, Outcome};
+use crate::vcpu::{self, VcpuStop};
+
+/// COM1: the console.
+const COM1: (u16, u32) = (0x3f8, 4);
+/// COM2: the agent channel.
+const COM2: (u16, u32) = (0x2f8, 3);
+/// Offset of the 64-bit entry point in a bzImage's protected-mode code.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+
+/// Something the guest or a vCPU did.
+#[derive(Debug)]
+pub enum VmEvent {
+    /// A console line.
+    Console(String),
+    /// A line from the agent (or why it was rejected).
+    Agent(Result<Vec<u8>, ProtocolError>),
+    /// The guest pulsed the reset line (i8042 0xfe).
+    Reset,
+    /// A vCPU stopped running.
+    Stopped {
+        /// Which.
+        vcpu: u8,
+        /// Why.
+        stop: VcpuStop,
+    },
+}
+
+/// Errors creating or starting a VM.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// /dev/kvm cannot be opened.
+    #[error("Cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("Failed to {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// Guest memory cannot be allocated.
+    #[error("Cannot allocate {0} MiB of guest memory")]
+    Memory(u64, #[source] vm_memory::mmap::FromRangesError),
+    /// A file cannot be read.
+    #[error("Cannot read {0} '{1}'")]
+    Read(&'static str, String, #[source] std::io::Error),
+    /// The kernel is neither a bzImage nor an ELF vmlinux.
+    #[error("Kernel '{0}' is not a loadable bzImage or ELF vmlinux")]
+    KernelFormat(String, #[source] linux_loader::loader::Error),
+    /// The initramfs is larger than guest RAM can hold.
+    #[error("Initramfs '{0}' does not fit in guest memory")]
+    InitrdTooLarge(String, #[source] boot::Error),
+    /// The boot layout cannot be built.
+    #[error("Invalid boot configuration")]
+    Boot(#[source] boot::Error),
+    /// The MP table cannot be built.
+    #[error("Cannot describe the vCPUs")]
+    MpTable(#[source] mptable::Error),
+    /// A vCPU cannot be set up.
+    #[error("Cannot set up vCPU {0}")]
+    Vcpu(u8, #[source] regs::Error),
+    /// Writing into guest memory failed.
+    #[error("Failed to write {0} into guest memory")]
+    GuestMemory(&'static str, #[source] vm_memory::GuestMemoryError),
+    /// An eventfd cannot be created.
+    #[error("Failed to create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// A console file cannot be created.
+    #[error("Cannot create console file '{0}'")]
+    ConsoleFile(String, #[source] std::io::Error),
+    /// A device cannot be placed on the bus.
+    #[error("Cannot place a device")]
+    Bus(#[source] devices::bus::Error),
+    /// A vCPU thread cannot be started.
+    #[error("Failed to spawn a vCPU thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// A started VM.
+pub struct Vm {
+    // Kept so the VM outlives its vCPU threads' file descriptors.
+    _kvm: Kvm,
+    _vm: VmFd,
+    memory: GuestMemoryMmap,
+    events: Receiver<VmEvent>,
+    agent: Arc<Mutex<AgentPort>>,
+    started: Instant,
+    config: VmConfig,
+}
+
+impl Vm {
+    /// Creates the VM, loads the guest and starts the vCPUs.
+    pub fn start(config: &VmConfig) -> Result<Vm, Error> {
+        let started = Instant::now();
+        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| Error::Kvm("create the VM", e))?;
+        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(|e| Error::Kvm("set the identity map address", e))?;
+        vm.set_tss_address(usize::try_from(layout::KVM_TSS_ADDRESS).unwrap_or(usize::MAX))
+            .map_err(|e| Error::Kvm("set the TSS address", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| Error::Kvm("create the in-kernel irqchip", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
+
+        let memory = create_memory(&vm, config.memory_mib)?;
+        let entry = load_guest(&memory, config)?;
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::Kvm("get supported CPUID", e))?;
+        let leaf1 = cpuid::apply(config.cpu, supported.as_slice(), 0, config.vcpus)
+            .into_iter()
+            .find(|e| e.function == 1)
+            .map_or((0, 0), |e| (e.eax, e.edx));
+        let mpt = mptable::build(config.vcpus, leaf1.0, leaf1.1).map_err(Error::MpTable)?;
+        memory
+            .write_slice(&mpt, GuestAddress(layout::EBDA_START))
+            .map_err(|e| Error::GuestMemory("MP table", e))?;
+        regs::write_boot_tables(&memory).map_err(|e| Error::Vcpu(0, e))?;
+
+        let (tx, rx) = channel();
+        let (bus, agent) = create_devices(&vm, config, &tx)?;
+        let bus = Arc::new(bus);
+
+        for i in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(i))
+                .map_err(|e| Error::Kvm("create a vCPU", e))?;
+            let entries = cpuid::apply(config.cpu, supported.as_slice(), i, config.vcpus);
+            let cpuid = CpuId::from_entries(&entries)
+                .map_err(|_| Error::Kvm("build CPUID", kvm_ioctls::Error::new(libc::E2BIG)))?;
+            fd.set_cpuid2(&cpuid)
+                .map_err(|e| Error::Kvm("set CPUID", e))?;
+            regs::setup_vcpu(&fd, entry).map_err(|e| Error::Vcpu(i, e))?;
+            let (bus, tx) = (bus.clone(), tx.clone());
+            std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || vcpu::run(i, fd, bus, tx))
+                .map_err(Error::Spawn)?;
+        }
+
+        Ok(Vm {
+            _kvm: kvm,
+            _vm: vm,
+            memory,
+            events: rx,
+            agent,
+            started,
+            config: config.clone(),
+        })
+    }
+
+    /// Guest RAM resident in this process, in KiB (for overhead accounting).
+    pub fn guest_resident_kib(&self) -> u64 {
+        self.memory
+            .iter()
+            .map(|r| resident_kib(r.as_ptr(), usize::try_from(r.len()).unwrap_or(0)))
+            .sum()
+    }
+}
+
+fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, Error> {
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mib << 20)
+        .into_iter()
+        .map(|(s, l)| (GuestAddress(s), usize::try_from(l).unwrap_or(usize::MAX)))
+        .collect();
+    let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(mib, e))?;
+    for (slot, region) in memory.iter().enumerate() {
+        let mr = kvm_userspace_memory_region {
+            slot: u32::try_from(slot).unwrap_or(u32::MAX),
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping of `memory_size` bytes owned by
+        // `memory`, which the returned value keeps alive for the VM's life.
+        unsafe { vm.set_user_memory_region(mr) }
+            .map_err(|e| Error::Kvm("register guest memory", e))?;
+    }
+    Ok(memory)
+}
+
+/// Loads the kernel, initramfs, command line and zero page (or a raw
+/// payload); returns the 64-bit entry point.
+fn load_guest(memory: &GuestMemoryMmap, config: &VmConfig) -> Result<u64, Error> {
+    let mem_size = config.memory_mib << 20;
+    match &config.boot {
+        BootSource::Payload { bytes, load_addr } => {
+            memory
+                .write_slice(bytes, GuestAddress(*load_addr))
+                .map_err(|e| Error::GuestMemory("payload", e))?;
+            Ok(*load_addr)
+        }
+        BootSource::Linux {
+            kernel,
+            initramfs,
+            cmdline,
+        } => {
+            let kname = kernel.display().to_string();
+            let mut kf = File::open(kernel).map_err(|e| Error::Read("kernel", kname.clone(), e))?;
+            let mut magic = [0u8; 4];
+            kf.read_exact(&mut magic)
+                .map_err(|e| Error::Read("kernel", kname.clone(), e))?;
+            let high = Some(GuestAddress(layout::HIGH_RAM_START));
+            let (loaded, entry) = if magic == *b"\x7fELF" {
+                let r = Elf::load(memory, None, &mut kf, high)
+                    .map_err(|e| Error::KernelFormat(kname.clone(), e))?;
+                let entry = r.kernel_load.0;
+                (r, entry)
+            } else {
+                let r = BzImage::load(memory, None, &mut kf, high)
+                    .map_err(|e| Error::KernelFormat(kname.clone(), e))?;
+                let entry = r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET;
+                (r, entry)
+            };
+            let hdr = loaded.setup_header.as_ref();
+            boot::check_cmdline(cmdline, hdr).map_err(Error::Boot)?;
+            let mut c = cmdline.as_bytes().to_vec();
+            c.push(0);
+            memory
+                .write_slice(&c, GuestAddress(layout::CMDLINE_START))
+                .map_err(|e| Error::GuestMemory("command line", e))?;
+
+            let kernel_end = loaded.kernel_load.0 + loaded.kernel_end;
+            let initrd = match initramfs {
+                Some(path) => Some(load_initramfs(memory, path, hdr, mem_size, kernel_end)?),
+                None => None,
+            };
+            let e820 = boot::e820_map(mem_size, &[]);
+            let params = boot::boot_params(&boot::BootSpec {
+                hdr,
+                cmdline_len: cmdline.len(),
+                initrd,
+                e820: &e820,
+            })
+            .map_err(Error::Boot)?;
+            memory
+                .write_obj(params, GuestAddress(layout::ZERO_PAGE_START))
+                .map_err(|e| Error::GuestMemory("zero page", e))?;
+            Ok(entry)
+        }
+    }
+}
+
+fn load_initramfs(
+    memory: &GuestMemoryMmap,
+    path: &Path,
+    hdr: Option<&linux_loader::loader::bootparam::setup_header>,
+    mem_size: u64,
+    kernel_end: u64,
+) -> Result<(u64, u64), Error> {
+    let name = path.display().to_string();
+    let mut f = File::open(path).map_err(|e| Error::Read("initramfs", name.clone(), e))?;
+    let size = f
+        .metadata()
+        .map_err(|e| Error::Read("initramfs", name.clone(), e))?
+        .len();
+    let addr = boot::initrd_address(hdr, mem_size, kernel_end, size)
+        .map_err(|e| Error::InitrdTooLarge(name.clone(), e))?;
+    let written = memory
+        .read_volatile_from(
+            GuestAddress(addr),
+            &mut f,
+            usize::try_from(size).unwrap_or(usize::MAX),
+        )
+        .map_err(|e| Error::GuestMemory("initramfs", e))?;
+    if written as u64 != size {
+        return Err(Error::Read(
+            "initramfs",
+            name,
+            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short read"),
+        ));
+    }
+    Ok((addr, size))
+}
+
+fn create_devices(
+    vm: &VmFd,
+    config: &VmConfig,
+    tx: &Sender<VmEvent>,
+) -> Result<(PioBus, Arc<Mutex<AgentPort>>), Error> {
+    let irq = |gsi: u32| -> Result<EventFd, Error> {
+        let fd = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.register_irqfd(&fd, gsi)
+            .map_err(|e| Error::Kvm("register an irqfd", e))?;
+        Ok(fd)
+    };
+    let target: Option<Box<dyn Write + Send>> = match &config.console {
+        ConsoleTarget::Stdout => Some(Box::new(std::io::stdout())),
+        ConsoleTarget::File(p) => {
+            Some(Box::new(File::create(p).map_err(|e| {
+                Error::ConsoleFile(p.display().to_string(), e)
+            })?))
+        }
+        ConsoleTarget::Discard => None,
+    };
+    let mut bus = PioBus::new();
+    let console = SerialPort::new(irq(COM1.1)?, ConsoleOut::new(target, tx.clone()));
+    bus.insert(COM1.0, 8, Arc::new(Mutex::new(console)))
+        .map_err(Error::Bus)?;
+    let agent = Arc::new(Mutex::new(AgentPort::new(irq(COM2.1)?, tx.clone())));
+    bus.insert(COM2.0, 8, agent.clone()).map_err(Error::Bus)?;
+    let reset_tx = tx.clone();
+    let i8042 = I8042::new(FnTrigger::new(move || {
+        let _ = reset_tx.send(VmEvent::Reset);
+    }));
+    bus.insert(0x60, 5, Arc::new(Mutex::new(i8042)))
+        .map_err(Error::Bus)?;
+    bus.insert(0x70, 2, Arc::new(Mutex::new(Cmos)))
+        .map_err(Error::Bus)?;
+    Ok((bus, agent))
+}
+
+/// Resident KiB of a mapping, by mincore(2).
+fn resident_kib(ptr: *mut u8, len: usize) -> u64 {
+    const PAGE: usize = 4096;
+    let pages = len.div_ceil(PAGE);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `ptr..ptr+len` is one live mapping owned by guest memory, and
+    // `vec` has one byte per page of it.
+    let r = unsafe { libc::mincore(ptr.cast(), len, vec.as_mut_ptr()) };
+    if r != 0 {
+        return 0;
+    }
+    vec.iter().filter(|b| *b & 1 != 0).count() as u64 * (PAGE as u64 / 1024)
+}
+
+/// Why an agent call did not return a payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallError {
+    /// The agent answered with an error.
+    Agent(String),
+    /// The run ended (the guest stopped or the deadline passed) first.
+    Ended,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Agent(e) => write!(f, "agent: {e}"),
+            CallError::Ended => write!(f, "the run ended before the agent replied"),
+        }
+    }
+}
+
+/// Drives a started VM to its outcome.
+pub struct Session {
+    vm: Vm,
+    classifier: Classifier,
+    deadline: Instant,
+    outcome: Option<Outcome>,
+    hello: Option<(Hello, Duration)>,
+    next_id: u64,
+    /// Signals the agent reported.
+    pub signals: Vec<SignalReport>,
+    /// Lines from the agent that were rejected.
+    pub agent_errors: Vec<String>,
+}
+
+impl Session {
+    /// Watches `vm` until its configured deadline.
+    pub fn new(vm: Vm) -> Self {
+        let deadline = vm.started + vm.config.timeout;
+        Self {
+            vm,
+            classifier: Classifier::new(),
+            deadline,
+            outcome: None,
+            hello: None,
+            next_id: 1,
+            signals: Vec::new(),
+            agent_errors: Vec::new(),
+        }
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Time since the VMM started.
+    pub fn elapsed(&self) -> Duration {
+        self.vm.started.elapsed()
+    }
+
+    /// The agent's greeting and when it came, once it has.
+    pub fn hello(&self) -> Option<&(Hello, Duration)> {
+        self.hello.as_ref()
+    }
+
+    /// Waits for the agent's hello. `None` if the run ended first.
+    pub fn wait_agent(&mut self) -> Option<&(Hello, Duration)> {
+        while self.hello.is_none() && self.outcome.is_none() {
+            self.step();
+        }
+        self.hello.as_ref()
+    }
+
+    /// Sends `cmd` to the agent and waits for its reply.
+    pub fn call(&mut self, cmd: Command) -> Result<Payload, CallError> {
+        if self.wait_agent().is_none() {
+            return Err(CallError::Ended);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let line = encode(&Request { id, cmd });
+        if let Err(e) = lock(&self.vm.agent).send(&line) {
+            return Err(CallError::Agent(e.to_string()));
+        }
+        while self.outcome.is_none() {
+            if let Some(AgentMessage::Reply(r)) = self.step() {
+                if r.id == id {
+                    return match (r.ok, r.error) {
+                        (Some(p), _) => Ok(p),
+                        (None, e) => Err(CallError::Agent(e.unwrap_or_default())),
+                    };
+                }
+            }
+        }
+        Err(CallError::Ended)
+    }
+
+    /// Waits for the run to end and returns how.
+    pub fn wait_outcome(&mut self) -> Outcome {
+        loop {
+            if let Some(o) = &self.outcome {
+                return o.clone();
+            }
+            self.step();
+        }
+    }
+
+    /// Handles one event (or the deadline); returns agent messages other
+    /// than the hello to the caller.
+    fn step(&mut self) -> Option<AgentMessage> {
+        if self.outcome.is_some() {
+            return None;
+        }
+        let now = Instant::now();
+        let left = self.deadline.saturating_duration_since(now);
+        let event = match self.vm.events.recv_timeout(left) {
+            Ok(e) => e,
+            Err(RecvTimeoutError::Timeout) => {
+                let secs = self.vm.config.timeout.as_secs_f64();
+                self.outcome = Some(self.classifier.deadline(secs));
+                return None;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                self.outcome = Some(self.classifier.vmm_error("all vCPU threads exited".into()));
+                return None;
+            }
+        };
+        match event {
+            VmEvent::Console(line) => {
+                if let Some(o) = self.classifier.console_line(&line) {
+                    self.outcome = Some(o);
+                }
+            }
+            VmEvent::Reset => self.outcome = Some(self.classifier.reset()),
+            VmEvent::Stopped { vcpu, stop } => {
+                self.outcome = Some(match stop {
+                    VcpuStop::TripleFault => self.classifier.triple_fault(vcpu),
+                    VcpuStop::SystemReset => self.classifier.reset(),
+                    VcpuStop::SystemShutdown => self.classifier.shutdown_event(),
+                    VcpuStop::Error(e) => self.classifier.vmm_error(format!("vCPU {vcpu}: {e}")),
+                });
+            }
+            VmEvent::Agent(line) => match line.and_then(|l| decode_agent_message(&l)) {
+                Ok(AgentMessage::Hello(h)) => {
+                    if self.hello.is_none() {
+                        self.hello = Some((h, self.elapsed()));
+                    }
+                }
+                Ok(AgentMessage::Signal(s)) => self.signals.push(s),
+                Ok(m) => return Some(m),
+                Err(e) => {
+                    if self.agent_errors.len() < 100 {
+                        self.agent_errors.push(e.to_string());
+                    }
+                }
+            },
+        }
+        None
+    }
+}
