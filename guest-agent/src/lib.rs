@@ -113,6 +113,7 @@ pub enum Command {
 
 /// Result of `exec`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ExecResult {
     /// Exit status, or 128 + signal number.
     pub status: i32,
@@ -124,6 +125,7 @@ pub struct ExecResult {
 
 /// A user page held by a page-holder process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PageRecord {
     /// Holder index, used by `touch-page`.
     pub page: u32,
@@ -137,6 +139,7 @@ pub struct PageRecord {
 
 /// Result of `touch-page`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TouchResult {
     /// Holder index.
     pub page: u32,
@@ -146,6 +149,7 @@ pub struct TouchResult {
 
 /// A signal a page holder received (SIGBUS from memory-failure handling).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SignalReport {
     /// Holder index.
     pub page: u32,
@@ -163,6 +167,7 @@ pub struct SignalReport {
 
 /// Result of `page-info`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PageInfo {
     /// Page frame number.
     pub pfn: u64,
@@ -176,6 +181,7 @@ pub struct PageInfo {
 
 /// Result of a sysctl request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SysctlValue {
     /// Dotted name.
     pub name: String,
@@ -219,6 +225,7 @@ pub struct Reply {
 
 /// The agent's greeting.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Hello {
     /// Protocol version the agent speaks.
     pub version: u32,
