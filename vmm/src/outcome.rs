@@ -77,6 +77,9 @@ const PANIC_MARK: &str = "Kernel panic - not syncing: ";
 const PANIC_END_MARK: &str = "---[ end Kernel panic - not syncing";
 const POWER_DOWN_MARK: &str = "reboot: Power down";
 const HALTED_MARK: &str = "reboot: System halted";
+/// Printed by kernel_power_off() when no power-off method exists (no ACPI):
+/// the guest asked to power off and halts instead.
+const POWER_OFF_UNAVAILABLE_MARK: &str = "reboot: Power off not available";
 
 /// Turns console lines and stop events into an [`Outcome`].
 #[derive(Debug, Default)]
@@ -119,6 +122,9 @@ impl Classifier {
         }
         if line.contains(POWER_DOWN_MARK) {
             return Some(self.outcome(OutcomeKind::Poweroff, POWER_DOWN_MARK.into()));
+        }
+        if line.contains(POWER_OFF_UNAVAILABLE_MARK) {
+            return Some(self.outcome(OutcomeKind::Poweroff, POWER_OFF_UNAVAILABLE_MARK.into()));
         }
         if line.contains(HALTED_MARK) {
             return Some(self.outcome(OutcomeKind::Poweroff, HALTED_MARK.into()));
@@ -201,6 +207,15 @@ mod tests {
         let o = c.console_line("[    2.5] reboot: Power down\r").unwrap();
         assert_eq!(o.kind, OutcomeKind::Poweroff);
         assert_eq!(o.log.len(), 2);
+    }
+
+    #[test]
+    fn power_off_without_acpi_is_poweroff() {
+        let mut c = Classifier::new();
+        let o = c
+            .console_line("[ 3.30] reboot: Power off not available: System halted instead")
+            .unwrap();
+        assert_eq!(o.kind, OutcomeKind::Poweroff);
     }
 
     #[test]

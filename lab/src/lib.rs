@@ -1,0 +1,617 @@
+//! The rasvmm lab: run rasvmm jobs where Linux guests can actually run.
+//!
+//! On a host whose /dev/kvm is hardware virtualization (kvm_intel or
+//! kvm_amd), a job runs the host's rasvmm binary directly. Where it is not
+//! (this project's CI machines have KVM's PVM backend, about a thousand
+//! times too slow for a Linux guest), the job runs inside a *lab host*:
+//! QEMU TCG with `-cpu max` booting our own kernel, which has KVM built in
+//! and finds SVM in the emulated CPU. The lab host's initramfs carries the
+//! static rasvmm, the guest kernel and the guest initramfs; the harness
+//! appends the job as one more cpio archive. The job's stdout comes back on
+//! the lab's second UART as framed files (see images/lab-init).
+//!
+//! Everything needed is named by the manifest that scripts/build-images.sh
+//! writes; a missing piece is an error that says what to run.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+/// Lab host memory: room for several nested guests.
+const LAB_MEMORY: &str = "2048";
+/// Lab host CPUs (nested guests get at most this many useful vCPUs).
+const LAB_CPUS: &str = "2";
+/// Time the lab host needs beyond the job: its own boot and power-off.
+const LAB_MARGIN: Duration = Duration::from_secs(60);
+
+/// Errors running a job.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The manifest is missing or incomplete.
+    #[error("Lab manifest '{0}' is missing or incomplete: run scripts/build-images.sh first")]
+    Manifest(String),
+    /// A file the manifest names is gone.
+    #[error("'{0}' from the lab manifest does not exist: run scripts/build-images.sh")]
+    MissingFile(String),
+    /// A process could not be started.
+    #[error("Cannot start {0}")]
+    Spawn(String, #[source] std::io::Error),
+    /// File system trouble in the work directory.
+    #[error("Lab work directory error at '{0}'")]
+    Io(String, #[source] std::io::Error),
+    /// The lab host did not finish in time.
+    #[error("Lab host did not finish within {0} s (lab console: {1})")]
+    LabTimeout(u64, String),
+    /// The lab host reported a problem.
+    #[error("Lab host error: {0}")]
+    Lab(String),
+    /// Backend override not understood.
+    #[error("RASVMM_BACKEND must be 'lab' or 'direct', got '{0}'")]
+    BackendName(String),
+}
+
+/// Where jobs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// rasvmm on the host's hardware KVM.
+    Direct,
+    /// rasvmm inside the emulated lab host.
+    Lab,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Direct => "direct (hardware KVM)",
+            Backend::Lab => "lab host (QEMU TCG, nested KVM)",
+        })
+    }
+}
+
+/// What the host's KVM is, from /sys/module.
+pub fn host_kvm() -> &'static str {
+    let m = |n: &str| Path::new("/sys/module").join(n).exists();
+    if m("kvm_intel") {
+        "kvm_intel"
+    } else if m("kvm_amd") {
+        "kvm_amd"
+    } else if m("kvm_pvm") {
+        "kvm_pvm"
+    } else if Path::new("/dev/kvm").exists() {
+        "unknown"
+    } else {
+        "none"
+    }
+}
+
+/// Chooses the backend: `RASVMM_BACKEND` if set, else direct on hardware
+/// KVM (kvm_intel/kvm_amd with an openable /dev/kvm), else the lab host.
+pub fn detect_backend() -> Result<Backend, Error> {
+    match std::env::var("RASVMM_BACKEND").ok().as_deref() {
+        Some("lab") => return Ok(Backend::Lab),
+        Some("direct") => return Ok(Backend::Direct),
+        Some("") | None => {}
+        Some(other) => return Err(Error::BackendName(other.into())),
+    }
+    let hw = matches!(host_kvm(), "kvm_intel" | "kvm_amd");
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    Ok(if hw && usable {
+        Backend::Direct
+    } else {
+        Backend::Lab
+    })
+}
+
+/// Paths from target/images/manifest.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// Guest (and lab-host) bzImage.
+    pub kernel: PathBuf,
+    /// Kernel source version.
+    pub kernel_version: String,
+    /// Guest initramfs.
+    pub guest_initramfs: PathBuf,
+    /// Lab-host initramfs.
+    pub lab_initramfs: PathBuf,
+    /// Static rasvmm for direct runs.
+    pub rasvmm: PathBuf,
+}
+
+impl Manifest {
+    /// The default manifest location: `$RASVMM_MANIFEST`, else
+    /// target/images/manifest in the workspace.
+    pub fn default_path() -> PathBuf {
+        std::env::var_os("RASVMM_MANIFEST").map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images/manifest"),
+            PathBuf::from,
+        )
+    }
+
+    /// Loads and checks a manifest.
+    pub fn load(path: &Path) -> Result<Manifest, Error> {
+        let bad = || Error::Manifest(path.display().to_string());
+        let text = std::fs::read_to_string(path).map_err(|_| bad())?;
+        let kv: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+        let get = |k: &str| kv.get(k).map(|v| v.to_string()).ok_or_else(bad);
+        let file = |k: &str| -> Result<PathBuf, Error> {
+            let p = PathBuf::from(get(k)?);
+            if !p.exists() {
+                return Err(Error::MissingFile(p.display().to_string()));
+            }
+            Ok(p)
+        };
+        Ok(Manifest {
+            kernel: file("kernel")?,
+            kernel_version: get("kernel_version")?,
+            guest_initramfs: file("guest_initramfs")?,
+            lab_initramfs: file("lab_initramfs")?,
+            rasvmm: file("rasvmm")?,
+        })
+    }
+}
+
+/// A job: one or more rasvmm runs, each with its own arguments.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Arguments after `rasvmm run --kernel K --initramfs I`, per run.
+    pub runs: Vec<Vec<String>>,
+    /// Longest the whole job may take (the lab host's own boot is added).
+    pub timeout: Duration,
+}
+
+impl Job {
+    /// A job of one run.
+    pub fn one(args: &[&str], timeout: Duration) -> Job {
+        Job {
+            runs: vec![args.iter().map(|s| s.to_string()).collect()],
+            timeout,
+        }
+    }
+}
+
+/// What one rasvmm run produced.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// rasvmm's exit status.
+    pub exit: i32,
+    /// The JSON report, if rasvmm wrote one.
+    pub report: Option<serde_json::Value>,
+    /// Guest console.
+    pub console: String,
+    /// rasvmm's standard error (its human summary or error line).
+    pub stderr: String,
+}
+
+impl RunResult {
+    /// The report's outcome, or "none".
+    pub fn outcome(&self) -> &str {
+        self.report
+            .as_ref()
+            .and_then(|r| r["outcome"].as_str())
+            .unwrap_or("none")
+    }
+}
+
+impl fmt::Display for RunResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "exit {}; rasvmm said:\n{}", self.exit, self.stderr)?;
+        let tail: Vec<&str> = self.console.lines().rev().take(40).collect();
+        writeln!(f, "guest console (last {} lines):", tail.len())?;
+        for l in tail.iter().rev() {
+            writeln!(f, "  {l}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a job produced.
+#[derive(Debug, Clone)]
+pub struct JobResult {
+    /// Where it ran.
+    pub backend: Backend,
+    /// One per run, in order.
+    pub runs: Vec<RunResult>,
+    /// Wall time of the whole job, lab boot included.
+    pub wall: Duration,
+    /// Named files the job emitted beyond the runs' (lab jobs only).
+    pub files: BTreeMap<String, String>,
+}
+
+/// Runs jobs on a backend.
+pub struct Lab {
+    /// Where jobs run.
+    pub backend: Backend,
+    /// The images.
+    pub manifest: Manifest,
+    work: PathBuf,
+}
+
+impl Lab {
+    /// A lab on the detected backend with the default manifest.
+    pub fn new() -> Result<Lab, Error> {
+        let backend = detect_backend()?;
+        Lab::with(backend, &Manifest::default_path())
+    }
+
+    /// A lab on `backend` with the manifest at `manifest`.
+    pub fn with(backend: Backend, manifest: &Path) -> Result<Lab, Error> {
+        let manifest = Manifest::load(manifest)?;
+        if backend == Backend::Lab && which("qemu-system-x86_64").is_none() {
+            return Err(Error::Lab(
+                "qemu-system-x86_64 is not installed: run scripts/install-deps.sh".into(),
+            ));
+        }
+        let work = std::env::temp_dir().join(format!("rasvmm-lab-{}", std::process::id()));
+        std::fs::create_dir_all(&work).map_err(|e| Error::Io(work.display().to_string(), e))?;
+        Ok(Lab {
+            backend,
+            manifest,
+            work,
+        })
+    }
+
+    /// Runs a job.
+    pub fn run(&self, job: &Job) -> Result<JobResult, Error> {
+        match self.backend {
+            Backend::Direct => self.run_direct(job),
+            Backend::Lab => self.run_lab(job, None),
+        }
+    }
+
+    /// Runs a shell script in the lab host (lab backend only), with extra
+    /// files placed in its initramfs; returns the files it emitted with
+    /// `lab_emit`. Used by the benchmarks.
+    pub fn run_script(
+        &self,
+        script: &str,
+        extra_files: &[(&str, &Path)],
+        timeout: Duration,
+    ) -> Result<JobResult, Error> {
+        let job = Job {
+            runs: vec![],
+            timeout,
+        };
+        self.run_lab(&job, Some((script, extra_files)))
+    }
+
+    fn unique_dir(&self, what: &str) -> Result<PathBuf, Error> {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let d = self.work.join(format!("{what}-{n}"));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).map_err(|e| Error::Io(d.display().to_string(), e))?;
+        Ok(d)
+    }
+
+    fn run_direct(&self, job: &Job) -> Result<JobResult, Error> {
+        let start = Instant::now();
+        let dir = self.unique_dir("direct")?;
+        let mut runs = Vec::new();
+        for (i, args) in job.runs.iter().enumerate() {
+            let console = dir.join(format!("console-{i}.log"));
+            let report = dir.join(format!("report-{i}.json"));
+            let out = Command::new(&self.manifest.rasvmm)
+                .arg("run")
+                .arg("--kernel")
+                .arg(&self.manifest.kernel)
+                .arg("--initramfs")
+                .arg(&self.manifest.guest_initramfs)
+                .arg("--console")
+                .arg(&console)
+                .arg("--json")
+                .arg(&report)
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| Error::Spawn(self.manifest.rasvmm.display().to_string(), e))?;
+            runs.push(RunResult {
+                exit: out.status.code().unwrap_or(-1),
+                report: read_json(&report),
+                console: std::fs::read_to_string(&console).unwrap_or_default(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(JobResult {
+            backend: Backend::Direct,
+            runs,
+            wall: start.elapsed(),
+            files: BTreeMap::new(),
+        })
+    }
+
+    fn run_lab(
+        &self,
+        job: &Job,
+        script: Option<(&str, &[(&str, &Path)])>,
+    ) -> Result<JobResult, Error> {
+        let start = Instant::now();
+        let dir = self.unique_dir("lab")?;
+        let root = dir.join("root");
+        std::fs::create_dir_all(&root).map_err(|e| Error::Io(root.display().to_string(), e))?;
+        let mut sh = String::new();
+        for (i, args) in job.runs.iter().enumerate() {
+            sh += &format!(
+                "rasvmm run --kernel /guest/bzImage --initramfs /guest/initramfs.cpio.gz \
+                 --console /tmp/console-{i}.log --json /tmp/report-{i}.json {} 2>/tmp/stderr-{i}.log\n\
+                 echo \"@@@RASVMM-EXIT {i} $?\"\n\
+                 lab_emit report-{i} /tmp/report-{i}.json\n\
+                 lab_emit console-{i} /tmp/console-{i}.log\n\
+                 lab_emit stderr-{i} /tmp/stderr-{i}.log\n",
+                args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
+            );
+        }
+        let mut names = vec!["job.sh".to_string()];
+        if let Some((text, files)) = script {
+            sh += text;
+            for (name, src) in files {
+                let dst = root.join(name);
+                if let Some(p) = dst.parent() {
+                    std::fs::create_dir_all(p).map_err(|e| Error::Io(p.display().to_string(), e))?;
+                }
+                std::fs::copy(src, &dst).map_err(|e| Error::Io(src.display().to_string(), e))?;
+                names.push(name.to_string());
+            }
+        }
+        std::fs::write(root.join("job.sh"), sh)
+            .map_err(|e| Error::Io(root.display().to_string(), e))?;
+
+        // The lab initramfs, zero-padded so the appended job archive starts
+        // aligned (the kernel's unpacker skips zeros between archives).
+        let initrd = dir.join("initrd.img");
+        let mut img = std::fs::read(&self.manifest.lab_initramfs)
+            .map_err(|e| Error::Io(self.manifest.lab_initramfs.display().to_string(), e))?;
+        img.resize(img.len().div_ceil(512) * 512, 0);
+        img.extend(newc_archive(&root, &names)?);
+        std::fs::write(&initrd, img).map_err(|e| Error::Io(initrd.display().to_string(), e))?;
+
+        let lab_console = dir.join("lab-console.log");
+        let results = dir.join("results.txt");
+        let limit = job.timeout + LAB_MARGIN;
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-cpu", "max", "-m", LAB_MEMORY, "-smp", LAB_CPUS])
+            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            .arg("-kernel")
+            .arg(&self.manifest.kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", "console=ttyS0 panic=-1 quiet"])
+            .arg("-serial")
+            .arg(format!("file:{}", lab_console.display()))
+            .arg("-serial")
+            .arg(format!("file:{}", results.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::Spawn("qemu-system-x86_64".into(), e))?;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if start.elapsed() > limit => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Error::LabTimeout(
+                        limit.as_secs(),
+                        lab_console.display().to_string(),
+                    ));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+                Err(e) => return Err(Error::Spawn("qemu-system-x86_64".into(), e)),
+            }
+        }
+        let text = std::fs::read_to_string(&results).unwrap_or_default();
+        let parsed = parse_results(&text);
+        if let Some(e) = parsed.lab_error {
+            return Err(Error::Lab(e));
+        }
+        if !parsed.done {
+            let tail: String = std::fs::read_to_string(&lab_console)
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join(" | ");
+            return Err(Error::Lab(format!("the job did not complete; lab console ends: {tail}")));
+        }
+        let mut files = parsed.files;
+        let mut runs = Vec::new();
+        for i in 0..job.runs.len() {
+            let mut take = |k: &str| files.remove(&format!("{k}-{i}")).unwrap_or_default();
+            let report = serde_json::from_str(take("report").trim()).ok();
+            runs.push(RunResult {
+                exit: parsed.exits.get(&i).copied().unwrap_or(-1),
+                report,
+                console: take("console"),
+                stderr: take("stderr"),
+            });
+        }
+        Ok(JobResult {
+            backend: Backend::Lab,
+            runs,
+            wall: start.elapsed(),
+            files,
+        })
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::env::var_os("RASVMM_KEEP_LAB").is_none() {
+            let _ = std::fs::remove_dir_all(&self.work);
+        }
+    }
+}
+
+fn read_json(p: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+}
+
+fn which(cmd: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(cmd))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Quotes a word for sh.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The framed output of a lab job.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LabOutput {
+    /// Files by name.
+    pub files: BTreeMap<String, String>,
+    /// rasvmm exit status by run index.
+    pub exits: BTreeMap<usize, i32>,
+    /// The job ran to its end.
+    pub done: bool,
+    /// The lab host's own error, if any.
+    pub lab_error: Option<String>,
+}
+
+/// Parses what a lab job wrote to the results UART.
+pub fn parse_results(text: &str) -> LabOutput {
+    let mut out = LabOutput::default();
+    let mut current: Option<(String, Vec<&str>)> = None;
+    for line in text.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some((name, body)) = &mut current {
+            if line == format!("@@@RASVMM-END {name}") {
+                // lab_emit adds a newline after the file; drop it.
+                if body.last() == Some(&"") {
+                    body.pop();
+                }
+                let mut s = body.join("\n");
+                if !s.is_empty() {
+                    s.push('\n');
+                }
+                out.files.insert(name.clone(), s);
+                current = None;
+            } else {
+                body.push(line);
+            }
+            continue;
+        }
+        if let Some(name) = line.strip_prefix("@@@RASVMM-FILE ") {
+            current = Some((name.to_string(), Vec::new()));
+        } else if let Some(rest) = line.strip_prefix("@@@RASVMM-EXIT ") {
+            let mut it = rest.split_whitespace();
+            if let (Some(i), Some(c)) = (it.next(), it.next()) {
+                if let (Ok(i), Ok(c)) = (i.parse(), c.parse()) {
+                    out.exits.insert(i, c);
+                }
+            }
+        } else if line == "@@@RASVMM-JOB-DONE" {
+            out.done = true;
+        } else if let Some(e) = line.strip_prefix("@@@RASVMM-LAB-ERROR ") {
+            out.lab_error = Some(e.to_string());
+        }
+    }
+    out
+}
+
+/// A newc cpio archive of `names` (files under `root`), with the trailer.
+fn newc_archive(root: &Path, names: &[String]) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    let mut ino = 1u32;
+    let mut dirs: Vec<String> = Vec::new();
+    for name in names {
+        // Parent directories first.
+        let mut acc = String::new();
+        let parts: Vec<&str> = name.split('/').collect();
+        for p in &parts[..parts.len() - 1] {
+            if !acc.is_empty() {
+                acc.push('/');
+            }
+            acc.push_str(p);
+            if !dirs.contains(&acc) {
+                dirs.push(acc.clone());
+                newc_entry(&mut out, ino, 0o040755, &acc, &[]);
+                ino += 1;
+            }
+        }
+        let path = root.join(name);
+        let data = std::fs::read(&path).map_err(|e| Error::Io(path.display().to_string(), e))?;
+        newc_entry(&mut out, ino, 0o100755, name, &data);
+        ino += 1;
+    }
+    newc_entry(&mut out, 0, 0, "TRAILER!!!", &[]);
+    Ok(out)
+}
+
+fn newc_entry(out: &mut Vec<u8>, ino: u32, mode: u32, name: &str, data: &[u8]) {
+    let namesize = name.len() + 1;
+    let header = format!(
+        "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{namesize:08x}{:08x}",
+        0, 0, 1, 0, data.len(), 0, 0, 0, 0, 0
+    );
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+    out.extend_from_slice(data);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+}
+
+/// Writes `s` to stderr, flushing (for progress lines from tests and tools).
+pub fn progress(s: &str) {
+    let mut e = std::io::stderr();
+    let _ = writeln!(e, "{s}");
+    let _ = e.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_are_unframed() {
+        let text = "noise\n@@@RASVMM-EXIT 0 1\n@@@RASVMM-FILE report-0\n{\"a\":1}\n\n@@@RASVMM-END report-0\n\
+                    @@@RASVMM-FILE console-0\nline 1\nline 2\n\n@@@RASVMM-END console-0\n@@@RASVMM-JOB-DONE\n";
+        let r = parse_results(text);
+        assert!(r.done);
+        assert_eq!(r.exits.get(&0), Some(&1));
+        assert_eq!(r.files["report-0"], "{\"a\":1}\n");
+        assert_eq!(r.files["console-0"], "line 1\nline 2\n");
+    }
+
+    #[test]
+    fn truncated_results_are_not_done() {
+        let r = parse_results("@@@RASVMM-FILE x\nabc\n");
+        assert!(!r.done);
+        assert!(r.files.is_empty());
+        let e = parse_results("@@@RASVMM-LAB-ERROR /dev/kvm is missing\n");
+        assert_eq!(e.lab_error.as_deref(), Some("/dev/kvm is missing"));
+    }
+
+    #[test]
+    fn shell_quoting_survives_quotes() {
+        assert_eq!(shell_quote("exec:echo 'hi'"), r"'exec:echo '\''hi'\'''");
+    }
+
+    #[test]
+    fn newc_headers_are_aligned() {
+        let mut out = Vec::new();
+        newc_entry(&mut out, 1, 0o100644, "job.sh", b"echo\n");
+        assert_eq!(&out[..6], b"070701");
+        assert_eq!(out.len() % 4, 0);
+        assert_eq!(out.len(), 112 + 8 + 8);
+    }
+}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Builds everything a run needs and writes target/images/manifest:
+#   - the kernel (scripts/build-kernel.sh, cached);
+#   - static (musl) rasvmm and rasvmm-agent;
+#   - the guest initramfs: busybox-static + rasvmm-agent + images/guest-init;
+#   - the lab-host initramfs: busybox-static + rasvmm + guest kernel and
+#     initramfs + images/lab-init.
+# The images take seconds; the kernel is the slow part and is cached.
+source "$(dirname "$0")/lib.sh"
+
+out="$RASVMM_ROOT/target/images"
+mkdir -p "$out"
+kernel_dir=$("$RASVMM_ROOT/scripts/build-kernel.sh" x86_64)
+
+target=x86_64-unknown-linux-musl
+log "building static rasvmm and rasvmm-agent ($target)"
+(cd "$RASVMM_ROOT" && cargo build --quiet --release --target "$target" -p vmm -p guest-agent)
+bin="$RASVMM_ROOT/target/$target/release"
+busybox=$(command -v busybox || true)
+[ -n "$busybox" ] && file -L "$busybox" 2>/dev/null | grep -q 'statically linked' ||
+	busybox=/bin/busybox
+[ -x "$busybox" ] || die "busybox-static is missing: run scripts/install-deps.sh"
+
+# pack <root dir> <output .cpio.gz>
+pack() {
+	(cd "$1" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet --reproducible) |
+		gzip -6 -n >"$2.tmp"
+	mv "$2.tmp" "$2"
+}
+
+# base_root <dir>: busybox and the directories an init needs.
+base_root() {
+	rm -rf "$1"
+	mkdir -p "$1"/{bin,sbin,proc,sys,dev,tmp,etc}
+	cp "$busybox" "$1/bin/busybox"
+}
+
+stage="$out/stage"
+base_root "$stage/guest"
+install -m 0755 "$bin/rasvmm-agent" "$stage/guest/sbin/rasvmm-agent"
+install -m 0755 "$RASVMM_ROOT/images/guest-init" "$stage/guest/init"
+pack "$stage/guest" "$out/guest-initramfs.cpio.gz"
+
+base_root "$stage/lab"
+mkdir -p "$stage/lab/guest"
+install -m 0755 "$bin/rasvmm" "$stage/lab/bin/rasvmm"
+cp "$kernel_dir/bzImage" "$stage/lab/guest/bzImage"
+cp "$out/guest-initramfs.cpio.gz" "$stage/lab/guest/initramfs.cpio.gz"
+install -m 0755 "$RASVMM_ROOT/images/lab-init" "$stage/lab/init"
+pack "$stage/lab" "$out/lab-initramfs.cpio.gz"
+rm -rf "$stage"
+
+cat >"$out/manifest" <<MANIFEST
+kernel=$kernel_dir/bzImage
+vmlinux=$kernel_dir/vmlinux
+kernel_version=$(head -n1 "$kernel_dir/VERSION")
+guest_initramfs=$out/guest-initramfs.cpio.gz
+lab_initramfs=$out/lab-initramfs.cpio.gz
+rasvmm=$bin/rasvmm
+MANIFEST
+log "images in $out ($(du -h "$out/lab-initramfs.cpio.gz" | cut -f1) lab initramfs)"
+echo "$out/manifest"
