@@ -5,8 +5,13 @@
 #   - the guest initramfs: busybox-static + rasvmm-agent + images/guest-init;
 #   - the lab-host initramfs: busybox-static + rasvmm + guest kernel and
 #     initramfs + images/lab-init.
+#   - with --bench, also the bench lab-host initramfs: the lab image plus
+#     QEMU (its libraries and firmware) and lab-timer, so QEMU can be
+#     measured beside rasvmm in the same lab host.
 # The images take seconds; the kernel is the slow part and is cached.
 source "$(dirname "$0")/lib.sh"
+bench=""
+[ "${1:-}" = --bench ] && bench=1
 
 out="$RASVMM_ROOT/target/images"
 mkdir -p "$out"
@@ -14,7 +19,8 @@ kernel_dir=$("$RASVMM_ROOT/scripts/build-kernel.sh" x86_64)
 
 target=x86_64-unknown-linux-musl
 log "building static rasvmm and rasvmm-agent ($target)"
-(cd "$RASVMM_ROOT" && cargo build --quiet --release --target "$target" -p vmm -p guest-agent)
+(cd "$RASVMM_ROOT" && cargo build --quiet --release --target "$target" -p vmm -p guest-agent \
+	${bench:+-p lab --bin lab-timer})
 bin="$RASVMM_ROOT/target/$target/release"
 busybox=$(command -v busybox || true)
 [ -n "$busybox" ] && file -L "$busybox" 2>/dev/null | grep -q 'statically linked' ||
@@ -48,6 +54,27 @@ cp "$kernel_dir/bzImage" "$stage/lab/guest/bzImage"
 cp "$out/guest-initramfs.cpio.gz" "$stage/lab/guest/initramfs.cpio.gz"
 install -m 0755 "$RASVMM_ROOT/images/lab-init" "$stage/lab/init"
 pack "$stage/lab" "$out/lab-initramfs.cpio.gz"
+
+if [ -n "$bench" ]; then
+	qemu=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 is missing: run scripts/install-deps.sh"
+	install -m 0755 "$bin/lab-timer" "$stage/lab/bin/lab-timer"
+	install -m 0755 "$qemu" "$stage/lab/bin/qemu-system-x86_64"
+	# QEMU's shared libraries, at the paths the dynamic loader expects.
+	ldd "$qemu" | awk '/=> \// {print $3} /^\t\/lib/ {print $1}' | while read -r lib; do
+		mkdir -p "$stage/lab$(dirname "$lib")"
+		cp -L "$lib" "$stage/lab$lib"
+	done
+	interp=$(readelf -l "$qemu" | sed -n 's/.*interpreter: \(.*\)]/\1/p')
+	mkdir -p "$stage/lab$(dirname "$interp")"
+	cp -L "$interp" "$stage/lab$interp"
+	# Firmware for direct kernel boot (pc: SeaBIOS + linuxboot option ROM).
+	mkdir -p "$stage/lab/usr/share/qemu"
+	for f in /usr/share/seabios/bios-256k.bin /usr/share/qemu/linuxboot_dma.bin \
+		/usr/share/qemu/kvmvapic.bin /usr/share/qemu/qboot.rom; do
+		cp -L "$f" "$stage/lab/usr/share/qemu/"
+	done
+	pack "$stage/lab" "$out/lab-bench-initramfs.cpio.gz"
+fi
 rm -rf "$stage"
 
 cat >"$out/manifest" <<MANIFEST
@@ -57,6 +84,7 @@ kernel_version=$(head -n1 "$kernel_dir/VERSION")
 guest_initramfs=$out/guest-initramfs.cpio.gz
 lab_initramfs=$out/lab-initramfs.cpio.gz
 rasvmm=$bin/rasvmm
+${bench:+lab_bench_initramfs=$out/lab-bench-initramfs.cpio.gz}
 MANIFEST
 log "images in $out ($(du -h "$out/lab-initramfs.cpio.gz" | cut -f1) lab initramfs)"
 echo "$out/manifest"

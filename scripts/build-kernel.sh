@@ -52,7 +52,14 @@ make -C "$src" -s ARCH=x86 tinyconfig >/dev/null
 make -C "$src" -s ARCH=x86 olddefconfig >/dev/null
 missing=""
 while IFS= read -r line; do
-	case "$line" in CONFIG_*=*) grep -qxF "$line" "$src/.config" || missing="$missing ${line%%=*}" ;; esac
+	case "$line" in
+	CONFIG_*=*) grep -qxF "$line" "$src/.config" || missing="$missing ${line%%=*}" ;;
+	"# CONFIG_"*" is not set")
+		opt=${line#\# }
+		opt=${opt%% *}
+		grep -q "^$opt=" "$src/.config" && missing="$missing $opt(should be off)"
+		;;
+	esac
 done <"$fragment"
 [ -z "$missing" ] || die "kernel config did not take:$missing (check dependencies in $fragment)"
 

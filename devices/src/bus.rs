@@ -117,8 +117,8 @@ mod tests {
         let mut b = [0u8; 1];
         bus.read(0x3fd, &mut b);
         assert_eq!(b, [5]);
-        bus.write(0x3f8, &[b'x']);
-        assert_eq!(lock(&dev).writes, vec![(0, vec![b'x'])]);
+        bus.write(0x3f8, b"x");
+        assert_eq!(lock(&dev).writes, vec![(0, b"x".to_vec())]);
     }
 
     #[test]

@@ -316,7 +316,7 @@ extern "C" fn on_sigbus(signo: i32, info: *mut libc::siginfo_t, _ctx: *mut libc:
     if code == guest_agent::BUS_MCEERR_AR {
         // Recover like a RAS-aware application: replace the poisoned page by
         // a fresh zero page so the faulting access can complete.
-        let page = (addr as usize) & !(PAGE_SIZE - 1);
+        let page = usize::try_from(addr).unwrap_or(0) & !(PAGE_SIZE - 1);
         // SAFETY: maps over our own page; mmap is a raw system call, safe to
         // use in a handler that interrupted an access to that same page.
         let p = unsafe {

@@ -124,6 +124,8 @@ pub struct Manifest {
     pub lab_initramfs: PathBuf,
     /// Static rasvmm for direct runs.
     pub rasvmm: PathBuf,
+    /// Lab-host initramfs with QEMU for benchmarks (`build-images.sh --bench`).
+    pub lab_bench_initramfs: Option<PathBuf>,
 }
 
 impl Manifest {
@@ -155,6 +157,10 @@ impl Manifest {
             guest_initramfs: file("guest_initramfs")?,
             lab_initramfs: file("lab_initramfs")?,
             rasvmm: file("rasvmm")?,
+            lab_bench_initramfs: kv
+                .get("lab_bench_initramfs")
+                .map(PathBuf::from)
+                .filter(|p| p.exists()),
         })
     }
 }
@@ -263,24 +269,24 @@ impl Lab {
     pub fn run(&self, job: &Job) -> Result<JobResult, Error> {
         match self.backend {
             Backend::Direct => self.run_direct(job),
-            Backend::Lab => self.run_lab(job, None),
+            Backend::Lab => self.run_lab(job, &self.manifest.lab_initramfs, None),
         }
     }
 
-    /// Runs a shell script in the lab host (lab backend only), with extra
-    /// files placed in its initramfs; returns the files it emitted with
-    /// `lab_emit`. Used by the benchmarks.
+    /// Runs a shell script in a lab host booted with `initramfs`; returns
+    /// the files it emitted with `lab_emit`. Used by the benchmarks, which
+    /// measure peers in the same lab host.
     pub fn run_script(
         &self,
         script: &str,
-        extra_files: &[(&str, &Path)],
+        initramfs: &Path,
         timeout: Duration,
     ) -> Result<JobResult, Error> {
         let job = Job {
             runs: vec![],
             timeout,
         };
-        self.run_lab(&job, Some((script, extra_files)))
+        self.run_lab(&job, initramfs, Some(script))
     }
 
     fn unique_dir(&self, what: &str) -> Result<PathBuf, Error> {
@@ -331,7 +337,8 @@ impl Lab {
     fn run_lab(
         &self,
         job: &Job,
-        script: Option<(&str, &[(&str, &Path)])>,
+        initramfs: &Path,
+        script: Option<&str>,
     ) -> Result<JobResult, Error> {
         let start = Instant::now();
         let dir = self.unique_dir("lab")?;
@@ -349,17 +356,8 @@ impl Lab {
                 args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
             );
         }
-        let mut names = vec!["job.sh".to_string()];
-        if let Some((text, files)) = script {
+        if let Some(text) = script {
             sh += text;
-            for (name, src) in files {
-                let dst = root.join(name);
-                if let Some(p) = dst.parent() {
-                    std::fs::create_dir_all(p).map_err(|e| Error::Io(p.display().to_string(), e))?;
-                }
-                std::fs::copy(src, &dst).map_err(|e| Error::Io(src.display().to_string(), e))?;
-                names.push(name.to_string());
-            }
         }
         std::fs::write(root.join("job.sh"), sh)
             .map_err(|e| Error::Io(root.display().to_string(), e))?;
@@ -367,18 +365,26 @@ impl Lab {
         // The lab initramfs, zero-padded so the appended job archive starts
         // aligned (the kernel's unpacker skips zeros between archives).
         let initrd = dir.join("initrd.img");
-        let mut img = std::fs::read(&self.manifest.lab_initramfs)
-            .map_err(|e| Error::Io(self.manifest.lab_initramfs.display().to_string(), e))?;
+        let mut img =
+            std::fs::read(initramfs).map_err(|e| Error::Io(initramfs.display().to_string(), e))?;
         img.resize(img.len().div_ceil(512) * 512, 0);
-        img.extend(newc_archive(&root, &names)?);
+        img.extend(newc_archive(&root, &["job.sh".to_string()])?);
         std::fs::write(&initrd, img).map_err(|e| Error::Io(initrd.display().to_string(), e))?;
 
         let lab_console = dir.join("lab-console.log");
         let results = dir.join("results.txt");
         let limit = job.timeout + LAB_MARGIN;
         let mut child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-cpu", "max", "-m", LAB_MEMORY, "-smp", LAB_CPUS])
-            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            .args([
+                "-accel", "tcg", "-cpu", "max", "-m", LAB_MEMORY, "-smp", LAB_CPUS,
+            ])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
             .arg("-kernel")
             .arg(&self.manifest.kernel)
             .arg("-initrd")
@@ -421,7 +427,9 @@ impl Lab {
                 .take(5)
                 .collect::<Vec<_>>()
                 .join(" | ");
-            return Err(Error::Lab(format!("the job did not complete; lab console ends: {tail}")));
+            return Err(Error::Lab(format!(
+                "the job did not complete; lab console ends: {tail}"
+            )));
         }
         let mut files = parsed.files;
         let mut runs = Vec::new();
@@ -561,11 +569,11 @@ fn newc_entry(out: &mut Vec<u8>, ino: u32, mode: u32, name: &str, data: &[u8]) {
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(name.as_bytes());
     out.push(0);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
     out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }

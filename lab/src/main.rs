@@ -66,7 +66,10 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
     let r = res.runs.first().ok_or("the job produced no run")?;
     eprint!("{}", r.stderr);
     if let Some(report) = &r.report {
-        println!("{}", serde_json::to_string_pretty(report).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        );
     }
     eprintln!("wall time: {:.1} s", res.wall.as_secs_f64());
     Ok(ExitCode::from(u8::try_from(r.exit).unwrap_or(2)))
@@ -75,7 +78,14 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
 fn demo() -> Result<ExitCode, String> {
     let lab = open_lab()?;
     let job = Job::one(
-        &["--vcpus", "2", "--agent", "exec:uname -r; nproc", "--agent", "poweroff"],
+        &[
+            "--vcpus",
+            "2",
+            "--agent",
+            "exec:uname -r; nproc",
+            "--agent",
+            "poweroff",
+        ],
         Duration::from_secs(120),
     );
     let res = lab.run(&job).map_err(|e| chain(&e))?;
@@ -84,10 +94,16 @@ fn demo() -> Result<ExitCode, String> {
         .report
         .as_ref()
         .and_then(|v| v["agent_ready_ms"].as_u64())
-        .map_or("never".to_string(), |ms| format!("{:.2} s", ms as f64 / 1000.0));
+        .map_or("never".to_string(), |ms| {
+            format!("{:.2} s", ms as f64 / 1000.0)
+        });
     println!("outcome: {}", r.outcome());
     println!("boot to agent ready: {ready}");
-    println!("wall time (with {}): {:.1} s", res.backend, res.wall.as_secs_f64());
+    println!(
+        "wall time (with {}): {:.1} s",
+        res.backend,
+        res.wall.as_secs_f64()
+    );
     if r.outcome() != "poweroff" {
         eprintln!("{r}");
         return Ok(ExitCode::from(1));

@@ -4,6 +4,8 @@
 //! PVM included: the payloads are a few instructions) and fail, never skip,
 //! without it.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use vmm::config::{BootSource, ConsoleTarget, VmConfig};
@@ -102,6 +104,6 @@ fn agent_hello_over_com2_is_decoded() {
 #[test]
 fn payload_that_does_not_fit_is_an_error() {
     let cfg = config(vec![0x90; 65 << 20], 1);
-    let err = vmm::run::run(&cfg, &[]).err().expect("must fail");
+    let err = vmm::run::run(&cfg, &[]).expect_err("must fail");
     assert!(err.to_string().contains("payload"), "{err}");
 }

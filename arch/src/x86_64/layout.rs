@@ -39,6 +39,14 @@ pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 /// KVM's identity map page, right below the TSS.
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
+// The boot structures must not overlap: pinned at compile time.
+const _: () =
+    assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
+const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+const _: () = assert!(KVM_IDENTITY_MAP_ADDRESS + 0x1000 == KVM_TSS_ADDRESS);
+const _: () =
+    assert!(KVM_TSS_ADDRESS >= MMIO_HOLE_START && KVM_TSS_ADDRESS + 0x3000 <= MMIO_HOLE_END);
+
 /// The guest RAM regions (start, length) for `mem_size` bytes of RAM.
 ///
 /// RAM up to the MMIO hole is mapped 1:1; the rest continues at 4 GiB.
@@ -79,7 +87,5 @@ mod tests {
                 assert!(a + 0x1000 <= *b || b + 0x1000 <= *a);
             }
         }
-        assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
     }
 }

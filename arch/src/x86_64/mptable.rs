@@ -58,7 +58,7 @@ pub fn build(num_cpus: u8, cpu_signature: u32, feature_flags: u32) -> Result<Vec
         return Err(Error::CpuCount(num_cpus));
     }
     let ioapic_id = num_cpus;
-    let table_addr = u32::try_from(EBDA_START).unwrap_or(0) + MPF_SIZE as u32;
+    let table_addr = u32::try_from(EBDA_START + MPF_SIZE as u64).unwrap_or(0);
 
     let mut entries = Vec::new();
     let mut count: u16 = 0;
