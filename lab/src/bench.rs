@@ -38,17 +38,19 @@ pub fn boot(args: &[String]) -> Result<ExitCode, String> {
     let script = format!(
         r#"CMDLINE={cmdline}
 for i in $(seq 1 {runs}); do
-	rasvmm run --kernel /guest/bzImage --initramfs /guest/initramfs.cpio.gz --cmdline "$CMDLINE" \
+	rasvmm run --kernel {kernel} --initramfs {initramfs} --cmdline "$CMDLINE" \
 		--memory 256 --vcpus 1 --cpu intel --console none --json /tmp/r-$i.json --agent poweroff 2>/dev/null
 	lab_emit rasvmm-$i /tmp/r-$i.json
 	lab-timer /tmp/agent-$i.log '{{"hello"' 60 -- qemu-system-x86_64 -enable-kvm -cpu {QEMU_CPU} \
 		-m 256 -smp 1 -nodefaults -no-user-config -display none -no-reboot -L /usr/share/qemu \
-		-kernel /guest/bzImage -initrd /guest/initramfs.cpio.gz -append "$CMDLINE" \
+		-kernel {kernel} -initrd {initramfs} -append "$CMDLINE" \
 		-serial null -serial file:/tmp/agent-$i.log >/tmp/q-$i.txt 2>&1
 	lab_emit qemu-$i /tmp/q-$i.txt
 done
 "#,
-        cmdline = lab::shell_quote(cmdline)
+        cmdline = lab::shell_quote(cmdline),
+        kernel = lab::LAB_GUEST_KERNEL,
+        initramfs = lab::LAB_GUEST_INITRAMFS,
     );
     eprintln!("bench-boot: {runs} runs each of rasvmm and QEMU in one lab host...");
     let res = lab

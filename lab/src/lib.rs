@@ -22,6 +22,11 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+/// The guest kernel's path inside the lab host (see scripts/build-images.sh).
+pub const LAB_GUEST_KERNEL: &str = "/guest/bzImage";
+/// The guest initramfs's path inside the lab host.
+pub const LAB_GUEST_INITRAMFS: &str = "/guest/initramfs.cpio";
+
 /// Lab host memory: room for several nested guests.
 const LAB_MEMORY: &str = "2048";
 /// Lab host CPUs (nested guests get at most this many useful vCPUs).
@@ -347,7 +352,7 @@ impl Lab {
         let mut sh = String::new();
         for (i, args) in job.runs.iter().enumerate() {
             sh += &format!(
-                "rasvmm run --kernel /guest/bzImage --initramfs /guest/initramfs.cpio.gz \
+                "rasvmm run --kernel {LAB_GUEST_KERNEL} --initramfs {LAB_GUEST_INITRAMFS} \
                  --console /tmp/console-{i}.log --json /tmp/report-{i}.json {} 2>/tmp/stderr-{i}.log\n\
                  echo \"@@@RASVMM-EXIT {i} $?\"\n\
                  lab_emit report-{i} /tmp/report-{i}.json\n\

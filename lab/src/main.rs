@@ -39,18 +39,21 @@ fn main() -> ExitCode {
 }
 
 fn open_lab() -> Result<Lab, String> {
-    let lab = Lab::new().map_err(|e| chain(&e))?;
-    eprintln!(
+    Lab::new().map_err(|e| chain(&e))
+}
+
+fn describe(lab: &Lab) -> String {
+    format!(
         "backend: {} (host KVM: {}); guest kernel {}",
         lab.backend,
         lab::host_kvm(),
         lab.manifest.kernel_version
-    );
-    Ok(lab)
+    )
 }
 
 fn run(args: &[String]) -> Result<ExitCode, String> {
     let lab = open_lab()?;
+    eprintln!("{}", describe(&lab));
     let timeout = args
         .iter()
         .position(|a| a == "--timeout")
@@ -77,6 +80,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
 
 fn demo() -> Result<ExitCode, String> {
     let lab = open_lab()?;
+    println!("{}", describe(&lab));
     let job = Job::one(
         &[
             "--vcpus",
