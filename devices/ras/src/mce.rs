@@ -1,0 +1,426 @@
+//! x86 machine-check records for memory errors.
+//!
+//! Bit layouts are from the Intel SDM vol. 3B, 16.3.2 (IA32_MCi_STATUS),
+//! 16.3.1.2 (IA32_MCG_STATUS), 16.3.2.4 (IA32_MCi_MISC) and the AMD APM
+//! vol. 2, 9.3 (MCA_STATUS with Deferred and Poison). The values are the ones
+//! Linux 7.3 grades (arch/x86/kernel/cpu/mce/severity.c) and QEMU injects
+//! (target/i386/kvm/kvm.c, kvm_mce_inject):
+//!
+//! | error | vendor | MCi_STATUS | MCG_STATUS | Linux's grading |
+//! |---|---|---|---|---|
+//! | SRAR data load | Intel | `0xBD80000000000134` | MCIP EIPV RIPV | action required: SIGBUS AR to the consumer, panic in kernel context |
+//! | SRAO patrol scrub | Intel | `0xBD000000000000C0` | MCIP RIPV | action optional: memory_failure(pfn, 0) |
+//! | UCNA | Intel | `0xBC0000000000009F` | 0 (no #MC) | deferred: memory_failure(pfn, 0) via CMCI or the poll |
+//! | SRAR | AMD | VAL EN MISCV ADDRV UC POISON | MCIP EIPV RIPV | mce_severity_amd: AR in user mode (needs SUCCOR) |
+//! | SRAO, UCNA | AMD | VAL EN MISCV ADDRV DEFERRED POISON | 0 (no #MC) | deferred |
+//!
+//! A record without UC never raises #MC through KVM (kvm_vcpu_ioctl_x86_set_mce
+//! only stores it in the bank), so AMD's deferred errors and Intel's UCNA are
+//! found by the guest's corrected-error interrupt where there is one, or by
+//! its periodic poll of the banks. QEMU sets MCIP for AMD action-optional
+//! errors; KVM ignores it there.
+//!
+//! MCi_MISC is `0x8c` everywhere: physical address mode (2 << 6) with the
+//! address valid from bit 12 (a 4 KiB page).
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// MCi_STATUS.VAL: the register holds an error.
+pub const MCI_STATUS_VAL: u64 = 1 << 63;
+/// MCi_STATUS.OVER: an earlier error was overwritten.
+pub const MCI_STATUS_OVER: u64 = 1 << 62;
+/// MCi_STATUS.UC: uncorrected.
+pub const MCI_STATUS_UC: u64 = 1 << 61;
+/// MCi_STATUS.EN: reporting enabled.
+pub const MCI_STATUS_EN: u64 = 1 << 60;
+/// MCi_STATUS.MISCV: MCi_MISC valid.
+pub const MCI_STATUS_MISCV: u64 = 1 << 59;
+/// MCi_STATUS.ADDRV: MCi_ADDR valid.
+pub const MCI_STATUS_ADDRV: u64 = 1 << 58;
+/// MCi_STATUS.PCC: processor context corrupt.
+pub const MCI_STATUS_PCC: u64 = 1 << 57;
+/// MCi_STATUS.S: signalled (an #MC was raised), Intel with MCG_SER_P.
+pub const MCI_STATUS_S: u64 = 1 << 56;
+/// MCi_STATUS.AR: action required, Intel with MCG_SER_P.
+pub const MCI_STATUS_AR: u64 = 1 << 55;
+/// MCA_STATUS.Deferred (AMD).
+pub const MCI_STATUS_DEFERRED: u64 = 1 << 44;
+/// MCA_STATUS.Poison (AMD): the error is poison consumption/creation.
+pub const MCI_STATUS_POISON: u64 = 1 << 43;
+
+/// MCG_STATUS.RIPV: the interrupted RIP is valid to restart at.
+pub const MCG_STATUS_RIPV: u64 = 1 << 0;
+/// MCG_STATUS.EIPV: RIP points at the instruction that caused the error.
+pub const MCG_STATUS_EIPV: u64 = 1 << 1;
+/// MCG_STATUS.MCIP: machine check in progress.
+pub const MCG_STATUS_MCIP: u64 = 1 << 2;
+/// MCG_STATUS.LMCES: the #MC was delivered to this logical CPU only.
+pub const MCG_STATUS_LMCES: u64 = 1 << 3;
+
+/// MCG_CAP.MCG_CTL_P: MCG_CTL present.
+pub const MCG_CTL_P: u64 = 1 << 8;
+/// MCG_CAP.MCG_CMCI_P: corrected machine-check interrupts.
+pub const MCG_CMCI_P: u64 = 1 << 10;
+/// MCG_CAP.MCG_SER_P: software error recovery (S and AR bits are meaningful).
+pub const MCG_SER_P: u64 = 1 << 24;
+/// MCG_CAP.MCG_LMCE_P: local machine checks.
+pub const MCG_LMCE_P: u64 = 1 << 27;
+/// MCG_CAP bits 7:0, the bank count.
+pub const MCG_BANKCNT_MASK: u64 = 0xff;
+
+/// MCi_MISC for a physical address with 4 KiB granularity.
+pub const MCI_MISC_PHYS_PAGE: u64 = (2 << 6) | 12;
+
+/// Intel MCA error codes (SDM 16.9): data load from the cache hierarchy,
+/// memory-controller patrol scrub, and QEMU's and Linux's usual UCNA code.
+const MCACOD_DATA_LOAD: u64 = 0x134;
+const MCACOD_SCRUB: u64 = 0xc0;
+const MCACOD_UCNA: u64 = 0x9f;
+
+/// Bank rasvmm reports memory errors in, as QEMU does: bank 9 (an Intel
+/// memory-controller bank on many parts; any bank below the count works for Linux).
+pub const DEFAULT_BANK: u8 = 9;
+/// Banks rasvmm gives each vCPU, if KVM allows that many.
+pub const DEFAULT_BANK_COUNT: u8 = 10;
+
+/// Guest CPU vendor, deciding the encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Vendor {
+    /// Intel: S/AR bits with MCG_SER_P.
+    Intel,
+    /// AMD: Deferred/Poison bits, graded by mce_severity_amd.
+    Amd,
+}
+
+/// A memory error, named by what it means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryError {
+    /// Software recoverable action required: a load consumed poison.
+    /// Synchronous, on the consuming vCPU.
+    Srar,
+    /// Software recoverable action optional: found by patrol scrub.
+    Srao,
+    /// Uncorrected no action: logged, no #MC; the guest finds it by CMCI or
+    /// by polling the banks.
+    Ucna,
+}
+
+impl MemoryError {
+    /// The name used in the API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryError::Srar => "srar",
+            MemoryError::Srao => "srao",
+            MemoryError::Ucna => "ucna",
+        }
+    }
+
+    /// Parses [`MemoryError::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "srar" => Some(MemoryError::Srar),
+            "srao" => Some(MemoryError::Srao),
+            "ucna" => Some(MemoryError::Ucna),
+            _ => None,
+        }
+    }
+}
+
+/// How a record reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    /// An #MC exception (MCG_STATUS.MCIP).
+    MachineCheck,
+    /// Only the bank registers; the guest finds it by CMCI or by polling.
+    BankOnly,
+}
+
+/// How `error` is delivered for `vendor`.
+pub fn delivery(error: MemoryError, vendor: Vendor) -> Delivery {
+    match (vendor, error) {
+        (_, MemoryError::Srar) | (Vendor::Intel, MemoryError::Srao) => Delivery::MachineCheck,
+        _ => Delivery::BankOnly,
+    }
+}
+
+/// One machine-check bank record, as KVM_X86_SET_MCE takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MceRecord {
+    /// Bank number.
+    pub bank: u8,
+    /// MCi_STATUS.
+    pub status: u64,
+    /// MCi_ADDR.
+    pub addr: u64,
+    /// MCi_MISC.
+    pub misc: u64,
+    /// MCG_STATUS.
+    pub mcg_status: u64,
+}
+
+/// Encodes a memory error at guest-physical address `gpa`.
+/// `local` marks an Intel LMCE (delivered to one vCPU only).
+pub fn encode(error: MemoryError, vendor: Vendor, gpa: u64, local: bool) -> MceRecord {
+    let common = MCI_STATUS_VAL | MCI_STATUS_EN | MCI_STATUS_MISCV | MCI_STATUS_ADDRV;
+    let (status, mcg_status) = match (vendor, error) {
+        (Vendor::Intel, MemoryError::Srar) => (
+            common | MCI_STATUS_UC | MCI_STATUS_S | MCI_STATUS_AR | MCACOD_DATA_LOAD,
+            MCG_STATUS_MCIP | MCG_STATUS_EIPV | MCG_STATUS_RIPV,
+        ),
+        (Vendor::Intel, MemoryError::Srao) => (
+            common | MCI_STATUS_UC | MCI_STATUS_S | MCACOD_SCRUB,
+            MCG_STATUS_MCIP | MCG_STATUS_RIPV,
+        ),
+        (Vendor::Intel, MemoryError::Ucna) => (common | MCI_STATUS_UC | MCACOD_UCNA, 0),
+        (Vendor::Amd, MemoryError::Srar) => (
+            common | MCI_STATUS_UC | MCI_STATUS_POISON,
+            MCG_STATUS_MCIP | MCG_STATUS_EIPV | MCG_STATUS_RIPV,
+        ),
+        (Vendor::Amd, MemoryError::Srao | MemoryError::Ucna) => {
+            (common | MCI_STATUS_DEFERRED | MCI_STATUS_POISON, 0)
+        }
+    };
+    let lmce =
+        if local && vendor == Vendor::Intel && delivery(error, vendor) == Delivery::MachineCheck {
+            MCG_STATUS_LMCES
+        } else {
+            0
+        };
+    MceRecord {
+        bank: DEFAULT_BANK,
+        status,
+        addr: gpa,
+        misc: MCI_MISC_PHYS_PAGE,
+        mcg_status: mcg_status | lmce,
+    }
+}
+
+/// Errors validating an MCG_CAP or a raw record.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum Error {
+    /// The bank does not exist.
+    #[error("Bank {bank} does not exist (the vCPU has {count} banks)")]
+    Bank {
+        /// Requested bank.
+        bank: u8,
+        /// Banks present.
+        count: u8,
+    },
+    /// MCi_STATUS.VAL is clear: KVM refuses it and it would mean nothing.
+    #[error("MCi_STATUS {0:#x} lacks VAL (bit 63)")]
+    NotValid(u64),
+    /// ADDRV is set but MISCV is clear, or the reverse, for a memory error.
+    #[error("MCi_STATUS {0:#x} must have both ADDRV and MISCV for an address to be used")]
+    AddressBits(u64),
+    /// Bits only meaningful with MCG_SER_P while the vCPU lacks it.
+    #[error("MCi_STATUS {0:#x} sets S or AR but MCG_CAP lacks SER_P")]
+    NeedsSer(u64),
+    /// MCG_STATUS with MCIP for an error that is not uncorrected.
+    #[error("MCG_STATUS {mcg_status:#x} raises #MC for a corrected error (MCi_STATUS {status:#x} lacks UC)")]
+    McipWithoutUc {
+        /// MCi_STATUS.
+        status: u64,
+        /// MCG_STATUS.
+        mcg_status: u64,
+    },
+    /// Undefined MCG_STATUS bits.
+    #[error("MCG_STATUS {0:#x} sets bits other than RIPV, EIPV, MCIP and LMCES")]
+    McgStatusBits(u64),
+    /// LMCES without LMCE support.
+    #[error("MCG_STATUS sets LMCES but MCG_CAP lacks LMCE_P")]
+    NeedsLmce,
+}
+
+/// Checks a raw record against the vCPU's MCG_CAP before it reaches KVM.
+pub fn validate(r: &MceRecord, mcg_cap: u64) -> Result<(), Error> {
+    let count = u8::try_from(mcg_cap & MCG_BANKCNT_MASK).unwrap_or(0);
+    if r.bank >= count {
+        return Err(Error::Bank {
+            bank: r.bank,
+            count,
+        });
+    }
+    if r.status & MCI_STATUS_VAL == 0 {
+        return Err(Error::NotValid(r.status));
+    }
+    if (r.status & MCI_STATUS_ADDRV != 0) != (r.status & MCI_STATUS_MISCV != 0) {
+        return Err(Error::AddressBits(r.status));
+    }
+    if r.status & (MCI_STATUS_S | MCI_STATUS_AR) != 0 && mcg_cap & MCG_SER_P == 0 {
+        return Err(Error::NeedsSer(r.status));
+    }
+    if r.mcg_status & MCG_STATUS_MCIP != 0 && r.status & MCI_STATUS_UC == 0 {
+        return Err(Error::McipWithoutUc {
+            status: r.status,
+            mcg_status: r.mcg_status,
+        });
+    }
+    let known = MCG_STATUS_RIPV | MCG_STATUS_EIPV | MCG_STATUS_MCIP | MCG_STATUS_LMCES;
+    if r.mcg_status & !known != 0 {
+        return Err(Error::McgStatusBits(r.mcg_status));
+    }
+    if r.mcg_status & MCG_STATUS_LMCES != 0 && mcg_cap & MCG_LMCE_P == 0 {
+        return Err(Error::NeedsLmce);
+    }
+    Ok(())
+}
+
+/// The MCG_CAP rasvmm gives a vCPU: what KVM supports (`supported`, from
+/// KVM_X86_GET_MCE_CAP_SUPPORTED), with up to [`DEFAULT_BANK_COUNT`] banks,
+/// MCG_CTL_P, SER_P, and LMCE_P/CMCI_P where KVM offers them.
+pub fn mcg_cap(supported: u64) -> u64 {
+    let banks = (supported & MCG_BANKCNT_MASK).min(u64::from(DEFAULT_BANK_COUNT));
+    let wanted = MCG_CTL_P | MCG_SER_P | MCG_LMCE_P | MCG_CMCI_P;
+    banks | (supported & wanted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intel_encodings_match_linux_and_qemu() {
+        let gpa = 0x200_0000;
+        let srar = encode(MemoryError::Srar, Vendor::Intel, gpa, false);
+        assert_eq!(srar.status, 0xBD80_0000_0000_0134);
+        assert_eq!(srar.mcg_status, 0x7);
+        assert_eq!((srar.addr, srar.misc, srar.bank), (gpa, 0x8c, 9));
+        let srao = encode(MemoryError::Srao, Vendor::Intel, gpa, false);
+        assert_eq!(srao.status, 0xBD00_0000_0000_00C0);
+        assert_eq!(srao.mcg_status, 0x5);
+        let ucna = encode(MemoryError::Ucna, Vendor::Intel, gpa, false);
+        assert_eq!(ucna.status, 0xBC00_0000_0000_009F);
+        assert_eq!(ucna.mcg_status, 0);
+    }
+
+    #[test]
+    fn lmce_only_for_intel_machine_checks() {
+        assert_eq!(
+            encode(MemoryError::Srar, Vendor::Intel, 0, true).mcg_status,
+            0xf
+        );
+        assert_eq!(
+            encode(MemoryError::Ucna, Vendor::Intel, 0, true).mcg_status,
+            0
+        );
+        assert_eq!(
+            encode(MemoryError::Srar, Vendor::Amd, 0, true).mcg_status,
+            0x7
+        );
+    }
+
+    #[test]
+    fn amd_encodings_carry_poison_and_deferred() {
+        let ar = encode(MemoryError::Srar, Vendor::Amd, 0x1000, false);
+        assert_eq!(
+            ar.status,
+            MCI_STATUS_VAL
+                | MCI_STATUS_EN
+                | MCI_STATUS_MISCV
+                | MCI_STATUS_ADDRV
+                | MCI_STATUS_UC
+                | MCI_STATUS_POISON
+        );
+        assert_eq!(
+            ar.status & (MCI_STATUS_PCC | MCI_STATUS_DEFERRED),
+            0,
+            "recoverable: no PCC"
+        );
+        let ao = encode(MemoryError::Srao, Vendor::Amd, 0x1000, false);
+        assert_ne!(ao.status & MCI_STATUS_DEFERRED, 0);
+        assert_ne!(
+            ao.status & MCI_STATUS_POISON,
+            0,
+            "usable address needs POISON"
+        );
+        assert_eq!(ao.status & MCI_STATUS_UC, 0);
+        assert_eq!(ao.mcg_status, 0, "KVM stores a non-UC record without #MC");
+        assert_eq!(delivery(MemoryError::Srao, Vendor::Amd), Delivery::BankOnly);
+        assert_eq!(
+            delivery(MemoryError::Srao, Vendor::Intel),
+            Delivery::MachineCheck
+        );
+        assert_eq!(
+            delivery(MemoryError::Ucna, Vendor::Intel),
+            Delivery::BankOnly
+        );
+    }
+
+    #[test]
+    fn every_encoding_passes_validation_with_ser() {
+        let cap = mcg_cap(MCG_CTL_P | MCG_SER_P | 32);
+        for v in [Vendor::Intel, Vendor::Amd] {
+            for e in [MemoryError::Srar, MemoryError::Srao, MemoryError::Ucna] {
+                let r = encode(e, v, 0x1000, false);
+                assert_eq!(validate(&r, cap), Ok(()), "{v:?} {e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn raw_records_are_checked() {
+        let cap = mcg_cap(MCG_CTL_P | MCG_SER_P | 32);
+        let good = encode(MemoryError::Srao, Vendor::Intel, 0x1000, false);
+        assert_eq!(
+            validate(&MceRecord { bank: 10, ..good }, cap),
+            Err(Error::Bank {
+                bank: 10,
+                count: 10
+            })
+        );
+        let r = MceRecord {
+            status: good.status & !MCI_STATUS_VAL,
+            ..good
+        };
+        assert_eq!(validate(&r, cap), Err(Error::NotValid(r.status)));
+        let r = MceRecord {
+            status: good.status & !MCI_STATUS_MISCV,
+            ..good
+        };
+        assert_eq!(validate(&r, cap), Err(Error::AddressBits(r.status)));
+        assert_eq!(
+            validate(&good, MCG_CTL_P | 10),
+            Err(Error::NeedsSer(good.status))
+        );
+        let r = MceRecord {
+            status: good.status & !MCI_STATUS_UC,
+            ..good
+        };
+        assert!(matches!(
+            validate(&r, cap),
+            Err(Error::McipWithoutUc { .. })
+        ));
+        let r = MceRecord {
+            mcg_status: 0x15,
+            ..good
+        };
+        assert_eq!(validate(&r, cap), Err(Error::McgStatusBits(0x15)));
+        let r = encode(MemoryError::Srar, Vendor::Intel, 0, true);
+        assert_eq!(validate(&r, cap), Err(Error::NeedsLmce));
+        assert_eq!(validate(&r, cap | MCG_LMCE_P), Ok(()));
+    }
+
+    #[test]
+    fn mcg_cap_takes_only_what_kvm_offers() {
+        // SVM (the lab host): MCG_CTL_P | MCG_SER_P, 32 banks.
+        let svm = MCG_CTL_P | MCG_SER_P | 32;
+        assert_eq!(mcg_cap(svm), MCG_CTL_P | MCG_SER_P | 10);
+        // VMX adds LMCE_P and CMCI_P.
+        let vmx = svm | MCG_LMCE_P | MCG_CMCI_P;
+        assert_eq!(mcg_cap(vmx), vmx & !0xff | 10);
+        // Fewer banks than wanted: keep KVM's count.
+        assert_eq!(mcg_cap(MCG_SER_P | 6) & MCG_BANKCNT_MASK, 6);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for e in [MemoryError::Srar, MemoryError::Srao, MemoryError::Ucna] {
+            assert_eq!(MemoryError::parse(e.as_str()), Some(e));
+        }
+        assert_eq!(MemoryError::parse("sea"), None);
+    }
+}
