@@ -55,6 +55,8 @@ base_root "$stage/lab"
 mkdir -p "$stage/lab/guest"
 install -m 0755 "$bin/rasvmm" "$stage/lab/bin/rasvmm"
 cp "$kernel_dir/bzImage" "$stage/lab/guest/bzImage"
+# The same kernel as an ELF vmlinux, for the ELF boot path (symbols stripped).
+objcopy --strip-all "$kernel_dir/vmlinux" "$stage/lab/guest/vmlinux"
 cp "$out/guest-initramfs.cpio" "$stage/lab/guest/initramfs.cpio"
 install -m 0755 "$RASVMM_ROOT/images/lab-init" "$stage/lab/init"
 pack "$stage/lab" "$out/lab-initramfs.cpio.gz"

@@ -24,6 +24,8 @@ use thiserror::Error;
 
 /// The guest kernel's path inside the lab host (see scripts/build-images.sh).
 pub const LAB_GUEST_KERNEL: &str = "/guest/bzImage";
+/// The same kernel as an ELF vmlinux, inside the lab host.
+pub const LAB_GUEST_VMLINUX: &str = "/guest/vmlinux";
 /// The guest initramfs's path inside the lab host.
 pub const LAB_GUEST_INITRAMFS: &str = "/guest/initramfs.cpio";
 
@@ -121,6 +123,8 @@ pub fn detect_backend() -> Result<Backend, Error> {
 pub struct Manifest {
     /// Guest (and lab-host) bzImage.
     pub kernel: PathBuf,
+    /// The same kernel as an ELF vmlinux.
+    pub vmlinux: PathBuf,
     /// Kernel source version.
     pub kernel_version: String,
     /// Guest initramfs.
@@ -158,6 +162,7 @@ impl Manifest {
         };
         Ok(Manifest {
             kernel: file("kernel")?,
+            vmlinux: file("vmlinux")?,
             kernel_version: get("kernel_version")?,
             guest_initramfs: file("guest_initramfs")?,
             lab_initramfs: file("lab_initramfs")?,
@@ -169,6 +174,10 @@ impl Manifest {
         })
     }
 }
+
+/// In a job's arguments, stands for the guest kernel as an ELF vmlinux
+/// (`--kernel @vmlinux`), wherever the backend keeps it.
+pub const VMLINUX_PLACEHOLDER: &str = "@vmlinux";
 
 /// A job: one or more rasvmm runs, each with its own arguments.
 #[derive(Debug, Clone)]
@@ -310,10 +319,23 @@ impl Lab {
         for (i, args) in job.runs.iter().enumerate() {
             let console = dir.join(format!("console-{i}.log"));
             let report = dir.join(format!("report-{i}.json"));
-            let out = Command::new(&self.manifest.rasvmm)
-                .arg("run")
-                .arg("--kernel")
-                .arg(&self.manifest.kernel)
+            let mut cmd = Command::new(&self.manifest.rasvmm);
+            cmd.arg("run");
+            if !args.iter().any(|a| a == "--kernel") {
+                cmd.arg("--kernel").arg(&self.manifest.kernel);
+            }
+            let vmlinux = self.manifest.vmlinux.display().to_string();
+            let args: Vec<String> = args
+                .iter()
+                .map(|a| {
+                    if a == VMLINUX_PLACEHOLDER {
+                        vmlinux.clone()
+                    } else {
+                        a.clone()
+                    }
+                })
+                .collect();
+            let out = cmd
                 .arg("--initramfs")
                 .arg(&self.manifest.guest_initramfs)
                 .arg("--console")
@@ -351,14 +373,23 @@ impl Lab {
         std::fs::create_dir_all(&root).map_err(|e| Error::Io(root.display().to_string(), e))?;
         let mut sh = String::new();
         for (i, args) in job.runs.iter().enumerate() {
+            let kernel = if args.iter().any(|a| a == "--kernel") {
+                String::new()
+            } else {
+                format!("--kernel {LAB_GUEST_KERNEL}")
+            };
             sh += &format!(
-                "rasvmm run --kernel {LAB_GUEST_KERNEL} --initramfs {LAB_GUEST_INITRAMFS} \
+                "rasvmm run {kernel} --initramfs {LAB_GUEST_INITRAMFS} \
                  --console /tmp/console-{i}.log --json /tmp/report-{i}.json {} 2>/tmp/stderr-{i}.log\n\
                  echo \"@@@RASVMM-EXIT {i} $?\"\n\
                  lab_emit report-{i} /tmp/report-{i}.json\n\
                  lab_emit console-{i} /tmp/console-{i}.log\n\
                  lab_emit stderr-{i} /tmp/stderr-{i}.log\n",
-                args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
+                args.iter()
+                    .map(|a| if a == VMLINUX_PLACEHOLDER { LAB_GUEST_VMLINUX } else { a })
+                    .map(shell_quote)
+                    .collect::<Vec<_>>()
+                    .join(" ")
             );
         }
         if let Some(text) = script {

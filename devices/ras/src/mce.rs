@@ -199,6 +199,20 @@ pub fn encode(error: MemoryError, vendor: Vendor, gpa: u64, local: bool) -> MceR
     }
 }
 
+/// The record the *other* vCPUs get when a machine check is broadcast (no
+/// LMCE): QEMU's choice, an uncorrected error with no address in bank 1,
+/// which Linux grades as nothing to do on that CPU while its handler
+/// rendezvous with the CPU that has the real error.
+pub fn broadcast_companion() -> MceRecord {
+    MceRecord {
+        bank: 1,
+        status: MCI_STATUS_VAL | MCI_STATUS_UC,
+        addr: 0,
+        misc: 0,
+        mcg_status: MCG_STATUS_MCIP | MCG_STATUS_RIPV,
+    }
+}
+
 /// Errors validating an MCG_CAP or a raw record.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum Error {
@@ -414,6 +428,14 @@ mod tests {
         assert_eq!(mcg_cap(vmx), vmx & !0xff | 10);
         // Fewer banks than wanted: keep KVM's count.
         assert_eq!(mcg_cap(MCG_SER_P | 6) & MCG_BANKCNT_MASK, 6);
+    }
+
+    #[test]
+    fn broadcast_companion_is_valid_and_addressless() {
+        let r = broadcast_companion();
+        assert_eq!(validate(&r, mcg_cap(MCG_CTL_P | MCG_SER_P | 32)), Ok(()));
+        assert_eq!(r.status & (MCI_STATUS_ADDRV | MCI_STATUS_EN), 0);
+        assert_eq!(r.mcg_status, MCG_STATUS_MCIP | MCG_STATUS_RIPV);
     }
 
     #[test]

@@ -14,54 +14,36 @@ const POWEROFF: usize = 0;
 const SYSRQ: usize = 1;
 const TIMEOUT: usize = 2;
 const AMD: usize = 3;
+const ELF: usize = 4;
 const SPIN_TIMEOUT_S: u64 = 15;
 
+#[rustfmt::skip]
 fn job() -> Job {
     let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let spin_timeout = SPIN_TIMEOUT_S.to_string();
     Job {
         runs: vec![
-            s(&[
-                "--vcpus",
-                "2",
-                "--agent",
-                "exec:nproc",
-                "--agent",
-                "exec:grep -m1 vendor_id /proc/cpuinfo",
-                "--agent",
-                "alloc-page",
-                "--agent",
-                "kernel-pages:slab:2",
-                "--agent",
-                "page-info:0x1000",
-                "--agent",
-                "sysctl:vm.panic_on_unrecoverable_memory_failure=1",
-                "--agent",
-                "touch-page:7",
-                "--agent",
-                "poweroff",
-            ]),
-            s(&[
-                "--expect",
-                "panic",
-                "--agent",
-                "exec:echo c > /proc/sysrq-trigger",
-            ]),
-            s(&[
-                "--expect",
-                "timeout",
-                "--timeout",
-                &SPIN_TIMEOUT_S.to_string(),
-                "--agent",
-                "exec:while :; do :; done",
-            ]),
-            s(&[
-                "--cpu",
-                "amd",
-                "--agent",
-                "exec:grep -m1 vendor_id /proc/cpuinfo",
-                "--agent",
-                "poweroff",
-            ]),
+            // POWEROFF: two vCPUs and every agent command.
+            s(&["--vcpus", "2",
+                "--agent", "exec:nproc",
+                "--agent", "exec:grep -m1 vendor_id /proc/cpuinfo",
+                "--agent", "alloc-page",
+                "--agent", "kernel-pages:slab:2",
+                "--agent", "page-info:0x1000",
+                "--agent", "sysctl:vm.panic_on_unrecoverable_memory_failure=1",
+                "--agent", "touch-page:7",
+                "--agent", "poweroff"]),
+            // SYSRQ
+            s(&["--expect", "panic", "--agent", "exec:echo c > /proc/sysrq-trigger"]),
+            // TIMEOUT
+            s(&["--expect", "timeout", "--timeout", &spin_timeout,
+                "--agent", "exec:while :; do :; done"]),
+            // AMD
+            s(&["--cpu", "amd", "--agent", "exec:grep -m1 vendor_id /proc/cpuinfo",
+                "--agent", "poweroff"]),
+            // ELF
+            s(&["--kernel", lab::VMLINUX_PLACEHOLDER, "--agent", "exec:uname -r",
+                "--agent", "poweroff"]),
         ],
         timeout: Duration::from_secs(240),
     }
@@ -196,4 +178,14 @@ fn spinning_guest_times_out_at_its_deadline() {
         "the run ended before the agent replied",
         "{rep}"
     );
+}
+
+#[test]
+fn elf_vmlinux_boots_to_the_agent() {
+    let (r, rep) = run(ELF);
+    assert_eq!(r.outcome(), "poweroff", "{r}");
+    let out = step(rep, 0)["reply"]["exec"]["stdout"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(out.starts_with("7.3"), "{out:?}\n{r}");
 }

@@ -1,0 +1,152 @@
+//! The poison ledger: which guest pages are bad, and what happened to them.
+//!
+//! Like DRAM, a poisoned page stays bad: the ledger only grows (up to
+//! [`MAX_PAGES`]) and counts every consumption, so a test can tell "the guest
+//! never touched it again" from "the guest touched it and was told".
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use thiserror::Error;
+
+/// Page size the ledger tracks.
+pub const PAGE_SIZE: u64 = 4096;
+/// Most pages one VM's ledger holds.
+pub const MAX_PAGES: usize = 65536;
+
+/// How a page came to be poisoned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    /// A `poison` request.
+    Injected,
+    /// The host reported a memory failure in the page's backing memory.
+    Host,
+}
+
+/// One poisoned page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Entry {
+    /// Guest-physical address of the page.
+    pub gpa: u64,
+    /// How it was poisoned.
+    pub source: Source,
+    /// Milliseconds from VMM start when it was poisoned.
+    pub poisoned_at_ms: u64,
+    /// Guest accesses that consumed it (each raised a synchronous error).
+    pub consumptions: u32,
+}
+
+/// Ledger errors.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum Error {
+    /// The ledger is full.
+    #[error("Poison ledger is full ({MAX_PAGES} pages)")]
+    Full,
+}
+
+/// The set of poisoned guest pages.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    pages: BTreeMap<u64, Entry>,
+}
+
+/// The page containing `gpa`.
+pub fn page_of(gpa: u64) -> u64 {
+    gpa & !(PAGE_SIZE - 1)
+}
+
+impl Ledger {
+    /// An empty ledger.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records the page containing `gpa`; returns false if it was already there.
+    pub fn poison(&mut self, gpa: u64, source: Source, now_ms: u64) -> Result<bool, Error> {
+        let page = page_of(gpa);
+        if self.pages.contains_key(&page) {
+            return Ok(false);
+        }
+        if self.pages.len() >= MAX_PAGES {
+            return Err(Error::Full);
+        }
+        self.pages.insert(
+            page,
+            Entry {
+                gpa: page,
+                source,
+                poisoned_at_ms: now_ms,
+                consumptions: 0,
+            },
+        );
+        Ok(true)
+    }
+
+    /// Whether the page containing `gpa` is poisoned.
+    pub fn contains(&self, gpa: u64) -> bool {
+        self.pages.contains_key(&page_of(gpa))
+    }
+
+    /// Counts a consumption of the page containing `gpa`; a page not yet in
+    /// the ledger (host poison rasvmm did not cause) is added as [`Source::Host`].
+    pub fn consume(&mut self, gpa: u64, now_ms: u64) -> Result<u32, Error> {
+        self.poison(gpa, Source::Host, now_ms)?;
+        let e = self.pages.get_mut(&page_of(gpa)).ok_or(Error::Full)?;
+        e.consumptions = e.consumptions.saturating_add(1);
+        Ok(e.consumptions)
+    }
+
+    /// All entries by address.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.pages.values().copied().collect()
+    }
+
+    /// Number of poisoned pages.
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Whether no page is poisoned.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poison_is_per_page_and_idempotent() {
+        let mut l = Ledger::new();
+        assert_eq!(l.poison(0x1234, Source::Injected, 5), Ok(true));
+        assert_eq!(l.poison(0x1ff8, Source::Injected, 6), Ok(false));
+        assert!(l.contains(0x1000) && !l.contains(0x2000));
+        assert_eq!(l.entries()[0].gpa, 0x1000);
+        assert_eq!(l.entries()[0].poisoned_at_ms, 5);
+    }
+
+    #[test]
+    fn consumptions_count_and_host_pages_join() {
+        let mut l = Ledger::new();
+        l.poison(0x5000, Source::Injected, 0).unwrap();
+        assert_eq!(l.consume(0x5008, 1), Ok(1));
+        assert_eq!(l.consume(0x5010, 2), Ok(2));
+        assert_eq!(l.consume(0x9000, 3), Ok(1));
+        let e = l.entries();
+        assert_eq!((e[0].source, e[0].consumptions), (Source::Injected, 2));
+        assert_eq!((e[1].source, e[1].consumptions), (Source::Host, 1));
+    }
+
+    #[test]
+    fn ledger_is_bounded() {
+        let mut l = Ledger::new();
+        for i in 0..MAX_PAGES as u64 {
+            l.poison(i * PAGE_SIZE, Source::Injected, 0).unwrap();
+        }
+        assert_eq!(l.poison(1 << 40, Source::Injected, 0), Err(Error::Full));
+        assert_eq!(l.consume(1 << 40, 0), Err(Error::Full));
+        assert_eq!(l.len(), MAX_PAGES);
+    }
+}
