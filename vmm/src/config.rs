@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use arch::x86_64::cpuid::{self, CpuProfile};
-use guest_agent::{Command, KernelPageKind};
 use thiserror::Error;
 
 /// Smallest guest RAM a Linux 7.3 tinyconfig guest with our initramfs boots in.
@@ -55,9 +54,6 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
-    /// An agent step that does not parse.
-    #[error("Bad agent step '{0}': {1}")]
-    AgentStep(String, String),
 }
 
 /// Where the guest console (COM1) goes.
@@ -191,75 +187,6 @@ pub fn host_memory_mib() -> Option<u64> {
     Some(kib / 1024)
 }
 
-/// Parses an agent step given on the command line: JSON in the wire format
-/// (`{"exec":{"sh":"nproc"}}`) or a shorthand:
-/// `exec:<shell>`, `alloc-page`, `touch-page:<n>[:write]`,
-/// `kernel-pages:<slab|reserved|page-table>:<count>`, `page-info:<pfn>`,
-/// `sysctl:<name>[=<value>]`, `poweroff`.
-pub fn parse_agent_step(s: &str) -> Result<Command, ConfigError> {
-    let bad = |why: &str| ConfigError::AgentStep(s.into(), why.into());
-    let num = |v: &str| -> Result<u64, ConfigError> {
-        let v = v.trim();
-        let r = match v.strip_prefix("0x") {
-            Some(h) => u64::from_str_radix(h, 16),
-            None => v.parse(),
-        };
-        r.map_err(|_| bad("expected a number"))
-    };
-    if s.trim_start().starts_with('{') || s.trim_start().starts_with('"') {
-        return serde_json::from_str(s).map_err(|e| bad(&e.to_string()));
-    }
-    let (verb, arg) = match s.split_once(':') {
-        Some((v, a)) => (v, Some(a)),
-        None => (s, None),
-    };
-    match (verb, arg) {
-        ("exec", Some(sh)) if !sh.trim().is_empty() => Ok(Command::Exec { sh: sh.into() }),
-        ("alloc-page", None) => Ok(Command::AllocPage),
-        ("touch-page", Some(a)) => {
-            let (n, write) = match a.split_once(':') {
-                Some((n, "write")) => (n, true),
-                Some(_) => return Err(bad("expected touch-page:<n>[:write]")),
-                None => (a, false),
-            };
-            let page = u32::try_from(num(n)?).map_err(|_| bad("page index too large"))?;
-            Ok(Command::TouchPage { page, write })
-        }
-        ("kernel-pages", Some(a)) => {
-            let (kind, count) = a
-                .split_once(':')
-                .ok_or_else(|| bad("expected kernel-pages:<kind>:<count>"))?;
-            let kind = match kind {
-                "slab" => KernelPageKind::Slab,
-                "reserved" => KernelPageKind::Reserved,
-                "page-table" => KernelPageKind::PageTable,
-                _ => return Err(bad("kind is slab, reserved or page-table")),
-            };
-            let count = u32::try_from(num(count)?).map_err(|_| bad("count too large"))?;
-            Ok(Command::KernelPages { kind, count })
-        }
-        ("page-info", Some(a)) => Ok(Command::PageInfo { pfn: num(a)? }),
-        ("sysctl", Some(a)) => {
-            let (name, value) = match a.split_once('=') {
-                Some((n, v)) => (n, Some(v.to_string())),
-                None => (a, None),
-            };
-            if name.is_empty() {
-                return Err(bad("missing sysctl name"));
-            }
-            Ok(Command::Sysctl {
-                name: name.into(),
-                value,
-            })
-        }
-        ("poweroff", None) => Ok(Command::Poweroff),
-        _ => Err(bad(
-            "expected exec:<sh>, alloc-page, touch-page:<n>, kernel-pages:<kind>:<n>, \
-             page-info:<pfn>, sysctl:<name>[=<value>], poweroff or JSON",
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,65 +246,5 @@ mod tests {
         assert!(e.to_string().ends_with("file is empty"));
         std::fs::remove_file(empty).unwrap();
         assert!(check_file("kernel", &PathBuf::from("/")).is_err());
-    }
-
-    #[test]
-    fn agent_step_shorthands() {
-        assert_eq!(
-            parse_agent_step("exec:cat /proc/cpuinfo").unwrap(),
-            Command::Exec {
-                sh: "cat /proc/cpuinfo".into()
-            }
-        );
-        assert_eq!(parse_agent_step("poweroff").unwrap(), Command::Poweroff);
-        assert_eq!(parse_agent_step("alloc-page").unwrap(), Command::AllocPage);
-        assert_eq!(
-            parse_agent_step("touch-page:2:write").unwrap(),
-            Command::TouchPage {
-                page: 2,
-                write: true
-            }
-        );
-        assert_eq!(
-            parse_agent_step("kernel-pages:slab:4").unwrap(),
-            Command::KernelPages {
-                kind: KernelPageKind::Slab,
-                count: 4
-            }
-        );
-        assert_eq!(
-            parse_agent_step("page-info:0x1234").unwrap(),
-            Command::PageInfo { pfn: 0x1234 }
-        );
-        assert_eq!(
-            parse_agent_step("sysctl:vm.panic_on_unrecoverable_memory_failure=1").unwrap(),
-            Command::Sysctl {
-                name: "vm.panic_on_unrecoverable_memory_failure".into(),
-                value: Some("1".into())
-            }
-        );
-        assert_eq!(
-            parse_agent_step(r#"{"exec":{"sh":"nproc"}}"#).unwrap(),
-            Command::Exec { sh: "nproc".into() }
-        );
-    }
-
-    #[test]
-    fn bad_agent_steps() {
-        for s in [
-            "",
-            "exec:",
-            "reboot",
-            "touch-page:x",
-            "touch-page:1:read",
-            "kernel-pages:dma:1",
-            "kernel-pages:slab",
-            "page-info:",
-            "sysctl:",
-            "poweroff:now",
-            "{\"exec\":{}}",
-        ] {
-            assert!(parse_agent_step(s).is_err(), "{s:?} should be refused");
-        }
     }
 }

@@ -10,8 +10,10 @@
 pub mod agent;
 pub mod config;
 pub mod console;
+pub mod mce;
 pub mod outcome;
 pub mod report;
 pub mod run;
+pub mod steps;
 pub mod vcpu;
 pub mod vm;

@@ -51,11 +51,13 @@ struct RunArgs {
     /// Seconds before the run ends as a timeout.
     #[arg(long, default_value_t = 120.0)]
     timeout: f64,
-    /// Agent step, repeatable, run in order once the agent is ready:
-    /// exec:<sh>, alloc-page, touch-page:<n>[:write], kernel-pages:<kind>:<n>,
-    /// page-info:<pfn>, sysctl:<name>[=<value>], poweroff, or JSON.
-    #[arg(long = "agent", value_name = "STEP")]
-    agent: Vec<String>,
+    /// Step, repeatable, performed in order: agent requests (exec:<sh>,
+    /// alloc-page, touch-page:<n>[:write], kernel-pages:<kind>:<n>,
+    /// page-info:<pfn|ref>, sysctl:<name>[=<value>], poweroff, or JSON),
+    /// inject:<srar|srao|ucna>:<gpa|ref>[:vcpu=<n>][:local],
+    /// poison:<gpa|ref>, wait:<ms>. See docs/steps.md.
+    #[arg(long = "step", visible_alias = "agent", value_name = "STEP")]
+    steps: Vec<String>,
     /// Write the JSON report here ("-" for stdout).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -133,9 +135,9 @@ fn run(a: RunArgs) -> Result<ExitCode, String> {
         return Err("--json - needs --console to be a file or none".into());
     }
     let steps = a
-        .agent
+        .steps
         .iter()
-        .map(|s| config::parse_agent_step(s))
+        .map(|s| vmm::steps::parse(s).map(|step| (s.clone(), step)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     let mut cmdline = a.cmdline;

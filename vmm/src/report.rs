@@ -1,18 +1,20 @@
 //! The record of a run: printed for humans and written as JSON for CI.
 
-use guest_agent::{Command, Payload, SignalReport};
+use guest_agent::SignalReport;
+use ras::ledger::Entry;
 use serde::Serialize;
 
 use crate::outcome::{Outcome, OutcomeKind};
+use crate::vcpu::RasEvent;
 
-/// One agent step and its result.
+/// One step and its result.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepRecord {
-    /// What was asked.
-    pub request: Command,
-    /// The reply, on success.
+    /// The step as given.
+    pub step: String,
+    /// The agent's reply, for agent steps that succeeded.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reply: Option<Payload>,
+    pub reply: Option<serde_json::Value>,
     /// Why it failed, otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -54,6 +56,10 @@ pub struct RunReport {
     pub signals: Vec<SignalReport>,
     /// Agent lines rasvmm rejected.
     pub agent_errors: Vec<String>,
+    /// Poisonings, injections and consumptions, in order.
+    pub ras_events: Vec<RasEvent>,
+    /// The poison ledger at the end of the run.
+    pub ledger: Vec<Entry>,
     /// Milliseconds from VMM start to the outcome.
     pub elapsed_ms: u64,
     /// vCPUs.
@@ -86,12 +92,11 @@ impl RunReport {
         }
         for (i, st) in self.steps.iter().enumerate() {
             let result = match (&st.reply, &st.error) {
-                (Some(p), _) => serde_json::to_string(p).unwrap_or_default(),
+                (Some(p), _) => p.to_string(),
                 (None, Some(e)) => format!("error: {e}"),
-                (None, None) => String::new(),
+                (None, None) => "ok".to_string(),
             };
-            let req = serde_json::to_string(&st.request).unwrap_or_default();
-            s += &format!("step {}: {req} -> {}\n", i + 1, clip(&result, 200));
+            s += &format!("step {}: {} -> {}\n", i + 1, st.step, clip(&result, 200));
         }
         for sig in &self.signals {
             s += &format!(
@@ -128,6 +133,8 @@ impl RunReport {
             steps: Vec::new(),
             signals: Vec::new(),
             agent_errors: Vec::new(),
+            ras_events: Vec::new(),
+            ledger: Vec::new(),
             elapsed_ms: 0,
             vcpus,
             memory_mib,

@@ -3,20 +3,19 @@
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
-use guest_agent::Command;
-
 use crate::config::VmConfig;
 use crate::report::{process_rss_kib, MemoryUse, RunReport, StepRecord};
-use crate::vm::{Error, Session, Vm};
+use crate::steps::{Refs, Step};
+use crate::vm::{Error, Injection, Session, Vm};
 
 /// Extra time the watchdog allows past the deadline before it ends the
 /// process itself, should the session ever fail to.
 const WATCHDOG_GRACE: Duration = Duration::from_secs(10);
 
-/// Boots the VM, runs `steps` through the agent in order, waits for the
-/// outcome and reports. A step that fails is recorded and the run goes on;
-/// the guest decides how it ends.
-pub fn run(config: &VmConfig, steps: &[Command]) -> Result<RunReport, Error> {
+/// Boots the VM, performs `steps` in order (each given with its text for the
+/// report), waits for the outcome and reports. A step that fails is
+/// recorded and the run goes on; the guest decides how it ends.
+pub fn run(config: &VmConfig, steps: &[(String, Step)]) -> Result<RunReport, Error> {
     // Dropping `_watchdog` at return (any return) disarms the watchdog.
     let (_watchdog, disarmed) = std::sync::mpsc::channel::<()>();
     let deadline = config.timeout + WATCHDOG_GRACE;
@@ -36,15 +35,16 @@ pub fn run(config: &VmConfig, steps: &[Command]) -> Result<RunReport, Error> {
     let vm = Vm::start(config)?;
     let mut session = Session::new(vm);
     let mut records = Vec::new();
-    for cmd in steps {
-        let result = session.call(cmd.clone());
+    let mut refs = Refs::default();
+    for (text, step) in steps {
+        let result = perform(&mut session, &mut refs, step);
         let at_ms = ms(session.elapsed());
         let (reply, error) = match result {
-            Ok(p) => (Some(p), None),
-            Err(e) => (None, Some(e.to_string())),
+            Ok(p) => (p, None),
+            Err(e) => (None, Some(e)),
         };
         records.push(StepRecord {
-            request: cmd.clone(),
+            step: text.clone(),
             reply,
             error,
             at_ms,
@@ -61,6 +61,8 @@ pub fn run(config: &VmConfig, steps: &[Command]) -> Result<RunReport, Error> {
     report.steps = records;
     report.signals = std::mem::take(&mut session.signals);
     report.agent_errors = std::mem::take(&mut session.agent_errors);
+    report.ras_events = std::mem::take(&mut session.ras_events);
+    report.ledger = session.vm().ledger();
     let rss = process_rss_kib();
     let guest = session.vm().guest_resident_kib();
     report.memory_use = MemoryUse {
@@ -69,6 +71,49 @@ pub fn run(config: &VmConfig, steps: &[Command]) -> Result<RunReport, Error> {
         vmm_overhead_kib: rss.saturating_sub(guest),
     };
     Ok(report)
+}
+
+/// Performs one step; returns the agent's reply as JSON, if there is one.
+fn perform(
+    session: &mut Session,
+    refs: &mut Refs,
+    step: &Step,
+) -> Result<Option<serde_json::Value>, String> {
+    match step {
+        Step::Agent { cmd, pfn } => {
+            let mut cmd = cmd.clone();
+            if let (Some(t), guest_agent::Command::PageInfo { pfn: p }) = (pfn, &mut cmd) {
+                *p = refs.pfn(t)?;
+            }
+            let reply = session.call(cmd.clone()).map_err(|e| e.to_string())?;
+            refs.learn(&cmd, &reply);
+            Ok(Some(serde_json::to_value(&reply).unwrap_or_default()))
+        }
+        Step::Inject {
+            error,
+            target,
+            vcpu,
+            local,
+        } => {
+            let inj = Injection {
+                error: *error,
+                gpa: refs.gpa(target)?,
+                vcpu: *vcpu,
+                local: *local,
+            };
+            session.inject(&inj).map_err(|e| e.to_string())?;
+            Ok(None)
+        }
+        Step::Poison(target) => {
+            let gpa = refs.gpa(target)?;
+            session.poison(gpa).map_err(|e| e.to_string())?;
+            Ok(None)
+        }
+        Step::Wait(d) => {
+            session.wait(*d);
+            Ok(None)
+        }
+    }
 }
 
 fn ms(d: Duration) -> u64 {

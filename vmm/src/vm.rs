@@ -8,9 +8,10 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::unix::thread::JoinHandleExt;
 use std::path::Path;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arch::x86_64::{boot, cpuid, layout, mptable, regs};
@@ -33,8 +34,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::agent::AgentPort;
 use crate::config::{BootSource, ConsoleTarget, VmConfig};
 use crate::console::ConsoleOut;
+use crate::mce as kvm_mce;
 use crate::outcome::{Classifier, Outcome};
-use crate::vcpu::{self, VcpuStop};
+use crate::vcpu::{self, RasEvent, VcpuContext, VcpuHandle, VcpuRequest, VcpuStop};
+use ras::ledger::{self, Ledger};
+use ras::mce::{self as enc, MceRecord, MemoryError};
 
 /// COM1: the console.
 const COM1: (u16, u32) = (0x3f8, 4);
@@ -52,6 +56,8 @@ pub enum VmEvent {
     Agent(Result<Vec<u8>, ProtocolError>),
     /// The guest pulsed the reset line (i8042 0xfe).
     Reset,
+    /// A RAS event a vCPU thread saw (a poisoned page consumed).
+    Ras(RasEvent),
     /// A vCPU stopped running.
     Stopped {
         /// Which.
@@ -106,6 +112,66 @@ pub enum Error {
     /// A vCPU thread cannot be started.
     #[error("Failed to spawn a vCPU thread")]
     Spawn(#[source] std::io::Error),
+    /// Signal handlers cannot be installed.
+    #[error("Failed to install signal handlers")]
+    Signals(#[source] std::io::Error),
+    /// Machine-check banks cannot be set up.
+    #[error("Cannot set up machine-check banks")]
+    Mce(#[source] kvm_mce::Error),
+}
+
+/// Why a RAS request was refused. Nothing is injected or poisoned when a
+/// request is refused.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum RasError {
+    /// The address is not guest RAM.
+    #[error("Guest-physical address {0:#x} is not in guest RAM")]
+    NotRam(u64),
+    /// A page was meant but the address is not page-aligned.
+    #[error("Guest-physical address {0:#x} is not page-aligned")]
+    Unaligned(u64),
+    /// No such vCPU.
+    #[error("vCPU {0} does not exist (the VM has {1})")]
+    NoVcpu(u8, u8),
+    /// KVM offers no machine checks.
+    #[error("This KVM offers no machine-check support (KVM_X86_GET_MCE_CAP_SUPPORTED is 0)")]
+    NoMce,
+    /// LMCE asked for but not offered.
+    #[error("Local machine checks need LMCE, which this KVM does not offer (it is VMX-only)")]
+    NoLmce,
+    /// A raw record that does not validate.
+    #[error("Invalid machine-check record: {0}")]
+    Record(#[from] enc::Error),
+    /// The guest state refuses it (CR4.MCE, MCIP, disabled banks).
+    #[error("{0}")]
+    Guest(#[from] kvm_mce::Error),
+    /// A vCPU did not answer.
+    #[error("vCPU {0} is not running")]
+    VcpuGone(u8),
+    /// The ledger is full.
+    #[error("{0}")]
+    Ledger(#[from] ledger::Error),
+    /// The host refused to poison the page.
+    #[error("Cannot poison guest page {gpa:#x}: {reason}")]
+    Poison {
+        /// The page.
+        gpa: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A machine-check injection request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Injection {
+    /// What to report.
+    pub error: MemoryError,
+    /// Guest-physical address.
+    pub gpa: u64,
+    /// vCPU that gets the error.
+    pub vcpu: u8,
+    /// Deliver to `vcpu` only (LMCE) instead of broadcasting; needs LMCE_P.
+    pub local: bool,
 }
 
 /// A started VM.
@@ -118,6 +184,10 @@ pub struct Vm {
     agent: Arc<Mutex<AgentPort>>,
     started: Instant,
     config: VmConfig,
+    vcpus: Arc<OnceLock<Vec<VcpuHandle>>>,
+    mcg_cap: u64,
+    vendor: enc::Vendor,
+    ledger: Arc<Mutex<Ledger>>,
 }
 
 impl Vm {
@@ -161,22 +231,53 @@ impl Vm {
         let (bus, agent) = create_devices(&vm, config, &tx)?;
         let bus = Arc::new(bus);
 
+        vcpu::install_signal_handlers().map_err(Error::Signals)?;
+        let mcg_cap = enc::mcg_cap(kvm_mce::cap_supported(&kvm), kvm_mce::max_banks(&kvm));
+        let vendor = match config.cpu.vendor {
+            cpuid::Vendor::Intel => enc::Vendor::Intel,
+            cpuid::Vendor::Amd => enc::Vendor::Amd,
+        };
+        let ledger = Arc::new(Mutex::new(Ledger::new()));
+        let peers: Arc<OnceLock<Vec<VcpuHandle>>> = Arc::new(OnceLock::new());
+        let mut handles = Vec::new();
         for i in 0..config.vcpus {
             let fd = vm
                 .create_vcpu(u64::from(i))
                 .map_err(|e| Error::Kvm("create a vCPU", e))?;
-            let entries = cpuid::apply(config.cpu, supported.as_slice(), i, config.vcpus);
+            let mut entries = cpuid::apply(config.cpu, supported.as_slice(), i, config.vcpus);
+            if mcg_cap == 0 {
+                // No banks: do not claim MCE/MCA in CPUID either.
+                cpuid::clear_mca(&mut entries);
+            }
             let cpuid = CpuId::from_entries(&entries)
                 .map_err(|_| Error::Kvm("build CPUID", kvm_ioctls::Error::new(libc::E2BIG)))?;
             fd.set_cpuid2(&cpuid)
                 .map_err(|e| Error::Kvm("set CPUID", e))?;
+            if mcg_cap != 0 {
+                kvm_mce::setup(&fd, i, mcg_cap).map_err(Error::Mce)?;
+            }
             regs::setup_vcpu(&fd, entry).map_err(|e| Error::Vcpu(i, e))?;
-            let (bus, tx) = (bus.clone(), tx.clone());
-            std::thread::Builder::new()
+            let (req_tx, req_rx) = channel();
+            let ctx = VcpuContext {
+                index: i,
+                bus: bus.clone(),
+                events: tx.clone(),
+                requests: req_rx,
+                mcg_cap,
+                vendor,
+                memory: memory.clone(),
+                ledger: ledger.clone(),
+                peers: peers.clone(),
+                started,
+            };
+            let thread = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
-                .spawn(move || vcpu::run(i, fd, bus, tx))
+                .spawn(move || vcpu::run(fd, ctx))
                 .map_err(Error::Spawn)?;
+            handles.push(VcpuHandle::new(i, req_tx, thread.as_pthread_t()));
         }
+        // Set once, before anything can ask for a broadcast.
+        let _ = peers.set(handles);
 
         Ok(Vm {
             _kvm: kvm,
@@ -186,6 +287,144 @@ impl Vm {
             agent,
             started,
             config: config.clone(),
+            vcpus: peers,
+            mcg_cap,
+            vendor,
+            ledger,
+        })
+    }
+
+    /// The vCPUs' MCG_CAP (0 if KVM offers no machine checks).
+    pub fn mcg_cap(&self) -> u64 {
+        self.mcg_cap
+    }
+
+    /// The poisoned pages.
+    pub fn ledger(&self) -> Vec<ledger::Entry> {
+        lock(&self.ledger).entries()
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn check_gpa(&self, gpa: u64) -> Result<(), RasError> {
+        if self.memory.address_in_range(GuestAddress(gpa)) {
+            Ok(())
+        } else {
+            Err(RasError::NotRam(gpa))
+        }
+    }
+
+    /// Injects a named memory error, checking every target vCPU first.
+    pub fn inject(&self, inj: &Injection) -> Result<RasEvent, RasError> {
+        self.check_gpa(inj.gpa)?;
+        if self.mcg_cap == 0 {
+            return Err(RasError::NoMce);
+        }
+        if inj.local && self.mcg_cap & enc::MCG_LMCE_P == 0 {
+            return Err(RasError::NoLmce);
+        }
+        let record = enc::encode(inj.error, self.vendor, inj.gpa, inj.local);
+        let broadcast =
+            !inj.local && enc::delivery(inj.error, self.vendor) == enc::Delivery::MachineCheck;
+        self.inject_record(inj.vcpu, &record, broadcast)?;
+        Ok(RasEvent::Injected {
+            error: inj.error,
+            gpa: inj.gpa,
+            vcpu: inj.vcpu,
+            broadcast,
+            at_ms: self.now_ms(),
+            refused: None,
+        })
+    }
+
+    /// Injects a raw record on `vcpu` (and its broadcast companions if it
+    /// raises #MC without LMCES), after validating it against MCG_CAP.
+    pub fn inject_record(
+        &self,
+        vcpu: u8,
+        record: &MceRecord,
+        broadcast: bool,
+    ) -> Result<(), RasError> {
+        if self.mcg_cap == 0 {
+            return Err(RasError::NoMce);
+        }
+        enc::validate(record, self.mcg_cap)?;
+        let handles = self.vcpus.get().map(Vec::as_slice).unwrap_or_default();
+        let count = u8::try_from(handles.len()).unwrap_or(u8::MAX);
+        if vcpu >= count {
+            return Err(RasError::NoVcpu(vcpu, count));
+        }
+        let companion = enc::broadcast_companion();
+        let plan: Vec<(&VcpuHandle, MceRecord)> = handles
+            .iter()
+            .filter(|h| broadcast || h.index == vcpu)
+            .map(|h| (h, if h.index == vcpu { *record } else { companion }))
+            .collect();
+        // Phase 1: every target must accept; phase 2: inject. A refusal in
+        // phase 1 leaves the guest untouched.
+        for check_only in [true, false] {
+            let mut replies = Vec::new();
+            for (h, r) in &plan {
+                let (tx, rx) = channel();
+                h.send(VcpuRequest::Mce {
+                    record: *r,
+                    check_only,
+                    reply: tx,
+                });
+                replies.push((h.index, rx));
+            }
+            for (i, rx) in replies {
+                rx.recv_timeout(Duration::from_secs(5))
+                    .map_err(|_| RasError::VcpuGone(i))??;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the guest page at `gpa` bad like failed DRAM: rasvmm's own
+    /// mapping of it is hwpoisoned on the host (madvise MADV_HWPOISON), so
+    /// every later guest access, from any instruction, stops in KVM before it
+    /// executes and comes back to the vCPU thread as SIGBUS BUS_MCEERR_AR,
+    /// which rasvmm turns into an action-required machine check.
+    pub fn poison(&self, gpa: u64) -> Result<RasEvent, RasError> {
+        self.check_gpa(gpa)?;
+        if !gpa.is_multiple_of(ledger::PAGE_SIZE) {
+            return Err(RasError::Unaligned(gpa));
+        }
+        if lock(&self.ledger).contains(gpa) {
+            return Ok(RasEvent::Poisoned {
+                gpa,
+                at_ms: self.now_ms(),
+            });
+        }
+        let hva = self
+            .memory
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|_| RasError::NotRam(gpa))?;
+        // SAFETY: `hva` is the start of a page of rasvmm's guest mapping;
+        // MADV_HWPOISON unmaps it and marks the backing frame poisoned, which
+        // is the point. Nothing in rasvmm holds a reference into the page.
+        let r = unsafe { libc::madvise(hva.cast(), 4096, libc::MADV_HWPOISON) };
+        let err = std::io::Error::last_os_error();
+        // memory_failure() signals the caller of madvise (BUS_MCEERR_AR for
+        // the page just poisoned); that is the poisoning itself, not a fault.
+        let _ = vcpu::take_host_memory_error();
+        if r != 0 {
+            let reason = match err.raw_os_error() {
+                Some(libc::EPERM) => "MADV_HWPOISON needs CAP_SYS_ADMIN".to_string(),
+                Some(libc::EINVAL) => {
+                    "the host kernel cannot poison pages (no CONFIG_MEMORY_FAILURE)".to_string()
+                }
+                _ => err.to_string(),
+            };
+            return Err(RasError::Poison { gpa, reason });
+        }
+        lock(&self.ledger).poison(gpa, ledger::Source::Injected, self.now_ms())?;
+        Ok(RasEvent::Poisoned {
+            gpa,
+            at_ms: self.now_ms(),
         })
     }
 
@@ -395,7 +634,12 @@ pub struct Session {
     pub signals: Vec<SignalReport>,
     /// Lines from the agent that were rejected.
     pub agent_errors: Vec<String>,
+    /// RAS events: poisonings, injections, consumptions.
+    pub ras_events: Vec<RasEvent>,
 }
+
+/// Most RAS events one run records (later ones are counted, not kept).
+const MAX_RAS_EVENTS: usize = 10_000;
 
 impl Session {
     /// Watches `vm` until its configured deadline.
@@ -410,6 +654,35 @@ impl Session {
             next_id: 1,
             signals: Vec::new(),
             agent_errors: Vec::new(),
+            ras_events: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, e: RasEvent) {
+        if self.ras_events.len() < MAX_RAS_EVENTS {
+            self.ras_events.push(e);
+        }
+    }
+
+    /// Injects a memory error (see [`Vm::inject`]).
+    pub fn inject(&mut self, inj: &Injection) -> Result<(), RasError> {
+        let e = self.vm.inject(inj)?;
+        self.record(e);
+        Ok(())
+    }
+
+    /// Poisons a page (see [`Vm::poison`]).
+    pub fn poison(&mut self, gpa: u64) -> Result<(), RasError> {
+        let e = self.vm.poison(gpa)?;
+        self.record(e);
+        Ok(())
+    }
+
+    /// Lets the guest run for `d` (or until the run ends).
+    pub fn wait(&mut self, d: Duration) {
+        let until = Instant::now() + d;
+        while self.outcome.is_none() && Instant::now() < until {
+            self.step_until(until);
         }
     }
 
@@ -473,13 +746,20 @@ impl Session {
     /// Handles one event (or the deadline); returns agent messages other
     /// than the hello to the caller.
     fn step(&mut self) -> Option<AgentMessage> {
+        self.step_until(self.deadline)
+    }
+
+    /// Like [`Session::step`], but gives up quietly at `until` if that
+    /// comes before the deadline.
+    fn step_until(&mut self, until: Instant) -> Option<AgentMessage> {
         if self.outcome.is_some() {
             return None;
         }
-        let now = Instant::now();
-        let left = self.deadline.saturating_duration_since(now);
+        let until = until.min(self.deadline);
+        let left = until.saturating_duration_since(Instant::now());
         let event = match self.vm.events.recv_timeout(left) {
             Ok(e) => e,
+            Err(RecvTimeoutError::Timeout) if until < self.deadline => return None,
             Err(RecvTimeoutError::Timeout) => {
                 let secs = self.vm.config.timeout.as_secs_f64();
                 self.outcome = Some(self.classifier.deadline(secs));
@@ -497,6 +777,7 @@ impl Session {
                 }
             }
             VmEvent::Reset => self.outcome = Some(self.classifier.reset()),
+            VmEvent::Ras(e) => self.record(e),
             VmEvent::Stopped { vcpu, stop } => {
                 self.outcome = Some(match stop {
                     VcpuStop::TripleFault => self.classifier.triple_fault(vcpu),

@@ -128,7 +128,7 @@ fn unknown_profile_step_and_expectation() {
     let (c, e) = rasvmm(&["run", "--kernel", k, "--cpu", "max"]);
     assert_one_line_error(c, &e, "Unknown CPU profile 'max' (available: intel, amd)");
     let (c, e) = rasvmm(&["run", "--kernel", k, "--agent", "reboot"]);
-    assert_one_line_error(c, &e, "Bad agent step 'reboot'");
+    assert_one_line_error(c, &e, "Bad step 'reboot'");
     let (c, e) = rasvmm(&["run", "--kernel", k, "--expect", "crash"]);
     assert_one_line_error(c, &e, "unknown outcome 'crash'");
     let (c, e) = rasvmm(&["run", "--kernel", k, "--timeout", "0"]);

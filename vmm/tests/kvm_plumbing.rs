@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use vmm::config::{BootSource, ConsoleTarget, VmConfig};
 use vmm::outcome::OutcomeKind;
+use vmm::steps::Step;
 
 const LOAD: u64 = 0x10_0000;
 
@@ -99,6 +100,113 @@ fn agent_hello_over_com2_is_decoded() {
     assert_eq!(report.outcome, OutcomeKind::Poweroff);
     assert_eq!(report.guest_kernel.as_deref(), Some("payload"));
     assert!(report.agent_ready_ms.is_some());
+}
+
+fn steps(list: &[&str]) -> Vec<(String, Step)> {
+    list.iter()
+        .map(|s| (s.to_string(), vmm::steps::parse(s).unwrap()))
+        .collect()
+}
+
+/// A payload that enables machine checks (CR4.MCE), installs an IDT whose
+/// #MC gate (vector 18) prints "MC", reads MC9_STATUS with rdmsr and prints
+/// "OK" if its high half is 0xBD000000 (Intel SRAO), then resets. It prints
+/// "R" once ready.
+fn mc_payload() -> Vec<u8> {
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0x0f, 0x20, 0xe0,                         // 0:  mov rax, cr4
+        0x48, 0x83, 0xc8, 0x40,                   // 3:  or rax, 0x40 (CR4.MCE)
+        0x0f, 0x22, 0xe0,                         // 7:  mov cr4, rax
+        0x0f, 0x01, 0x1c, 0x25, 0x00, 0x07, 0x10, 0x00, // 10: lidt [0x100700]
+        0x66, 0xba, 0xf8, 0x03,                   // 18: mov dx, 0x3f8
+        0xb0, b'R', 0xee, 0xb0, b'\n', 0xee,      // 22: "R\n"
+        0xf3, 0x90, 0xeb, 0xfc,                   // 28: pause; jmp 28
+        // 32: the #MC handler
+        0x66, 0xba, 0xf8, 0x03,                   // mov dx, 0x3f8
+        0xb0, b'M', 0xee, 0xb0, b'C', 0xee, 0xb0, b'\n', 0xee,
+        0xb9, 0x25, 0x04, 0x00, 0x00,             // 45: mov ecx, 0x425 (MC9_STATUS)
+        0x0f, 0x32,                               // 50: rdmsr
+        0x81, 0xfa, 0x00, 0x00, 0x00, 0xbd,       // 52: cmp edx, 0xbd000000
+        0x75, 0x0d,                               // 58: jne 73
+        0x66, 0xba, 0xf8, 0x03,                   // 60: mov dx, 0x3f8
+        0xb0, b'O', 0xee, 0xb0, b'K', 0xee, 0xb0, b'\n', 0xee,
+        0xb0, 0xfe, 0xe6, 0x64,                   // 73: reset through the i8042
+        0xeb, 0xfe,
+    ];
+    let mut p = vec![0u8; 0x1000];
+    p[..code.len()].copy_from_slice(code);
+    // IDTR at +0x700: limit, base = LOAD + 0x800.
+    p[0x700..0x702].copy_from_slice(&0x0fffu16.to_le_bytes());
+    p[0x702..0x70a].copy_from_slice(&(LOAD + 0x800).to_le_bytes());
+    // Gate 18: 64-bit interrupt gate to LOAD + 32, code selector 8.
+    let handler = LOAD + 32;
+    let gate = 0x800 + 18 * 16;
+    p[gate..gate + 2].copy_from_slice(&((handler & 0xffff) as u16).to_le_bytes());
+    p[gate + 2..gate + 4].copy_from_slice(&8u16.to_le_bytes());
+    p[gate + 5] = 0x8e;
+    p[gate + 6..gate + 8].copy_from_slice(&(((handler >> 16) & 0xffff) as u16).to_le_bytes());
+    p
+}
+
+#[test]
+fn srao_reaches_the_guest_machine_check_handler() {
+    let cfg = config(mc_payload(), 1);
+    let report = vmm::run::run(&cfg, &steps(&["wait:300", "inject:srao:0x200000"])).unwrap();
+    assert_eq!(report.outcome, OutcomeKind::Reboot, "{report:?}");
+    assert_eq!(report.log, vec!["R", "MC", "OK"], "{report:?}");
+    assert!(report.steps[1].error.is_none(), "{:?}", report.steps[1]);
+}
+
+#[test]
+fn injections_the_guest_cannot_take_are_refused() {
+    // Spins without enabling CR4.MCE.
+    let mut cfg = config(vec![0xf3, 0x90, 0xeb, 0xfc], 2);
+    cfg.timeout = Duration::from_secs(3);
+    let report = vmm::run::run(
+        &cfg,
+        &steps(&[
+            "wait:200",
+            "inject:srao:0x200000",
+            "inject:srar:0x200000:vcpu=1",
+            "inject:srao:0x10000000000",
+            "inject:srao:0x200000:vcpu=2",
+            "poison:0x200001",
+            "poison:0x10000000000",
+        ]),
+    )
+    .unwrap();
+    let errors: Vec<String> = report
+        .steps
+        .iter()
+        .map(|s| s.error.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(errors[0], "");
+    assert!(errors[1].contains("CR4.MCE clear"), "{errors:?}");
+    assert!(
+        errors[2].contains("vCPU 0 has CR4.MCE clear"),
+        "broadcast checks every vCPU first: {errors:?}"
+    );
+    assert_eq!(
+        errors[3],
+        "Guest-physical address 0x10000000000 is not in guest RAM"
+    );
+    assert_eq!(errors[4], "vCPU 2 does not exist (the VM has 2)");
+    assert_eq!(
+        errors[5],
+        "Guest-physical address 0x200001 is not page-aligned"
+    );
+    assert_eq!(
+        errors[6],
+        "Guest-physical address 0x10000000000 is not in guest RAM"
+    );
+    assert!(
+        report.ras_events.is_empty(),
+        "nothing was injected: {:?}",
+        report.ras_events
+    );
+    assert!(report.ledger.is_empty());
+    assert_eq!(report.outcome, OutcomeKind::Timeout);
 }
 
 #[test]

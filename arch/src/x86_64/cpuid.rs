@@ -185,6 +185,16 @@ pub fn apply(
     out
 }
 
+/// CPUID.1:EDX MCE (bit 7) and MCA (bit 14).
+const LEAF1_EDX_MCE_MCA: u32 = (1 << 7) | (1 << 14);
+
+/// Clears MCE and MCA from leaf 1, for a vCPU without machine-check banks.
+pub fn clear_mca(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries.iter_mut().filter(|e| e.function == 1) {
+        e.edx &= !LEAF1_EDX_MCE_MCA;
+    }
+}
+
 fn set_vendor(e: &mut kvm_cpuid_entry2, vendor: Vendor) {
     let id = vendor.id();
     let word = |i: usize| u32::from_le_bytes([id[i], id[i + 1], id[i + 2], id[i + 3]]);
@@ -317,6 +327,15 @@ mod tests {
             .flat_map(|w| w.to_le_bytes())
             .collect();
         assert_eq!(&s, b"rasvmm conservat");
+    }
+
+    #[test]
+    fn mca_can_be_withdrawn() {
+        let mut out = apply(profile("intel").unwrap(), &host(), 0, 1);
+        clear_mca(&mut out);
+        let l1 = find(&out, 1).unwrap();
+        assert_eq!(l1.edx & LEAF1_EDX_MCE_MCA, 0);
+        assert_ne!(l1.edx & 1, 0, "FPU stays");
     }
 
     #[test]

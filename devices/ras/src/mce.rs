@@ -283,11 +283,16 @@ pub fn validate(r: &MceRecord, mcg_cap: u64) -> Result<(), Error> {
     Ok(())
 }
 
-/// The MCG_CAP rasvmm gives a vCPU: what KVM supports (`supported`, from
-/// KVM_X86_GET_MCE_CAP_SUPPORTED), with up to [`DEFAULT_BANK_COUNT`] banks,
-/// MCG_CTL_P, SER_P, and LMCE_P/CMCI_P where KVM offers them.
-pub fn mcg_cap(supported: u64) -> u64 {
-    let banks = (supported & MCG_BANKCNT_MASK).min(u64::from(DEFAULT_BANK_COUNT));
+/// The MCG_CAP rasvmm gives a vCPU: up to [`DEFAULT_BANK_COUNT`] banks (KVM
+/// allows `max_banks`, its KVM_CHECK_EXTENSION(KVM_CAP_MCE) answer), and of
+/// the capability bits KVM supports (`supported`, from
+/// KVM_X86_GET_MCE_CAP_SUPPORTED, which carries no bank count) MCG_CTL_P,
+/// SER_P, and LMCE_P/CMCI_P where offered. 0 when KVM offers no banks.
+pub fn mcg_cap(supported: u64, max_banks: u64) -> u64 {
+    let banks = max_banks.min(u64::from(DEFAULT_BANK_COUNT));
+    if banks == 0 {
+        return 0;
+    }
     let wanted = MCG_CTL_P | MCG_SER_P | MCG_LMCE_P | MCG_CMCI_P;
     banks | (supported & wanted)
 }
@@ -366,7 +371,7 @@ mod tests {
 
     #[test]
     fn every_encoding_passes_validation_with_ser() {
-        let cap = mcg_cap(MCG_CTL_P | MCG_SER_P | 32);
+        let cap = mcg_cap(MCG_CTL_P | MCG_SER_P, 32);
         for v in [Vendor::Intel, Vendor::Amd] {
             for e in [MemoryError::Srar, MemoryError::Srao, MemoryError::Ucna] {
                 let r = encode(e, v, 0x1000, false);
@@ -377,7 +382,7 @@ mod tests {
 
     #[test]
     fn raw_records_are_checked() {
-        let cap = mcg_cap(MCG_CTL_P | MCG_SER_P | 32);
+        let cap = mcg_cap(MCG_CTL_P | MCG_SER_P, 32);
         let good = encode(MemoryError::Srao, Vendor::Intel, 0x1000, false);
         assert_eq!(
             validate(&MceRecord { bank: 10, ..good }, cap),
@@ -420,20 +425,23 @@ mod tests {
 
     #[test]
     fn mcg_cap_takes_only_what_kvm_offers() {
-        // SVM (the lab host): MCG_CTL_P | MCG_SER_P, 32 banks.
-        let svm = MCG_CTL_P | MCG_SER_P | 32;
-        assert_eq!(mcg_cap(svm), MCG_CTL_P | MCG_SER_P | 10);
+        // SVM (the lab host) and PVM: MCG_CTL_P | MCG_SER_P, 32 banks.
+        let svm = MCG_CTL_P | MCG_SER_P;
+        assert_eq!(mcg_cap(svm, 32), MCG_CTL_P | MCG_SER_P | 10);
         // VMX adds LMCE_P and CMCI_P.
         let vmx = svm | MCG_LMCE_P | MCG_CMCI_P;
-        assert_eq!(mcg_cap(vmx), vmx & !0xff | 10);
-        // Fewer banks than wanted: keep KVM's count.
-        assert_eq!(mcg_cap(MCG_SER_P | 6) & MCG_BANKCNT_MASK, 6);
+        assert_eq!(mcg_cap(vmx, 32), vmx | 10);
+        // Fewer banks than wanted: keep KVM's count; none: no MCE at all.
+        assert_eq!(mcg_cap(MCG_SER_P, 6) & MCG_BANKCNT_MASK, 6);
+        assert_eq!(mcg_cap(svm, 0), 0);
+        // Bits KVM does not know are never claimed.
+        assert_eq!(mcg_cap(1 << 11 | svm, 32) & (1 << 11), 0);
     }
 
     #[test]
     fn broadcast_companion_is_valid_and_addressless() {
         let r = broadcast_companion();
-        assert_eq!(validate(&r, mcg_cap(MCG_CTL_P | MCG_SER_P | 32)), Ok(()));
+        assert_eq!(validate(&r, mcg_cap(MCG_CTL_P | MCG_SER_P, 32)), Ok(()));
         assert_eq!(r.status & (MCI_STATUS_ADDRV | MCI_STATUS_EN), 0);
         assert_eq!(r.mcg_status, MCG_STATUS_MCIP | MCG_STATUS_RIPV);
     }

@@ -1,0 +1,421 @@
+//! Steps of a run: agent requests, machine-check injections, poisoning and
+//! waits, in order, with references to pages the guest reported earlier.
+//!
+//! Text form (the CLI's `--step`):
+//!
+//! | step | meaning |
+//! |---|---|
+//! | `exec:<sh>` | run a shell command in the guest |
+//! | `alloc-page` | start page holder N; its PFN becomes `pageN` |
+//! | `touch-page:<n>[:write]` | page holder n reads (writes) its page |
+//! | `kernel-pages:<slab\|reserved\|page-table>:<count>` | find kernel pages; they become `slab0`, `slab1`, ... |
+//! | `page-info:<pfn\|ref>` | kpageflags and HardwareCorrupted for a page |
+//! | `sysctl:<name>[=<value>]` | read or set a sysctl |
+//! | `poweroff` | power the guest off |
+//! | `inject:<srar\|srao\|ucna>:<gpa\|ref>[:vcpu=<n>][:local]` | report a memory error |
+//! | `poison:<gpa\|ref>` | make a page bad: every later access raises SRAR |
+//! | `wait:<ms>` | let the guest run |
+//!
+//! A reference names a PFN; where an address is meant it stands for the
+//! page's first byte. Agent commands may also be given as JSON.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use guest_agent::{Command, KernelPageKind, Payload};
+use ras::mce::MemoryError;
+use serde::Serialize;
+use thiserror::Error;
+
+/// Longest `wait` step.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// A step that does not parse.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("Bad step '{step}': {why}")]
+pub struct ParseError {
+    /// The step as given.
+    pub step: String,
+    /// What is wrong.
+    pub why: String,
+}
+
+/// A page: a guest-physical address, or a reference to a reported PFN.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// A literal guest-physical address.
+    Gpa(u64),
+    /// A name bound by an earlier step (`page0`, `slab1`).
+    Ref(String),
+}
+
+/// One step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// An agent request. For `page-info`, `pfn` overrides the command's PFN.
+    Agent {
+        /// The request.
+        cmd: Command,
+        /// A reference to resolve into the PFN, for `page-info`.
+        pfn: Option<Target>,
+    },
+    /// A machine-check injection.
+    Inject {
+        /// What to report.
+        error: MemoryError,
+        /// Where.
+        target: Target,
+        /// Which vCPU.
+        vcpu: u8,
+        /// LMCE instead of broadcast.
+        local: bool,
+    },
+    /// Poison a page.
+    Poison(Target),
+    /// Let the guest run.
+    Wait(Duration),
+}
+
+/// Parses one step.
+pub fn parse(s: &str) -> Result<Step, ParseError> {
+    let bad = |why: &str| ParseError {
+        step: s.into(),
+        why: why.into(),
+    };
+    if s.trim_start().starts_with('{') || s.trim_start().starts_with('"') {
+        let cmd: Command = serde_json::from_str(s).map_err(|e| bad(&e.to_string()))?;
+        return Ok(Step::Agent { cmd, pfn: None });
+    }
+    let (verb, arg) = match s.split_once(':') {
+        Some((v, a)) => (v, Some(a)),
+        None => (s, None),
+    };
+    let agent = |cmd| Ok(Step::Agent { cmd, pfn: None });
+    match (verb, arg) {
+        ("exec", Some(sh)) if !sh.trim().is_empty() => agent(Command::Exec { sh: sh.into() }),
+        ("alloc-page", None) => agent(Command::AllocPage),
+        ("touch-page", Some(a)) => {
+            let (n, write) = match a.split_once(':') {
+                Some((n, "write")) => (n, true),
+                Some(_) => return Err(bad("expected touch-page:<n>[:write]")),
+                None => (a, false),
+            };
+            let page = u32::try_from(number(n).ok_or_else(|| bad("expected a page number"))?)
+                .map_err(|_| bad("page index too large"))?;
+            agent(Command::TouchPage { page, write })
+        }
+        ("kernel-pages", Some(a)) => {
+            let (kind, count) = a
+                .split_once(':')
+                .ok_or_else(|| bad("expected kernel-pages:<kind>:<count>"))?;
+            let kind = kind_of(kind).ok_or_else(|| bad("kind is slab, reserved or page-table"))?;
+            let count = number(count)
+                .and_then(|c| u32::try_from(c).ok())
+                .ok_or_else(|| bad("expected a count"))?;
+            agent(Command::KernelPages { kind, count })
+        }
+        ("page-info", Some(a)) => {
+            match target(a).ok_or_else(|| bad("expected a PFN or a reference"))? {
+                Target::Gpa(pfn) => agent(Command::PageInfo { pfn }),
+                r => Ok(Step::Agent {
+                    cmd: Command::PageInfo { pfn: 0 },
+                    pfn: Some(r),
+                }),
+            }
+        }
+        ("sysctl", Some(a)) => {
+            let (name, value) = match a.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (a, None),
+            };
+            if name.is_empty() {
+                return Err(bad("missing sysctl name"));
+            }
+            agent(Command::Sysctl {
+                name: name.into(),
+                value,
+            })
+        }
+        ("poweroff", None) => agent(Command::Poweroff),
+        ("inject", Some(a)) => {
+            let mut parts = a.split(':');
+            let error = parts
+                .next()
+                .and_then(MemoryError::parse)
+                .ok_or_else(|| bad("error is srar, srao or ucna"))?;
+            let target = parts
+                .next()
+                .and_then(target)
+                .ok_or_else(|| bad("expected an address or a reference"))?;
+            let (mut vcpu, mut local) = (0, false);
+            for opt in parts {
+                match opt.split_once('=') {
+                    Some(("vcpu", n)) => {
+                        vcpu = number(n)
+                            .and_then(|v| u8::try_from(v).ok())
+                            .ok_or_else(|| bad("vcpu takes a vCPU index"))?;
+                    }
+                    None if opt == "local" => local = true,
+                    _ => return Err(bad("options are vcpu=<n> and local")),
+                }
+            }
+            Ok(Step::Inject {
+                error,
+                target,
+                vcpu,
+                local,
+            })
+        }
+        ("poison", Some(a)) => {
+            Ok(Step::Poison(target(a).ok_or_else(|| {
+                bad("expected an address or a reference")
+            })?))
+        }
+        ("wait", Some(ms)) => {
+            let d = number(ms)
+                .map(Duration::from_millis)
+                .filter(|d| *d <= MAX_WAIT)
+                .ok_or_else(|| bad("wait takes milliseconds, at most an hour"))?;
+            Ok(Step::Wait(d))
+        }
+        _ => Err(bad(
+            "expected exec, alloc-page, touch-page, kernel-pages, page-info, sysctl, poweroff, \
+             inject, poison, wait, or JSON",
+        )),
+    }
+}
+
+fn number(v: &str) -> Option<u64> {
+    let v = v.trim();
+    match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => v.parse().ok(),
+    }
+}
+
+fn kind_of(s: &str) -> Option<KernelPageKind> {
+    match s {
+        "slab" => Some(KernelPageKind::Slab),
+        "reserved" => Some(KernelPageKind::Reserved),
+        "page-table" => Some(KernelPageKind::PageTable),
+        _ => None,
+    }
+}
+
+fn kind_name(k: KernelPageKind) -> &'static str {
+    match k {
+        KernelPageKind::Slab => "slab",
+        KernelPageKind::Reserved => "reserved",
+        KernelPageKind::PageTable => "page-table",
+    }
+}
+
+fn target(s: &str) -> Option<Target> {
+    if let Some(n) = number(s) {
+        return Some(Target::Gpa(n));
+    }
+    let valid = !s.is_empty()
+        && s.len() <= 32
+        && s.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    valid.then(|| Target::Ref(s.to_string()))
+}
+
+/// PFNs the guest reported, by name.
+#[derive(Debug, Default)]
+pub struct Refs {
+    pfns: BTreeMap<String, u64>,
+}
+
+/// Most names a run binds.
+const MAX_REFS: usize = 4096;
+
+impl Refs {
+    /// Binds names from a reply: `pageN` for a page holder, `<kind><i>` for
+    /// kernel pages.
+    pub fn learn(&mut self, cmd: &Command, reply: &Payload) {
+        match (cmd, reply) {
+            (_, Payload::Page(p)) => self.bind(format!("page{}", p.page), p.pfn),
+            (Command::KernelPages { kind, .. }, Payload::KernelPages(pfns)) => {
+                for (i, pfn) in pfns.iter().enumerate() {
+                    self.bind(format!("{}{i}", kind_name(*kind)), *pfn);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn bind(&mut self, name: String, pfn: u64) {
+        if self.pfns.len() < MAX_REFS || self.pfns.contains_key(&name) {
+            self.pfns.insert(name, pfn);
+        }
+    }
+
+    /// The PFN a reference names.
+    pub fn pfn(&self, t: &Target) -> Result<u64, String> {
+        match t {
+            Target::Gpa(v) => Ok(*v),
+            Target::Ref(name) => self
+                .pfns
+                .get(name)
+                .copied()
+                .ok_or_else(|| format!("no earlier step reported '{name}'")),
+        }
+    }
+
+    /// The guest-physical address a target means (a reference: its page).
+    pub fn gpa(&self, t: &Target) -> Result<u64, String> {
+        match t {
+            Target::Gpa(v) => Ok(*v),
+            r => self
+                .pfn(r)?
+                .checked_mul(4096)
+                .ok_or_else(|| "PFN out of range".to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use guest_agent::PageRecord;
+
+    use super::*;
+
+    fn agent(cmd: Command) -> Step {
+        Step::Agent { cmd, pfn: None }
+    }
+
+    #[test]
+    fn agent_steps() {
+        assert_eq!(
+            parse("exec:cat /proc/cpuinfo"),
+            Ok(agent(Command::Exec {
+                sh: "cat /proc/cpuinfo".into()
+            }))
+        );
+        assert_eq!(parse("poweroff"), Ok(agent(Command::Poweroff)));
+        assert_eq!(parse("alloc-page"), Ok(agent(Command::AllocPage)));
+        assert_eq!(
+            parse("touch-page:2:write"),
+            Ok(agent(Command::TouchPage {
+                page: 2,
+                write: true
+            }))
+        );
+        assert_eq!(
+            parse("kernel-pages:slab:4"),
+            Ok(agent(Command::KernelPages {
+                kind: KernelPageKind::Slab,
+                count: 4
+            }))
+        );
+        assert_eq!(
+            parse("page-info:0x1234"),
+            Ok(agent(Command::PageInfo { pfn: 0x1234 }))
+        );
+        assert_eq!(
+            parse("page-info:page0"),
+            Ok(Step::Agent {
+                cmd: Command::PageInfo { pfn: 0 },
+                pfn: Some(Target::Ref("page0".into()))
+            })
+        );
+        assert_eq!(
+            parse("sysctl:vm.panic_on_unrecoverable_memory_failure=1"),
+            Ok(agent(Command::Sysctl {
+                name: "vm.panic_on_unrecoverable_memory_failure".into(),
+                value: Some("1".into())
+            }))
+        );
+        assert_eq!(
+            parse(r#"{"exec":{"sh":"nproc"}}"#),
+            Ok(agent(Command::Exec { sh: "nproc".into() }))
+        );
+    }
+
+    #[test]
+    fn ras_steps() {
+        assert_eq!(
+            parse("inject:srao:slab0"),
+            Ok(Step::Inject {
+                error: MemoryError::Srao,
+                target: Target::Ref("slab0".into()),
+                vcpu: 0,
+                local: false
+            })
+        );
+        assert_eq!(
+            parse("inject:srar:0x2000000:vcpu=1:local"),
+            Ok(Step::Inject {
+                error: MemoryError::Srar,
+                target: Target::Gpa(0x200_0000),
+                vcpu: 1,
+                local: true
+            })
+        );
+        assert_eq!(
+            parse("poison:page3"),
+            Ok(Step::Poison(Target::Ref("page3".into())))
+        );
+        assert_eq!(
+            parse("wait:1500"),
+            Ok(Step::Wait(Duration::from_millis(1500)))
+        );
+    }
+
+    #[test]
+    fn bad_steps() {
+        for s in [
+            "",
+            "exec:",
+            "reboot",
+            "touch-page:x",
+            "touch-page:1:read",
+            "kernel-pages:dma:1",
+            "kernel-pages:slab",
+            "page-info:",
+            "page-info:Page0",
+            "sysctl:",
+            "poweroff:now",
+            "{\"exec\":{}}",
+            "inject:sea:0x1000",
+            "inject:srar",
+            "inject:srar:0x1000:vcpu=999",
+            "inject:srar:0x1000:global",
+            "poison:",
+            "poison:../etc",
+            "wait:forever",
+            "wait:99999999999",
+        ] {
+            assert!(parse(s).is_err(), "{s:?} should be refused");
+        }
+        assert_eq!(
+            parse("reboot").unwrap_err().to_string().split(':').next(),
+            Some("Bad step 'reboot'")
+        );
+    }
+
+    #[test]
+    fn references_resolve_from_replies() {
+        let mut refs = Refs::default();
+        let page = Payload::Page(PageRecord {
+            page: 0,
+            pid: 9,
+            vaddr: 0x7000,
+            pfn: 0x1234,
+        });
+        refs.learn(&Command::AllocPage, &page);
+        refs.learn(
+            &Command::KernelPages {
+                kind: KernelPageKind::PageTable,
+                count: 2,
+            },
+            &Payload::KernelPages(vec![7, 8]),
+        );
+        assert_eq!(refs.gpa(&Target::Ref("page0".into())), Ok(0x123_4000));
+        assert_eq!(refs.pfn(&Target::Ref("page-table1".into())), Ok(8));
+        assert_eq!(refs.gpa(&Target::Gpa(0x5000)), Ok(0x5000));
+        assert!(refs.pfn(&Target::Ref("slab0".into())).is_err());
+    }
+}
