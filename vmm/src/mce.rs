@@ -78,6 +78,15 @@ pub fn setup(vcpu: &VcpuFd, index: u8, mcg_cap: u64) -> Result<(), Error> {
     Ok(())
 }
 
+/// The MCG_CAP the guest actually sees (MSR_IA32_MCG_CAP after
+/// KVM_X86_SETUP_MCE). It can differ from what was set up: SVM keeps only
+/// bits 8:0 (svm_setup_mce), so SER_P and LMCE_P never reach a guest on an
+/// AMD host even though KVM_X86_GET_MCE_CAP_SUPPORTED lists SER_P.
+pub fn effective_cap(vcpu: &VcpuFd, index: u8) -> Result<u64, Error> {
+    const MSR_IA32_MCG_CAP: u32 = 0x179;
+    Ok(read_msrs(vcpu, index, &[MSR_IA32_MCG_CAP])?[0])
+}
+
 /// Refuses an injection KVM would turn into a triple fault or drop.
 pub fn check(vcpu: &VcpuFd, index: u8, mcg_cap: u64, r: &MceRecord) -> Result<(), Error> {
     let sregs = vcpu

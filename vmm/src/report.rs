@@ -68,6 +68,11 @@ pub struct RunReport {
     pub memory_mib: u64,
     /// CPU profile name.
     pub cpu_profile: &'static str,
+    /// MCG_CAP the guest sees.
+    pub mcg_cap: u64,
+    /// Why memory errors cannot be reported recoverably here, if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ras_limitation: Option<String>,
     /// Memory rasvmm used.
     pub memory_use: MemoryUse,
 }
@@ -104,6 +109,12 @@ impl RunReport {
                 sig.page, sig.pid, sig.signo, sig.code, sig.addr
             );
         }
+        if let Some(l) = &self.ras_limitation {
+            s += &format!("note: {l}\n");
+        }
+        for e in &self.ras_events {
+            s += &format!("ras: {}\n", serde_json::to_string(e).unwrap_or_default());
+        }
         if matches!(
             self.outcome,
             OutcomeKind::Panic | OutcomeKind::TripleFault | OutcomeKind::VmmError
@@ -139,6 +150,8 @@ impl RunReport {
             vcpus,
             memory_mib,
             cpu_profile: profile,
+            mcg_cap: 0,
+            ras_limitation: None,
             memory_use: MemoryUse::default(),
         }
     }

@@ -63,6 +63,8 @@ pub fn run(config: &VmConfig, steps: &[(String, Step)]) -> Result<RunReport, Err
     report.agent_errors = std::mem::take(&mut session.agent_errors);
     report.ras_events = std::mem::take(&mut session.ras_events);
     report.ledger = session.vm().ledger();
+    report.mcg_cap = session.vm().mcg_cap();
+    report.ras_limitation = session.vm().ras_limitation();
     let rss = process_rss_kib();
     let guest = session.vm().guest_resident_kib();
     report.memory_use = MemoryUse {

@@ -59,22 +59,31 @@ pub struct VcpuHandle {
     /// vCPU index.
     pub index: u8,
     tx: Sender<VcpuRequest>,
-    thread: libc::pthread_t,
+    thread: std::os::unix::thread::RawPthread,
 }
 
 impl VcpuHandle {
     /// A handle for the thread `thread` that serves `tx`'s receiver.
-    pub fn new(index: u8, tx: Sender<VcpuRequest>, thread: libc::pthread_t) -> Self {
+    pub fn new(
+        index: u8,
+        tx: Sender<VcpuRequest>,
+        thread: std::os::unix::thread::RawPthread,
+    ) -> Self {
         Self { index, tx, thread }
     }
 
     /// Queues a request and kicks the vCPU out of KVM_RUN to serve it.
     pub fn send(&self, req: VcpuRequest) {
         if self.tx.send(req).is_ok() {
-            // SAFETY: `thread` is a live vCPU thread (vCPU threads never exit
-            // before the process does); the kick handler is installed by
+            // `thread` is a live vCPU thread (vCPU threads never exit before
+            // the process does); the kick handler is installed by
             // `install_signal_handlers` before any vCPU starts.
-            unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+            // std keeps pthread_t as an integer; libc's type is an integer
+            // on glibc and a pointer on musl.
+            #[allow(clippy::unnecessary_cast)]
+            let thread = self.thread as libc::pthread_t;
+            // SAFETY: as above.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
         }
     }
 }
@@ -273,7 +282,25 @@ fn host_memory_error(vcpu: &VcpuFd, ctx: &VcpuContext, code: i32, hva: usize) {
         }
     };
     let lmce = ctx.mcg_cap & enc::MCG_LMCE_P != 0;
-    let record = enc::encode(error, ctx.vendor, page, lmce);
+    let record = if enc::recoverable(ctx.vendor, ctx.mcg_cap) {
+        enc::encode(error, ctx.vendor, page, lmce)
+    } else if error == MemoryError::Srar {
+        // What a CPU without SER reports; the guest panics, as it would on
+        // such hardware, instead of retrying the access forever.
+        enc::encode_unrecoverable(page)
+    } else {
+        // Action-optional news a non-SER guest cannot take: the page stays
+        // poisoned and the next access reports it.
+        let _ = ctx.events.send(VmEvent::Ras(RasEvent::Consumed {
+            vcpu: ctx.index,
+            gpa: page,
+            error,
+            consumptions,
+            at_ms: now,
+            result: Some("not reported: the guest has no SER_P".into()),
+        }));
+        return;
+    };
     let mut result = mce::check(vcpu, ctx.index, ctx.mcg_cap, &record)
         .and_then(|()| mce::inject(vcpu, ctx.index, &record));
     if result.is_ok() && !lmce && enc::delivery(error, ctx.vendor) == enc::Delivery::MachineCheck {

@@ -232,7 +232,8 @@ impl Vm {
         let bus = Arc::new(bus);
 
         vcpu::install_signal_handlers().map_err(Error::Signals)?;
-        let mcg_cap = enc::mcg_cap(kvm_mce::cap_supported(&kvm), kvm_mce::max_banks(&kvm));
+        let wanted_cap = enc::mcg_cap(kvm_mce::cap_supported(&kvm), kvm_mce::max_banks(&kvm));
+        let mut mcg_cap = wanted_cap;
         let vendor = match config.cpu.vendor {
             cpuid::Vendor::Intel => enc::Vendor::Intel,
             cpuid::Vendor::Amd => enc::Vendor::Amd,
@@ -253,8 +254,9 @@ impl Vm {
                 .map_err(|_| Error::Kvm("build CPUID", kvm_ioctls::Error::new(libc::E2BIG)))?;
             fd.set_cpuid2(&cpuid)
                 .map_err(|e| Error::Kvm("set CPUID", e))?;
-            if mcg_cap != 0 {
-                kvm_mce::setup(&fd, i, mcg_cap).map_err(Error::Mce)?;
+            if wanted_cap != 0 {
+                kvm_mce::setup(&fd, i, wanted_cap).map_err(Error::Mce)?;
+                mcg_cap = kvm_mce::effective_cap(&fd, i).map_err(Error::Mce)?;
             }
             regs::setup_vcpu(&fd, entry).map_err(|e| Error::Vcpu(i, e))?;
             let (req_tx, req_rx) = channel();
@@ -294,9 +296,22 @@ impl Vm {
         })
     }
 
-    /// The vCPUs' MCG_CAP (0 if KVM offers no machine checks).
+    /// The vCPUs' MCG_CAP as the guest sees it (0 if KVM offers no machine checks).
     pub fn mcg_cap(&self) -> u64 {
         self.mcg_cap
+    }
+
+    /// Why this VM cannot report memory errors recoverably, if it cannot.
+    pub fn ras_limitation(&self) -> Option<String> {
+        if self.mcg_cap == 0 {
+            return Some("KVM offers no machine-check banks".into());
+        }
+        (!enc::recoverable(self.vendor, self.mcg_cap)).then(|| {
+            "the guest's MCG_CAP lacks SER_P (KVM on SVM hosts drops it), so an Intel-profile \
+             guest cannot grade SRAR/SRAO; consumed poison is reported as unrecoverable \
+             (use --cpu amd, or a VMX host)"
+                .to_string()
+        })
     }
 
     /// The poisoned pages.

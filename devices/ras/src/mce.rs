@@ -199,6 +199,35 @@ pub fn encode(error: MemoryError, vendor: Vendor, gpa: u64, local: bool) -> MceR
     }
 }
 
+/// What a CPU without software error recovery (no MCG_SER_P) reports when a
+/// load consumes poison: an uncorrected error with the processor context
+/// corrupt and no restart IP, which Linux (and any OS) can only panic on.
+/// rasvmm uses it when the guest's MCG_CAP lacks SER_P and its vendor needs
+/// SER to recover (Intel), instead of an SRAR the guest would mis-grade and
+/// retry forever.
+pub fn encode_unrecoverable(gpa: u64) -> MceRecord {
+    MceRecord {
+        bank: DEFAULT_BANK,
+        status: MCI_STATUS_VAL
+            | MCI_STATUS_UC
+            | MCI_STATUS_EN
+            | MCI_STATUS_PCC
+            | MCI_STATUS_MISCV
+            | MCI_STATUS_ADDRV
+            | MCACOD_DATA_LOAD,
+        addr: gpa,
+        misc: MCI_MISC_PHYS_PAGE,
+        mcg_status: MCG_STATUS_MCIP | MCG_STATUS_EIPV,
+    }
+}
+
+/// Whether a guest of `vendor` with `mcg_cap` can be told about `error`
+/// recoverably: Intel grading needs MCG_SER_P; AMD's grading
+/// (mce_severity_amd) depends on CPUID SUCCOR instead.
+pub fn recoverable(vendor: Vendor, mcg_cap: u64) -> bool {
+    vendor == Vendor::Amd || mcg_cap & MCG_SER_P != 0
+}
+
 /// The record the *other* vCPUs get when a machine check is broadcast (no
 /// LMCE): QEMU's choice, an uncorrected error with no address in bank 1,
 /// which Linux grades as nothing to do on that CPU while its handler
@@ -444,6 +473,20 @@ mod tests {
         assert_eq!(validate(&r, mcg_cap(MCG_CTL_P | MCG_SER_P, 32)), Ok(()));
         assert_eq!(r.status & (MCI_STATUS_ADDRV | MCI_STATUS_EN), 0);
         assert_eq!(r.mcg_status, MCG_STATUS_MCIP | MCG_STATUS_RIPV);
+    }
+
+    #[test]
+    fn without_ser_intel_consumption_is_fatal() {
+        let no_ser = MCG_CTL_P | 10;
+        assert!(!recoverable(Vendor::Intel, no_ser));
+        assert!(recoverable(Vendor::Amd, no_ser));
+        assert!(recoverable(Vendor::Intel, no_ser | MCG_SER_P));
+        let srar = encode(MemoryError::Srar, Vendor::Intel, 0x1000, false);
+        assert_eq!(validate(&srar, no_ser), Err(Error::NeedsSer(srar.status)));
+        let fatal = encode_unrecoverable(0x1000);
+        assert_eq!(validate(&fatal, no_ser), Ok(()));
+        assert_ne!(fatal.status & MCI_STATUS_PCC, 0);
+        assert_eq!(fatal.mcg_status & MCG_STATUS_RIPV, 0);
     }
 
     #[test]
