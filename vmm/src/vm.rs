@@ -331,9 +331,19 @@ impl Vm {
         }
     }
 
+    fn vcpu_handles(&self, vcpu: u8) -> Result<&[VcpuHandle], RasError> {
+        let handles = self.vcpus.get().map(Vec::as_slice).unwrap_or_default();
+        let count = u8::try_from(handles.len()).unwrap_or(u8::MAX);
+        if vcpu >= count {
+            return Err(RasError::NoVcpu(vcpu, count));
+        }
+        Ok(handles)
+    }
+
     /// Injects a named memory error, checking every target vCPU first.
     pub fn inject(&self, inj: &Injection) -> Result<RasEvent, RasError> {
         self.check_gpa(inj.gpa)?;
+        self.vcpu_handles(inj.vcpu)?;
         if self.mcg_cap == 0 {
             return Err(RasError::NoMce);
         }
@@ -362,15 +372,11 @@ impl Vm {
         record: &MceRecord,
         broadcast: bool,
     ) -> Result<(), RasError> {
+        let handles = self.vcpu_handles(vcpu)?;
         if self.mcg_cap == 0 {
             return Err(RasError::NoMce);
         }
         enc::validate(record, self.mcg_cap)?;
-        let handles = self.vcpus.get().map(Vec::as_slice).unwrap_or_default();
-        let count = u8::try_from(handles.len()).unwrap_or(u8::MAX);
-        if vcpu >= count {
-            return Err(RasError::NoVcpu(vcpu, count));
-        }
         let companion = enc::broadcast_companion();
         let plan: Vec<(&VcpuHandle, MceRecord)> = handles
             .iter()
