@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The main job: set up whatever is missing (Debian packages, the Linux 7.3
-# kernel build, the initramfs images), then boot the default guest under
-# rasvmm and print its outcome and boot time. On a host without hardware KVM
-# the guest runs inside the emulated lab host.
+# kernel build, the initramfs images), then run the built-in x86_64 scenario
+# suite (scenarios/x86_64) and print its verdict table; JUnit XML and JSON go
+# to target/scenario-results/. On a host without hardware KVM the guests run
+# inside the emulated lab host. Extra arguments go to `rasvmm-lab suite`
+# (a scenario directory, --junit FILE, --json FILE).
 source "$(dirname "$0")/lib.sh"
 "$RASVMM_ROOT/scripts/install-deps.sh"
 "$RASVMM_ROOT/scripts/build-images.sh" >/dev/null
 cd "$RASVMM_ROOT"
 cargo build --quiet --release -p lab
-exec "$RASVMM_ROOT/target/release/rasvmm-lab" demo
+exec "$RASVMM_ROOT/target/release/rasvmm-lab" suite "$@"

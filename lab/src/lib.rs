@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+pub mod scenarios;
+
 /// The guest kernel's path inside the lab host (see scripts/build-images.sh).
 pub const LAB_GUEST_KERNEL: &str = "/guest/bzImage";
 /// The same kernel as an ELF vmlinux, inside the lab host.
@@ -179,13 +181,19 @@ impl Manifest {
 /// (`--kernel @vmlinux`), wherever the backend keeps it.
 pub const VMLINUX_PLACEHOLDER: &str = "@vmlinux";
 
+/// In a job's arguments, `@job/<name>` names file `<name>` of [`Job::files`]
+/// wherever the backend puts it.
+pub const JOB_FILE_PREFIX: &str = "@job/";
+
 /// A job: one or more rasvmm runs, each with its own arguments.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Job {
     /// Arguments after `rasvmm run --kernel K --initramfs I`, per run.
     pub runs: Vec<Vec<String>>,
     /// Longest the whole job may take (the lab host's own boot is added).
     pub timeout: Duration,
+    /// Files the runs need (name, source path), named `@job/<name>` in arguments.
+    pub files: Vec<(String, PathBuf)>,
 }
 
 impl Job {
@@ -194,7 +202,36 @@ impl Job {
         Job {
             runs: vec![args.iter().map(|s| s.to_string()).collect()],
             timeout,
+            files: Vec::new(),
         }
+    }
+}
+
+/// Replaces the placeholders in one argument: `@vmlinux` and `@job/<name>`.
+fn map_arg(arg: &str, vmlinux: &str, job_dir: &str) -> String {
+    if arg == VMLINUX_PLACEHOLDER {
+        vmlinux.to_string()
+    } else if let Some(name) = arg.strip_prefix(JOB_FILE_PREFIX) {
+        format!("{job_dir}/{name}")
+    } else {
+        arg.to_string()
+    }
+}
+
+/// Checks a job file name: one path component, no surprises.
+fn job_file_name(name: &str) -> Result<&str, Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(name)
+    } else {
+        Err(Error::Lab(format!(
+            "job file name '{name}' must be one plain file name"
+        )))
     }
 }
 
@@ -299,6 +336,7 @@ impl Lab {
         let job = Job {
             runs: vec![],
             timeout,
+            files: Vec::new(),
         };
         self.run_lab(&job, initramfs, Some(script))
     }
@@ -315,6 +353,11 @@ impl Lab {
     fn run_direct(&self, job: &Job) -> Result<JobResult, Error> {
         let start = Instant::now();
         let dir = self.unique_dir("direct")?;
+        for (name, src) in &job.files {
+            let dst = dir.join(job_file_name(name)?);
+            std::fs::copy(src, &dst).map_err(|e| Error::Io(src.display().to_string(), e))?;
+        }
+        let job_dir = dir.display().to_string();
         let mut runs = Vec::new();
         for (i, args) in job.runs.iter().enumerate() {
             let console = dir.join(format!("console-{i}.log"));
@@ -327,13 +370,7 @@ impl Lab {
             let vmlinux = self.manifest.vmlinux.display().to_string();
             let args: Vec<String> = args
                 .iter()
-                .map(|a| {
-                    if a == VMLINUX_PLACEHOLDER {
-                        vmlinux.clone()
-                    } else {
-                        a.clone()
-                    }
-                })
+                .map(|a| map_arg(a, &vmlinux, &job_dir))
                 .collect();
             let out = cmd
                 .arg("--initramfs")
@@ -386,8 +423,7 @@ impl Lab {
                  lab_emit console-{i} /tmp/console-{i}.log\n\
                  lab_emit stderr-{i} /tmp/stderr-{i}.log\n",
                 args.iter()
-                    .map(|a| if a == VMLINUX_PLACEHOLDER { LAB_GUEST_VMLINUX } else { a })
-                    .map(shell_quote)
+                    .map(|a| shell_quote(&map_arg(a, LAB_GUEST_VMLINUX, "/job")))
                     .collect::<Vec<_>>()
                     .join(" ")
             );
@@ -404,7 +440,16 @@ impl Lab {
         let mut img =
             std::fs::read(initramfs).map_err(|e| Error::Io(initramfs.display().to_string(), e))?;
         img.resize(img.len().div_ceil(512) * 512, 0);
-        img.extend(newc_archive(&root, &["job.sh".to_string()])?);
+        let mut names = vec!["job.sh".to_string()];
+        for (name, src) in &job.files {
+            let name = job_file_name(name)?;
+            let dst = root.join("job").join(name);
+            std::fs::create_dir_all(root.join("job"))
+                .map_err(|e| Error::Io(root.display().to_string(), e))?;
+            std::fs::copy(src, &dst).map_err(|e| Error::Io(src.display().to_string(), e))?;
+            names.push(format!("job/{name}"));
+        }
+        img.extend(newc_archive(&root, &names)?);
         std::fs::write(&initrd, img).map_err(|e| Error::Io(initrd.display().to_string(), e))?;
 
         let lab_console = dir.join("lab-console.log");
@@ -643,6 +688,20 @@ mod tests {
         assert!(r.files.is_empty());
         let e = parse_results("@@@RASVMM-LAB-ERROR /dev/kvm is missing\n");
         assert_eq!(e.lab_error.as_deref(), Some("/dev/kvm is missing"));
+    }
+
+    #[test]
+    fn placeholders_map_per_backend() {
+        assert_eq!(
+            map_arg("@vmlinux", "/guest/vmlinux", "/job"),
+            "/guest/vmlinux"
+        );
+        assert_eq!(map_arg("@job/a.toml", "/v", "/tmp/x"), "/tmp/x/a.toml");
+        assert_eq!(map_arg("--scenario", "/v", "/job"), "--scenario");
+        assert!(job_file_name("10-a.toml").is_ok());
+        for bad in ["", "../x", "a/b", ".hidden", "a b"] {
+            assert!(job_file_name(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

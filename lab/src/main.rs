@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! rasvmm-lab run [RASVMM-RUN-ARGS...]   one rasvmm run; prints its summary
+//! rasvmm-lab suite [DIR] [--junit F] [--json F]  run scenario files, print verdicts
 //! rasvmm-lab demo                       boot the default guest, print outcome and boot time
 //! rasvmm-lab bench-boot [--runs N]      rasvmm vs QEMU boot-to-agent-ready (lab backend)
 //! ```
@@ -12,22 +13,28 @@ use std::time::Duration;
 use lab::{Job, Lab};
 
 mod bench;
+mod suite;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
         Some("demo") => demo(),
+        Some("suite") => suite::run(&args[1..]),
         Some("bench-boot") => bench::boot(&args[1..]),
         Some("-h" | "--help") | None => {
-            eprintln!("usage: rasvmm-lab run [rasvmm run args...] | demo | bench-boot [--runs N]");
+            eprintln!(
+                "usage: rasvmm-lab run [rasvmm run args...] | suite [DIR] [--junit F] [--json F] | demo | bench-boot [--runs N]"
+            );
             return if args.is_empty() {
                 ExitCode::from(2)
             } else {
                 ExitCode::SUCCESS
             };
         }
-        Some(other) => Err(format!("unknown command '{other}' (run, demo, bench-boot)")),
+        Some(other) => Err(format!(
+            "unknown command '{other}' (run, suite, demo, bench-boot)"
+        )),
     };
     match result {
         Ok(code) => code,
@@ -38,11 +45,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn open_lab() -> Result<Lab, String> {
+/// Opens the lab on the detected backend.
+pub fn open_lab() -> Result<Lab, String> {
     Lab::new().map_err(|e| chain(&e))
 }
 
-fn describe(lab: &Lab) -> String {
+/// One line saying where guests run.
+pub fn describe(lab: &Lab) -> String {
     format!(
         "backend: {} (host KVM: {}); guest kernel {}",
         lab.backend,
@@ -64,6 +73,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
     let job = Job {
         runs: vec![args.to_vec()],
         timeout: Duration::from_secs_f64(timeout),
+        files: Vec::new(),
     };
     let res = lab.run(&job).map_err(|e| chain(&e))?;
     let r = res.runs.first().ok_or("the job produced no run")?;

@@ -52,19 +52,43 @@ impl Write for AgentOut {
 pub struct AgentPort {
     uart: SerialPort<AgentOut>,
     pending: VecDeque<u8>,
+    irq: EventFd,
+    /// Guest reads of the receive buffer, to tell a stalled reader.
+    reads: u64,
 }
 
 impl AgentPort {
     /// A port raising `irq` and reporting agent lines to `events`.
-    pub fn new(irq: EventFd, events: Sender<VmEvent>) -> Self {
+    pub fn new(irq: EventFd, events: Sender<VmEvent>) -> std::io::Result<Self> {
         let out = AgentOut {
             lines: LineBuffer::new(),
             events,
         };
-        Self {
-            uart: SerialPort::new(irq, out),
+        Ok(Self {
+            uart: SerialPort::new(irq.try_clone()?, out),
             pending: VecDeque::new(),
-        }
+            irq,
+            reads: 0,
+        })
+    }
+
+    /// Whether bytes are waiting for the guest to read them.
+    pub fn rx_waiting(&mut self) -> bool {
+        !self.pending.is_empty() || self.uart.rx_waiting()
+    }
+
+    /// Guest reads of the receive buffer so far.
+    pub fn reads(&self) -> u64 {
+        self.reads
+    }
+
+    /// Pulses the interrupt again. A 16550's interrupt line stays asserted
+    /// while received data waits; an edge delivered through an irqfd can be
+    /// lost (for example while the guest has the line masked), after which
+    /// the guest would never read the waiting bytes. The session calls this
+    /// when a reply is overdue, bytes wait and the guest has read nothing.
+    pub fn kick(&self) {
+        let _ = self.irq.write(1);
     }
 
     /// Queues bytes for the agent.
@@ -89,6 +113,9 @@ impl AgentPort {
 impl PioDevice for AgentPort {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         self.uart.read(offset, data);
+        if offset == 0 {
+            self.reads += 1;
+        }
         // The guest just took a byte or looked at the line status: refill.
         self.pump();
     }
@@ -108,7 +135,7 @@ mod tests {
     fn long_requests_are_paced_through_the_fifo() {
         let (tx, _rx) = channel();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut p = AgentPort::new(irq, tx);
+        let mut p = AgentPort::new(irq, tx).unwrap();
         let msg: Vec<u8> = (0..200u8).collect();
         p.send(&msg).unwrap();
         let mut got = Vec::new();
@@ -123,13 +150,15 @@ mod tests {
             got.push(b[0]);
         }
         assert_eq!(got, msg);
+        assert_eq!(p.reads(), 200);
+        assert!(!p.rx_waiting());
     }
 
     #[test]
     fn agent_output_becomes_lines() {
         let (tx, rx) = channel();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut p = AgentPort::new(irq, tx);
+        let mut p = AgentPort::new(irq, tx).unwrap();
         for b in b"{\"a\":1}\n" {
             p.write(0, &[*b]);
         }
@@ -143,7 +172,7 @@ mod tests {
     fn a_guest_that_never_reads_fills_up() {
         let (tx, _rx) = channel();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut p = AgentPort::new(irq, tx);
+        let mut p = AgentPort::new(irq, tx).unwrap();
         let chunk = vec![b'x'; 4096];
         let mut err = None;
         for _ in 0..(MAX_PENDING / 4096 + 2) {

@@ -14,6 +14,7 @@ pub mod mce;
 pub mod outcome;
 pub mod report;
 pub mod run;
+pub mod scenario;
 pub mod steps;
 pub mod vcpu;
 pub mod vm;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use vmm::config::{self, BootSource, ConsoleTarget, VmConfig, DEFAULT_CMDLINE};
 use vmm::outcome::OutcomeKind;
+use vmm::scenario::Scenario;
 
 /// rasvmm: a KVM VMM for RAS validation of Linux.
 #[derive(Parser)]
@@ -27,6 +28,10 @@ struct RunArgs {
     /// Kernel image: bzImage or ELF vmlinux.
     #[arg(long)]
     kernel: PathBuf,
+    /// Scenario file (TOML): guest settings, steps and the expected verdict;
+    /// the exit status is the verdict. See docs/scenarios.md.
+    #[arg(long, conflicts_with_all = ["steps", "expect"])]
+    scenario: Option<PathBuf>,
     /// Initramfs (cpio archive, optionally compressed).
     #[arg(long)]
     initramfs: Option<PathBuf>,
@@ -62,8 +67,8 @@ struct RunArgs {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Outcome that counts as success (exit 0); others exit 1.
-    #[arg(long, default_value = "poweroff")]
-    expect: String,
+    #[arg(long)]
+    expect: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -116,15 +121,43 @@ fn parse_memory(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid memory size '{s}' (use MiB, or a number with M or G)"))
 }
 
-fn run(a: RunArgs) -> Result<ExitCode, String> {
+fn run(mut a: RunArgs) -> Result<ExitCode, String> {
+    let scenario = match &a.scenario {
+        Some(p) => Some(Scenario::load(p).map_err(|e| chain(&e))?),
+        None => None,
+    };
+    if let Some(s) = &scenario {
+        // The scenario's guest settings replace the command line's.
+        let g = &s.guest;
+        if let Some(c) = &g.cpu {
+            a.cpu = c.clone();
+        }
+        if let Some(v) = g.vcpus {
+            a.vcpus = v;
+        }
+        if let Some(m) = g.memory_mib {
+            a.memory = m.to_string();
+        }
+        if let Some(t) = g.timeout_s {
+            a.timeout = t;
+        }
+        if let Some(extra) = &g.append {
+            a.append = Some(match a.append.take() {
+                Some(x) => format!("{x} {extra}"),
+                None => extra.clone(),
+            });
+        }
+        a.steps = s.steps.clone();
+    }
     let memory_mib = parse_memory(&a.memory)?;
     let vcpus = config::check_vcpus(a.vcpus).map_err(|e| e.to_string())?;
     let cpu = config::cpu_profile(&a.cpu).map_err(|e| e.to_string())?;
     if !a.timeout.is_finite() || a.timeout <= 0.0 || a.timeout > 86400.0 {
         return Err(config::ConfigError::Timeout.to_string());
     }
-    let expect = OutcomeKind::parse(&a.expect).ok_or_else(|| {
-        format!("unknown outcome '{}' for --expect (poweroff, reboot, panic, triple-fault, timeout, vmm-error)", a.expect)
+    let expect_name = a.expect.as_deref().unwrap_or("poweroff");
+    let expect = OutcomeKind::parse(expect_name).ok_or_else(|| {
+        format!("unknown outcome '{expect_name}' for --expect (poweroff, reboot, panic, triple-fault, timeout, vmm-error)")
     })?;
     let console = match a.console.as_str() {
         "stdout" => ConsoleTarget::Stdout,
@@ -158,7 +191,7 @@ fn run(a: RunArgs) -> Result<ExitCode, String> {
     };
     cfg.validate(config::host_memory_mib())
         .map_err(|e| e.to_string())?;
-    let report = vmm::run::run(&cfg, &steps).map_err(|e| chain(&e))?;
+    let report = vmm::run::run_expecting(&cfg, &steps, scenario.as_ref()).map_err(|e| chain(&e))?;
     eprint!("{}", report.human());
     if let Some(path) = &a.json {
         let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
@@ -168,6 +201,13 @@ fn run(a: RunArgs) -> Result<ExitCode, String> {
             std::fs::write(path, json + "\n")
                 .map_err(|e| format!("cannot write report '{}': {e}", path.display()))?;
         }
+    }
+    if let Some(v) = &report.verdict {
+        return Ok(if v.passed {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
     }
     Ok(match report.outcome {
         k if k == expect => ExitCode::SUCCESS,

@@ -56,6 +56,8 @@ pub struct RunReport {
     pub signals: Vec<SignalReport>,
     /// Agent lines rasvmm rejected.
     pub agent_errors: Vec<String>,
+    /// Times the agent UART's receive interrupt was re-asserted for a stalled reader.
+    pub agent_kicks: u32,
     /// Poisonings, injections and consumptions, in order.
     pub ras_events: Vec<RasEvent>,
     /// The poison ledger at the end of the run.
@@ -75,6 +77,12 @@ pub struct RunReport {
     pub ras_limitation: Option<String>,
     /// Memory rasvmm used.
     pub memory_use: MemoryUse,
+    /// The scenario run, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scenario: Option<String>,
+    /// Its verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<crate::scenario::Verdict>,
 }
 
 impl RunReport {
@@ -123,6 +131,15 @@ impl RunReport {
                 s += &format!("  | {l}\n");
             }
         }
+        if let (Some(name), Some(v)) = (&self.scenario, &self.verdict) {
+            s += &format!(
+                "verdict: {name}: {}\n",
+                if v.passed { "PASS" } else { "FAIL" }
+            );
+            for f in &v.failures {
+                s += &format!("  - {f}\n");
+            }
+        }
         s += &format!(
             "elapsed: {:.2} s; rasvmm RSS beyond guest RAM: {} KiB\n",
             self.elapsed_ms as f64 / 1000.0,
@@ -144,6 +161,7 @@ impl RunReport {
             steps: Vec::new(),
             signals: Vec::new(),
             agent_errors: Vec::new(),
+            agent_kicks: 0,
             ras_events: Vec::new(),
             ledger: Vec::new(),
             elapsed_ms: 0,
@@ -153,6 +171,8 @@ impl RunReport {
             mcg_cap: 0,
             ras_limitation: None,
             memory_use: MemoryUse::default(),
+            scenario: None,
+            verdict: None,
         }
     }
 }

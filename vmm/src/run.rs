@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::config::VmConfig;
 use crate::report::{process_rss_kib, MemoryUse, RunReport, StepRecord};
+use crate::scenario::{evaluate, Scenario};
 use crate::steps::{Refs, Step};
 use crate::vm::{Error, Injection, Session, Vm};
 
@@ -16,6 +17,15 @@ const WATCHDOG_GRACE: Duration = Duration::from_secs(10);
 /// report), waits for the outcome and reports. A step that fails is
 /// recorded and the run goes on; the guest decides how it ends.
 pub fn run(config: &VmConfig, steps: &[(String, Step)]) -> Result<RunReport, Error> {
+    run_expecting(config, steps, None)
+}
+
+/// Like [`run`], and judges the run against a scenario's expectation.
+pub fn run_expecting(
+    config: &VmConfig,
+    steps: &[(String, Step)],
+    scenario: Option<&Scenario>,
+) -> Result<RunReport, Error> {
     // Dropping `_watchdog` at return (any return) disarms the watchdog.
     let (_watchdog, disarmed) = std::sync::mpsc::channel::<()>();
     let deadline = config.timeout + WATCHDOG_GRACE;
@@ -62,9 +72,15 @@ pub fn run(config: &VmConfig, steps: &[(String, Step)]) -> Result<RunReport, Err
     report.signals = std::mem::take(&mut session.signals);
     report.agent_errors = std::mem::take(&mut session.agent_errors);
     report.ras_events = std::mem::take(&mut session.ras_events);
+    report.agent_kicks = session.agent_kicks;
     report.ledger = session.vm().ledger();
     report.mcg_cap = session.vm().mcg_cap();
     report.ras_limitation = session.vm().ras_limitation();
+    if let Some(s) = scenario {
+        report.scenario = Some(s.name.clone());
+        let recoverable = report.ras_limitation.is_none();
+        report.verdict = Some(evaluate(s.expectation(recoverable), &report, &refs));
+    }
     let rss = process_rss_kib();
     let guest = session.vm().guest_resident_kib();
     report.memory_use = MemoryUse {

@@ -222,10 +222,11 @@ fn target(s: &str) -> Option<Target> {
     valid.then(|| Target::Ref(s.to_string()))
 }
 
-/// PFNs the guest reported, by name.
+/// PFNs the guest reported, by name, and page holders' virtual addresses.
 #[derive(Debug, Default)]
 pub struct Refs {
     pfns: BTreeMap<String, u64>,
+    vaddrs: BTreeMap<String, u64>,
 }
 
 /// Most names a run binds.
@@ -236,7 +237,12 @@ impl Refs {
     /// kernel pages.
     pub fn learn(&mut self, cmd: &Command, reply: &Payload) {
         match (cmd, reply) {
-            (_, Payload::Page(p)) => self.bind(format!("page{}", p.page), p.pfn),
+            (_, Payload::Page(p)) => {
+                self.bind(format!("page{}", p.page), p.pfn);
+                if self.vaddrs.len() < MAX_REFS {
+                    self.vaddrs.insert(format!("page{}", p.page), p.vaddr);
+                }
+            }
             (Command::KernelPages { kind, .. }, Payload::KernelPages(pfns)) => {
                 for (i, pfn) in pfns.iter().enumerate() {
                     self.bind(format!("{}{i}", kind_name(*kind)), *pfn);
@@ -262,6 +268,16 @@ impl Refs {
                 .copied()
                 .ok_or_else(|| format!("no earlier step reported '{name}'")),
         }
+    }
+
+    /// The virtual address of page holder `name` (`page0`) in its process.
+    pub fn vaddr(&self, name: &str) -> Option<u64> {
+        self.vaddrs.get(name).copied()
+    }
+
+    /// The PFN bound to `name`.
+    pub fn named_pfn(&self, name: &str) -> Option<u64> {
+        self.pfns.get(name).copied()
     }
 
     /// The guest-physical address a target means (a reference: its page).

@@ -598,7 +598,9 @@ fn create_devices(
     let console = SerialPort::new(irq(COM1.1)?, ConsoleOut::new(target, tx.clone()));
     bus.insert(COM1.0, 8, Arc::new(Mutex::new(console)))
         .map_err(Error::Bus)?;
-    let agent = Arc::new(Mutex::new(AgentPort::new(irq(COM2.1)?, tx.clone())));
+    let agent = Arc::new(Mutex::new(
+        AgentPort::new(irq(COM2.1)?, tx.clone()).map_err(Error::EventFd)?,
+    ));
     bus.insert(COM2.0, 8, agent.clone()).map_err(Error::Bus)?;
     let reset_tx = tx.clone();
     let i8042 = I8042::new(FnTrigger::new(move || {
@@ -657,7 +659,13 @@ pub struct Session {
     pub agent_errors: Vec<String>,
     /// RAS events: poisonings, injections, consumptions.
     pub ras_events: Vec<RasEvent>,
+    /// Times the agent's receive interrupt had to be re-asserted.
+    pub agent_kicks: u32,
 }
+
+/// How long a reply may be overdue, with bytes waiting and no guest read,
+/// before the agent UART's interrupt is re-asserted.
+const AGENT_STALL: Duration = Duration::from_secs(1);
 
 /// Most RAS events one run records (later ones are counted, not kept).
 const MAX_RAS_EVENTS: usize = 10_000;
@@ -676,6 +684,7 @@ impl Session {
             signals: Vec::new(),
             agent_errors: Vec::new(),
             ras_events: Vec::new(),
+            agent_kicks: 0,
         }
     }
 
@@ -741,14 +750,25 @@ impl Session {
         if let Err(e) = lock(&self.vm.agent).send(&line) {
             return Err(CallError::Agent(e.to_string()));
         }
+        let mut reads = lock(&self.vm.agent).reads();
+        let mut check_at = Instant::now() + AGENT_STALL;
         while self.outcome.is_none() {
-            if let Some(AgentMessage::Reply(r)) = self.step() {
+            if let Some(AgentMessage::Reply(r)) = self.step_until(check_at) {
                 if r.id == id {
                     return match (r.ok, r.error) {
                         (Some(p), _) => Ok(p),
                         (None, e) => Err(CallError::Agent(e.unwrap_or_default())),
                     };
                 }
+            }
+            if Instant::now() >= check_at {
+                let mut port = lock(&self.vm.agent);
+                if port.reads() == reads && port.rx_waiting() {
+                    port.kick();
+                    self.agent_kicks = self.agent_kicks.saturating_add(1);
+                }
+                reads = port.reads();
+                check_at = Instant::now() + AGENT_STALL;
             }
         }
         Err(CallError::Ended)

@@ -7,6 +7,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::PioDevice;
 
+/// The 16550A receive FIFO's size (vm-superio's, which does not export it).
+const FIFO_SIZE: usize = 64;
+
 /// Raises an interrupt by signalling an eventfd registered as a KVM irqfd.
 pub struct EventFdTrigger(EventFd);
 
@@ -46,6 +49,11 @@ impl<W: Write + Send> SerialPort<W> {
             return 0;
         }
         self.inner.enqueue_raw_bytes(&bytes[..n]).unwrap_or(0)
+    }
+
+    /// Whether received bytes wait in the FIFO for the guest.
+    pub fn rx_waiting(&self) -> bool {
+        self.inner.fifo_capacity() < FIFO_SIZE
     }
 
     /// The output sink.
@@ -122,7 +130,9 @@ mod tests {
         let mut uart = SerialPort::new(irq.try_clone().unwrap(), Vec::new());
         // Enable the "data available" interrupt (IER bit 0).
         uart.write(1, &[1]);
+        assert!(!uart.rx_waiting());
         assert_eq!(uart.enqueue(b"hi\n"), 3);
+        assert!(uart.rx_waiting());
         assert_eq!(irq.read().unwrap(), 1);
         let mut b = [0u8; 1];
         uart.read(0, &mut b);

@@ -46,6 +46,7 @@ fn job() -> Job {
                 "--agent", "poweroff"]),
         ],
         timeout: Duration::from_secs(240),
+        files: Vec::new(),
     }
 }
 

@@ -1,0 +1,236 @@
+//! Running scenario files (see `vmm::scenario`) through a [`Lab`]: one
+//! lab-host boot runs them all, each as its own rasvmm run judged by rasvmm.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use vmm::scenario::Scenario;
+
+use crate::{Error, Job, Lab, JOB_FILE_PREFIX};
+
+/// Time each scenario gets beyond its own deadline (boot, report).
+const PER_SCENARIO_MARGIN: f64 = 30.0;
+/// rasvmm's default deadline, for scenarios that set none.
+const DEFAULT_TIMEOUT: f64 = 120.0;
+
+/// The built-in x86_64 suite.
+pub fn default_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/x86_64")
+}
+
+/// Reads every `*.toml` in `dir`, in name order; the error is one line.
+pub fn load_dir(dir: &Path) -> Result<Vec<(PathBuf, Scenario)>, String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot read scenario directory '{}': {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(format!("no *.toml scenarios in '{}'", dir.display()));
+    }
+    files
+        .into_iter()
+        .map(|f| {
+            let s = Scenario::load(&f).map_err(|e| {
+                let cause = std::error::Error::source(&e).map(|c| format!(": {c}"));
+                format!("{e}{}", cause.unwrap_or_default())
+            })?;
+            Ok((f, s))
+        })
+        .collect()
+}
+
+/// One scenario's result.
+#[derive(Debug, Clone)]
+pub struct ScenarioResult {
+    /// Scenario name.
+    pub name: String,
+    /// CPU profile it ran with.
+    pub cpu: String,
+    /// How the run ended.
+    pub outcome: String,
+    /// rasvmm's verdict.
+    pub passed: bool,
+    /// Why it failed.
+    pub failures: Vec<String>,
+    /// Run time, seconds.
+    pub seconds: f64,
+    /// rasvmm's report (null if it wrote none).
+    pub report: Value,
+}
+
+/// Runs scenarios in one job; returns their results and the job's wall time.
+pub fn run(
+    lab: &Lab,
+    scenarios: &[(PathBuf, Scenario)],
+) -> Result<(Vec<ScenarioResult>, f64), Error> {
+    let mut job = Job::default();
+    let mut budget = 60.0;
+    for (f, s) in scenarios {
+        let name = f
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        job.runs.push(vec![
+            "--scenario".into(),
+            format!("{JOB_FILE_PREFIX}{name}"),
+        ]);
+        job.files.push((name, f.clone()));
+        budget += s.guest.timeout_s.unwrap_or(DEFAULT_TIMEOUT) + PER_SCENARIO_MARGIN;
+    }
+    job.timeout = Duration::from_secs_f64(budget);
+    let res = lab.run(&job)?;
+    let results = scenarios
+        .iter()
+        .zip(&res.runs)
+        .map(|((_, s), r)| {
+            let report = r.report.clone().unwrap_or(Value::Null);
+            let verdict = &report["verdict"];
+            let mut failures: Vec<String> = verdict["failures"]
+                .as_array()
+                .map(|v| {
+                    v.iter()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if report.is_null() {
+                failures.push(format!("rasvmm wrote no report: {}", r.stderr.trim()));
+            }
+            ScenarioResult {
+                name: s.name.clone(),
+                cpu: report["cpu_profile"].as_str().unwrap_or("?").to_string(),
+                outcome: r.outcome().to_string(),
+                passed: verdict["passed"] == true,
+                failures,
+                seconds: report["elapsed_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+                report,
+            }
+        })
+        .collect();
+    Ok((results, res.wall.as_secs_f64()))
+}
+
+/// The verdict table, one scenario a line, failures beneath.
+pub fn table(results: &[ScenarioResult]) -> String {
+    let mut s = format!(
+        "{:<32} {:<6} {:<13} {:<8} {:>7}\n",
+        "scenario", "cpu", "outcome", "verdict", "time"
+    );
+    for r in results {
+        s += &format!(
+            "{:<32} {:<6} {:<13} {:<8} {:>6.1}s\n",
+            r.name,
+            r.cpu,
+            r.outcome,
+            if r.passed { "PASS" } else { "FAIL" },
+            r.seconds
+        );
+        for f in &r.failures {
+            s += &format!("    - {f}\n");
+        }
+    }
+    s
+}
+
+/// JUnit XML for CI.
+pub fn junit(results: &[ScenarioResult], wall: f64) -> String {
+    let failed = results.iter().filter(|r| !r.passed).count();
+    let mut x = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"rasvmm.x86_64\" tests=\"{}\" failures=\"{failed}\" time=\"{wall:.1}\">\n",
+        results.len()
+    );
+    for r in results {
+        x += &format!(
+            "  <testcase classname=\"rasvmm.x86_64.{}\" name=\"{}\" time=\"{:.1}\">\n",
+            xml(&r.cpu),
+            xml(&r.name),
+            r.seconds
+        );
+        if !r.passed {
+            x += &format!(
+                "    <failure message=\"{}\">{}</failure>\n",
+                xml(r.failures.first().map_or("failed", String::as_str)),
+                xml(&r.failures.join("\n"))
+            );
+        }
+        x += &format!(
+            "    <system-out>outcome: {}</system-out>\n  </testcase>\n",
+            xml(&r.outcome)
+        );
+    }
+    x + "</testsuite>\n"
+}
+
+/// Escapes text for XML, dropping control characters.
+fn xml(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c if c.is_control() && c != '\n' && c != '\t' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(passed: bool) -> ScenarioResult {
+        ScenarioResult {
+            name: "a<b".into(),
+            cpu: "amd".into(),
+            outcome: "panic".into(),
+            passed,
+            failures: if passed {
+                vec![]
+            } else {
+                vec!["outcome is \"x\"".into()]
+            },
+            seconds: 1.5,
+            report: Value::Null,
+        }
+    }
+
+    #[test]
+    fn xml_is_escaped_and_control_free() {
+        assert_eq!(xml("a<b>&\"c'\u{1b}[0m"), "a&lt;b&gt;&amp;&quot;c&apos;[0m");
+    }
+
+    #[test]
+    fn junit_counts_failures() {
+        let x = junit(&[result(true), result(false)], 9.0);
+        assert!(x.contains("tests=\"2\" failures=\"1\""), "{x}");
+        assert!(x.contains("name=\"a&lt;b\""));
+        assert_eq!(x.matches("<failure").count(), 1);
+        assert!(x.contains("message=\"outcome is &quot;x&quot;\""));
+    }
+
+    #[test]
+    fn the_built_in_suite_parses() {
+        let all = load_dir(&default_dir()).unwrap();
+        assert!(all.len() >= 10, "{}", all.len());
+        let names: std::collections::BTreeSet<&str> =
+            all.iter().map(|(_, s)| s.name.as_str()).collect();
+        assert_eq!(names.len(), all.len(), "scenario names are unique");
+    }
+
+    #[test]
+    fn bad_directories_are_one_line_errors() {
+        let e = load_dir(Path::new("/nonexistent")).unwrap_err();
+        assert!(
+            e.starts_with("cannot read scenario directory '/nonexistent'"),
+            "{e}"
+        );
+    }
+}
