@@ -303,7 +303,7 @@ fn host_memory_error(vcpu: &VcpuFd, ctx: &VcpuContext, code: i32, hva: usize) {
     };
     let mut result = mce::check(vcpu, ctx.index, ctx.mcg_cap, &record)
         .and_then(|()| mce::inject(vcpu, ctx.index, &record));
-    if result.is_ok() && !lmce && enc::delivery(error, ctx.vendor) == enc::Delivery::MachineCheck {
+    if result.is_ok() && enc::is_broadcast(error, ctx.vendor, lmce) {
         result = broadcast_others(ctx);
     }
     let _ = ctx.events.send(VmEvent::Ras(RasEvent::Consumed {
@@ -316,8 +316,8 @@ fn host_memory_error(vcpu: &VcpuFd, ctx: &VcpuContext, code: i32, hva: usize) {
     }));
 }
 
-/// Without LMCE a machine check is a broadcast: Linux's handler waits for
-/// every CPU to enter it. Like QEMU, the other vCPUs get a bare uncorrected
+/// An Intel machine check without LMCE is a broadcast: Linux's handler
+/// waits for every CPU to enter it. Like QEMU, the other vCPUs get a bare uncorrected
 /// record in bank 1 that Linux grades as nothing to do.
 fn broadcast_others(ctx: &VcpuContext) -> Result<(), mce::Error> {
     let Some(peers) = ctx.peers.get() else {

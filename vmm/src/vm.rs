@@ -351,8 +351,7 @@ impl Vm {
             return Err(RasError::NoLmce);
         }
         let record = enc::encode(inj.error, self.vendor, inj.gpa, inj.local);
-        let broadcast =
-            !inj.local && enc::delivery(inj.error, self.vendor) == enc::Delivery::MachineCheck;
+        let broadcast = enc::is_broadcast(inj.error, self.vendor, inj.local);
         self.inject_record(inj.vcpu, &record, broadcast)?;
         Ok(RasEvent::Injected {
             error: inj.error,

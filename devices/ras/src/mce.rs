@@ -228,6 +228,14 @@ pub fn recoverable(vendor: Vendor, mcg_cap: u64) -> bool {
     vendor == Vendor::Amd || mcg_cap & MCG_SER_P != 0
 }
 
+/// Whether `error` must be delivered to every vCPU. Intel machine checks
+/// without LMCE are broadcast and Linux's handler waits for every CPU;
+/// AMD machine checks are always local (Linux sets lmce for AMD), and a
+/// companion record on another AMD vCPU would be graded fatal there.
+pub fn is_broadcast(error: MemoryError, vendor: Vendor, local: bool) -> bool {
+    vendor == Vendor::Intel && !local && delivery(error, vendor) == Delivery::MachineCheck
+}
+
 /// The record the *other* vCPUs get when a machine check is broadcast (no
 /// LMCE): QEMU's choice, an uncorrected error with no address in bank 1,
 /// which Linux grades as nothing to do on that CPU while its handler
@@ -487,6 +495,24 @@ mod tests {
         assert_eq!(validate(&fatal, no_ser), Ok(()));
         assert_ne!(fatal.status & MCI_STATUS_PCC, 0);
         assert_eq!(fatal.mcg_status & MCG_STATUS_RIPV, 0);
+    }
+
+    #[test]
+    fn only_intel_machine_checks_are_broadcast() {
+        assert!(is_broadcast(MemoryError::Srar, Vendor::Intel, false));
+        assert!(is_broadcast(MemoryError::Srao, Vendor::Intel, false));
+        assert!(
+            !is_broadcast(MemoryError::Srar, Vendor::Intel, true),
+            "LMCE"
+        );
+        assert!(
+            !is_broadcast(MemoryError::Ucna, Vendor::Intel, false),
+            "bank only"
+        );
+        assert!(
+            !is_broadcast(MemoryError::Srar, Vendor::Amd, false),
+            "AMD is local"
+        );
     }
 
     #[test]
