@@ -247,8 +247,12 @@ pub fn evaluate(expect: &Expect, report: &RunReport, refs: &Refs) -> Verdict {
         }
     }
     for want in &expect.log_contains {
-        if !report.log.iter().any(|l| l.contains(want.as_str())) {
-            f.push(format!("no captured log line contains '{want}'"));
+        match substitute(want, refs) {
+            Ok(want) if !report.log.iter().any(|l| l.contains(want.as_str())) => {
+                f.push(format!("no captured log line contains '{want}'"))
+            }
+            Ok(_) => {}
+            Err(e) => f.push(e),
         }
     }
     if let Some(signals) = &expect.signals {
