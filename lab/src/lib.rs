@@ -324,6 +324,80 @@ impl Lab {
         }
     }
 
+    /// Runs a shell script on this lab's backend. The script finds
+    /// `$RASVMM`, `$KERNEL` and `$INITRAMFS` set, a scratch directory in
+    /// `$WORK`, and `lab_emit <name> <file>` to send files back; returns the
+    /// files it emitted. In the lab host it runs as the job; directly, with
+    /// sh on this host.
+    pub fn run_shell(&self, script: &str, timeout: Duration) -> Result<JobResult, Error> {
+        match self.backend {
+            Backend::Lab => {
+                let prelude = format!(
+                    "RASVMM=rasvmm; KERNEL={LAB_GUEST_KERNEL}; INITRAMFS={LAB_GUEST_INITRAMFS}; WORK=/tmp\n"
+                );
+                self.run_script(&(prelude + script), &self.manifest.lab_initramfs, timeout)
+            }
+            Backend::Direct => self.run_shell_direct(script, timeout),
+        }
+    }
+
+    fn run_shell_direct(&self, script: &str, timeout: Duration) -> Result<JobResult, Error> {
+        let start = Instant::now();
+        let dir = self.unique_dir("shell")?;
+        let prelude = format!(
+            "RASVMM={}; KERNEL={}; INITRAMFS={}; WORK={}\n\
+             lab_emit() {{ echo \"@@@RASVMM-FILE $1\"; [ -f \"$2\" ] && cat \"$2\"; echo; echo \"@@@RASVMM-END $1\"; }}\n",
+            shell_quote(&self.manifest.rasvmm.display().to_string()),
+            shell_quote(&self.manifest.kernel.display().to_string()),
+            shell_quote(&self.manifest.guest_initramfs.display().to_string()),
+            shell_quote(&dir.display().to_string()),
+        );
+        let path = dir.join("job.sh");
+        std::fs::write(&path, prelude + script + "\necho @@@RASVMM-JOB-DONE\n")
+            .map_err(|e| Error::Io(path.display().to_string(), e))?;
+        let mut child = Command::new("sh")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| Error::Spawn("sh".into(), e))?;
+        let mut out = child.stdout.take().map(std::io::BufReader::new);
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(o) = out.as_mut() {
+                let _ = std::io::Read::read_to_string(o, &mut s);
+            }
+            s
+        });
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if start.elapsed() > timeout => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Error::LabTimeout(
+                        timeout.as_secs(),
+                        path.display().to_string(),
+                    ));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => return Err(Error::Spawn("sh".into(), e)),
+            }
+        }
+        let text = reader.join().unwrap_or_default();
+        let parsed = parse_results(&text);
+        if !parsed.done {
+            return Err(Error::Lab("the script did not complete".into()));
+        }
+        Ok(JobResult {
+            backend: Backend::Direct,
+            runs: Vec::new(),
+            wall: start.elapsed(),
+            files: parsed.files,
+        })
+    }
+
     /// Runs a shell script in a lab host booted with `initramfs`; returns
     /// the files it emitted with `lab_emit`. Used by the benchmarks, which
     /// measure peers in the same lab host.

@@ -8,6 +8,7 @@
 //! - [`run`]: a whole run from configuration to report.
 
 pub mod agent;
+pub mod api;
 pub mod config;
 pub mod console;
 pub mod mce;

@@ -20,7 +20,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot a Linux guest, run agent steps, and report how it ended.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Send one request to a running rasvmm's control API and print the answer
+    /// (`events` streams events until the run ends).
+    Api(ApiArgs),
+}
+
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The run's --api-socket.
+    #[arg(long)]
+    socket: PathBuf,
+    /// ledger, state, events, shutdown, a step (inject:srao:<gpa>, poison:<gpa>,
+    /// page-info:<pfn>, ...), mce:<vcpu>:<bank>:<status>:<addr>:<misc>:<mcg_status>,
+    /// or a JSON request.
+    #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+    request: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -63,6 +78,9 @@ struct RunArgs {
     /// poison:<gpa|ref>, wait:<ms>. See docs/steps.md.
     #[arg(long = "step", visible_alias = "agent", value_name = "STEP")]
     steps: Vec<String>,
+    /// Serve the control API on this Unix socket (created 0600).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
     /// Write the JSON report here ("-" for stdout).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -87,7 +105,14 @@ fn main() -> ExitCode {
         }
     };
     match cli.cmd {
-        Cmd::Run(args) => match run(args) {
+        Cmd::Run(args) => match run(*args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Api(args) => match api(args) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -106,6 +131,39 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// One control API request; prints the answer (and, for `events`, every
+/// event line until the run ends).
+fn api(a: ApiArgs) -> Result<ExitCode, String> {
+    use std::io::{BufRead, BufReader, Write};
+    use vmm::api::{client_request, line, Answer, Envelope, Request};
+    let request = client_request(&a.request.join(" "))?;
+    let stream = std::os::unix::net::UnixStream::connect(&a.socket)
+        .map_err(|e| format!("cannot connect to '{}': {e}", a.socket.display()))?;
+    let subscribe = request == Request::Subscribe;
+    (&stream)
+        .write_all(line(&Envelope { id: 1, request }).as_bytes())
+        .map_err(|e| format!("cannot send the request: {e}"))?;
+    let mut lines = BufReader::new(&stream).lines();
+    let first = lines
+        .next()
+        .ok_or("the run closed the connection")?
+        .map_err(|e| format!("cannot read the answer: {e}"))?;
+    let answer: Answer =
+        serde_json::from_str(&first).map_err(|e| format!("malformed answer: {e}"))?;
+    if let Some(e) = answer.error {
+        return Err(e);
+    }
+    if !subscribe {
+        let ok = answer.ok.unwrap_or_default();
+        println!("{}", serde_json::to_string_pretty(&ok).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    for l in lines.map_while(Result::ok) {
+        println!("{l}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {
@@ -191,7 +249,8 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
     };
     cfg.validate(config::host_memory_mib())
         .map_err(|e| e.to_string())?;
-    let report = vmm::run::run_expecting(&cfg, &steps, scenario.as_ref()).map_err(|e| chain(&e))?;
+    let report = vmm::run::run_expecting(&cfg, &steps, scenario.as_ref(), a.api_socket.as_deref())
+        .map_err(|e| chain(&e))?;
     eprint!("{}", report.human());
     if let Some(path) = &a.json {
         let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;

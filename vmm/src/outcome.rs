@@ -27,6 +27,8 @@ pub enum OutcomeKind {
     Timeout,
     /// rasvmm itself failed (a KVM error, an exit it cannot handle).
     VmmError,
+    /// Stopped on request (the control API's shutdown).
+    Stopped,
 }
 
 impl OutcomeKind {
@@ -39,6 +41,7 @@ impl OutcomeKind {
             OutcomeKind::TripleFault => "triple-fault",
             OutcomeKind::Timeout => "timeout",
             OutcomeKind::VmmError => "vmm-error",
+            OutcomeKind::Stopped => "stopped",
         }
     }
 
@@ -51,6 +54,7 @@ impl OutcomeKind {
             OutcomeKind::TripleFault,
             OutcomeKind::Timeout,
             OutcomeKind::VmmError,
+            OutcomeKind::Stopped,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -169,6 +173,11 @@ impl Classifier {
             OutcomeKind::Timeout,
             format!("no outcome within {after_secs:.1} s"),
         )
+    }
+
+    /// Stopped on request.
+    pub fn stopped(&mut self, why: String) -> Outcome {
+        self.outcome(OutcomeKind::Stopped, why)
     }
 
     /// rasvmm failed.

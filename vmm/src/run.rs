@@ -6,8 +6,8 @@ use std::time::Duration;
 use crate::config::VmConfig;
 use crate::report::{process_rss_kib, MemoryUse, RunReport, StepRecord};
 use crate::scenario::{evaluate, Scenario};
-use crate::steps::{Refs, Step};
-use crate::vm::{Error, Injection, Session, Vm};
+use crate::steps::Step;
+use crate::vm::{Error, Session, Vm};
 
 /// Extra time the watchdog allows past the deadline before it ends the
 /// process itself, should the session ever fail to.
@@ -17,7 +17,7 @@ const WATCHDOG_GRACE: Duration = Duration::from_secs(10);
 /// report), waits for the outcome and reports. A step that fails is
 /// recorded and the run goes on; the guest decides how it ends.
 pub fn run(config: &VmConfig, steps: &[(String, Step)]) -> Result<RunReport, Error> {
-    run_expecting(config, steps, None)
+    run_expecting(config, steps, None, None)
 }
 
 /// Like [`run`], and judges the run against a scenario's expectation.
@@ -25,6 +25,7 @@ pub fn run_expecting(
     config: &VmConfig,
     steps: &[(String, Step)],
     scenario: Option<&Scenario>,
+    api_socket: Option<&std::path::Path>,
 ) -> Result<RunReport, Error> {
     // Dropping `_watchdog` at return (any return) disarms the watchdog.
     let (_watchdog, disarmed) = std::sync::mpsc::channel::<()>();
@@ -43,11 +44,14 @@ pub fn run_expecting(
         .map_err(Error::Spawn)?;
 
     let vm = Vm::start(config)?;
+    let _api = match api_socket {
+        Some(p) => Some(crate::api::serve(p, vm.event_sender()).map_err(Error::Api)?),
+        None => None,
+    };
     let mut session = Session::new(vm);
     let mut records = Vec::new();
-    let mut refs = Refs::default();
     for (text, step) in steps {
-        let result = perform(&mut session, &mut refs, step);
+        let result = session.perform(step);
         let at_ms = ms(session.elapsed());
         let (reply, error) = match result {
             Ok(p) => (p, None),
@@ -61,6 +65,11 @@ pub fn run_expecting(
         });
     }
     let outcome = session.wait_outcome();
+    if session.has_subscribers() {
+        // Let connection threads deliver the outcome event before the
+        // socket goes away with the run.
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let mut report = RunReport::new(outcome, config.cpu.name, config.vcpus, config.memory_mib);
     report.elapsed_ms = ms(session.elapsed());
     if let Some((hello, at)) = session.hello() {
@@ -79,7 +88,7 @@ pub fn run_expecting(
     if let Some(s) = scenario {
         report.scenario = Some(s.name.clone());
         let recoverable = report.ras_limitation.is_none();
-        report.verdict = Some(evaluate(s.expectation(recoverable), &report, &refs));
+        report.verdict = Some(evaluate(s.expectation(recoverable), &report, &session.refs));
     }
     let rss = process_rss_kib();
     let guest = session.vm().guest_resident_kib();
@@ -89,49 +98,6 @@ pub fn run_expecting(
         vmm_overhead_kib: rss.saturating_sub(guest),
     };
     Ok(report)
-}
-
-/// Performs one step; returns the agent's reply as JSON, if there is one.
-fn perform(
-    session: &mut Session,
-    refs: &mut Refs,
-    step: &Step,
-) -> Result<Option<serde_json::Value>, String> {
-    match step {
-        Step::Agent { cmd, pfn } => {
-            let mut cmd = cmd.clone();
-            if let (Some(t), guest_agent::Command::PageInfo { pfn: p }) = (pfn, &mut cmd) {
-                *p = refs.pfn(t)?;
-            }
-            let reply = session.call(cmd.clone()).map_err(|e| e.to_string())?;
-            refs.learn(&cmd, &reply);
-            Ok(Some(serde_json::to_value(&reply).unwrap_or_default()))
-        }
-        Step::Inject {
-            error,
-            target,
-            vcpu,
-            local,
-        } => {
-            let inj = Injection {
-                error: *error,
-                gpa: refs.gpa(target)?,
-                vcpu: *vcpu,
-                local: *local,
-            };
-            session.inject(&inj).map_err(|e| e.to_string())?;
-            Ok(None)
-        }
-        Step::Poison(target) => {
-            let gpa = refs.gpa(target)?;
-            session.poison(gpa).map_err(|e| e.to_string())?;
-            Ok(None)
-        }
-        Step::Wait(d) => {
-            session.wait(*d);
-            Ok(None)
-        }
-    }
 }
 
 fn ms(d: Duration) -> u64 {

@@ -364,6 +364,17 @@ pub enum RasEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         refused: Option<String>,
     },
+    /// A raw record injected through the control API.
+    InjectedRaw {
+        /// The record.
+        record: MceRecord,
+        /// Target vCPU.
+        vcpu: u8,
+        /// Companions went to the other vCPUs.
+        broadcast: bool,
+        /// When.
+        at_ms: u64,
+    },
     /// The guest accessed a poisoned page: a synchronous error was raised.
     Consumed {
         /// vCPU that accessed it.

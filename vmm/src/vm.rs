@@ -36,6 +36,7 @@ use crate::config::{BootSource, ConsoleTarget, VmConfig};
 use crate::console::ConsoleOut;
 use crate::mce as kvm_mce;
 use crate::outcome::{Classifier, Outcome};
+use crate::steps::{Refs, Step, Target};
 use crate::vcpu::{self, RasEvent, VcpuContext, VcpuHandle, VcpuRequest, VcpuStop};
 use ras::ledger::{self, Ledger};
 use ras::mce::{self as enc, MceRecord, MemoryError};
@@ -58,6 +59,8 @@ pub enum VmEvent {
     Reset,
     /// A RAS event a vCPU thread saw (a poisoned page consumed).
     Ras(RasEvent),
+    /// A control API request.
+    Api(crate::api::ApiCall),
     /// A vCPU stopped running.
     Stopped {
         /// Which.
@@ -118,6 +121,9 @@ pub enum Error {
     /// Machine-check banks cannot be set up.
     #[error("Cannot set up machine-check banks")]
     Mce(#[source] kvm_mce::Error),
+    /// The control API cannot start.
+    #[error("Cannot start the control API")]
+    Api(#[source] crate::api::Error),
 }
 
 /// Why a RAS request was refused. Nothing is injected or poisoned when a
@@ -185,6 +191,7 @@ pub struct Vm {
     started: Instant,
     config: VmConfig,
     vcpus: Arc<OnceLock<Vec<VcpuHandle>>>,
+    events_tx: Sender<VmEvent>,
     mcg_cap: u64,
     vendor: enc::Vendor,
     ledger: Arc<Mutex<Ledger>>,
@@ -290,10 +297,16 @@ impl Vm {
             started,
             config: config.clone(),
             vcpus: peers,
+            events_tx: tx,
             mcg_cap,
             vendor,
             ledger,
         })
+    }
+
+    /// A sender into this VM's event channel (for the control API).
+    pub fn event_sender(&self) -> Sender<VmEvent> {
+        self.events_tx.clone()
     }
 
     /// The vCPUs' MCG_CAP as the guest sees it (0 if KVM offers no machine checks).
@@ -319,7 +332,8 @@ impl Vm {
         lock(&self.ledger).entries()
     }
 
-    fn now_ms(&self) -> u64 {
+    /// Milliseconds since the VMM started.
+    pub fn now_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
@@ -660,6 +674,12 @@ pub struct Session {
     pub ras_events: Vec<RasEvent>,
     /// Times the agent's receive interrupt had to be re-asserted.
     pub agent_kicks: u32,
+    /// Pages the guest reported, by name (shared by steps and the API).
+    pub refs: Refs,
+    /// API connections that subscribed to events.
+    subscribers: Vec<Sender<String>>,
+    /// Agent requests made for API clients: agent id -> (command, API id, connection).
+    api_pending: std::collections::BTreeMap<u64, (Command, u64, Sender<String>)>,
 }
 
 /// How long a reply may be overdue, with bytes waiting and no guest read,
@@ -684,13 +704,185 @@ impl Session {
             agent_errors: Vec::new(),
             ras_events: Vec::new(),
             agent_kicks: 0,
+            refs: Refs::default(),
+            subscribers: Vec::new(),
+            api_pending: std::collections::BTreeMap::new(),
         }
     }
 
+    /// Whether API clients are listening for events.
+    pub fn has_subscribers(&self) -> bool {
+        !self.subscribers.is_empty()
+    }
+
+    /// Sends an event line to every subscriber, forgetting closed ones.
+    fn publish<T: serde::Serialize>(&mut self, event: &T) {
+        if self.subscribers.is_empty() {
+            return;
+        }
+        let l = crate::api::line(&serde_json::json!({ "event": event }));
+        self.subscribers.retain(|s| s.send(l.clone()).is_ok());
+    }
+
     fn record(&mut self, e: RasEvent) {
+        self.publish(&e);
         if self.ras_events.len() < MAX_RAS_EVENTS {
             self.ras_events.push(e);
         }
+    }
+
+    fn finish(&mut self, o: Outcome) {
+        if self.outcome.is_none() {
+            self.publish(&serde_json::json!({
+                "event": "outcome",
+                "outcome": o.kind,
+                "detail": o.detail,
+            }));
+            self.outcome = Some(o);
+        }
+    }
+
+    /// Performs one step, resolving references; returns the agent's reply
+    /// as JSON for agent steps.
+    pub fn perform(&mut self, step: &Step) -> Result<Option<serde_json::Value>, String> {
+        match step {
+            Step::Agent { cmd, pfn } => {
+                let cmd = self.resolve(cmd, pfn.as_ref())?;
+                let reply = self.call(cmd.clone()).map_err(|e| e.to_string())?;
+                self.refs.learn(&cmd, &reply);
+                Ok(Some(serde_json::to_value(&reply).unwrap_or_default()))
+            }
+            Step::Inject {
+                error,
+                target,
+                vcpu,
+                local,
+            } => {
+                let inj = Injection {
+                    error: *error,
+                    gpa: self.refs.gpa(target)?,
+                    vcpu: *vcpu,
+                    local: *local,
+                };
+                self.inject(&inj).map_err(|e| e.to_string())?;
+                Ok(None)
+            }
+            Step::Poison(target) => {
+                let gpa = self.refs.gpa(target)?;
+                self.poison(gpa).map_err(|e| e.to_string())?;
+                Ok(None)
+            }
+            Step::Wait(d) => {
+                self.wait(*d);
+                Ok(None)
+            }
+        }
+    }
+
+    fn resolve(&self, cmd: &Command, pfn: Option<&Target>) -> Result<Command, String> {
+        let mut cmd = cmd.clone();
+        if let (Some(t), Command::PageInfo { pfn: p }) = (pfn, &mut cmd) {
+            *p = self.refs.pfn(t)?;
+        }
+        Ok(cmd)
+    }
+
+    /// Serves one control API request.
+    fn serve_api(&mut self, call: crate::api::ApiCall) {
+        use crate::api::{Answer, Request};
+        let crate::api::ApiCall { envelope, reply } = call;
+        let id = envelope.id;
+        let answer = match envelope.request {
+            Request::Step(text) => match crate::steps::parse(&text) {
+                Err(e) => Answer::err(id, e),
+                Ok(Step::Wait(_)) => Answer::err(id, "wait is the client's to do over the API"),
+                Ok(Step::Agent { .. }) if self.hello.is_none() => Answer::err(
+                    id,
+                    "the guest agent is not ready yet (see state's agent_ready_ms)",
+                ),
+                Ok(Step::Agent { cmd, pfn }) => match self.resolve(&cmd, pfn.as_ref()) {
+                    Err(e) => Answer::err(id, e),
+                    Ok(cmd) => {
+                        let agent_id = self.next_id;
+                        self.next_id += 1;
+                        let l = encode(&guest_agent::Request {
+                            id: agent_id,
+                            cmd: cmd.clone(),
+                        });
+                        match lock(&self.vm.agent).send(&l) {
+                            Err(e) => Answer::err(id, e),
+                            Ok(()) => {
+                                self.api_pending.insert(agent_id, (cmd, id, reply));
+                                return;
+                            }
+                        }
+                    }
+                },
+                Ok(step) => match self.perform(&step) {
+                    Ok(_) => Answer::ok(id, serde_json::Value::Null),
+                    Err(e) => Answer::err(id, e),
+                },
+            },
+            Request::Mce(raw) => {
+                let record = MceRecord {
+                    bank: raw.bank,
+                    status: raw.status,
+                    addr: raw.addr,
+                    misc: raw.misc,
+                    mcg_status: raw.mcg_status,
+                };
+                let broadcast = self.vm.vendor == enc::Vendor::Intel
+                    && raw.mcg_status & enc::MCG_STATUS_MCIP != 0
+                    && raw.mcg_status & enc::MCG_STATUS_LMCES == 0;
+                match self.vm.inject_record(raw.vcpu, &record, broadcast) {
+                    Ok(()) => {
+                        self.record(RasEvent::InjectedRaw {
+                            record,
+                            vcpu: raw.vcpu,
+                            broadcast,
+                            at_ms: self.vm.now_ms(),
+                        });
+                        Answer::ok(id, serde_json::Value::Null)
+                    }
+                    Err(e) => Answer::err(id, e),
+                }
+            }
+            Request::Ledger => Answer::ok(
+                id,
+                serde_json::to_value(self.vm.ledger()).unwrap_or_default(),
+            ),
+            Request::State => Answer::ok(
+                id,
+                serde_json::json!({
+                    "elapsed_ms": self.vm.now_ms(),
+                    "agent_ready_ms": self.hello.as_ref().map(|(_, d)| d.as_millis()),
+                    "guest_kernel": self.hello.as_ref().map(|(h, _)| h.kernel.clone()),
+                    "outcome": self.outcome.as_ref().map(|o| o.kind),
+                    "mcg_cap": self.vm.mcg_cap,
+                    "ras_limitation": self.vm.ras_limitation(),
+                    "poisoned_pages": lock(&self.vm.ledger).len(),
+                    "ras_events": self.ras_events.len(),
+                    "signals": self.signals.len(),
+                }),
+            ),
+            Request::Subscribe => {
+                if self.subscribers.len() < 16 {
+                    self.subscribers.push(reply.clone());
+                    Answer::ok(id, serde_json::Value::Null)
+                } else {
+                    Answer::err(id, "too many subscribers")
+                }
+            }
+            Request::Shutdown => {
+                let _ = reply.send(Answer::ok(id, serde_json::Value::Null));
+                let o = self
+                    .classifier
+                    .stopped("shutdown requested over the control API".into());
+                self.finish(o);
+                return;
+            }
+        };
+        let _ = reply.send(answer);
     }
 
     /// Injects a memory error (see [`Vm::inject`]).
@@ -802,29 +994,36 @@ impl Session {
             Err(RecvTimeoutError::Timeout) if until < self.deadline => return None,
             Err(RecvTimeoutError::Timeout) => {
                 let secs = self.vm.config.timeout.as_secs_f64();
-                self.outcome = Some(self.classifier.deadline(secs));
+                let o = self.classifier.deadline(secs);
+                self.finish(o);
                 return None;
             }
             Err(RecvTimeoutError::Disconnected) => {
-                self.outcome = Some(self.classifier.vmm_error("all vCPU threads exited".into()));
+                let o = self.classifier.vmm_error("all vCPU threads exited".into());
+                self.finish(o);
                 return None;
             }
         };
         match event {
             VmEvent::Console(line) => {
                 if let Some(o) = self.classifier.console_line(&line) {
-                    self.outcome = Some(o);
+                    self.finish(o);
                 }
             }
-            VmEvent::Reset => self.outcome = Some(self.classifier.reset()),
+            VmEvent::Reset => {
+                let o = self.classifier.reset();
+                self.finish(o);
+            }
             VmEvent::Ras(e) => self.record(e),
+            VmEvent::Api(call) => self.serve_api(call),
             VmEvent::Stopped { vcpu, stop } => {
-                self.outcome = Some(match stop {
+                let o = match stop {
                     VcpuStop::TripleFault => self.classifier.triple_fault(vcpu),
                     VcpuStop::SystemReset => self.classifier.reset(),
                     VcpuStop::SystemShutdown => self.classifier.shutdown_event(),
                     VcpuStop::Error(e) => self.classifier.vmm_error(format!("vCPU {vcpu}: {e}")),
-                });
+                };
+                self.finish(o);
             }
             VmEvent::Agent(line) => match line.and_then(|l| decode_agent_message(&l)) {
                 Ok(AgentMessage::Hello(h)) => {
@@ -832,7 +1031,30 @@ impl Session {
                         self.hello = Some((h, self.elapsed()));
                     }
                 }
-                Ok(AgentMessage::Signal(s)) => self.signals.push(s),
+                Ok(AgentMessage::Signal(s)) => {
+                    self.publish(&serde_json::json!({ "event": "signal", "signal": s }));
+                    if self.signals.len() < MAX_RAS_EVENTS {
+                        self.signals.push(s);
+                    }
+                }
+                Ok(AgentMessage::Reply(r)) if self.api_pending.contains_key(&r.id) => {
+                    if let Some((cmd, api_id, conn)) = self.api_pending.remove(&r.id) {
+                        let answer = match (r.ok, r.error) {
+                            (Some(p), _) => {
+                                self.refs.learn(&cmd, &p);
+                                crate::api::Answer::ok(
+                                    api_id,
+                                    serde_json::to_value(&p).unwrap_or_default(),
+                                )
+                            }
+                            (None, e) => crate::api::Answer::err(
+                                api_id,
+                                format!("agent: {}", e.unwrap_or_default()),
+                            ),
+                        };
+                        let _ = conn.send(answer);
+                    }
+                }
                 Ok(m) => return Some(m),
                 Err(e) => {
                     if self.agent_errors.len() < 100 {

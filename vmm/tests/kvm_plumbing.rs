@@ -215,3 +215,111 @@ fn payload_that_does_not_fit_is_an_error() {
     let err = vmm::run::run(&cfg, &[]).expect_err("must fail");
     assert!(err.to_string().contains("payload"), "{err}");
 }
+
+/// Sends one request line and reads lines until the answer with `id`.
+fn api_call(
+    w: &mut std::os::unix::net::UnixStream,
+    r: &mut impl std::io::BufRead,
+    id: u64,
+    request: &str,
+) -> serde_json::Value {
+    use std::io::Write;
+    writeln!(w, "{{\"id\":{id},\"request\":{request}}}").unwrap();
+    loop {
+        let mut l = String::new();
+        assert!(r.read_line(&mut l).unwrap() > 0, "connection closed");
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        if v["id"] == id {
+            return v;
+        }
+    }
+}
+
+#[test]
+fn control_api_injects_streams_events_and_shuts_down() {
+    use std::io::{BufRead, BufReader, Write};
+    let path = std::env::temp_dir().join(format!("rasvmm-plumbing-api-{}", std::process::id()));
+    let client_path = path.clone();
+    let client = std::thread::spawn(move || {
+        let mut s = loop {
+            if let Ok(s) = std::os::unix::net::UnixStream::connect(&client_path) {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let state = api_call(&mut s, &mut r, 1, "\"state\"");
+        assert!(
+            state["ok"]["mcg_cap"].as_u64().unwrap() & 0xff > 0,
+            "{state}"
+        );
+        let bad = api_call(
+            &mut s,
+            &mut r,
+            2,
+            "{\"step\":\"inject:srao:0x10000000000\"}",
+        );
+        assert_eq!(
+            bad["error"],
+            "Guest-physical address 0x10000000000 is not in guest RAM"
+        );
+        writeln!(s, "not json").unwrap();
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        assert!(l.contains("malformed request"), "{l}");
+        assert_eq!(
+            api_call(&mut s, &mut r, 3, "\"subscribe\"")["ok"],
+            serde_json::Value::Null
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        writeln!(
+            s,
+            "{{\"id\":4,\"request\":{{\"step\":\"inject:srao:0x200000\"}}}}"
+        )
+        .unwrap();
+        // The injection's event, its answer, then the guest's reset.
+        let mut seen = Vec::new();
+        for l in r.lines() {
+            let v: serde_json::Value = serde_json::from_str(&l.unwrap()).unwrap();
+            if v["id"] == 4 {
+                assert_eq!(v["ok"], serde_json::Value::Null, "{v}");
+                seen.push("answer".to_string());
+                continue;
+            }
+            let e = v["event"]["event"].as_str().unwrap_or("").to_string();
+            seen.push(e.clone());
+            if e == "outcome" {
+                assert_eq!(v["event"]["outcome"], "reboot", "{v}");
+                break;
+            }
+        }
+        assert_eq!(seen, vec!["injected", "answer", "outcome"]);
+    });
+    let cfg = config(mc_payload(), 1);
+    let report = vmm::run::run_expecting(&cfg, &[], None, Some(&path)).unwrap();
+    client.join().unwrap();
+    assert_eq!(report.outcome, OutcomeKind::Reboot);
+    assert_eq!(report.log, vec!["R", "MC", "OK"]);
+    assert!(!path.exists(), "the socket is removed with the run");
+
+    // A run stopped over the API ends as "stopped".
+    let path2 = path.with_extension("2");
+    let p2 = path2.clone();
+    let stopper = std::thread::spawn(move || {
+        let mut s = loop {
+            if let Ok(s) = std::os::unix::net::UnixStream::connect(&p2) {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        assert_eq!(
+            api_call(&mut s, &mut r, 9, "\"shutdown\"")["ok"],
+            serde_json::Value::Null
+        );
+    });
+    let report =
+        vmm::run::run_expecting(&config(vec![0xeb, 0xfe], 1), &[], None, Some(&path2)).unwrap();
+    stopper.join().unwrap();
+    assert_eq!(report.outcome, OutcomeKind::Stopped);
+}

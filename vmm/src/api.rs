@@ -1,0 +1,417 @@
+//! The control API: JSON lines on a Unix socket.
+//!
+//! `rasvmm run --api-socket PATH` listens on PATH (created 0600; never a
+//! network socket). Each request is one line, each answer one line:
+//!
+//! ```text
+//! -> {"id":1,"request":{"step":"inject:srao:0x2000000"}}
+//! <- {"id":1,"ok":null}
+//! -> {"id":2,"request":{"mce":{"vcpu":0,"bank":9,"status":13763000838258901184,"addr":33554432,"misc":140,"mcg_status":5}}}
+//! <- {"id":2,"error":"Invalid machine-check record: ..."}
+//! -> {"id":3,"request":"ledger"}
+//! <- {"id":3,"ok":[{"gpa":33554432,"source":"injected","poisoned_at_ms":5210,"consumptions":0}]}
+//! -> {"id":4,"request":"subscribe"}
+//! <- {"id":4,"ok":null}
+//! <- {"event":{"event":"consumed","vcpu":0,"gpa":33554432,...}}
+//! ```
+//!
+//! Requests: `{"step": "<step>"}` (any `--step`: agent requests, inject,
+//! poison; `wait` is the client's business), `{"mce": {...}}` (a raw record
+//! for experts, validated against the guest's MCG_CAP), `"ledger"`,
+//! `"state"`, `"subscribe"` (RAS events, signals and the outcome as they
+//! happen, like QEMU's MEMORY_FAILURE event), `"shutdown"`. A malformed or
+//! refused request gets an `error` and leaves the VM untouched.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::vm::VmEvent;
+
+/// Longest request line.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Most connections at once.
+const MAX_CONNECTIONS: usize = 16;
+
+/// Errors starting the API.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// Something other than a stale socket is at the path.
+    #[error("API socket path '{0}' exists and is not a socket")]
+    PathInUse(String),
+    /// Another process listens there.
+    #[error("API socket '{0}' is in use by another process")]
+    InUse(String),
+    /// The socket cannot be created.
+    #[error("Cannot create API socket '{0}'")]
+    Bind(String, #[source] std::io::Error),
+    /// The listener thread cannot start.
+    #[error("Cannot start the API thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// A raw machine-check record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMce {
+    /// Target vCPU.
+    pub vcpu: u8,
+    /// Bank.
+    pub bank: u8,
+    /// MCi_STATUS.
+    pub status: u64,
+    /// MCi_ADDR.
+    pub addr: u64,
+    /// MCi_MISC.
+    pub misc: u64,
+    /// MCG_STATUS.
+    pub mcg_status: u64,
+}
+
+/// What a client asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// A step in the `--step` syntax.
+    Step(String),
+    /// A raw machine-check record.
+    Mce(RawMce),
+    /// The poison ledger.
+    Ledger,
+    /// The run's state.
+    State,
+    /// Stream events on this connection.
+    Subscribe,
+    /// Stop the VM.
+    Shutdown,
+}
+
+/// A request line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    /// Echoed in the answer.
+    pub id: u64,
+    /// The request.
+    pub request: Request,
+}
+
+/// An answer line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    /// The request's id.
+    pub id: u64,
+    /// The result, on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ok: Option<serde_json::Value>,
+    /// Why not, otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Answer {
+    /// A success.
+    pub fn ok(id: u64, v: serde_json::Value) -> String {
+        line(&Answer {
+            id,
+            ok: Some(v),
+            error: None,
+        })
+    }
+
+    /// A failure.
+    pub fn err(id: u64, e: impl ToString) -> String {
+        line(&Answer {
+            id,
+            ok: None,
+            error: Some(e.to_string()),
+        })
+    }
+}
+
+/// One JSON line with its newline.
+pub fn line<T: Serialize>(v: &T) -> String {
+    let mut s = serde_json::to_string(v).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+/// A request from a connection, for the session; answers go to `reply`.
+#[derive(Debug)]
+pub struct ApiCall {
+    /// The request.
+    pub envelope: Envelope,
+    /// The connection's outgoing lines.
+    pub reply: Sender<String>,
+}
+
+/// Parses a request line; the error is what to tell the client.
+pub fn parse(line: &str) -> Result<Envelope, String> {
+    if line.len() > MAX_LINE {
+        return Err(format!("request longer than {MAX_LINE} bytes"));
+    }
+    serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))
+}
+
+/// The listening socket; removes its file when dropped.
+pub struct Server {
+    path: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Creates the socket (0600) and serves connections, forwarding requests
+/// to the session as [`VmEvent::Api`].
+pub fn serve(path: &Path, events: Sender<VmEvent>) -> Result<Server, Error> {
+    let name = path.display().to_string();
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(Error::PathInUse(name));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(Error::InUse(name));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    // SAFETY: umask only changes this process's file-creation mask; the
+    // previous mask is restored right after bind.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| Error::Bind(name.clone(), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::Bind(name, e))?;
+    let open = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                if open.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    let mut c = conn;
+                    let _ = c.write_all(Answer::err(0, "too many connections").as_bytes());
+                    continue;
+                }
+                open.fetch_add(1, Ordering::SeqCst);
+                let (events, open) = (events.clone(), open.clone());
+                let _ = std::thread::Builder::new()
+                    .name("api-conn".into())
+                    .spawn(move || {
+                        connection(conn, &events);
+                        open.fetch_sub(1, Ordering::SeqCst);
+                    });
+            }
+        })
+        .map_err(Error::Spawn)?;
+    Ok(Server {
+        path: path.to_path_buf(),
+    })
+}
+
+fn connection(conn: UnixStream, events: &Sender<VmEvent>) {
+    let Ok(mut writer) = conn.try_clone() else {
+        return;
+    };
+    let (tx, rx) = channel::<String>();
+    let out = std::thread::spawn(move || {
+        for l in rx {
+            if writer.write_all(l.as_bytes()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut reader = BufReader::new(conn.take(u64::MAX));
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        // Bounded read of one line.
+        let n = match (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if n > MAX_LINE {
+            let _ = tx.send(Answer::err(
+                0,
+                format!("request longer than {MAX_LINE} bytes"),
+            ));
+            break;
+        }
+        let text = String::from_utf8_lossy(&buf);
+        match parse(text.trim_end()) {
+            Ok(envelope) => {
+                let call = ApiCall {
+                    envelope,
+                    reply: tx.clone(),
+                };
+                if events.send(VmEvent::Api(call)).is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Answer::err(0, e));
+            }
+        }
+    }
+    drop(tx);
+    let _ = out.join();
+}
+
+/// A client request from command-line words: `ledger`, `state`,
+/// `subscribe` (or `events`), `shutdown`, `mce:<vcpu>:<bank>:<status>:<addr>:<misc>:<mcg_status>`,
+/// a JSON request, or any step.
+pub fn client_request(words: &str) -> Result<Request, String> {
+    let w = words.trim();
+    match w {
+        "ledger" => return Ok(Request::Ledger),
+        "state" => return Ok(Request::State),
+        "subscribe" | "events" => return Ok(Request::Subscribe),
+        "shutdown" => return Ok(Request::Shutdown),
+        _ => {}
+    }
+    if w.starts_with('{') || w.starts_with('"') {
+        return serde_json::from_str(w).map_err(|e| format!("malformed request: {e}"));
+    }
+    if let Some(rest) = w.strip_prefix("mce:") {
+        let f: Vec<&str> = rest.split(':').collect();
+        let num = |s: &str| -> Result<u64, String> {
+            match s.strip_prefix("0x") {
+                Some(h) => u64::from_str_radix(h, 16),
+                None => s.parse(),
+            }
+            .map_err(|_| format!("'{s}' is not a number"))
+        };
+        if f.len() != 6 {
+            return Err("expected mce:<vcpu>:<bank>:<status>:<addr>:<misc>:<mcg_status>".into());
+        }
+        let small = |s: &str| -> Result<u8, String> {
+            u8::try_from(num(s)?).map_err(|_| format!("'{s}' is too large"))
+        };
+        return Ok(Request::Mce(RawMce {
+            vcpu: small(f[0])?,
+            bank: small(f[1])?,
+            status: num(f[2])?,
+            addr: num(f[3])?,
+            misc: num(f[4])?,
+            mcg_status: num(f[5])?,
+        }));
+    }
+    crate::steps::parse(w).map_err(|e| e.to_string())?;
+    Ok(Request::Step(w.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+
+    use super::*;
+
+    #[test]
+    fn wire_format() {
+        let e = Envelope {
+            id: 3,
+            request: Request::Step("poison:page0".into()),
+        };
+        assert_eq!(
+            line(&e),
+            "{\"id\":3,\"request\":{\"step\":\"poison:page0\"}}\n"
+        );
+        assert_eq!(
+            parse(r#"{"id":4,"request":"ledger"}"#).unwrap().request,
+            Request::Ledger
+        );
+        assert_eq!(Answer::err(5, "no"), "{\"id\":5,\"error\":\"no\"}\n");
+        for bad in [
+            "",
+            "{}",
+            "ledger",
+            r#"{"id":1,"request":"reboot"}"#,
+            r#"{"id":1,"request":"ledger","x":1}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn client_words() {
+        assert_eq!(client_request("events"), Ok(Request::Subscribe));
+        assert_eq!(
+            client_request("inject:srar:page0"),
+            Ok(Request::Step("inject:srar:page0".into()))
+        );
+        assert_eq!(
+            client_request("mce:0:9:0xbd000000000000c0:0x2000000:0x8c:5"),
+            Ok(Request::Mce(RawMce {
+                vcpu: 0,
+                bank: 9,
+                status: 0xbd00_0000_0000_00c0,
+                addr: 0x200_0000,
+                misc: 0x8c,
+                mcg_status: 5
+            }))
+        );
+        assert!(client_request("mce:0:9").is_err());
+        assert!(client_request("mce:0:999:1:1:1:1").is_err());
+        assert!(client_request("reboot")
+            .unwrap_err()
+            .starts_with("Bad step 'reboot'"));
+    }
+
+    #[test]
+    fn socket_is_private_and_forwards_requests() {
+        let path = std::env::temp_dir().join(format!("rasvmm-api-test-{}", std::process::id()));
+        let (tx, rx) = channel();
+        let server = serve(&path, tx).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(serve(&path, channel().0), Err(Error::InUse(_))));
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(b"{\"id\":7,\"request\":\"state\"}\nnot json\n")
+            .unwrap();
+        match rx.recv().unwrap() {
+            VmEvent::Api(call) => {
+                assert_eq!(call.envelope.id, 7);
+                call.reply
+                    .send(Answer::ok(7, serde_json::json!("fine")))
+                    .unwrap();
+            }
+            _ => panic!("expected an API call"),
+        }
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        assert!(
+            l.starts_with("{\"id\":0,\"error\":\"malformed request")
+                || l == "{\"id\":7,\"ok\":\"fine\"}\n",
+            "{l}"
+        );
+        l.clear();
+        r.read_line(&mut l).unwrap();
+        assert!(
+            l.contains("malformed request") || l == "{\"id\":7,\"ok\":\"fine\"}\n",
+            "{l}"
+        );
+        drop(server);
+        assert!(!path.exists(), "the socket file goes with the server");
+        // A regular file at the path is never removed.
+        std::fs::write(&path, b"x").unwrap();
+        assert!(matches!(
+            serve(&path, channel().0),
+            Err(Error::PathInUse(_))
+        ));
+        std::fs::remove_file(&path).unwrap();
+    }
+}
