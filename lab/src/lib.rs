@@ -53,9 +53,9 @@ pub enum Error {
     /// File system trouble in the work directory.
     #[error("Lab work directory error at '{0}'")]
     Io(String, #[source] std::io::Error),
-    /// The lab host did not finish in time.
-    #[error("Lab host did not finish within {0} s (lab console: {1})")]
-    LabTimeout(u64, String),
+    /// A lab host or script did not finish in time.
+    #[error("{0} did not finish in time (see {1})")]
+    LabTimeout(String, String),
     /// The lab host reported a problem.
     #[error("Lab host error: {0}")]
     Lab(String),
@@ -370,21 +370,7 @@ impl Lab {
             }
             s
         });
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if start.elapsed() > timeout => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(Error::LabTimeout(
-                        timeout.as_secs(),
-                        path.display().to_string(),
-                    ));
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-                Err(e) => return Err(Error::Spawn("sh".into(), e)),
-            }
-        }
+        wait_child(&mut child, start + timeout, "sh", &path)?;
         let text = reader.join().unwrap_or_default();
         let parsed = parse_results(&text);
         if !parsed.done {
@@ -554,21 +540,12 @@ impl Lab {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| Error::Spawn("qemu-system-x86_64".into(), e))?;
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if start.elapsed() > limit => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(Error::LabTimeout(
-                        limit.as_secs(),
-                        lab_console.display().to_string(),
-                    ));
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(100)),
-                Err(e) => return Err(Error::Spawn("qemu-system-x86_64".into(), e)),
-            }
-        }
+        wait_child(
+            &mut child,
+            start + limit,
+            "qemu-system-x86_64",
+            &lab_console,
+        )?;
         let text = std::fs::read_to_string(&results).unwrap_or_default();
         let parsed = parse_results(&text);
         if let Some(e) = parsed.lab_error {
@@ -611,6 +588,31 @@ impl Drop for Lab {
     fn drop(&mut self) {
         if std::env::var_os("RASVMM_KEEP_LAB").is_none() {
             let _ = std::fs::remove_dir_all(&self.work);
+        }
+    }
+}
+
+/// Waits for `child` until `deadline`; past it, kills it and reports a
+/// timeout naming `log`, the file that shows how far it got.
+fn wait_child(
+    child: &mut std::process::Child,
+    deadline: Instant,
+    what: &str,
+    log: &Path,
+) -> Result<(), Error> {
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) if Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::LabTimeout(
+                    what.to_string(),
+                    log.display().to_string(),
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(Error::Spawn(what.to_string(), e)),
         }
     }
 }

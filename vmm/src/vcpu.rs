@@ -282,6 +282,16 @@ fn host_memory_error(vcpu: &VcpuFd, ctx: &VcpuContext, code: i32, hva: usize) {
         }
     };
     let lmce = ctx.mcg_cap & enc::MCG_LMCE_P != 0;
+    let consumed = |result: Option<String>| {
+        let _ = ctx.events.send(VmEvent::Ras(RasEvent::Consumed {
+            vcpu: ctx.index,
+            gpa: page,
+            error,
+            consumptions,
+            at_ms: now,
+            result,
+        }));
+    };
     let record = if enc::recoverable(ctx.vendor, ctx.mcg_cap) {
         enc::encode(error, ctx.vendor, page, lmce)
     } else if error == MemoryError::Srar {
@@ -291,14 +301,7 @@ fn host_memory_error(vcpu: &VcpuFd, ctx: &VcpuContext, code: i32, hva: usize) {
     } else {
         // Action-optional news a non-SER guest cannot take: the page stays
         // poisoned and the next access reports it.
-        let _ = ctx.events.send(VmEvent::Ras(RasEvent::Consumed {
-            vcpu: ctx.index,
-            gpa: page,
-            error,
-            consumptions,
-            at_ms: now,
-            result: Some("not reported: the guest has no SER_P".into()),
-        }));
+        consumed(Some("not reported: the guest has no SER_P".into()));
         return;
     };
     let mut result = mce::check(vcpu, ctx.index, ctx.mcg_cap, &record)
@@ -306,14 +309,7 @@ fn host_memory_error(vcpu: &VcpuFd, ctx: &VcpuContext, code: i32, hva: usize) {
     if result.is_ok() && enc::is_broadcast(error, ctx.vendor, lmce) {
         result = broadcast_others(ctx);
     }
-    let _ = ctx.events.send(VmEvent::Ras(RasEvent::Consumed {
-        vcpu: ctx.index,
-        gpa: page,
-        error,
-        consumptions,
-        at_ms: now,
-        result: result.err().map(|e| e.to_string()),
-    }));
+    consumed(result.err().map(|e| e.to_string()));
 }
 
 /// An Intel machine check without LMCE is a broadcast: Linux's handler
