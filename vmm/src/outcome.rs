@@ -152,15 +152,20 @@ impl Classifier {
         self.outcome(OutcomeKind::Poweroff, "KVM_SYSTEM_EVENT_SHUTDOWN".into())
     }
 
-    /// A vCPU triple-faulted.
-    pub fn triple_fault(&mut self, vcpu: u8) -> Outcome {
+    /// A vCPU triple-faulted; `state` is its register and event state.
+    pub fn triple_fault(&mut self, vcpu: u8, state: &str) -> Outcome {
         if self.panic.is_some() {
             return self.panic_outcome();
         }
-        self.outcome(
+        let mut o = self.outcome(
             OutcomeKind::TripleFault,
             format!("vCPU {vcpu} triple fault"),
-        )
+        );
+        if !state.is_empty() {
+            o.log
+                .push(format!("rasvmm: vCPU {vcpu} at the triple fault: {state}"));
+        }
+        o
     }
 
     /// The deadline passed. A guest that panicked and then hung (panic=0)
@@ -269,15 +274,17 @@ mod tests {
         c.console_line("Kernel panic - not syncing: x");
         assert!(c.console_line("reboot: Power down").is_none());
         assert_eq!(c.deadline(1.0).kind, OutcomeKind::Panic);
-        assert_eq!(c.triple_fault(0).kind, OutcomeKind::Panic);
+        assert_eq!(c.triple_fault(0, "").kind, OutcomeKind::Panic);
     }
 
     #[test]
     fn stops_without_panic() {
         assert_eq!(Classifier::new().reset().kind, OutcomeKind::Reboot);
+        let t = Classifier::new().triple_fault(1, "rip 0x10");
+        assert_eq!(t.kind, OutcomeKind::TripleFault);
         assert_eq!(
-            Classifier::new().triple_fault(1).kind,
-            OutcomeKind::TripleFault
+            t.log.last().map(String::as_str),
+            Some("rasvmm: vCPU 1 at the triple fault: rip 0x10")
         );
         assert_eq!(Classifier::new().deadline(5.0).kind, OutcomeKind::Timeout);
         assert_eq!(

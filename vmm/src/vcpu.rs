@@ -31,8 +31,9 @@ use crate::vm::VmEvent;
 /// Why a vCPU stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuStop {
-    /// KVM_EXIT_SHUTDOWN: a triple fault.
-    TripleFault,
+    /// KVM_EXIT_SHUTDOWN: a triple fault, with the vCPU's state as KVM
+    /// left it (for diagnosis).
+    TripleFault(String),
     /// KVM_SYSTEM_EVENT_SHUTDOWN (for example PSCI SYSTEM_OFF).
     SystemShutdown,
     /// KVM_SYSTEM_EVENT_RESET.
@@ -187,7 +188,7 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
             // No MMIO devices yet: reads float high, writes are dropped.
             Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
             Ok(VcpuExit::MmioWrite(..)) => {}
-            Ok(VcpuExit::Shutdown) => break VcpuStop::TripleFault,
+            Ok(VcpuExit::Shutdown) => break VcpuStop::TripleFault(shutdown_state(&vcpu)),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => break VcpuStop::SystemShutdown,
                 KVM_SYSTEM_EVENT_RESET => break VcpuStop::SystemReset,
@@ -396,6 +397,30 @@ pub enum RasEvent {
         /// Host address.
         hva: u64,
     },
+}
+
+/// The vCPU state at a triple fault: where it was, in what mode, and the
+/// event KVM was delivering.
+fn shutdown_state(vcpu: &VcpuFd) -> String {
+    let mut s = String::new();
+    if let Ok(r) = vcpu.get_regs() {
+        s += &format!("rip {:#x} rsp {:#x} rflags {:#x}", r.rip, r.rsp, r.rflags);
+    }
+    if let Ok(sr) = vcpu.get_sregs() {
+        s += &format!(
+            " cs {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+            sr.cs.selector, sr.cr0, sr.cr3, sr.cr4, sr.efer
+        );
+    }
+    if let Ok(e) = vcpu.get_vcpu_events() {
+        let x = e.exception;
+        s += &format!(
+            "; exception nr {} injected {} pending {} error {:#x}; interrupt nr {} injected {}; nmi injected {} pending {}",
+            x.nr, x.injected, x.pending, x.error_code,
+            e.interrupt.nr, e.interrupt.injected, e.nmi.injected, e.nmi.pending
+        );
+    }
+    s
 }
 
 /// Describes a KVM_EXIT_INTERNAL_ERROR from kvm_run.internal.

@@ -1018,7 +1018,7 @@ impl Session {
             VmEvent::Api(call) => self.serve_api(call),
             VmEvent::Stopped { vcpu, stop } => {
                 let o = match stop {
-                    VcpuStop::TripleFault => self.classifier.triple_fault(vcpu),
+                    VcpuStop::TripleFault(state) => self.classifier.triple_fault(vcpu, &state),
                     VcpuStop::SystemReset => self.classifier.reset(),
                     VcpuStop::SystemShutdown => self.classifier.shutdown_event(),
                     VcpuStop::Error(e) => self.classifier.vmm_error(format!("vCPU {vcpu}: {e}")),
