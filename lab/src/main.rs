@@ -5,6 +5,7 @@
 //! rasvmm-lab suite [DIR] [--junit F] [--json F]  run scenario files, print verdicts
 //! rasvmm-lab demo                       boot the default guest, print outcome and boot time
 //! rasvmm-lab bench-boot [--runs N]      rasvmm vs QEMU boot-to-agent-ready (lab backend)
+//! rasvmm-lab bench-inject [--runs N]    rasvmm vs QEMU injection-to-panic (lab backend)
 //! ```
 
 use std::process::ExitCode;
@@ -22,9 +23,10 @@ fn main() -> ExitCode {
         Some("demo") => demo(),
         Some("suite") => suite::run(&args[1..]),
         Some("bench-boot") => bench::boot(&args[1..]),
+        Some("bench-inject") => bench::inject(&args[1..]),
         Some("-h" | "--help") | None => {
             eprintln!(
-                "usage: rasvmm-lab run [rasvmm run args...] | suite [DIR] [--junit F] [--json F] | demo | bench-boot [--runs N]"
+                "usage: rasvmm-lab run [rasvmm run args...] | suite [DIR] [--junit F] [--json F] | demo | bench-boot [--runs N] | bench-inject [--runs N]"
             );
             return if args.is_empty() {
                 ExitCode::from(2)
@@ -33,7 +35,7 @@ fn main() -> ExitCode {
             };
         }
         Some(other) => Err(format!(
-            "unknown command '{other}' (run, suite, demo, bench-boot)"
+            "unknown command '{other}' (run, suite, demo, bench-boot, bench-inject)"
         )),
     };
     match result {
