@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what rasvmm's builds and tests need on a Debian machine, only what
 # is missing: QEMU (the lab host), busybox-static (initramfs), the kernel
-# build tools, and Rust's x86_64-unknown-linux-musl target (static binaries).
+# build tools, Rust's x86_64-unknown-linux-musl target (static binaries), and
+# cargo-fuzz (the parsers' fuzz targets).
 source "$(dirname "$0")/lib.sh"
 
 packages=(qemu-system-x86 busybox-static flex bison bc libelf-dev libssl-dev cpio xz-utils
@@ -21,6 +22,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
+if ! command -v cargo-fuzz >/dev/null; then
+	log "installing cargo-fuzz (about a minute)"
+	cargo install --quiet --locked cargo-fuzz || die "cargo install cargo-fuzz failed"
+fi
 if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
 	log "adding Rust target x86_64-unknown-linux-musl"
 	rustup target add x86_64-unknown-linux-musl >/dev/null ||
