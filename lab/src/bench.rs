@@ -17,23 +17,7 @@ const QEMU_CPU: &str = "qemu64,vendor=GenuineIntel";
 /// same kernel, initramfs, command line, memory and one vCPU, interleaved
 /// run by run in one lab host.
 pub fn boot(args: &[String]) -> Result<ExitCode, String> {
-    let runs: u32 = match args {
-        [] => 5,
-        [flag, n] if flag == "--runs" => n
-            .parse()
-            .ok()
-            .filter(|n| (1..=50).contains(n))
-            .ok_or("--runs takes 1 to 50")?,
-        _ => return Err("usage: rasvmm-lab bench-boot [--runs N]".into()),
-    };
-    let lab = Lab::new().map_err(|e| chain(&e))?;
-    if lab.backend != Backend::Lab {
-        return Err("bench-boot measures inside the lab host; set RASVMM_BACKEND=lab".into());
-    }
-    let image =
-        lab.manifest.lab_bench_initramfs.clone().ok_or(
-            "no bench lab image: run scripts/build-images.sh --bench (scripts/bench.sh does)",
-        )?;
+    let (runs, lab, image) = setup("bench-boot", args)?;
     let cmdline = vmm::config::DEFAULT_CMDLINE;
     let script = format!(
         r#"CMDLINE={cmdline}
@@ -115,6 +99,31 @@ done
     Ok(ExitCode::SUCCESS)
 }
 
+/// Parses `[--runs N]` and opens the lab with its bench image; benchmarks
+/// measure rasvmm and QEMU in the same lab host, so only the lab backend will do.
+fn setup(name: &str, args: &[String]) -> Result<(u32, Lab, std::path::PathBuf), String> {
+    let runs: u32 = match args {
+        [] => 5,
+        [flag, n] if flag == "--runs" => n
+            .parse()
+            .ok()
+            .filter(|n| (1..=50).contains(n))
+            .ok_or("--runs takes 1 to 50")?,
+        _ => return Err(format!("usage: rasvmm-lab {name} [--runs N]")),
+    };
+    let lab = Lab::new().map_err(|e| chain(&e))?;
+    if lab.backend != Backend::Lab {
+        return Err(format!(
+            "{name} measures inside the lab host; set RASVMM_BACKEND=lab"
+        ));
+    }
+    let image =
+        lab.manifest.lab_bench_initramfs.clone().ok_or(
+            "no bench lab image: run scripts/build-images.sh --bench (scripts/bench.sh does)",
+        )?;
+    Ok((runs, lab, image))
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -138,23 +147,7 @@ fn max(v: &[f64]) -> f64 {
 /// HMP `mce` command, alternating run by run in one lab host, both with an
 /// AMD guest (the lab host's SVM hides SER_P, so rasvmm refuses Intel SRAR).
 pub fn inject(args: &[String]) -> Result<ExitCode, String> {
-    let runs: u32 = match args {
-        [] => 5,
-        [flag, n] if flag == "--runs" => n
-            .parse()
-            .ok()
-            .filter(|n| (1..=50).contains(n))
-            .ok_or("--runs takes 1 to 50")?,
-        _ => return Err("usage: rasvmm-lab bench-inject [--runs N]".into()),
-    };
-    let lab = Lab::new().map_err(|e| chain(&e))?;
-    if lab.backend != Backend::Lab {
-        return Err("bench-inject measures inside the lab host; set RASVMM_BACKEND=lab".into());
-    }
-    let image =
-        lab.manifest.lab_bench_initramfs.clone().ok_or(
-            "no bench lab image: run scripts/build-images.sh --bench (scripts/bench.sh does)",
-        )?;
+    let (runs, lab, image) = setup("bench-inject", args)?;
     // The AMD SRAR record: VAL EN MISCV ADDRV UC POISON, MCG_STATUS MCIP EIPV RIPV.
     let amd_srar = ras::mce::encode(
         ras::mce::MemoryError::Srar,
