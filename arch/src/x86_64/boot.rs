@@ -8,7 +8,6 @@ use thiserror::Error;
 
 use super::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIGH_RAM_START, MMIO_HOLE_END, MMIO_HOLE_START,
-    ZERO_PAGE_START,
 };
 
 /// e820 type for usable RAM.
@@ -180,11 +179,6 @@ pub fn boot_params(spec: &BootSpec<'_>) -> Result<boot_params, Error> {
 fn low32(addr: u64) -> u32 {
     debug_assert!(addr < MMIO_HOLE_END);
     u32::try_from(addr).unwrap_or(u32::MAX)
-}
-
-/// Address of the zero page, for the vCPU's RSI.
-pub const fn zero_page_address() -> u64 {
-    ZERO_PAGE_START
 }
 
 #[cfg(test)]
