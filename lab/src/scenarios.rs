@@ -16,7 +16,8 @@ const DEFAULT_TIMEOUT: f64 = 120.0;
 
 /// The built-in x86_64 suite.
 pub fn default_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/x86_64")
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/x86_64");
+    std::fs::canonicalize(&dir).unwrap_or(dir)
 }
 
 /// Reads every `*.toml` in `dir`, in name order; the error is one line.

@@ -16,7 +16,10 @@ struct Options {
 }
 
 fn options(args: &[String]) -> Result<Options, String> {
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/scenario-results");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::fs::canonicalize(&root)
+        .unwrap_or(root)
+        .join("target/scenario-results");
     let mut o = Options {
         dir: scenarios::default_dir(),
         junit: out.join("junit.xml"),
