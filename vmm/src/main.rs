@@ -249,16 +249,27 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
     };
     cfg.validate(config::host_memory_mib())
         .map_err(|e| e.to_string())?;
+    // Open the report file before the guest boots: a path that cannot be
+    // written must fail now, not after a long run whose report would be lost.
+    let mut report_file = match &a.json {
+        Some(p) if p.as_os_str() != "-" => Some(
+            std::fs::File::create(p)
+                .map_err(|e| format!("cannot write report '{}': {e}", p.display()))?,
+        ),
+        _ => None,
+    };
     let report = vmm::run::run_expecting(&cfg, &steps, scenario.as_ref(), a.api_socket.as_deref())
         .map_err(|e| chain(&e))?;
     eprint!("{}", report.human());
     if let Some(path) = &a.json {
         let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        if path.as_os_str() == "-" {
-            println!("{json}");
-        } else {
-            std::fs::write(path, json + "\n")
-                .map_err(|e| format!("cannot write report '{}': {e}", path.display()))?;
+        match report_file.as_mut() {
+            Some(f) => {
+                use std::io::Write;
+                f.write_all((json + "\n").as_bytes())
+                    .map_err(|e| format!("cannot write report '{}': {e}", path.display()))?;
+            }
+            None => println!("{json}"),
         }
     }
     if let Some(v) = &report.verdict {

@@ -142,3 +142,16 @@ fn unknown_flag_is_one_line() {
     let (c, e) = rasvmm(&["frobnicate"]);
     assert_one_line_error(c, &e, "frobnicate");
 }
+
+#[test]
+fn unwritable_report_path_fails_before_the_guest_runs() {
+    let k = temp("k6", &fake_bzimage());
+    let (c, e) = rasvmm(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--json",
+        "/nonexistent/dir/report.json",
+    ]);
+    assert_one_line_error(c, &e, "cannot write report '/nonexistent/dir/report.json'");
+}
