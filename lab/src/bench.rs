@@ -66,14 +66,10 @@ done
             .get(&format!("qemu-{i}"))
             .cloned()
             .unwrap_or_default();
-        let field = |k: &str| -> Option<f64> {
-            q.split_whitespace()
-                .find_map(|w| w.strip_prefix(k))
-                .and_then(|v| v.parse().ok())
-        };
-        let ready = field("ready_ms=").ok_or(format!("QEMU run {i} failed: {}", q.trim()))?;
+        let ready =
+            timer_field(&q, "ready_ms").ok_or(format!("QEMU run {i} failed: {}", q.trim()))?;
         qemu_ms.push(ready);
-        qemu_rss.push(field("maxrss_kib=").unwrap_or(0.0));
+        qemu_rss.push(timer_field(&q, "maxrss_kib").unwrap_or(0.0));
     }
     let (rm, qm) = (median(&mut rasvmm_ms), median(&mut qemu_ms));
     println!(
@@ -122,6 +118,15 @@ fn setup(name: &str, args: &[String]) -> Result<(u32, Lab, std::path::PathBuf), 
             "no bench lab image: run scripts/build-images.sh --bench (scripts/bench.sh does)",
         )?;
     Ok((runs, lab, image))
+}
+
+/// A `key=value` figure from lab-timer's output.
+fn timer_field(output: &str, key: &str) -> Option<f64> {
+    output
+        .split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -202,10 +207,7 @@ done
         .map_err(|e| chain(&e))?;
     let ms = |name: &str| -> Result<f64, String> {
         let t = res.files.get(name).cloned().unwrap_or_default();
-        t.split_whitespace()
-            .find_map(|w| w.strip_prefix("ready_ms="))
-            .and_then(|v| v.parse().ok())
-            .ok_or(format!("{name} measured nothing: {}", t.trim()))
+        timer_field(&t, "ready_ms").ok_or(format!("{name} measured nothing: {}", t.trim()))
     };
     let mut r = Vec::new();
     let mut q = Vec::new();
@@ -234,3 +236,21 @@ done
 
 /// Where the benchmark's machine check points: 32 MiB, guest RAM in both VMMs.
 const GPA: u64 = 0x200_0000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_timer_figures_are_read_by_name() {
+        let out = "ready_ms=116 maxrss_kib=68132\n";
+        assert_eq!(timer_field(out, "ready_ms"), Some(116.0));
+        assert_eq!(timer_field(out, "maxrss_kib"), Some(68132.0));
+        assert_eq!(
+            timer_field("lab-timer: 'x' did not appear", "ready_ms"),
+            None
+        );
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}

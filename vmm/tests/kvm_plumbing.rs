@@ -216,6 +216,17 @@ fn payload_that_does_not_fit_is_an_error() {
     assert!(err.to_string().contains("payload"), "{err}");
 }
 
+/// Connects to a run's API socket once it exists.
+fn connect_when_ready(path: &std::path::Path) -> std::os::unix::net::UnixStream {
+    for _ in 0..500 {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(path) {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the API socket {} never appeared", path.display());
+}
+
 /// Sends one request line and reads lines until the answer with `id`.
 fn api_call(
     w: &mut std::os::unix::net::UnixStream,
@@ -241,12 +252,7 @@ fn control_api_injects_streams_events_and_shuts_down() {
     let path = std::env::temp_dir().join(format!("rasvmm-plumbing-api-{}", std::process::id()));
     let client_path = path.clone();
     let client = std::thread::spawn(move || {
-        let mut s = loop {
-            if let Ok(s) = std::os::unix::net::UnixStream::connect(&client_path) {
-                break s;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let mut s = connect_when_ready(&client_path);
         let mut r = BufReader::new(s.try_clone().unwrap());
         let state = api_call(&mut s, &mut r, 1, "\"state\"");
         assert!(
@@ -306,12 +312,7 @@ fn control_api_injects_streams_events_and_shuts_down() {
     let path2 = path.with_extension("2");
     let p2 = path2.clone();
     let stopper = std::thread::spawn(move || {
-        let mut s = loop {
-            if let Ok(s) = std::os::unix::net::UnixStream::connect(&p2) {
-                break s;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let mut s = connect_when_ready(&p2);
         let mut r = BufReader::new(s.try_clone().unwrap());
         assert_eq!(
             api_call(&mut s, &mut r, 9, "\"shutdown\"")["ok"],
