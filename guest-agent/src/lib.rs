@@ -145,6 +145,15 @@ pub struct TouchResult {
     pub page: u32,
     /// The signal the access raised, if any (also sent as a `signal` event).
     pub signal: Option<SignalReport>,
+    /// Whether the page still held what the holder last wrote (a read
+    /// compares all of it; after a soft offline the data must survive the
+    /// move).
+    #[serde(default)]
+    pub intact: bool,
+    /// The page's PFN after the touch (it changes when the kernel migrated
+    /// or replaced the page).
+    #[serde(default)]
+    pub pfn: Option<u64>,
 }
 
 /// A signal a page holder received (SIGBUS from memory-failure handling).

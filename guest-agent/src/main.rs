@@ -221,7 +221,14 @@ impl Agent {
                         .write_all(&encode(&AgentMessage::Signal(s)))
                         .map_err(|e| e.to_string())?;
                 }
-                REPORT_TOUCHED => return Ok(TouchResult { page, signal }),
+                REPORT_TOUCHED => {
+                    return Ok(TouchResult {
+                        page,
+                        signal,
+                        intact: r.code == 1,
+                        pfn: pfn_of(pid, r.addr).ok(),
+                    })
+                }
                 k => return Err(format!("page holder {page} sent report kind {k}")),
             }
         }
@@ -373,6 +380,8 @@ fn holder_main(cmd: OwnedFd, report: OwnedFd) -> ! {
     write_report_raw(report_fd, REPORT_READY, 0, 0, 0, page as u64);
     let mut cmd = File::from(cmd);
     let mut c = [0u8; 1];
+    // What the first byte should hold (the rest stays 0x5a).
+    let mut first = 0x5au8;
     loop {
         match cmd.read(&mut c) {
             Ok(1) => {}
@@ -382,16 +391,21 @@ fn holder_main(cmd: OwnedFd, report: OwnedFd) -> ! {
                 unsafe { libc::_exit(0) }
             }
         }
-        // SAFETY: volatile access to our own live page, so the compiler
-        // cannot elide the load or store that must reach memory.
+        let mut intact = true;
+        // SAFETY: volatile accesses within our own live page of PAGE_SIZE
+        // bytes, so the compiler cannot elide what must reach memory.
         unsafe {
             if c[0] == b'w' {
                 std::ptr::write_volatile(page, 0xa5);
+                first = 0xa5;
             } else {
-                std::ptr::read_volatile(page);
+                for i in 0..PAGE_SIZE {
+                    let want = if i == 0 { first } else { 0x5a };
+                    intact &= std::ptr::read_volatile(page.add(i)) == want;
+                }
             }
         }
-        write_report_raw(report_fd, REPORT_TOUCHED, 0, 0, 0, page as u64);
+        write_report_raw(report_fd, REPORT_TOUCHED, 0, i32::from(intact), 0, page as u64);
     }
 }
 

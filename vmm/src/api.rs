@@ -16,7 +16,7 @@
 //! ```
 //!
 //! Requests: `{"step": "<step>"}` (any `--step`: agent requests, inject,
-//! poison; `wait` is the client's business), `{"mce": {...}}` (a raw record
+//! poison, ghes-memory, ghes-raw; `wait` is the client's business), `{"mce": {...}}` (a raw record
 //! for experts, validated against the guest's MCG_CAP), `"ledger"`,
 //! `"state"`, `"subscribe"` (RAS events, signals and the outcome as they
 //! happen, like QEMU's MEMORY_FAILURE event), `"shutdown"`. A malformed or
@@ -309,8 +309,62 @@ pub fn client_request(words: &str) -> Result<Request, String> {
             mcg_status: num(f[5])?,
         }));
     }
-    crate::steps::parse(w).map_err(|e| e.to_string())?;
-    Ok(Request::Step(w.to_string()))
+    let step = match w.split_once(char::is_whitespace) {
+        Some((verb @ ("ghes-memory" | "ghes-raw"), flags)) => ghes_step(verb, flags)?,
+        _ => w.to_string(),
+    };
+    crate::steps::parse(&step).map_err(|e| e.to_string())?;
+    Ok(Request::Step(step))
+}
+
+/// The step for the CLI's option form of the GHES requests:
+/// `ghes-memory --severity S --gpa A [--source N] [--threshold] [--vcpu V]`
+/// and `ghes-raw --source N --record HEX`.
+fn ghes_step(verb: &str, flags: &str) -> Result<String, String> {
+    let mut opts: std::collections::BTreeMap<&str, &str> = std::collections::BTreeMap::new();
+    let mut words = flags.split_whitespace();
+    while let Some(f) = words.next() {
+        let name = f
+            .strip_prefix("--")
+            .ok_or_else(|| format!("{verb}: expected an option, found '{f}'"))?;
+        let value = if name == "threshold" {
+            ""
+        } else {
+            words
+                .next()
+                .ok_or_else(|| format!("{verb}: --{name} needs a value"))?
+        };
+        let known: &[&str] = if verb == "ghes-raw" {
+            &["source", "record"]
+        } else {
+            &["severity", "gpa", "source", "threshold", "vcpu"]
+        };
+        if !known.contains(&name) {
+            return Err(format!("{verb}: unknown option --{name} (options: --{})", known.join(", --")));
+        }
+        if opts.insert(name, value).is_some() {
+            return Err(format!("{verb}: --{name} given twice"));
+        }
+    }
+    let need = |n: &str| {
+        opts.get(n)
+            .copied()
+            .ok_or_else(|| format!("{verb}: --{n} is required"))
+    };
+    if verb == "ghes-raw" {
+        return Ok(format!("ghes-raw:{}:{}", need("source")?, need("record")?));
+    }
+    let mut step = format!("ghes-memory:{}:{}", need("severity")?, need("gpa")?);
+    if let Some(s) = opts.get("source") {
+        step.push_str(&format!(":source={s}"));
+    }
+    if opts.contains_key("threshold") {
+        step.push_str(":threshold");
+    }
+    if let Some(v) = opts.get("vcpu") {
+        step.push_str(&format!(":vcpu={v}"));
+    }
+    Ok(step)
 }
 
 #[cfg(test)]
@@ -318,6 +372,35 @@ mod tests {
     use std::io::{BufRead, BufReader, Write};
 
     use super::*;
+
+    #[test]
+    fn ghes_option_form() {
+        assert_eq!(
+            client_request("ghes-memory --severity recoverable --gpa 0x2000000 --source gsiv"),
+            Ok(Request::Step(
+                "ghes-memory:recoverable:0x2000000:source=gsiv".into()
+            ))
+        );
+        assert_eq!(
+            client_request("ghes-memory --gpa 0x1000 --severity corrected --threshold"),
+            Ok(Request::Step("ghes-memory:corrected:0x1000:threshold".into()))
+        );
+        assert_eq!(
+            client_request("ghes-raw --source polled --record 0011"),
+            Ok(Request::Step("ghes-raw:polled:0011".into()))
+        );
+        for bad in [
+            "ghes-memory --gpa 0x1000",
+            "ghes-memory --severity fatal --gpa 0x1000 --source sci",
+            "ghes-memory --severity fatal --gpa",
+            "ghes-memory --severity fatal --gpa 1 --gpa 2",
+            "ghes-memory --colour red",
+            "ghes-raw --source nmi",
+            "ghes-raw --source nmi --record 0",
+        ] {
+            assert!(client_request(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn wire_format() {

@@ -20,10 +20,10 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// The default guest command line. `reboot=k` resets through the i8042 so a
 /// triple fault stays a distinct outcome; `panic=-1` reboots at once after a
-/// panic. rasvmm has no ACPI tables or PCI host bridge yet, so the guest is
-/// told not to look for them, and the i8042 is only a reset line (the
-/// options Firecracker passes too).
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet acpi=off pci=off \
+/// panic. The guest has ACPI tables (hardware-reduced, with a HEST) but no
+/// PCI host bridge, so it is told not to look for one, and the i8042 is only
+/// a reset line (the options Firecracker passes too).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet pci=off \
      i8042.noaux i8042.nomux i8042.dumbkbd";
 
 /// Errors in the VM configuration.

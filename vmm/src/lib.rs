@@ -4,6 +4,8 @@
 //! - [`vm`]: creating the VM, loading the guest, the event session;
 //! - [`vcpu`]: vCPU threads;
 //! - [`console`], [`agent`]: the two UARTs (console and guest agent);
+//! - [`mce`]: KVM machine-check plumbing; [`ghes`]: firmware-first reports
+//!   through the guest's APEI GHES error sources;
 //! - [`outcome`]: how a run ended; [`report`]: what a run produced;
 //! - [`run`]: a whole run from configuration to report.
 
@@ -11,6 +13,7 @@ pub mod agent;
 pub mod api;
 pub mod config;
 pub mod console;
+pub mod ghes;
 pub mod mce;
 pub mod outcome;
 pub mod report;

@@ -33,7 +33,9 @@ struct ApiArgs {
     socket: PathBuf,
     /// ledger, state, events, shutdown, a step (inject:srao:<gpa>, poison:<gpa>,
     /// page-info:<pfn>, ...), mce:<vcpu>:<bank>:<status>:<addr>:<misc>:<mcg_status>,
-    /// or a JSON request.
+    /// ghes-memory --severity <recoverable|corrected|fatal> --gpa <gpa>
+    /// [--source <nmi|gsiv|polled>] [--threshold] [--vcpu <n>],
+    /// ghes-raw --source <nmi|gsiv|polled> --record <hex>, or a JSON request.
     #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
     request: Vec<String>,
 }

@@ -144,12 +144,12 @@ impl Classifier {
         self.outcome(OutcomeKind::Reboot, "guest reset".into())
     }
 
-    /// KVM reported a guest power-off system event.
-    pub fn shutdown_event(&mut self) -> Outcome {
+    /// The guest powered off by a KVM system event or ACPI S5 (`how`).
+    pub fn power_off(&mut self, how: &str) -> Outcome {
         if self.panic.is_some() {
             return self.panic_outcome();
         }
-        self.outcome(OutcomeKind::Poweroff, "KVM_SYSTEM_EVENT_SHUTDOWN".into())
+        self.outcome(OutcomeKind::Poweroff, how.into())
     }
 
     /// A vCPU triple-faulted; `state` is its register and event state.

@@ -62,6 +62,8 @@ pub struct RunReport {
     pub ras_events: Vec<RasEvent>,
     /// The poison ledger at the end of the run.
     pub ledger: Vec<Entry>,
+    /// The GHES error sources at the end of the run.
+    pub ghes: Vec<crate::ghes::SourceState>,
     /// Milliseconds from VMM start to the outcome.
     pub elapsed_ms: u64,
     /// vCPUs.
@@ -164,6 +166,7 @@ impl RunReport {
             agent_kicks: 0,
             ras_events: Vec::new(),
             ledger: Vec::new(),
+            ghes: Vec::new(),
             elapsed_ms: 0,
             vcpus,
             memory_mib,

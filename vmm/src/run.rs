@@ -83,6 +83,7 @@ pub fn run_expecting(
     report.ras_events = std::mem::take(&mut session.ras_events);
     report.agent_kicks = session.agent_kicks;
     report.ledger = session.vm().ledger();
+    report.ghes = session.vm().ghes_state();
     report.mcg_cap = session.vm().mcg_cap();
     report.ras_limitation = session.vm().ras_limitation();
     if let Some(s) = scenario {

@@ -108,6 +108,20 @@ pub struct Expect {
     /// Steps (1-based) that must fail, with a substring of their error.
     #[serde(default)]
     pub step_errors: BTreeMap<String, String>,
+    /// Pages (references) reported through GHES whose address the guest's
+    /// own CPER decode printed ("[Hardware Error]: physical_address:").
+    #[serde(default)]
+    pub cper_decoded: Vec<String>,
+    /// Page holders whose page was soft-offlined: the last touch found the
+    /// data intact at a different PFN, without a signal.
+    #[serde(default)]
+    pub soft_offlined: Vec<String>,
+    /// Records each GHES source must have had acknowledged (`nmi = 10`).
+    #[serde(default)]
+    pub ghes_acked: BTreeMap<String, u64>,
+    /// Records each GHES source must have had written into its block.
+    #[serde(default)]
+    pub ghes_written: BTreeMap<String, u64>,
 }
 
 /// A scenario.
@@ -347,9 +361,94 @@ pub fn evaluate(expect: &Expect, report: &RunReport, refs: &Refs) -> Verdict {
             None => f.push(format!("step {index} did not fail, expected '{want}'")),
         }
     }
+    check_ghes(expect, report, refs, &mut f);
     Verdict {
         passed: f.is_empty(),
         failures: f,
+    }
+}
+
+/// The GHES expectations: the guest's decode, soft offlines, acknowledgements.
+fn check_ghes(expect: &Expect, report: &RunReport, refs: &Refs, f: &mut Vec<String>) {
+    use crate::vcpu::RasEvent;
+    let decoded: Vec<(u64, bool)> = report
+        .ras_events
+        .iter()
+        .filter_map(|e| match e {
+            RasEvent::GuestDecoded {
+                physical_addr,
+                matches_report,
+            } => Some((*physical_addr, *matches_report)),
+            _ => None,
+        })
+        .collect();
+    for page in &expect.cper_decoded {
+        match refs.gpa(&crate::steps::Target::Ref(page.clone())) {
+            Err(e) => f.push(e),
+            Ok(gpa) => match decoded.iter().find(|(a, _)| *a == gpa) {
+                Some((_, true)) => {}
+                Some((_, false)) => f.push(format!(
+                    "the guest decoded {gpa:#x} ({page}) but rasvmm reported no record there"
+                )),
+                None => {
+                    let seen: Vec<String> = decoded.iter().map(|(a, _)| format!("{a:#x}")).collect();
+                    f.push(format!(
+                        "the guest never decoded a memory error at {gpa:#x} ({page}); it decoded [{}]",
+                        seen.join(", ")
+                    ))
+                }
+            },
+        }
+    }
+    for (a, ok) in &decoded {
+        if !ok {
+            f.push(format!("the guest decoded {a:#x}, which rasvmm never reported"));
+        }
+    }
+    for page in &expect.soft_offlined {
+        let Some(index) = page.strip_prefix("page").and_then(|n| n.parse::<u64>().ok()) else {
+            f.push(format!("'{page}' is not a page holder"));
+            continue;
+        };
+        let Some(pfn) = refs.named_pfn(page) else {
+            f.push(format!("'{page}' was never allocated"));
+            continue;
+        };
+        let touch = report
+            .steps
+            .iter()
+            .rev()
+            .filter_map(|s| s.reply.as_ref())
+            .map(|r| &r["touch"])
+            .find(|t| t["page"].as_u64() == Some(index));
+        match touch {
+            None => f.push(format!("no touch-page step touched {page}")),
+            Some(t) if !t["signal"].is_null() => {
+                f.push(format!("touching {page} raised a signal: {}", t["signal"]))
+            }
+            Some(t) if t["intact"] != true => f.push(format!("{page}'s data did not survive")),
+            Some(t) if t["pfn"].as_u64() == Some(pfn) => {
+                f.push(format!("{page} is still at PFN {pfn:#x}: it was not migrated"))
+            }
+            Some(_) => {}
+        }
+    }
+    let counts = [("acknowledged", &expect.ghes_acked), ("written", &expect.ghes_written)];
+    for (what, map) in counts {
+        for (source, want) in map {
+            let got = report
+                .ghes
+                .iter()
+                .find(|s| s.source.as_str() == source)
+                .map(|s| if what == "written" { s.stats.written } else { s.stats.acked });
+            match got {
+                Some(n) if n == *want => {}
+                Some(n) => f.push(format!(
+                    "the {source} source had {n} records {what}, expected {want}"
+                )),
+                None => f.push(format!("no GHES source '{source}'")),
+            }
+        }
     }
 }
 

@@ -14,6 +14,8 @@
 //! | `poweroff` | power the guest off |
 //! | `inject:<srar\|srao\|ucna>:<gpa\|ref>[:vcpu=<n>][:local]` | report a memory error |
 //! | `poison:<gpa\|ref>` | make a page bad: every later access raises SRAR |
+//! | `ghes-memory:<recoverable\|corrected\|fatal>:<gpa\|ref>[:source=<nmi\|gsiv\|polled>][:threshold][:vcpu=<n>]` | report a CPER memory error through a GHES error source (default NMI) |
+//! | `ghes-raw:<nmi\|gsiv\|polled>:<hex>` | report a raw CPER record (validated first) |
 //! | `wait:<ms>` | let the guest run |
 //!
 //! A reference names a PFN; where an address is meant it stands for the
@@ -23,6 +25,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use guest_agent::{Command, KernelPageKind, Payload};
+use ras::cper::Severity;
+use ras::ghes::Notification;
 use ras::mce::MemoryError;
 use serde::Serialize;
 use thiserror::Error;
@@ -73,6 +77,26 @@ pub enum Step {
     },
     /// Poison a page.
     Poison(Target),
+    /// A CPER memory error through a GHES error source.
+    GhesMemory {
+        /// Severity.
+        severity: Severity,
+        /// Where.
+        target: Target,
+        /// Which source.
+        source: Notification,
+        /// Corrected: the error threshold was exceeded.
+        threshold: bool,
+        /// The vCPU that takes the NMI.
+        vcpu: u8,
+    },
+    /// A raw CPER record through a GHES error source.
+    GhesRaw {
+        /// Which source.
+        source: Notification,
+        /// The record.
+        record: Vec<u8>,
+    },
     /// Let the guest run.
     Wait(Duration),
 }
@@ -167,6 +191,54 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
                 local,
             })
         }
+        ("ghes-memory", Some(a)) => {
+            let mut parts = a.split(':');
+            let severity = parts
+                .next()
+                .and_then(Severity::parse)
+                .filter(|s| *s != Severity::Informational)
+                .ok_or_else(|| bad("severity is recoverable, corrected or fatal"))?;
+            let target = parts
+                .next()
+                .and_then(target)
+                .ok_or_else(|| bad("expected an address or a reference"))?;
+            let (mut source, mut threshold, mut vcpu) = (Notification::Nmi, false, 0);
+            for opt in parts {
+                match opt.split_once('=') {
+                    Some(("source", n)) => {
+                        source = Notification::parse(n)
+                            .ok_or_else(|| bad("source is nmi, gsiv or polled"))?;
+                    }
+                    Some(("vcpu", n)) => {
+                        vcpu = number(n)
+                            .and_then(|v| u8::try_from(v).ok())
+                            .ok_or_else(|| bad("vcpu takes a vCPU index"))?;
+                    }
+                    None if opt == "threshold" => threshold = true,
+                    _ => return Err(bad("options are source=<nmi|gsiv|polled>, threshold and vcpu=<n>")),
+                }
+            }
+            if threshold && severity != Severity::Corrected {
+                return Err(bad("threshold applies to corrected errors"));
+            }
+            Ok(Step::GhesMemory {
+                severity,
+                target,
+                source,
+                threshold,
+                vcpu,
+            })
+        }
+        ("ghes-raw", Some(a)) => {
+            let (source, hex) = a
+                .split_once(':')
+                .ok_or_else(|| bad("expected ghes-raw:<source>:<hex>"))?;
+            let source =
+                Notification::parse(source).ok_or_else(|| bad("source is nmi, gsiv or polled"))?;
+            let record = crate::ghes::parse_hex(hex, ras::cper::MAX_RECORD_LEN)
+                .map_err(|e| bad(&e))?;
+            Ok(Step::GhesRaw { source, record })
+        }
         ("poison", Some(a)) => {
             Ok(Step::Poison(target(a).ok_or_else(|| {
                 bad("expected an address or a reference")
@@ -181,7 +253,7 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
         }
         _ => Err(bad(
             "expected exec, alloc-page, touch-page, kernel-pages, page-info, sysctl, poweroff, \
-             inject, poison, wait, or JSON",
+             inject, poison, ghes-memory, ghes-raw, wait, or JSON",
         )),
     }
 }
@@ -375,6 +447,33 @@ mod tests {
             Ok(Step::Poison(Target::Ref("page3".into())))
         );
         assert_eq!(
+            parse("ghes-memory:corrected:page1:source=polled:threshold"),
+            Ok(Step::GhesMemory {
+                severity: Severity::Corrected,
+                target: Target::Ref("page1".into()),
+                source: Notification::Polled,
+                threshold: true,
+                vcpu: 0
+            })
+        );
+        assert_eq!(
+            parse("ghes-memory:recoverable:0x3000:vcpu=1"),
+            Ok(Step::GhesMemory {
+                severity: Severity::Recoverable,
+                target: Target::Gpa(0x3000),
+                source: Notification::Nmi,
+                threshold: false,
+                vcpu: 1
+            })
+        );
+        assert_eq!(
+            parse("ghes-raw:gsiv:0011ff"),
+            Ok(Step::GhesRaw {
+                source: Notification::Gsiv,
+                record: vec![0, 0x11, 0xff]
+            })
+        );
+        assert_eq!(
             parse("wait:1500"),
             Ok(Step::Wait(Duration::from_millis(1500)))
         );
@@ -401,6 +500,15 @@ mod tests {
             "inject:srar:0x1000:global",
             "poison:",
             "poison:../etc",
+            "ghes-memory:recoverable",
+            "ghes-memory:informational:0x1000",
+            "ghes-memory:recoverable:0x1000:source=sci",
+            "ghes-memory:recoverable:0x1000:threshold",
+            "ghes-memory:fatal:0x1000:vcpu=x",
+            "ghes-raw:nmi",
+            "ghes-raw:local:00",
+            "ghes-raw:nmi:0",
+            "ghes-raw:nmi:zz",
             "wait:forever",
             "wait:99999999999",
         ] {

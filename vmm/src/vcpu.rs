@@ -53,6 +53,8 @@ pub enum VcpuRequest {
         /// The answer.
         reply: Sender<Result<(), mce::Error>>,
     },
+    /// Queue an NMI (a GHES notification).
+    Nmi,
 }
 
 /// Sends requests to one vCPU thread.
@@ -241,6 +243,14 @@ fn serve(vcpu: &VcpuFd, ctx: &VcpuContext, req: VcpuRequest) {
             }
             let _ = reply.send(r);
         }
+        VcpuRequest::Nmi => {
+            if let Err(e) = vcpu.nmi() {
+                let _ = ctx.events.send(VmEvent::Ras(RasEvent::NotifyFailed {
+                    vcpu: ctx.index,
+                    error: e.to_string(),
+                }));
+            }
+        }
     }
 }
 
@@ -387,6 +397,36 @@ pub enum RasEvent {
         /// Why the guest could not be told, if it could not.
         #[serde(skip_serializing_if = "Option::is_none")]
         result: Option<String>,
+    },
+    /// A GHES record was reported (written, or queued behind an
+    /// unacknowledged one).
+    GhesReported {
+        /// The error source.
+        source: ras::ghes::Notification,
+        /// The record's severity.
+        severity: ras::cper::Severity,
+        /// The memory section's address, if it has one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        gpa: Option<u64>,
+        /// Written or queued.
+        submitted: ras::ghes::Submitted,
+        /// When.
+        at_ms: u64,
+    },
+    /// The guest decoded a CPER memory-error section (its
+    /// "[Hardware Error]: physical_address:" line).
+    GuestDecoded {
+        /// The address the guest printed.
+        physical_addr: u64,
+        /// Whether rasvmm reported a GHES record with that address.
+        matches_report: bool,
+    },
+    /// A notification could not be delivered.
+    NotifyFailed {
+        /// The vCPU.
+        vcpu: u8,
+        /// Why.
+        error: String,
     },
     /// The host reported a memory error outside guest memory.
     HostErrorOutsideGuest {

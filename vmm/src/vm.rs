@@ -14,9 +14,9 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use arch::x86_64::{boot, cpuid, layout, mptable, regs};
+use arch::x86_64::{acpi, boot, cpuid, layout, mptable, regs};
 use devices::bus::{lock, PioBus};
-use devices::legacy::{Cmos, FnTrigger, SerialPort, I8042};
+use devices::legacy::{Cmos, FnTrigger, PowerPorts, SerialPort, I8042};
 use guest_agent::{
     decode_agent_message, encode, AgentMessage, Command, Hello, Payload, ProtocolError, Request,
     SignalReport,
@@ -34,10 +34,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::agent::AgentPort;
 use crate::config::{BootSource, ConsoleTarget, VmConfig};
 use crate::console::ConsoleOut;
+use crate::ghes::{self, Ghes, GHES_GSI};
 use crate::mce as kvm_mce;
 use crate::outcome::{Classifier, Outcome};
 use crate::steps::{Refs, Step, Target};
 use crate::vcpu::{self, RasEvent, VcpuContext, VcpuHandle, VcpuRequest, VcpuStop};
+use ras::cper::Severity;
+use ras::ghes::{Notification, SourceLayout};
 use ras::ledger::{self, Ledger};
 use ras::mce::{self as enc, MceRecord, MemoryError};
 
@@ -55,8 +58,10 @@ pub enum VmEvent {
     Console(String),
     /// A line from the agent (or why it was rejected).
     Agent(Result<Vec<u8>, ProtocolError>),
-    /// The guest pulsed the reset line (i8042 0xfe).
+    /// The guest pulsed the reset line (i8042 0xfe, or the ACPI reset register).
     Reset,
+    /// The guest entered ACPI S5 through the sleep control register.
+    PowerOff,
     /// A RAS event a vCPU thread saw (a poisoned page consumed).
     Ras(RasEvent),
     /// A control API request.
@@ -124,6 +129,12 @@ pub enum Error {
     /// The control API cannot start.
     #[error("Cannot start the control API")]
     Api(#[source] crate::api::Error),
+    /// The ACPI tables cannot be built.
+    #[error("Cannot build the ACPI tables")]
+    Acpi(#[source] acpi::Error),
+    /// The GHES error sources cannot be set up.
+    #[error("Cannot set up the GHES error sources")]
+    Ghes(#[source] ghes::Error),
 }
 
 /// Why a RAS request was refused. Nothing is injected or poisoned when a
@@ -157,6 +168,9 @@ pub enum RasError {
     /// The ledger is full.
     #[error("{0}")]
     Ledger(#[from] ledger::Error),
+    /// A GHES report was refused.
+    #[error("{0}")]
+    Ghes(#[from] ghes::Error),
     /// The host refused to poison the page.
     #[error("Cannot poison guest page {gpa:#x}: {reason}")]
     Poison {
@@ -195,6 +209,22 @@ pub struct Vm {
     mcg_cap: u64,
     vendor: enc::Vendor,
     ledger: Arc<Mutex<Ledger>>,
+    ghes: Option<Mutex<Ghes>>,
+}
+
+/// A GHES memory-error report request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GhesInjection {
+    /// The error source (its notification).
+    pub source: Notification,
+    /// CPER severity.
+    pub severity: Severity,
+    /// Guest-physical address.
+    pub gpa: u64,
+    /// Corrected errors: the error threshold was exceeded (soft offline).
+    pub threshold_exceeded: bool,
+    /// vCPU that takes the NMI, for the NMI source.
+    pub vcpu: u8,
 }
 
 impl Vm {
@@ -219,7 +249,13 @@ impl Vm {
             .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
 
         let memory = create_memory(&vm, config.memory_mib)?;
-        let entry = load_guest(&memory, config)?;
+        let (entry, ghes_sources) = load_guest(&memory, config)?;
+        let ghes = match ghes_sources {
+            Some(l) => Some(Mutex::new(
+                Ghes::new(memory.clone(), &l).map_err(Error::Ghes)?,
+            )),
+            None => None,
+        };
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -301,6 +337,7 @@ impl Vm {
             mcg_cap,
             vendor,
             ledger,
+            ghes,
         })
     }
 
@@ -462,6 +499,80 @@ impl Vm {
         })
     }
 
+    /// Reports a memory error through a GHES error source (see [`ghes`]).
+    pub fn ghes_memory_error(&self, inj: &GhesInjection) -> Result<RasEvent, RasError> {
+        self.check_gpa(inj.gpa)?;
+        self.vcpu_handles(inj.vcpu)?;
+        let record = ras::cper::MemoryErrorRecord {
+            severity: inj.severity,
+            physical_addr: inj.gpa,
+            threshold_exceeded: inj.threshold_exceeded,
+        }
+        .encode();
+        self.ghes_raw(inj.source, record, inj.vcpu)
+    }
+
+    /// Reports a raw CPER record through a GHES error source, validated
+    /// first: a refused record leaves guest memory untouched.
+    pub fn ghes_raw(
+        &self,
+        source: Notification,
+        record: Vec<u8>,
+        vcpu: u8,
+    ) -> Result<RasEvent, RasError> {
+        self.vcpu_handles(vcpu)?;
+        let ghes = self.ghes.as_ref().ok_or(ghes::Error::NoSources)?;
+        let report = lock(ghes).raw(source, record)?;
+        if report.submitted == ras::ghes::Submitted::Written {
+            self.ghes_notify(source, vcpu);
+        }
+        Ok(RasEvent::GhesReported {
+            source,
+            severity: report.summary.severity,
+            gpa: report.summary.sections.iter().find_map(|s| s.physical_addr),
+            submitted: report.submitted,
+            at_ms: self.now_ms(),
+        })
+    }
+
+    /// Writes records that waited for an acknowledgement and notifies the
+    /// guest; returns whether records still wait.
+    pub fn ghes_pump(&self) -> bool {
+        let Some(g) = &self.ghes else {
+            return false;
+        };
+        let (notify, waiting) = {
+            let mut g = lock(g);
+            (g.pump(), g.waiting())
+        };
+        for n in notify {
+            self.ghes_notify(n, 0);
+        }
+        waiting
+    }
+
+    /// The GHES sources' counters.
+    pub fn ghes_state(&self) -> Vec<ghes::SourceState> {
+        self.ghes.as_ref().map(|g| lock(g).stats()).unwrap_or_default()
+    }
+
+    /// Tells the guest a record is in `source`'s block.
+    fn ghes_notify(&self, source: Notification, vcpu: u8) {
+        match source {
+            Notification::Nmi => {
+                if let Some(h) = self.vcpus.get().and_then(|v| v.get(usize::from(vcpu))) {
+                    h.send(VcpuRequest::Nmi);
+                }
+            }
+            Notification::Gsiv => {
+                // An edge on the pin: Linux maps ISA GSIs edge-triggered.
+                let _ = self._vm.set_irq_line(GHES_GSI, true);
+                let _ = self._vm.set_irq_line(GHES_GSI, false);
+            }
+            Notification::Polled => {}
+        }
+    }
+
     /// Guest RAM resident in this process, in KiB (for overhead accounting).
     pub fn guest_resident_kib(&self) -> u64 {
         self.memory
@@ -493,16 +604,20 @@ fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, Error> {
     Ok(memory)
 }
 
-/// Loads the kernel, initramfs, command line and zero page (or a raw
-/// payload); returns the 64-bit entry point.
-fn load_guest(memory: &GuestMemoryMmap, config: &VmConfig) -> Result<u64, Error> {
+/// Loads the kernel, initramfs, command line, ACPI tables and zero page (or
+/// a raw payload); returns the 64-bit entry point and, for Linux, the GHES
+/// error sources the HEST describes.
+fn load_guest(
+    memory: &GuestMemoryMmap,
+    config: &VmConfig,
+) -> Result<(u64, Option<Vec<SourceLayout>>), Error> {
     let mem_size = config.memory_mib << 20;
     match &config.boot {
         BootSource::Payload { bytes, load_addr } => {
             memory
                 .write_slice(bytes, GuestAddress(*load_addr))
                 .map_err(|e| Error::GuestMemory("payload", e))?;
-            Ok(*load_addr)
+            Ok((*load_addr, None))
         }
         BootSource::Linux {
             kernel,
@@ -539,20 +654,90 @@ fn load_guest(memory: &GuestMemoryMmap, config: &VmConfig) -> Result<u64, Error>
                 Some(path) => Some(load_initramfs(memory, path, hdr, mem_size, kernel_end)?),
                 None => None,
             };
-            let e820 = boot::e820_map(mem_size, &[]);
+            let (sources, ghes_size) = ras::ghes::layout(layout::GHES_START, GHES_GSI);
+            debug_assert!(ghes_size <= layout::GHES_SIZE);
+            let tables = write_acpi_tables(memory, config.vcpus, &sources)?;
+            let acpi_size = tables.size.next_multiple_of(0x1000);
+            let e820 = boot::e820_map(
+                mem_size,
+                &[
+                    (layout::ACPI_START, acpi_size, boot::E820_ACPI),
+                    (layout::GHES_START, layout::GHES_SIZE, boot::E820_RESERVED),
+                ],
+            );
             let params = boot::boot_params(&boot::BootSpec {
                 hdr,
                 cmdline_len: cmdline.len(),
                 initrd,
                 e820: &e820,
+                acpi_rsdp: Some(tables.rsdp),
             })
             .map_err(Error::Boot)?;
             memory
                 .write_obj(params, GuestAddress(layout::ZERO_PAGE_START))
                 .map_err(|e| Error::GuestMemory("zero page", e))?;
-            Ok(entry)
+            Ok((entry, Some(sources)))
         }
     }
+}
+
+/// The ISA devices rasvmm has, for the DSDT.
+const ISA_DEVICES: [acpi::IsaDevice; 4] = [
+    acpi::IsaDevice {
+        name: "COM1",
+        hid: "PNP0501",
+        uid: 1,
+        port: COM1.0,
+        len: 8,
+        irq: Some(COM1.1),
+    },
+    acpi::IsaDevice {
+        name: "COM2",
+        hid: "PNP0501",
+        uid: 2,
+        port: COM2.0,
+        len: 8,
+        irq: Some(COM2.1),
+    },
+    acpi::IsaDevice {
+        name: "PS2K",
+        hid: "PNP0303",
+        uid: 0,
+        port: 0x60,
+        len: 5,
+        irq: None,
+    },
+    acpi::IsaDevice {
+        name: "RTC_",
+        hid: "PNP0B00",
+        uid: 0,
+        port: 0x70,
+        len: 2,
+        irq: None,
+    },
+];
+
+/// Writes the ACPI tables, with a HEST describing `sources`.
+fn write_acpi_tables(
+    memory: &GuestMemoryMmap,
+    vcpus: u8,
+    sources: &[SourceLayout],
+) -> Result<acpi::Tables, Error> {
+    let hest = ras::ghes::hest(sources, acpi::OEM_ID, acpi::OEM_TABLE_ID);
+    let tables = acpi::build(&acpi::Platform {
+        vcpus,
+        ioapic_id: mptable::ioapic_id(vcpus),
+        devices: &ISA_DEVICES,
+        extra: &[hest],
+        error_gsi: Some(GHES_GSI),
+    })
+    .map_err(Error::Acpi)?;
+    for (addr, bytes) in &tables.blobs {
+        memory
+            .write_slice(bytes, GuestAddress(*addr))
+            .map_err(|e| Error::GuestMemory("ACPI tables", e))?;
+    }
+    Ok(tables)
 }
 
 fn load_initramfs(
@@ -623,6 +808,21 @@ fn create_devices(
         .map_err(Error::Bus)?;
     bus.insert(0x70, 2, Arc::new(Mutex::new(Cmos)))
         .map_err(Error::Bus)?;
+    let power_tx = tx.clone();
+    let power = PowerPorts::new(move |offset, value| {
+        let event = match acpi::power_request(offset, value) {
+            Some(acpi::PowerRequest::PowerOff) => VmEvent::PowerOff,
+            Some(acpi::PowerRequest::Reset) => VmEvent::Reset,
+            None => return,
+        };
+        let _ = power_tx.send(event);
+    });
+    bus.insert(
+        acpi::POWER_PORT,
+        acpi::POWER_PORT_LEN,
+        Arc::new(Mutex::new(power)),
+    )
+    .map_err(Error::Bus)?;
     Ok((bus, agent))
 }
 
@@ -680,11 +880,16 @@ pub struct Session {
     subscribers: Vec<Sender<String>>,
     /// Agent requests made for API clients: agent id -> (command, API id, connection).
     api_pending: std::collections::BTreeMap<u64, (Command, u64, Sender<String>)>,
+    /// Addresses reported through GHES, to check the guest's decode against.
+    ghes_addresses: std::collections::BTreeSet<u64>,
 }
 
 /// How long a reply may be overdue, with bytes waiting and no guest read,
 /// before the agent UART's interrupt is re-asserted.
 const AGENT_STALL: Duration = Duration::from_secs(1);
+
+/// How often records waiting for a GHES acknowledgement are looked at.
+const GHES_PUMP_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Most RAS events one run records (later ones are counted, not kept).
 const MAX_RAS_EVENTS: usize = 10_000;
@@ -707,6 +912,7 @@ impl Session {
             refs: Refs::default(),
             subscribers: Vec::new(),
             api_pending: std::collections::BTreeMap::new(),
+            ghes_addresses: std::collections::BTreeSet::new(),
         }
     }
 
@@ -772,11 +978,48 @@ impl Session {
                 self.poison(gpa).map_err(|e| e.to_string())?;
                 Ok(None)
             }
+            Step::GhesMemory {
+                severity,
+                target,
+                source,
+                threshold,
+                vcpu,
+            } => {
+                let inj = GhesInjection {
+                    source: *source,
+                    severity: *severity,
+                    gpa: self.refs.gpa(target)?,
+                    threshold_exceeded: *threshold,
+                    vcpu: *vcpu,
+                };
+                let e = self.vm.ghes_memory_error(&inj).map_err(|e| e.to_string())?;
+                self.record_ghes(e);
+                Ok(None)
+            }
+            Step::GhesRaw { source, record } => {
+                let e = self
+                    .vm
+                    .ghes_raw(*source, record.clone(), 0)
+                    .map_err(|e| e.to_string())?;
+                self.record_ghes(e);
+                Ok(None)
+            }
             Step::Wait(d) => {
                 self.wait(*d);
                 Ok(None)
             }
         }
+    }
+
+    /// Records a GHES report and remembers its address for checking the
+    /// guest's decode.
+    fn record_ghes(&mut self, e: RasEvent) {
+        if let RasEvent::GhesReported { gpa: Some(a), .. } = &e {
+            if self.ghes_addresses.len() < MAX_RAS_EVENTS {
+                self.ghes_addresses.insert(*a);
+            }
+        }
+        self.record(e);
     }
 
     fn resolve(&self, cmd: &Command, pfn: Option<&Target>) -> Result<Command, String> {
@@ -859,6 +1102,7 @@ impl Session {
                     "guest_kernel": self.hello.as_ref().map(|(h, _)| h.kernel.clone()),
                     "outcome": self.outcome.as_ref().map(|o| o.kind),
                     "mcg_cap": self.vm.mcg_cap,
+                    "ghes_sources": self.vm.ghes_state(),
                     "ras_limitation": self.vm.ras_limitation(),
                     "poisoned_pages": lock(&self.vm.ledger).len(),
                     "ras_events": self.ras_events.len(),
@@ -988,9 +1232,15 @@ impl Session {
             return None;
         }
         let until = until.min(self.deadline);
-        let left = until.saturating_duration_since(Instant::now());
+        let mut left = until.saturating_duration_since(Instant::now());
+        let ghes_waiting = self.vm.ghes_pump();
+        if ghes_waiting {
+            // Records wait for the guest's acknowledgement: look again soon.
+            left = left.min(GHES_PUMP_INTERVAL);
+        }
         let event = match self.vm.events.recv_timeout(left) {
             Ok(e) => e,
+            Err(RecvTimeoutError::Timeout) if ghes_waiting && Instant::now() < until => return None,
             Err(RecvTimeoutError::Timeout) if until < self.deadline => return None,
             Err(RecvTimeoutError::Timeout) => {
                 let secs = self.vm.config.timeout.as_secs_f64();
@@ -1006,6 +1256,13 @@ impl Session {
         };
         match event {
             VmEvent::Console(line) => {
+                if let Some(physical_addr) = ghes::decoded_address(&line) {
+                    let matches_report = self.ghes_addresses.contains(&physical_addr);
+                    self.record(RasEvent::GuestDecoded {
+                        physical_addr,
+                        matches_report,
+                    });
+                }
                 if let Some(o) = self.classifier.console_line(&line) {
                     self.finish(o);
                 }
@@ -1014,13 +1271,19 @@ impl Session {
                 let o = self.classifier.reset();
                 self.finish(o);
             }
+            VmEvent::PowerOff => {
+                let o = self.classifier.power_off("ACPI S5");
+                self.finish(o);
+            }
             VmEvent::Ras(e) => self.record(e),
             VmEvent::Api(call) => self.serve_api(call),
             VmEvent::Stopped { vcpu, stop } => {
                 let o = match stop {
                     VcpuStop::TripleFault(state) => self.classifier.triple_fault(vcpu, &state),
                     VcpuStop::SystemReset => self.classifier.reset(),
-                    VcpuStop::SystemShutdown => self.classifier.shutdown_event(),
+                    VcpuStop::SystemShutdown => {
+                        self.classifier.power_off("KVM_SYSTEM_EVENT_SHUTDOWN")
+                    }
                     VcpuStop::Error(e) => self.classifier.vmm_error(format!("vCPU {vcpu}: {e}")),
                 };
                 self.finish(o);

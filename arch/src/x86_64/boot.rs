@@ -14,6 +14,8 @@ use super::layout::{
 pub const E820_RAM: u32 = 1;
 /// e820 type for reserved memory.
 pub const E820_RESERVED: u32 = 2;
+/// e820 type for ACPI tables (reclaimable once parsed).
+pub const E820_ACPI: u32 = 3;
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
@@ -96,9 +98,10 @@ pub fn initrd_address(
 }
 
 /// The e820 map for a guest with `mem_size` bytes of RAM laid out by
-/// [`super::layout::ram_regions`], plus `reserved` ranges carved out of RAM
-/// (start, length) that the guest must not use (for example firmware tables).
-pub fn e820_map(mem_size: u64, reserved: &[(u64, u64)]) -> Vec<boot_e820_entry> {
+/// [`super::layout::ram_regions`], plus firmware ranges (start, length,
+/// type) such as ACPI tables or GHES error status blocks: a range inside RAM
+/// is carved out of it, a range outside RAM is listed as given.
+pub fn e820_map(mem_size: u64, firmware: &[(u64, u64, u32)]) -> Vec<boot_e820_entry> {
     let mut ram = vec![(0, EBDA_START)];
     let low_end = mem_size.min(MMIO_HOLE_START);
     ram.push((HIGH_RAM_START, low_end - HIGH_RAM_START));
@@ -106,26 +109,32 @@ pub fn e820_map(mem_size: u64, reserved: &[(u64, u64)]) -> Vec<boot_e820_entry> 
         ram.push((MMIO_HOLE_END, mem_size - MMIO_HOLE_START));
     }
     let mut out: Vec<boot_e820_entry> = Vec::new();
-    for (start, len) in ram {
+    for (start, len) in &ram {
+        let (start, end) = (*start, start + len);
         let mut cursor = start;
-        let end = start + len;
-        let mut cuts: Vec<&(u64, u64)> = reserved
+        let mut cuts: Vec<&(u64, u64, u32)> = firmware
             .iter()
-            .filter(|(s, l)| *s < end && s + l > start)
+            .filter(|(s, l, _)| *s < end && s + l > start)
             .collect();
         cuts.sort_unstable();
-        for (s, l) in cuts {
+        for (s, l, t) in cuts {
             let (s, e) = ((*s).max(start), (s + l).min(end));
             if s > cursor {
                 out.push(entry(cursor, s - cursor, E820_RAM));
             }
-            out.push(entry(s, e - s, E820_RESERVED));
+            out.push(entry(s, e - s, *t));
             cursor = cursor.max(e);
         }
         if end > cursor {
             out.push(entry(cursor, end - cursor, E820_RAM));
         }
     }
+    for (s, l, t) in firmware {
+        if !ram.iter().any(|(rs, rl)| *s < rs + rl && s + l > *rs) {
+            out.push(entry(*s, *l, *t));
+        }
+    }
+    out.sort_unstable_by_key(|e| e.addr);
     out
 }
 
@@ -147,6 +156,8 @@ pub struct BootSpec<'a> {
     pub initrd: Option<(u64, u64)>,
     /// The e820 map.
     pub e820: &'a [boot_e820_entry],
+    /// The ACPI RSDP's address, if the guest has ACPI tables.
+    pub acpi_rsdp: Option<u64>,
 }
 
 /// Builds the zero page.
@@ -164,6 +175,9 @@ pub fn boot_params(spec: &BootSpec<'_>) -> Result<boot_params, Error> {
     if let Some((addr, size)) = spec.initrd {
         params.hdr.ramdisk_image = low32(addr);
         params.hdr.ramdisk_size = u32::try_from(size).unwrap_or(u32::MAX);
+    }
+    if let Some(rsdp) = spec.acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp;
     }
     if spec.e820.len() > params.e820_table.len() {
         return Err(Error::E820Full);
@@ -244,7 +258,7 @@ mod tests {
 
     #[test]
     fn e820_reserved_ranges_split_ram() {
-        let map = e820_map(256 << 20, &[(0x800_0000, 0x1000)]);
+        let map = e820_map(256 << 20, &[(0x800_0000, 0x1000, E820_RESERVED)]);
         let got: Vec<_> = map.iter().map(|e| (e.addr, e.size, e.r#type)).collect();
         assert_eq!(
             got,
@@ -258,6 +272,24 @@ mod tests {
     }
 
     #[test]
+    fn e820_lists_firmware_outside_ram_in_order() {
+        let map = e820_map(
+            64 << 20,
+            &[(0xf_0000, 0x4000, E820_RESERVED), (0xe_0000, 0x1000, E820_ACPI)],
+        );
+        let got: Vec<_> = map.iter().map(|e| (e.addr, e.size, e.r#type)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, EBDA_START, E820_RAM),
+                (0xe_0000, 0x1000, E820_ACPI),
+                (0xf_0000, 0x4000, E820_RESERVED),
+                (HIGH_RAM_START, (64 << 20) - HIGH_RAM_START, E820_RAM),
+            ]
+        );
+    }
+
+    #[test]
     fn zero_page_carries_cmdline_initrd_and_map() {
         let h = hdr(0x020f, 2047, 0x7fff_ffff);
         let map = e820_map(128 << 20, &[]);
@@ -266,6 +298,7 @@ mod tests {
             cmdline_len: 10,
             initrd: Some((0x700_0000, 0x10_0000)),
             e820: &map,
+            acpi_rsdp: Some(0xe_0000),
         })
         .unwrap();
         // Copy out of the packed struct before comparing.
@@ -282,5 +315,7 @@ mod tests {
         let (flag, magic, loader) = (p.hdr.boot_flag, p.hdr.header, p.hdr.type_of_loader);
         assert_eq!((flag, magic, loader), (0xaa55, 0x5372_6448, 0xff));
         assert_eq!(p.e820_entries, 2);
+        let rsdp = p.acpi_rsdp_addr;
+        assert_eq!(rsdp, 0xe_0000);
     }
 }

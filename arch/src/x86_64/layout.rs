@@ -24,6 +24,14 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Start of the extended BIOS data area; the MP table lives here.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables: the RSDP first, inside the BIOS area Linux scans.
+pub const ACPI_START: u64 = 0xe_0000;
+/// Room for the ACPI tables.
+pub const ACPI_SIZE: u64 = 0x1_0000;
+/// GHES error source registers and error status blocks (e820-reserved).
+pub const GHES_START: u64 = 0xf_0000;
+/// Room for the GHES registers and blocks.
+pub const GHES_SIZE: u64 = 0x1_0000;
 /// Where bzImage protected-mode code and ELF kernels are loaded.
 pub const HIGH_RAM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole (IOAPIC, LAPIC and room for devices).
@@ -44,6 +52,8 @@ const _: () =
     assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
 const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
 const _: () = assert!(KVM_IDENTITY_MAP_ADDRESS + 0x1000 == KVM_TSS_ADDRESS);
+const _: () = assert!(EBDA_START + 0x400 <= ACPI_START && ACPI_START + ACPI_SIZE <= GHES_START);
+const _: () = assert!(GHES_START + GHES_SIZE <= HIGH_RAM_START);
 const _: () =
     assert!(KVM_TSS_ADDRESS >= MMIO_HOLE_START && KVM_TSS_ADDRESS + 0x3000 <= MMIO_HOLE_END);
 

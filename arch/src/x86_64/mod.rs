@@ -1,5 +1,6 @@
 //! x86_64 guests: direct 64-bit Linux boot without firmware.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod layout;

@@ -50,6 +50,11 @@ pub enum Error {
     CpuCount(u8),
 }
 
+/// The IOAPIC's id: the first after the vCPUs' APIC ids (also in the MADT).
+pub fn ioapic_id(num_cpus: u8) -> u8 {
+    num_cpus
+}
+
 /// Builds the floating pointer and the configuration table for `num_cpus`
 /// vCPUs, to be written at [`EBDA_START`]. `cpu_signature` and
 /// `feature_flags` are CPUID leaf 1 EAX and EDX.
@@ -57,7 +62,7 @@ pub fn build(num_cpus: u8, cpu_signature: u32, feature_flags: u32) -> Result<Vec
     if num_cpus == 0 || num_cpus > MAX_CPUS {
         return Err(Error::CpuCount(num_cpus));
     }
-    let ioapic_id = num_cpus;
+    let ioapic_id = ioapic_id(num_cpus);
     let table_addr = u32::try_from(EBDA_START + MPF_SIZE as u64).unwrap_or(0);
 
     let mut entries = Vec::new();

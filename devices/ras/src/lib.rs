@@ -3,8 +3,14 @@
 //! - [`mce`]: x86 machine-check bank records (MCi_STATUS, MCi_ADDR,
 //!   MCi_MISC, MCG_STATUS) for the errors hardware reports on memory, in the
 //!   Intel and AMD encodings Linux 7.3 grades, and MCG_CAP;
+//! - [`cper`]: UEFI CPER memory-error records (generic error status block,
+//!   data entry, memory error section) and the validator for raw records;
+//! - [`ghes`]: the HEST's GHESv2 error sources and the firmware side of
+//!   their read-ack protocol;
 //! - [`ledger`]: the poison ledger, which pages are bad and how often the
 //!   guest consumed them.
 
+pub mod cper;
+pub mod ghes;
 pub mod ledger;
 pub mod mce;

@@ -1,10 +1,11 @@
 //! Legacy PC devices for a firmware-less Linux boot: 16550 UARTs, the i8042
-//! reset line, and the few motherboard ports Linux probes.
+//! reset line, the few motherboard ports Linux probes, and the ACPI power
+//! device's ports.
 
 mod misc;
 mod serial;
 
-pub use misc::Cmos;
+pub use misc::{Cmos, PowerPorts};
 pub use serial::{EventFdTrigger, SerialPort, I8042};
 
 use vm_superio::Trigger;
