@@ -405,7 +405,14 @@ fn holder_main(cmd: OwnedFd, report: OwnedFd) -> ! {
                 }
             }
         }
-        write_report_raw(report_fd, REPORT_TOUCHED, 0, i32::from(intact), 0, page as u64);
+        write_report_raw(
+            report_fd,
+            REPORT_TOUCHED,
+            0,
+            i32::from(intact),
+            0,
+            page as u64,
+        );
     }
 }
 

@@ -24,9 +24,10 @@ fn main() -> ExitCode {
         Some("suite") => suite::run(&args[1..]),
         Some("bench-boot") => bench::boot(&args[1..]),
         Some("bench-inject") => bench::inject(&args[1..]),
+        Some("bench-ghes") => bench::ghes(&args[1..]),
         Some("-h" | "--help") | None => {
             eprintln!(
-                "usage: rasvmm-lab run [rasvmm run args...] | suite [DIR] [--junit F] [--json F] | demo | bench-boot [--runs N] | bench-inject [--runs N]"
+                "usage: rasvmm-lab run [rasvmm run args...] | suite [DIR] [--junit F] [--json F] | demo | bench-boot [--runs N] | bench-inject [--runs N] | bench-ghes [--runs N]"
             );
             return if args.is_empty() {
                 ExitCode::from(2)

@@ -340,7 +340,10 @@ fn ghes_step(verb: &str, flags: &str) -> Result<String, String> {
             &["severity", "gpa", "source", "threshold", "vcpu"]
         };
         if !known.contains(&name) {
-            return Err(format!("{verb}: unknown option --{name} (options: --{})", known.join(", --")));
+            return Err(format!(
+                "{verb}: unknown option --{name} (options: --{})",
+                known.join(", --")
+            ));
         }
         if opts.insert(name, value).is_some() {
             return Err(format!("{verb}: --{name} given twice"));
@@ -383,7 +386,9 @@ mod tests {
         );
         assert_eq!(
             client_request("ghes-memory --gpa 0x1000 --severity corrected --threshold"),
-            Ok(Request::Step("ghes-memory:corrected:0x1000:threshold".into()))
+            Ok(Request::Step(
+                "ghes-memory:corrected:0x1000:threshold".into()
+            ))
         );
         assert_eq!(
             client_request("ghes-raw --source polled --record 0011"),

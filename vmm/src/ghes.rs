@@ -181,11 +181,14 @@ pub fn decoded_address(line: &str) -> Option<u64> {
 /// Parses hex bytes (whitespace allowed between pairs), at most `max` bytes.
 pub fn parse_hex(s: &str, max: usize) -> Result<Vec<u8>, String> {
     let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return Err("hex record has an odd number of digits".into());
     }
     if digits.len() / 2 > max {
-        return Err(format!("record is {} bytes; at most {max}", digits.len() / 2));
+        return Err(format!(
+            "record is {} bytes; at most {max}",
+            digits.len() / 2
+        ));
     }
     digits
         .chunks(2)
@@ -205,7 +208,9 @@ mod tests {
     #[test]
     fn decoded_address_from_linux_lines() {
         assert_eq!(
-            decoded_address("[    5.1] {1}[Hardware Error]:   physical_address: 0x0000000002345000"),
+            decoded_address(
+                "[    5.1] {1}[Hardware Error]:   physical_address: 0x0000000002345000"
+            ),
             Some(0x234_5000)
         );
         assert_eq!(
@@ -243,7 +248,11 @@ mod tests {
             .unwrap();
         assert_eq!(r.submitted, Submitted::Written);
         assert_eq!(r.summary.sections[0].physical_addr, Some(0x5000));
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(nmi.status_address)).unwrap(), nmi.block);
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(nmi.status_address))
+                .unwrap(),
+            nmi.block
+        );
         assert_eq!(mem.read_obj::<u32>(GuestAddress(nmi.block)).unwrap(), 0x11);
         let r = g
             .memory_error(Notification::Nmi, Severity::Corrected, 0x6000, true)

@@ -54,6 +54,8 @@ pub struct RunReport {
     pub steps: Vec<StepRecord>,
     /// Signals the agent's page holders received.
     pub signals: Vec<SignalReport>,
+    /// When each signal arrived, ms from VMM start.
+    pub signal_ms: Vec<u64>,
     /// Agent lines rasvmm rejected.
     pub agent_errors: Vec<String>,
     /// Times the agent UART's receive interrupt was re-asserted for a stalled reader.
@@ -162,6 +164,7 @@ impl RunReport {
             guest_cpus: None,
             steps: Vec::new(),
             signals: Vec::new(),
+            signal_ms: Vec::new(),
             agent_errors: Vec::new(),
             agent_kicks: 0,
             ras_events: Vec::new(),

@@ -79,6 +79,7 @@ pub fn run_expecting(
     }
     report.steps = records;
     report.signals = std::mem::take(&mut session.signals);
+    report.signal_ms = std::mem::take(&mut session.signal_ms);
     report.agent_errors = std::mem::take(&mut session.agent_errors);
     report.ras_events = std::mem::take(&mut session.ras_events);
     report.agent_kicks = session.agent_kicks;

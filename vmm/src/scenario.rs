@@ -391,7 +391,8 @@ fn check_ghes(expect: &Expect, report: &RunReport, refs: &Refs, f: &mut Vec<Stri
                     "the guest decoded {gpa:#x} ({page}) but rasvmm reported no record there"
                 )),
                 None => {
-                    let seen: Vec<String> = decoded.iter().map(|(a, _)| format!("{a:#x}")).collect();
+                    let seen: Vec<String> =
+                        decoded.iter().map(|(a, _)| format!("{a:#x}")).collect();
                     f.push(format!(
                         "the guest never decoded a memory error at {gpa:#x} ({page}); it decoded [{}]",
                         seen.join(", ")
@@ -402,11 +403,16 @@ fn check_ghes(expect: &Expect, report: &RunReport, refs: &Refs, f: &mut Vec<Stri
     }
     for (a, ok) in &decoded {
         if !ok {
-            f.push(format!("the guest decoded {a:#x}, which rasvmm never reported"));
+            f.push(format!(
+                "the guest decoded {a:#x}, which rasvmm never reported"
+            ));
         }
     }
     for page in &expect.soft_offlined {
-        let Some(index) = page.strip_prefix("page").and_then(|n| n.parse::<u64>().ok()) else {
+        let Some(index) = page
+            .strip_prefix("page")
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
             f.push(format!("'{page}' is not a page holder"));
             continue;
         };
@@ -427,20 +433,29 @@ fn check_ghes(expect: &Expect, report: &RunReport, refs: &Refs, f: &mut Vec<Stri
                 f.push(format!("touching {page} raised a signal: {}", t["signal"]))
             }
             Some(t) if t["intact"] != true => f.push(format!("{page}'s data did not survive")),
-            Some(t) if t["pfn"].as_u64() == Some(pfn) => {
-                f.push(format!("{page} is still at PFN {pfn:#x}: it was not migrated"))
-            }
+            Some(t) if t["pfn"].as_u64() == Some(pfn) => f.push(format!(
+                "{page} is still at PFN {pfn:#x}: it was not migrated"
+            )),
             Some(_) => {}
         }
     }
-    let counts = [("acknowledged", &expect.ghes_acked), ("written", &expect.ghes_written)];
+    let counts = [
+        ("acknowledged", &expect.ghes_acked),
+        ("written", &expect.ghes_written),
+    ];
     for (what, map) in counts {
         for (source, want) in map {
             let got = report
                 .ghes
                 .iter()
                 .find(|s| s.source.as_str() == source)
-                .map(|s| if what == "written" { s.stats.written } else { s.stats.acked });
+                .map(|s| {
+                    if what == "written" {
+                        s.stats.written
+                    } else {
+                        s.stats.acked
+                    }
+                });
             match got {
                 Some(n) if n == *want => {}
                 Some(n) => f.push(format!(

@@ -215,7 +215,11 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
                             .ok_or_else(|| bad("vcpu takes a vCPU index"))?;
                     }
                     None if opt == "threshold" => threshold = true,
-                    _ => return Err(bad("options are source=<nmi|gsiv|polled>, threshold and vcpu=<n>")),
+                    _ => {
+                        return Err(bad(
+                            "options are source=<nmi|gsiv|polled>, threshold and vcpu=<n>",
+                        ))
+                    }
                 }
             }
             if threshold && severity != Severity::Corrected {
@@ -235,8 +239,8 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
                 .ok_or_else(|| bad("expected ghes-raw:<source>:<hex>"))?;
             let source =
                 Notification::parse(source).ok_or_else(|| bad("source is nmi, gsiv or polled"))?;
-            let record = crate::ghes::parse_hex(hex, ras::cper::MAX_RECORD_LEN)
-                .map_err(|e| bad(&e))?;
+            let record =
+                crate::ghes::parse_hex(hex, ras::cper::MAX_RECORD_LEN).map_err(|e| bad(&e))?;
             Ok(Step::GhesRaw { source, record })
         }
         ("poison", Some(a)) => {

@@ -553,7 +553,10 @@ impl Vm {
 
     /// The GHES sources' counters.
     pub fn ghes_state(&self) -> Vec<ghes::SourceState> {
-        self.ghes.as_ref().map(|g| lock(g).stats()).unwrap_or_default()
+        self.ghes
+            .as_ref()
+            .map(|g| lock(g).stats())
+            .unwrap_or_default()
     }
 
     /// Tells the guest a record is in `source`'s block.
@@ -819,7 +822,7 @@ fn create_devices(
     });
     bus.insert(
         acpi::POWER_PORT,
-        acpi::POWER_PORT_LEN,
+        u16::from(acpi::POWER_PORT_LEN),
         Arc::new(Mutex::new(power)),
     )
     .map_err(Error::Bus)?;
@@ -868,6 +871,8 @@ pub struct Session {
     next_id: u64,
     /// Signals the agent reported.
     pub signals: Vec<SignalReport>,
+    /// When each of `signals` arrived, ms from VMM start.
+    pub signal_ms: Vec<u64>,
     /// Lines from the agent that were rejected.
     pub agent_errors: Vec<String>,
     /// RAS events: poisonings, injections, consumptions.
@@ -906,6 +911,7 @@ impl Session {
             hello: None,
             next_id: 1,
             signals: Vec::new(),
+            signal_ms: Vec::new(),
             agent_errors: Vec::new(),
             ras_events: Vec::new(),
             agent_kicks: 0,
@@ -1240,7 +1246,9 @@ impl Session {
         }
         let event = match self.vm.events.recv_timeout(left) {
             Ok(e) => e,
-            Err(RecvTimeoutError::Timeout) if ghes_waiting && Instant::now() < until => return None,
+            Err(RecvTimeoutError::Timeout) if ghes_waiting && Instant::now() < until => {
+                return None
+            }
             Err(RecvTimeoutError::Timeout) if until < self.deadline => return None,
             Err(RecvTimeoutError::Timeout) => {
                 let secs = self.vm.config.timeout.as_secs_f64();
@@ -1298,6 +1306,7 @@ impl Session {
                     self.publish(&serde_json::json!({ "event": "signal", "signal": s }));
                     if self.signals.len() < MAX_RAS_EVENTS {
                         self.signals.push(s);
+                        self.signal_ms.push(self.vm.now_ms());
                     }
                 }
                 Ok(AgentMessage::Reply(r)) if self.api_pending.contains_key(&r.id) => {

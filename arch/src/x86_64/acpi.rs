@@ -17,13 +17,15 @@
 //! inside the BIOS area Linux scans, and the zero page points at it too.
 //! The generic tables use the `acpi_tables` crate; all are checksummed.
 
-use acpi_tables::{aml, Aml};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
 use thiserror::Error;
 
 use super::layout::{ACPI_SIZE, ACPI_START, APIC_START, IOAPIC_START};
@@ -35,7 +37,7 @@ pub const OEM_TABLE_ID: [u8; 8] = *b"RASVMM  ";
 /// The power device: sleep control (+0), sleep status (+1), reset (+2).
 pub const POWER_PORT: u16 = 0x600;
 /// Ports the power device decodes.
-pub const POWER_PORT_LEN: u16 = 3;
+pub const POWER_PORT_LEN: u8 = 3;
 /// Value the reset register takes to reset.
 pub const RESET_VALUE: u8 = 1;
 /// SLP_TYP for S5 in `_S5`, as the sleep control register carries it.
@@ -132,11 +134,17 @@ fn error_event_aml(gsi: u32) -> Vec<u8> {
     let is_ours = aml::Equal::new(&aml::Arg(0), &gsi);
     let when = aml::If::new(&is_ours, vec![&notify]);
     let evt = aml::Method::new("_EVT".into(), 1, true, vec![&when]);
-    let mut out = bytes(&aml::Device::new("GED0".into(), vec![&hid, &uid, &crs, &evt]));
+    let mut out = bytes(&aml::Device::new(
+        "GED0".into(),
+        vec![&hid, &uid, &crs, &evt],
+    ));
     let hed_hid = aml::EISAName::new("PNP0C33");
     let hed_hid = aml::Name::new("_HID".into(), &hed_hid);
     let hed_uid = aml::Name::new("_UID".into(), &aml::ZERO);
-    out.extend(bytes(&aml::Device::new("HED_".into(), vec![&hed_hid, &hed_uid])));
+    out.extend(bytes(&aml::Device::new(
+        "HED_".into(),
+        vec![&hed_hid, &hed_uid],
+    )));
     out
 }
 
@@ -153,7 +161,7 @@ pub fn dsdt(devices: &[IsaDevice], error_gsi: Option<u32>) -> Sdt {
         "PNP0C02",
         0,
         POWER_PORT,
-        POWER_PORT_LEN as u8,
+        POWER_PORT_LEN,
         None,
     ));
     if let Some(gsi) = error_gsi {
@@ -169,7 +177,15 @@ pub fn dsdt(devices: &[IsaDevice], error_gsi: Option<u32>) -> Sdt {
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
-    let io = |port: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port.into());
+    let io = |port: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            port.into(),
+        )
+    };
     let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, 1)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -279,7 +295,11 @@ mod tests {
     }
 
     fn find<'a>(t: &'a Tables, sig: &[u8]) -> &'a [u8] {
-        &t.blobs.iter().find(|(_, b)| &b[..sig.len()] == sig).unwrap().1
+        &t.blobs
+            .iter()
+            .find(|(_, b)| &b[..sig.len()] == sig)
+            .unwrap()
+            .1
     }
 
     fn u32_at(b: &[u8], o: usize) -> u32 {
@@ -317,7 +337,10 @@ mod tests {
         let rsdp = find(&t, b"RSD PTR ");
         assert_eq!(u64_at(rsdp, 24), addr_of(b"XSDT"));
         let xsdt = find(&t, b"XSDT");
-        let entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|o| u64_at(xsdt, o)).collect();
+        let entries: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| u64_at(xsdt, o))
+            .collect();
         assert_eq!(
             entries,
             vec![addr_of(b"FACP"), addr_of(b"APIC"), addr_of(b"HEST")]
@@ -334,11 +357,11 @@ mod tests {
         assert_eq!(fadt[128], RESET_VALUE);
         // MADT: two LAPICs and the IOAPIC.
         let madt = find(&t, b"APIC");
-        assert_eq!(u32_at(madt, 36), APIC_START as u32);
+        assert_eq!(u64::from(u32_at(madt, 36)), APIC_START);
         assert_eq!(&madt[44..48], &[0, 8, 0, 0]);
         assert_eq!(&madt[52..56], &[0, 8, 1, 1]);
         assert_eq!(&madt[60..64], &[1, 12, 2, 0]);
-        assert_eq!(u32_at(madt, 64), IOAPIC_START as u32);
+        assert_eq!(u64::from(u32_at(madt, 64)), IOAPIC_START);
     }
 
     #[test]
@@ -351,7 +374,10 @@ mod tests {
         assert!(has(b"ACPI0013") && has(b"GED0") && has(b"_EVT") && has(b"HED_"));
         // Notify (0x86) \_SB_.HED_ (root, dual-name prefix 0x2e), byte 0x80.
         assert!(has(b"\\\x2e_SB_HED_\x0a\x80") && has(&[0x86, b'\\']));
-        assert!(!dsdt(&DEVICES, None).as_slice().windows(4).any(|w| w == b"GED0"));
+        assert!(!dsdt(&DEVICES, None)
+            .as_slice()
+            .windows(4)
+            .any(|w| w == b"GED0"));
         assert!(has(b"_S5_"));
         // COM1's I/O descriptor: 0x47, decode16, 0x3f8..0x3f8, align 1, 8 ports.
         assert!(has(&[0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8]));

@@ -275,7 +275,10 @@ mod tests {
     fn e820_lists_firmware_outside_ram_in_order() {
         let map = e820_map(
             64 << 20,
-            &[(0xf_0000, 0x4000, E820_RESERVED), (0xe_0000, 0x1000, E820_ACPI)],
+            &[
+                (0xf_0000, 0x4000, E820_RESERVED),
+                (0xe_0000, 0x1000, E820_ACPI),
+            ],
         );
         let got: Vec<_> = map.iter().map(|e| (e.addr, e.size, e.r#type)).collect();
         assert_eq!(

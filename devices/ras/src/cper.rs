@@ -54,23 +54,48 @@ pub const KNOWN_SECTIONS: [(&str, Guid); 6] = [
     ("memory error", CPER_SEC_PLATFORM_MEM),
     (
         "memory error 2",
-        guid(0x61ec_04fc, 0x48e6, 0xd813, [0x25, 0xc9, 0x8d, 0xaa, 0x44, 0x75, 0x0b, 0x12]),
+        guid(
+            0x61ec_04fc,
+            0x48e6,
+            0xd813,
+            [0x25, 0xc9, 0x8d, 0xaa, 0x44, 0x75, 0x0b, 0x12],
+        ),
     ),
     (
         "generic processor",
-        guid(0x9876_ccad, 0x47b4, 0x4bdb, [0xb6, 0x5e, 0x16, 0xf1, 0x93, 0xc4, 0xf3, 0xdb]),
+        guid(
+            0x9876_ccad,
+            0x47b4,
+            0x4bdb,
+            [0xb6, 0x5e, 0x16, 0xf1, 0x93, 0xc4, 0xf3, 0xdb],
+        ),
     ),
     (
         "x86 processor",
-        guid(0xdc3e_a0b0, 0xa144, 0x4797, [0xb9, 0x5b, 0x53, 0xfa, 0x24, 0x2b, 0x6e, 0x1d]),
+        guid(
+            0xdc3e_a0b0,
+            0xa144,
+            0x4797,
+            [0xb9, 0x5b, 0x53, 0xfa, 0x24, 0x2b, 0x6e, 0x1d],
+        ),
     ),
     (
         "PCIe",
-        guid(0xd995_e954, 0xbbc1, 0x430f, [0xad, 0x91, 0xb4, 0x4d, 0xcb, 0x3c, 0x6f, 0x35]),
+        guid(
+            0xd995_e954,
+            0xbbc1,
+            0x430f,
+            [0xad, 0x91, 0xb4, 0x4d, 0xcb, 0x3c, 0x6f, 0x35],
+        ),
     ),
     (
         "ARM processor",
-        guid(0xe19e_3d16, 0xbc11, 0x11e4, [0x9c, 0xaa, 0xc2, 0x05, 0x1d, 0x5d, 0x46, 0xb0]),
+        guid(
+            0xe19e_3d16,
+            0xbc11,
+            0x11e4,
+            [0x9c, 0xaa, 0xc2, 0x05, 0x1d, 0x5d, 0x46, 0xb0],
+        ),
     ),
 ];
 
@@ -80,8 +105,13 @@ pub const ESTATUS_LEN: usize = 20;
 pub const GDATA_LEN: usize = 64;
 /// Size of a generic error data entry of revision 0x300 (with a timestamp).
 pub const GDATA_V300_LEN: usize = 72;
+const GDATA_V300_LEN_U32: u32 = 72;
+const _: () = assert!(GDATA_V300_LEN_U32 as usize == GDATA_V300_LEN);
 /// Size of the memory error section (UEFI 2.3 and later).
 pub const MEM_ERR_LEN: usize = 80;
+/// The same, as the 32-bit length fields carry it.
+const MEM_ERR_LEN_U32: u32 = 80;
+const _: () = assert!(MEM_ERR_LEN_U32 as usize == MEM_ERR_LEN);
 /// Size of a named memory-error record rasvmm builds.
 pub const MEMORY_RECORD_LEN: usize = ESTATUS_LEN + GDATA_V300_LEN + MEM_ERR_LEN;
 /// Generic error data entry revision rasvmm writes (ACPI 6.1 and later).
@@ -196,12 +226,11 @@ impl MemoryErrorRecord {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(MEMORY_RECORD_LEN);
         // Generic error status block.
-        let block_status =
-            self.severity.block_status_bit() | (1 << BLOCK_STATUS_ENTRY_COUNT_SHIFT);
+        let block_status = self.severity.block_status_bit() | (1 << BLOCK_STATUS_ENTRY_COUNT_SHIFT);
         put32(&mut out, block_status);
         put32(&mut out, 0); // raw_data_offset
         put32(&mut out, 0); // raw_data_length
-        put32(&mut out, (GDATA_V300_LEN + MEM_ERR_LEN) as u32);
+        put32(&mut out, GDATA_V300_LEN_U32 + MEM_ERR_LEN_U32);
         put32(&mut out, self.severity.value());
         // Generic error data entry, revision 0x300.
         out.extend_from_slice(&CPER_SEC_PLATFORM_MEM);
@@ -213,11 +242,11 @@ impl MemoryErrorRecord {
         } else {
             0
         });
-        put32(&mut out, MEM_ERR_LEN as u32);
+        put32(&mut out, MEM_ERR_LEN_U32);
         out.extend_from_slice(&[0; 16]); // fru_id
         out.extend_from_slice(&[0; 20]); // fru_text
         out.extend_from_slice(&0u64.to_le_bytes()); // time_stamp
-        // Memory error section.
+                                                    // Memory error section.
         let error_type = match self.severity {
             Severity::Corrected | Severity::Informational => CPER_MEM_ERR_SINGLE_BIT_ECC,
             Severity::Recoverable | Severity::Fatal => CPER_MEM_ERR_MULTI_BIT_ECC,
@@ -293,6 +322,9 @@ pub enum Error {
     /// A memory section Linux would ignore.
     #[error("memory error section lacks a valid physical address (validation_bits {0:#x})")]
     NoPhysicalAddress(u64),
+    /// A record without any data entry.
+    #[error("record has no generic error data entry")]
+    NoSections,
     /// A section type that is not a known CPER section.
     #[error("section type {0} is not a known CPER section")]
     UnknownSection(String),
@@ -448,6 +480,9 @@ pub fn validate(raw: &[u8]) -> Result<RecordSummary, Error> {
         });
         off += total;
     }
+    if sections.is_empty() {
+        return Err(Error::NoSections);
+    }
     let counted = (block_status & BLOCK_STATUS_ENTRY_COUNT_MASK) >> BLOCK_STATUS_ENTRY_COUNT_SHIFT;
     let found = u32::try_from(sections.len()).unwrap_or(u32::MAX);
     if counted != found {
@@ -537,17 +572,17 @@ mod tests {
     #[test]
     fn bad_records_are_refused() {
         let good = record(Severity::Recoverable, false);
-        assert!(matches!(validate(&good[..10]), Err(Error::Truncated { .. })));
+        assert!(matches!(
+            validate(&good[..10]),
+            Err(Error::Truncated { .. })
+        ));
         assert!(matches!(
             validate(&good[..171]),
             Err(Error::Truncated { need: 172, .. })
         ));
         let mut long = good.clone();
         long.push(0);
-        assert!(matches!(
-            validate(&long),
-            Err(Error::LengthMismatch { .. })
-        ));
+        assert!(matches!(validate(&long), Err(Error::LengthMismatch { .. })));
         assert!(matches!(
             validate(&vec![0; MAX_RECORD_LEN + 1]),
             Err(Error::Oversized(_))
@@ -573,7 +608,10 @@ mod tests {
         // Section length not matching the memory section.
         let mut r = good.clone();
         r[44] = 72;
-        assert!(matches!(validate(&r), Err(Error::Truncated { .. }) | Err(Error::MemorySectionLength(_))));
+        assert!(matches!(
+            validate(&r),
+            Err(Error::Truncated { .. }) | Err(Error::MemorySectionLength(_))
+        ));
         // A damaged GUID names no CPER section.
         let mut r = good.clone();
         r[20] ^= 0xff;
@@ -615,16 +653,10 @@ mod tests {
         r[12] = 0x50;
         r[13] = 0;
         assert!(matches!(validate(&r), Err(Error::LengthMismatch { .. })));
-        // Empty data with a non-zero count.
+        // No data entries at all.
         let mut r = r[..20].to_vec();
         r[12] = 0;
         r[13] = 0;
-        assert_eq!(
-            validate(&r),
-            Err(Error::EntryCount {
-                counted: 1,
-                found: 0
-            })
-        );
+        assert_eq!(validate(&r), Err(Error::NoSections));
     }
 }

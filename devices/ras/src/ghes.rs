@@ -27,7 +27,8 @@ use thiserror::Error;
 use crate::cper;
 
 /// Size of each error status block.
-pub const BLOCK_LEN: u32 = cper::MAX_RECORD_LEN as u32;
+pub const BLOCK_LEN: u32 = 4096;
+const _: () = assert!(BLOCK_LEN as usize == cper::MAX_RECORD_LEN);
 /// Records queued per source while one is unacknowledged.
 pub const MAX_QUEUED: usize = 64;
 /// HEST structure type of a generic hardware error source version 2.
@@ -56,7 +57,8 @@ pub enum Notification {
 
 impl Notification {
     /// Every notification rasvmm offers, in source-id order.
-    pub const ALL: [Notification; 3] = [Notification::Nmi, Notification::Gsiv, Notification::Polled];
+    pub const ALL: [Notification; 3] =
+        [Notification::Nmi, Notification::Gsiv, Notification::Polled];
 
     /// The HEST notification type value.
     pub fn hest_type(self) -> u8 {
@@ -103,16 +105,18 @@ pub struct SourceLayout {
 /// the first page, one [`BLOCK_LEN`] block per source after it. Returns the
 /// sources and the bytes used.
 pub fn layout(base: u64, gsi: u32) -> (Vec<SourceLayout>, u64) {
-    let sources: Vec<SourceLayout> = Notification::ALL
-        .iter()
-        .enumerate()
-        .map(|(i, n)| SourceLayout {
-            id: i as u16,
-            notify: *n,
-            gsi,
-            status_address: base + 16 * i as u64,
-            read_ack: base + 16 * i as u64 + 8,
-            block: base + 0x1000 + u64::from(BLOCK_LEN) * i as u64,
+    let sources: Vec<SourceLayout> = (0u16..)
+        .zip(Notification::ALL)
+        .map(|(id, notify)| {
+            let i = u64::from(id);
+            SourceLayout {
+                id,
+                notify,
+                gsi,
+                status_address: base + 16 * i,
+                read_ack: base + 16 * i + 8,
+                block: base + 0x1000 + u64::from(BLOCK_LEN) * i,
+            }
         })
         .collect();
     let used = 0x1000 + u64::from(BLOCK_LEN) * sources.len() as u64;
@@ -124,7 +128,7 @@ fn notification_bytes(s: &SourceLayout) -> [u8; 28] {
     let mut n = [0u8; 28];
     n[0] = s.notify.hest_type();
     n[1] = 28; // length
-    // config_write_enable (2..4) = 0: the OS may not reconfigure it.
+               // config_write_enable (2..4) = 0: the OS may not reconfigure it.
     let poll = if s.notify == Notification::Polled {
         POLL_INTERVAL_MS
     } else {
@@ -246,7 +250,8 @@ impl ErrorSource {
         let name = layout.notify.as_str();
         mem.write(layout.status_address, &layout.block.to_le_bytes())
             .ok_or(Error::Memory(name))?;
-        mem.write(layout.block, &[0; 4]).ok_or(Error::Memory(name))?;
+        mem.write(layout.block, &[0; 4])
+            .ok_or(Error::Memory(name))?;
         mem.write(layout.read_ack, &READ_ACK_WRITE.to_le_bytes())
             .ok_or(Error::Memory(name))?;
         Ok(Self {
@@ -335,7 +340,8 @@ impl ErrorSource {
         let name = self.layout.notify.as_str();
         let block = self.layout.block;
         if record.len() > 4 {
-            mem.write(block + 4, &record[4..]).ok_or(Error::Memory(name))?;
+            mem.write(block + 4, &record[4..])
+                .ok_or(Error::Memory(name))?;
         }
         mem.write(self.layout.read_ack, &0u64.to_le_bytes())
             .ok_or(Error::Memory(name))?;
@@ -416,19 +422,13 @@ mod tests {
         assert_eq!(g[7], 1);
         // Error status address GAS at +20: system memory, 64 bits, QWord.
         assert_eq!(&g[20..24], &[0, 64, 0, 4]);
-        assert_eq!(
-            u64::from_le_bytes(g[24..32].try_into().unwrap()),
-            0xf_0010
-        );
+        assert_eq!(u64::from_le_bytes(g[24..32].try_into().unwrap()), 0xf_0010);
         assert_eq!(g[32], 10);
         assert_eq!(g[33], 28);
         assert_eq!(u32::from_le_bytes(g[40..44].try_into().unwrap()), 5);
         assert_eq!(u32::from_le_bytes(g[60..64].try_into().unwrap()), 4096);
         // Read-ack GAS, preserve, write.
-        assert_eq!(
-            u64::from_le_bytes(g[68..76].try_into().unwrap()),
-            0xf_0018
-        );
+        assert_eq!(u64::from_le_bytes(g[68..76].try_into().unwrap()), 0xf_0018);
         assert_eq!(u64::from_le_bytes(g[76..84].try_into().unwrap()), !1);
         assert_eq!(u64::from_le_bytes(g[84..92].try_into().unwrap()), 1);
         // The polled source carries its interval.
@@ -484,15 +484,9 @@ mod tests {
         let mut src = ErrorSource::new(sources[2], &mem).unwrap();
         src.submit(rec(0), &mem).unwrap();
         for i in 0..MAX_QUEUED {
-            assert_eq!(
-                src.submit(rec(0), &mem),
-                Ok(Submitted::Queued(i + 1))
-            );
+            assert_eq!(src.submit(rec(0), &mem), Ok(Submitted::Queued(i + 1)));
         }
-        assert_eq!(
-            src.submit(rec(0), &mem),
-            Err(Error::QueueFull("polled"))
-        );
+        assert_eq!(src.submit(rec(0), &mem), Err(Error::QueueFull("polled")));
         assert_eq!(
             src.submit(vec![0; BLOCK_LEN as usize + 1], &mem),
             Err(Error::TooLarge(BLOCK_LEN as usize + 1))

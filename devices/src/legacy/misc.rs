@@ -35,8 +35,9 @@ impl PioDevice for PowerPorts {
         data.fill(0);
     }
     fn write(&mut self, offset: u16, data: &[u8]) {
-        for (i, b) in data.iter().enumerate() {
-            (self.on_write)(offset.wrapping_add(i as u16), *b);
+        // Port accesses are 1, 2 or 4 bytes wide.
+        for (i, b) in (0u16..).zip(data) {
+            (self.on_write)(offset.wrapping_add(i), *b);
         }
     }
 }
