@@ -255,8 +255,6 @@ pub fn ghes(args: &[String]) -> Result<ExitCode, String> {
     let common = [
         "--cpu",
         "amd",
-        "--console",
-        "none",
         "--step",
         "exec:echo 1 > /sys/devices/system/machinecheck/machinecheck0/check_interval",
         "--step",

@@ -54,6 +54,9 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
+    /// An unknown --poison-report.
+    #[error("Unknown poison report '{0}' (mce, ghes-nmi, ghes-gsiv or ghes-polled)")]
+    PoisonReport(String),
 }
 
 /// Where the guest console (COM1) goes.
@@ -94,6 +97,8 @@ pub enum BootSource {
 pub struct VmConfig {
     /// What to boot.
     pub boot: BootSource,
+    /// How a consumed sticky-poison page is reported to the guest.
+    pub poison_report: PoisonReport,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
     /// vCPU count.
@@ -104,6 +109,31 @@ pub struct VmConfig {
     pub console: ConsoleTarget,
     /// Deadline for the whole run, from VMM start.
     pub timeout: Duration,
+}
+
+/// How rasvmm tells the guest that it accessed a poisoned page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoisonReport {
+    /// An action-required machine check (SRAR) on the accessing vCPU.
+    #[default]
+    Mce,
+    /// A recoverable CPER record through this GHES error source; an access
+    /// the guest does not resolve becomes a machine check (docs/ghes.md).
+    Ghes(ras::ghes::Notification),
+}
+
+impl PoisonReport {
+    /// Parses `mce`, `ghes-nmi`, `ghes-gsiv` or `ghes-polled`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        if s == "mce" {
+            return Ok(PoisonReport::Mce);
+        }
+        s.strip_prefix("ghes-")
+            .and_then(ras::ghes::Notification::parse)
+            .map(PoisonReport::Ghes)
+            .ok_or_else(|| ConfigError::PoisonReport(s.to_string()))
+    }
 }
 
 impl VmConfig {

@@ -14,10 +14,14 @@
 //! [`decoded_address`], so a run can check that what Linux read is what
 //! rasvmm wrote.
 
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
 use ras::cper::{self, MemoryErrorRecord, Severity};
 use ras::ghes::{self as hest, ErrorSource, Notification, SourceLayout, StatusMemory, Submitted};
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 /// The IOAPIC pin (an ISA GSI, so Linux maps it edge-triggered, active high)
 /// the GSIV source raises.
@@ -49,10 +53,35 @@ pub enum Error {
     Source(#[from] hest::Error),
 }
 
+/// How long a guest may keep re-executing an access to a poisoned page it
+/// was told about through GHES before rasvmm reports the access as a
+/// machine check instead.
+pub const CONSUMPTION_ESCALATION: Duration = Duration::from_secs(2);
+
+/// What to do about a guest access to a poisoned page, in GHES mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumptionAction {
+    /// First access: report it through GHES.
+    Report,
+    /// The access is being retried while the guest handles the report: let
+    /// the guest run.
+    Wait,
+    /// The guest did not isolate the page in time, or touched it again
+    /// later: report the access as a machine check, as the hardware would.
+    Escalate,
+}
+
+/// Most poisoned pages whose GHES report is tracked.
+const MAX_TRACKED: usize = ras::ledger::MAX_PAGES;
+
 /// The error sources of one VM.
 pub struct Ghes {
     memory: GuestMemoryMmap,
     sources: Vec<ErrorSource>,
+    /// Signals the GSIV source's interrupt (an irqfd on [`GHES_GSI`]).
+    gsiv: Option<EventFd>,
+    /// Poisoned pages reported through GHES on access: when first reported.
+    reported: BTreeMap<u64, Instant>,
 }
 
 /// What a report did.
@@ -74,7 +103,39 @@ impl Ghes {
             .iter()
             .map(|l| ErrorSource::new(*l, &m))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { memory, sources })
+        Ok(Self {
+            memory,
+            sources,
+            gsiv: None,
+            reported: BTreeMap::new(),
+        })
+    }
+
+    /// Uses `irq` (an irqfd on [`GHES_GSI`]) to notify the GSIV source.
+    pub fn set_gsiv_irq(&mut self, irq: EventFd) {
+        self.gsiv = Some(irq);
+    }
+
+    /// Raises the GSIV source's interrupt.
+    pub fn notify_gsiv(&self) {
+        if let Some(irq) = &self.gsiv {
+            let _ = irq.write(1);
+        }
+    }
+
+    /// Decides what a guest access to the poisoned `page` at `now` gets.
+    pub fn on_consumption(&mut self, page: u64, now: Instant) -> ConsumptionAction {
+        match self.reported.get(&page) {
+            None if self.reported.len() >= MAX_TRACKED => ConsumptionAction::Escalate,
+            None => {
+                self.reported.insert(page, now);
+                ConsumptionAction::Report
+            }
+            Some(first) if now.duration_since(*first) >= CONSUMPTION_ESCALATION => {
+                ConsumptionAction::Escalate
+            }
+            Some(_) => ConsumptionAction::Wait,
+        }
     }
 
     fn source(&mut self, n: Notification) -> Result<&mut ErrorSource, Error> {
@@ -266,6 +327,23 @@ mod tests {
         assert_eq!(g.pump(), vec![Notification::Nmi]);
         assert_eq!(mem.read_obj::<u32>(GuestAddress(nmi.block)).unwrap(), 0x12);
         assert!(!g.waiting());
+    }
+
+    #[test]
+    fn consumption_is_reported_once_then_escalated() {
+        let (mem, layouts) = guest();
+        let mut g = Ghes::new(mem, &layouts).unwrap();
+        let t0 = Instant::now();
+        assert_eq!(g.on_consumption(0x5000, t0), ConsumptionAction::Report);
+        assert_eq!(
+            g.on_consumption(0x5000, t0 + Duration::from_millis(5)),
+            ConsumptionAction::Wait
+        );
+        assert_eq!(g.on_consumption(0x6000, t0), ConsumptionAction::Report);
+        assert_eq!(
+            g.on_consumption(0x5000, t0 + CONSUMPTION_ESCALATION),
+            ConsumptionAction::Escalate
+        );
     }
 
     #[test]

@@ -67,6 +67,10 @@ struct RunArgs {
     /// CPU profile: intel or amd.
     #[arg(long, default_value = arch::x86_64::cpuid::DEFAULT_PROFILE)]
     cpu: String,
+    /// How a consumed poisoned page is reported: mce (SRAR), or through a
+    /// GHES error source: ghes-nmi, ghes-gsiv, ghes-polled.
+    #[arg(long, default_value = "mce")]
+    poison_report: String,
     /// Console: stdout, none, or a file path.
     #[arg(long, default_value = "stdout")]
     console: String,
@@ -201,6 +205,9 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         if let Some(t) = g.timeout_s {
             a.timeout = t;
         }
+        if let Some(p) = &g.poison_report {
+            a.poison_report = p.clone();
+        }
         if let Some(extra) = &g.append {
             a.append = Some(match a.append.take() {
                 Some(x) => format!("{x} {extra}"),
@@ -212,6 +219,7 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
     let memory_mib = parse_memory(&a.memory)?;
     let vcpus = config::check_vcpus(a.vcpus).map_err(|e| e.to_string())?;
     let cpu = config::cpu_profile(&a.cpu).map_err(|e| e.to_string())?;
+    let poison_report = config::PoisonReport::parse(&a.poison_report).map_err(|e| e.to_string())?;
     if !a.timeout.is_finite() || a.timeout <= 0.0 || a.timeout > 86400.0 {
         return Err(config::ConfigError::Timeout.to_string());
     }
@@ -243,6 +251,7 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
             initramfs: a.initramfs,
             cmdline,
         },
+        poison_report,
         memory_mib,
         vcpus,
         cpu,

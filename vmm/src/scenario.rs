@@ -70,6 +70,8 @@ pub struct Guest {
     pub append: Option<String>,
     /// Deadline in seconds.
     pub timeout_s: Option<f64>,
+    /// How consumed poison is reported: mce, ghes-nmi, ghes-gsiv, ghes-polled.
+    pub poison_report: Option<String>,
 }
 
 /// A signal the guest's page holder must have received.
@@ -181,6 +183,9 @@ impl Scenario {
         })?;
         for (i, st) in s.steps.iter().enumerate() {
             crate::steps::parse(st).map_err(|e| format!("step {}: {e}", i + 1))?;
+        }
+        if let Some(p) = &s.guest.poison_report {
+            crate::config::PoisonReport::parse(p).map_err(|e| e.to_string())?;
         }
         for e in std::iter::once(&s.expect).chain(&s.expect_without_ser) {
             for sig in e.signals.iter().flatten() {

@@ -113,6 +113,10 @@ pub struct VcpuContext {
     pub peers: Arc<OnceLock<Vec<VcpuHandle>>>,
     /// When the VMM started, for event times.
     pub started: std::time::Instant,
+    /// How a consumed poisoned page is reported.
+    pub poison_report: crate::config::PoisonReport,
+    /// The GHES error sources, for [`crate::config::PoisonReport::Ghes`].
+    pub ghes: Option<Arc<Mutex<crate::ghes::Ghes>>>,
 }
 
 thread_local! {
@@ -283,6 +287,9 @@ fn host_memory_error(vcpu: &VcpuFd, ctx: &VcpuContext, code: i32, hva: usize) {
     } else {
         MemoryError::Srao
     };
+    if error == MemoryError::Srar && consumed_via_ghes(vcpu, ctx, page, now) {
+        return;
+    }
     let consumptions = {
         let mut l = lock(&ctx.ledger);
         if error == MemoryError::Srar {
@@ -301,6 +308,7 @@ fn host_memory_error(vcpu: &VcpuFd, ctx: &VcpuContext, code: i32, hva: usize) {
             consumptions,
             at_ms: now,
             result,
+            ghes: None,
         }));
     };
     let record = if enc::recoverable(ctx.vendor, ctx.mcg_cap) {
@@ -321,6 +329,63 @@ fn host_memory_error(vcpu: &VcpuFd, ctx: &VcpuContext, code: i32, hva: usize) {
         result = broadcast_others(ctx);
     }
     consumed(result.err().map(|e| e.to_string()));
+}
+
+/// In GHES mode, reports the first access to a poisoned page through the
+/// configured error source, and lets the accessing vCPU retry while the
+/// guest handles it. Returns false when the access must be reported as a
+/// machine check instead (MCE mode, no GHES, or escalation).
+fn consumed_via_ghes(vcpu: &VcpuFd, ctx: &VcpuContext, page: u64, now: u64) -> bool {
+    use crate::config::PoisonReport;
+    use crate::ghes::ConsumptionAction;
+    use ras::ghes::{Notification, Submitted};
+    let (PoisonReport::Ghes(source), Some(ghes)) = (ctx.poison_report, &ctx.ghes) else {
+        return false;
+    };
+    let mut g = lock(ghes);
+    match g.on_consumption(page, std::time::Instant::now()) {
+        ConsumptionAction::Escalate => false,
+        ConsumptionAction::Wait => {
+            drop(g);
+            // The access is retried until the guest unmaps the page; do not
+            // spin a host CPU on it.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            true
+        }
+        ConsumptionAction::Report => {
+            let consumptions = lock(&ctx.ledger).consume(page, now).unwrap_or(0);
+            let result = match g.memory_error(source, ras::cper::Severity::Recoverable, page, false)
+            {
+                Ok(r) => {
+                    if r.submitted == Submitted::Written {
+                        match source {
+                            // This thread is the vCPU: the NMI is taken
+                            // before the access is retried.
+                            Notification::Nmi => vcpu.nmi().err().map(|e| e.to_string()),
+                            Notification::Gsiv => {
+                                g.notify_gsiv();
+                                None
+                            }
+                            Notification::Polled => None,
+                        }
+                    } else {
+                        None
+                    }
+                }
+                Err(e) => Some(e.to_string()),
+            };
+            let _ = ctx.events.send(VmEvent::Ras(RasEvent::Consumed {
+                vcpu: ctx.index,
+                gpa: page,
+                error: MemoryError::Srar,
+                consumptions,
+                at_ms: now,
+                result,
+                ghes: Some(source),
+            }));
+            true
+        }
+    }
 }
 
 /// An Intel machine check without LMCE is a broadcast: Linux's handler
@@ -397,6 +462,9 @@ pub enum RasEvent {
         /// Why the guest could not be told, if it could not.
         #[serde(skip_serializing_if = "Option::is_none")]
         result: Option<String>,
+        /// The GHES source that reported it instead of a machine check.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ghes: Option<ras::ghes::Notification>,
     },
     /// A GHES record was reported (written, or queued behind an
     /// unacknowledged one).

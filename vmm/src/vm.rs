@@ -209,7 +209,7 @@ pub struct Vm {
     mcg_cap: u64,
     vendor: enc::Vendor,
     ledger: Arc<Mutex<Ledger>>,
-    ghes: Option<Mutex<Ghes>>,
+    ghes: Option<Arc<Mutex<Ghes>>>,
 }
 
 /// A GHES memory-error report request.
@@ -251,9 +251,14 @@ impl Vm {
         let memory = create_memory(&vm, config.memory_mib)?;
         let (entry, ghes_sources) = load_guest(&memory, config)?;
         let ghes = match ghes_sources {
-            Some(l) => Some(Mutex::new(
-                Ghes::new(memory.clone(), &l).map_err(Error::Ghes)?,
-            )),
+            Some(l) => {
+                let mut g = Ghes::new(memory.clone(), &l).map_err(Error::Ghes)?;
+                let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+                vm.register_irqfd(&irq, GHES_GSI)
+                    .map_err(|e| Error::Kvm("register an irqfd", e))?;
+                g.set_gsiv_irq(irq);
+                Some(Arc::new(Mutex::new(g)))
+            }
             None => None,
         };
 
@@ -314,6 +319,8 @@ impl Vm {
                 ledger: ledger.clone(),
                 peers: peers.clone(),
                 started,
+                poison_report: config.poison_report,
+                ghes: ghes.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
@@ -568,9 +575,9 @@ impl Vm {
                 }
             }
             Notification::Gsiv => {
-                // An edge on the pin: Linux maps ISA GSIs edge-triggered.
-                let _ = self._vm.set_irq_line(GHES_GSI, true);
-                let _ = self._vm.set_irq_line(GHES_GSI, false);
+                if let Some(g) = &self.ghes {
+                    lock(g).notify_gsiv();
+                }
             }
             Notification::Polled => {}
         }
@@ -1283,7 +1290,19 @@ impl Session {
                 let o = self.classifier.power_off("ACPI S5");
                 self.finish(o);
             }
-            VmEvent::Ras(e) => self.record(e),
+            VmEvent::Ras(e) => {
+                if let RasEvent::Consumed {
+                    gpa, ghes: Some(_), ..
+                } = &e
+                {
+                    // A consumption reported through GHES: the guest will
+                    // decode this address.
+                    if self.ghes_addresses.len() < MAX_RAS_EVENTS {
+                        self.ghes_addresses.insert(*gpa);
+                    }
+                }
+                self.record(e);
+            }
             VmEvent::Api(call) => self.serve_api(call),
             VmEvent::Stopped { vcpu, stop } => {
                 let o = match stop {
