@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks: rasvmm against QEMU in one lab-host run each, printed as
-# ratios (boot to agent ready; machine-check injection to the guest's panic).
+# ratios (boot to agent ready; machine-check injection to the guest's panic),
+# and GHES-NMI against MCE SRAO for the same page (both rasvmm, one run).
 # Record the figures in docs/benchmarks.md. Arguments: [--runs N].
 source "$(dirname "$0")/lib.sh"
 "$RASVMM_ROOT/scripts/install-deps.sh"
@@ -9,3 +10,4 @@ cd "$RASVMM_ROOT"
 cargo build --quiet --release -p lab
 RASVMM_BACKEND=lab "$RASVMM_ROOT/target/release/rasvmm-lab" bench-boot "$@"
 RASVMM_BACKEND=lab "$RASVMM_ROOT/target/release/rasvmm-lab" bench-inject "$@"
+RASVMM_BACKEND=lab "$RASVMM_ROOT/target/release/rasvmm-lab" bench-ghes "$@"
