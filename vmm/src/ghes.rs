@@ -197,8 +197,10 @@ impl Ghes {
         self.sources
             .iter_mut()
             .map(|s| {
-                // An acknowledgement the pump has not seen yet still counts.
-                let _ = s.pump(&m);
+                // An acknowledgement the pump has not seen yet still counts
+                // (noted only: queued records are written by the pump, which
+                // also notifies).
+                let _ = s.note_ack(&m);
                 SourceState {
                     source: s.layout.notify,
                     stats: s.stats(),

@@ -325,7 +325,9 @@ impl ErrorSource {
         self.outstanding
     }
 
-    fn note_ack(&mut self, mem: &dyn StatusMemory) -> Result<(), Error> {
+    /// Notes an acknowledgement of the last record, if the OS gave one,
+    /// without writing anything.
+    pub fn note_ack(&mut self, mem: &dyn StatusMemory) -> Result<(), Error> {
         if self.outstanding && self.acknowledged(mem)? {
             self.outstanding = false;
             self.stats.acked += 1;
