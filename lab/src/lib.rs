@@ -307,7 +307,11 @@ impl Lab {
                 "qemu-system-x86_64 is not installed: run scripts/install-deps.sh".into(),
             ));
         }
-        let work = std::env::temp_dir().join(format!("rasvmm-lab-{}", std::process::id()));
+        // One directory per Lab: a Lab removes its own when dropped, and
+        // tests in one process use several at once.
+        static LABS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = LABS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let work = std::env::temp_dir().join(format!("rasvmm-lab-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&work).map_err(|e| Error::Io(work.display().to_string(), e))?;
         Ok(Lab {
             backend,
