@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzzes the parsers that read untrusted input (fuzz/fuzz_targets: the guest
-# agent's lines, control API requests, raw CPER records, steps and scenario files) for a
+# agent's lines, control API requests, raw CPER records, the guest's KHO FDT and blobs, steps and scenario files) for a
 # bounded time each: RASVMM_FUZZ_SECONDS, default 20. New inputs go to a
 # scratch directory; the seed corpus in fuzz/corpus is read only. A crash
 # fails with libFuzzer's report and the input saved under fuzz/artifacts/.
@@ -11,7 +11,7 @@ source "$(dirname "$0")/lib.sh"
 seconds=${RASVMM_FUZZ_SECONDS:-20}
 command -v cargo-fuzz >/dev/null || die "cargo-fuzz is missing: run scripts/install-deps.sh"
 cd "$RASVMM_ROOT/fuzz"
-for t in agent_line api_request cper scenario; do
+for t in agent_line api_request cper kho scenario; do
 	work=$(mktemp -d)
 	log "fuzzing $t for ${seconds}s"
 	RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" --sanitizer none "$work" "corpus/$t" -- \

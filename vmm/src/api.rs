@@ -18,7 +18,8 @@
 //! Requests: `{"step": "<step>"}` (any `--step`: agent requests, inject,
 //! poison, ghes-memory, ghes-raw; `wait` is the client's business), `{"mce": {...}}` (a raw record
 //! for experts, validated against the guest's MCG_CAP), `"ledger"`,
-//! `"state"`, `"subscribe"` (RAS events, signals and the outcome as they
+//! `"kho"` (the guest's own poison list read from its KHO state, compared
+//! with the ledger), `"state"`, `"subscribe"` (RAS events, signals and the outcome as they
 //! happen, like QEMU's MEMORY_FAILURE event), `"shutdown"`. A malformed or
 //! refused request gets an `error` and leaves the VM untouched.
 
@@ -85,6 +86,8 @@ pub enum Request {
     Mce(RawMce),
     /// The poison ledger.
     Ledger,
+    /// The guest's own poison list from its KHO state, against the ledger.
+    Kho,
     /// The run's state.
     State,
     /// Stream events on this connection.
@@ -277,6 +280,7 @@ pub fn client_request(words: &str) -> Result<Request, String> {
     let w = words.trim();
     match w {
         "ledger" => return Ok(Request::Ledger),
+        "kho" => return Ok(Request::Kho),
         "state" => return Ok(Request::State),
         "subscribe" | "events" => return Ok(Request::Subscribe),
         "shutdown" => return Ok(Request::Shutdown),

@@ -5,7 +5,8 @@
 //! - [`vcpu`]: vCPU threads;
 //! - [`console`], [`agent`]: the two UARTs (console and guest agent);
 //! - [`mce`]: KVM machine-check plumbing; [`ghes`]: firmware-first reports
-//!   through the guest's APEI GHES error sources;
+//!   through the guest's APEI GHES error sources; [`kho`]: the guest's own
+//!   poison list, read from its KHO state;
 //! - [`outcome`]: how a run ended; [`report`]: what a run produced;
 //! - [`run`]: a whole run from configuration to report.
 
@@ -14,6 +15,7 @@ pub mod api;
 pub mod config;
 pub mod console;
 pub mod ghes;
+pub mod kho;
 pub mod mce;
 pub mod outcome;
 pub mod report;

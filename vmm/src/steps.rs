@@ -16,6 +16,7 @@
 //! | `poison:<gpa\|ref>` | make a page bad: every later access raises SRAR |
 //! | `ghes-memory:<recoverable\|corrected\|fatal>:<gpa\|ref>[:source=<nmi\|gsiv\|polled>][:threshold][:vcpu=<n>]` | report a CPER memory error through a GHES error source (default NMI) |
 //! | `ghes-raw:<nmi\|gsiv\|polled>:<hex>` | report a raw CPER record (validated first) |
+//! | `kho-scan` | read the guest's own poison list from its KHO state and compare it with the ledger |
 //! | `wait:<ms>` | let the guest run |
 //!
 //! A reference names a PFN; where an address is meant it stands for the
@@ -97,6 +98,8 @@ pub enum Step {
         /// The record.
         record: Vec<u8>,
     },
+    /// Read the guest's KHO state.
+    KhoScan,
     /// Let the guest run.
     Wait(Duration),
 }
@@ -248,6 +251,7 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
                 bad("expected an address or a reference")
             })?))
         }
+        ("kho-scan", None) => Ok(Step::KhoScan),
         ("wait", Some(ms)) => {
             let d = number(ms)
                 .map(Duration::from_millis)
@@ -257,7 +261,7 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
         }
         _ => Err(bad(
             "expected exec, alloc-page, touch-page, kernel-pages, page-info, sysctl, poweroff, \
-             inject, poison, ghes-memory, ghes-raw, wait, or JSON",
+             inject, poison, ghes-memory, ghes-raw, kho-scan, wait, or JSON",
         )),
     }
 }

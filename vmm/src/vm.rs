@@ -583,6 +583,12 @@ impl Vm {
         }
     }
 
+    /// The guest's own poison list, from its KHO state, against the ledger.
+    pub fn kho_view(&self) -> crate::kho::KhoView {
+        let ledger: Vec<u64> = self.ledger().iter().map(|e| e.gpa).collect();
+        crate::kho::observe(&self.memory, &ledger)
+    }
+
     /// Guest RAM resident in this process, in KiB (for overhead accounting).
     pub fn guest_resident_kib(&self) -> u64 {
         self.memory
@@ -1017,6 +1023,9 @@ impl Session {
                 self.record_ghes(e);
                 Ok(None)
             }
+            Step::KhoScan => Ok(Some(serde_json::json!({
+                "kho": serde_json::to_value(self.vm.kho_view()).unwrap_or_default()
+            }))),
             Step::Wait(d) => {
                 self.wait(*d);
                 Ok(None)
@@ -1106,6 +1115,10 @@ impl Session {
             Request::Ledger => Answer::ok(
                 id,
                 serde_json::to_value(self.vm.ledger()).unwrap_or_default(),
+            ),
+            Request::Kho => Answer::ok(
+                id,
+                serde_json::to_value(self.vm.kho_view()).unwrap_or_default(),
             ),
             Request::State => Answer::ok(
                 id,

@@ -7,10 +7,13 @@
 //!   data entry, memory error section) and the validator for raw records;
 //! - [`ghes`]: the HEST's GHESv2 error sources and the firmware side of
 //!   their read-ack protocol;
+//! - [`kho`]: the guest's KHO root FDT, its kexec count and its hwpoison
+//!   list, parsed from bytes copied out of guest memory (hostile input);
 //! - [`ledger`]: the poison ledger, which pages are bad and how often the
 //!   guest consumed them.
 
 pub mod cper;
 pub mod ghes;
+pub mod kho;
 pub mod ledger;
 pub mod mce;
