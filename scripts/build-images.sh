@@ -2,7 +2,8 @@
 # Builds everything a run needs and writes target/images/manifest:
 #   - the kernel (scripts/build-kernel.sh, cached);
 #   - static (musl) rasvmm and rasvmm-agent;
-#   - the guest initramfs: busybox-static + rasvmm-agent + images/guest-init;
+#   - the guest initramfs: busybox-static + rasvmm-agent + images/guest-init
+#     + the guest kernel as /boot/bzImage (for kexec);
 #   - the lab-host initramfs: busybox-static + rasvmm + guest kernel and
 #     initramfs + images/lab-init.
 #   - with --bench, also the bench lab-host initramfs: the lab image plus
@@ -49,6 +50,9 @@ stage="$out/stage"
 base_root "$stage/guest"
 install -m 0755 "$bin/rasvmm-agent" "$stage/guest/sbin/rasvmm-agent"
 install -m 0755 "$RASVMM_ROOT/images/guest-init" "$stage/guest/init"
+# The kernel itself, for the agent's kexec (kexec_file_load needs a file).
+mkdir -p "$stage/guest/boot"
+cp "$kernel_dir/bzImage" "$stage/guest/boot/bzImage"
 pack "$stage/guest" "$out/guest-initramfs.cpio"
 
 base_root "$stage/lab"

@@ -45,6 +45,8 @@ pub enum KernelPageKind {
     Reserved,
     /// KPF_PGTABLE (bit 26): page-table pages.
     PageTable,
+    /// KPF_BUDDY (bit 10): free pages (the head of a free buddy block).
+    Free,
 }
 
 impl KernelPageKind {
@@ -54,6 +56,7 @@ impl KernelPageKind {
             KernelPageKind::Slab => 7,
             KernelPageKind::Reserved => 32,
             KernelPageKind::PageTable => 26,
+            KernelPageKind::Free => 10,
         }
     }
 }
@@ -109,7 +112,40 @@ pub enum Command {
     },
     /// Sync and power the guest off.
     Poweroff,
+    /// Test only, a hostile guest: write a forged KHO root FDT (kexec count
+    /// 1000, so it looks newest) into the agent's own memory, with a
+    /// hwpoison subtree broken as `defect` says. Nothing in the kernel uses
+    /// it; it is there for the VMM's KHO observer to find and refuse.
+    ForgeKho {
+        /// What is wrong with the forged subtree.
+        defect: KhoDefect,
+    },
+    /// Load /boot/bzImage with kexec_file_load (the current command line,
+    /// plus `append`; an initramfs packed from the current root), reply,
+    /// then reboot into it. The new kernel's agent says hello again.
+    Kexec {
+        /// Appended to the current kernel command line.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        append: Option<String>,
+    },
 }
+
+/// How a forged hwpoison subtree is broken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KhoDefect {
+    /// The blob's magic is wrong.
+    BadMagic,
+    /// More PFNs than the blob has room for.
+    Overfull,
+    /// A blob size of 1 TiB.
+    HugeBlob,
+    /// The blob address is outside guest RAM.
+    WildPointer,
+}
+
+/// Longest `append` a kexec request carries.
+pub const MAX_KEXEC_APPEND: usize = 1024;
 
 /// Result of `exec`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

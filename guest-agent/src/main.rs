@@ -29,6 +29,8 @@ const REPORT_READY: u32 = 1;
 const REPORT_TOUCHED: u32 = 2;
 const REPORT_SIGNAL: u32 = 3;
 
+mod cpio;
+
 fn main() {
     let path = std::env::args()
         .nth(1)
@@ -119,6 +121,7 @@ impl Agent {
 
     fn serve(&mut self, req: Request) -> std::io::Result<()> {
         let poweroff = req.cmd == Command::Poweroff;
+        let kexec = matches!(req.cmd, Command::Kexec { .. });
         let result = self.execute(req.cmd);
         let reply = match result {
             Ok(p) => Reply {
@@ -132,9 +135,13 @@ impl Agent {
                 error: Some(e),
             },
         };
+        let loaded = reply.error.is_none();
         self.send(&AgentMessage::Reply(reply))?;
         if poweroff {
             power_off();
+        }
+        if kexec && loaded {
+            reboot_kexec();
         }
         Ok(())
     }
@@ -154,7 +161,63 @@ impl Agent {
                 unsafe { libc::sync() };
                 Ok(Payload::Done)
             }
+            Command::Kexec { append } => kexec_load(append.as_deref()).map(|()| Payload::Done),
+            Command::ForgeKho { defect } => self.forge_kho(defect).map(|()| Payload::Done),
         }
+    }
+
+    /// Writes a forged KHO root, its kexec-metadata blob and a broken
+    /// hwpoison blob into three locked pages of the agent's own memory.
+    fn forge_kho(&mut self, defect: guest_agent::KhoDefect) -> Result<(), String> {
+        use guest_agent::KhoDefect;
+        use ras::kho::build;
+        // SAFETY: anonymous private mapping of three pages; result checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                3 * PAGE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | libc::MAP_LOCKED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+        }
+        let base = p.cast::<u8>();
+        let pid = std::process::id() as i32;
+        let phys = |i: usize| -> Result<u64, String> {
+            Ok(pfn_of(pid, base as u64 + (i * PAGE_SIZE) as u64)? * PAGE_SIZE as u64)
+        };
+        let (meta_at, blob_at) = (phys(1)?, phys(2)?);
+        let mut blob = build::hwpoison(0, 4, &[0x1234]);
+        let (mut addr, mut size) = (blob_at, blob.len() as u64);
+        match defect {
+            KhoDefect::BadMagic => blob[0] = b'X',
+            KhoDefect::Overfull => blob[8] = 9,
+            KhoDefect::HugeBlob => size = 1 << 40,
+            KhoDefect::WildPointer => addr = 0xdead_0000_0000,
+        }
+        let root = build::kho_root(
+            0,
+            &[("kexec-metadata", meta_at, 73), ("hwpoison", addr, size)],
+        );
+        let pages: [&[u8]; 3] = [&root, &build::metadata(1000), &blob];
+        for (i, bytes) in pages.iter().enumerate() {
+            // SAFETY: each write stays within page i of the three-page
+            // mapping (every forged structure is smaller than a page).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    base.add(i * PAGE_SIZE),
+                    bytes.len().min(PAGE_SIZE),
+                )
+            };
+        }
+        // The pages stay mapped for the agent's life: the forgery is there
+        // for the VMM to find.
+        Ok(())
     }
 
     fn alloc_page(&mut self) -> Result<PageRecord, String> {
@@ -540,6 +603,70 @@ fn sysctl(name: &str, value: Option<&str>) -> Result<SysctlValue, String> {
         name: name.into(),
         value,
     })
+}
+
+/// The kernel the guest kexecs into, and the initramfs packed for it.
+const KEXEC_KERNEL: &str = "/boot/bzImage";
+const KEXEC_INITRAMFS: &str = "/tmp/kexec-initramfs.cpio";
+/// Top-level directories not packed into the kexec initramfs (kernel
+/// filesystems, and /tmp where the archive itself is written).
+const KEXEC_SKIP: [&str; 4] = ["proc", "sys", "dev", "tmp"];
+
+/// Loads the next kernel: /boot/bzImage, an initramfs packed from this
+/// root (so the new kernel has the same agent and the same kernel image to
+/// kexec again), and this kernel's command line plus `append`.
+fn kexec_load(append: Option<&str>) -> Result<(), String> {
+    if append.is_some_and(|a| a.len() > guest_agent::MAX_KEXEC_APPEND || a.contains('\0')) {
+        return Err("kexec: bad append".into());
+    }
+    let mut cmdline = std::fs::read_to_string("/proc/cmdline")
+        .map_err(|e| format!("/proc/cmdline: {e}"))?
+        .trim()
+        .to_string();
+    if let Some(a) = append {
+        cmdline.push(' ');
+        cmdline.push_str(a);
+    }
+    let archive =
+        cpio::pack_root(&KEXEC_SKIP).map_err(|e| format!("packing the initramfs: {e}"))?;
+    std::fs::write(KEXEC_INITRAMFS, archive).map_err(|e| format!("{KEXEC_INITRAMFS}: {e}"))?;
+    let kernel = File::open(KEXEC_KERNEL).map_err(|e| format!("{KEXEC_KERNEL}: {e}"))?;
+    let initrd = File::open(KEXEC_INITRAMFS).map_err(|e| format!("{KEXEC_INITRAMFS}: {e}"))?;
+    let c = std::ffi::CString::new(cmdline).map_err(|_| "kexec: bad command line")?;
+    let len = c.as_bytes_with_nul().len();
+    // SAFETY: kexec_file_load(2) with two open descriptors, the length of
+    // a NUL-terminated command line including its NUL, and no flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kexec_file_load,
+            kernel.as_raw_fd(),
+            initrd.as_raw_fd(),
+            len,
+            c.as_ptr(),
+            0usize,
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "kexec_file_load: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn reboot_kexec() -> ! {
+    // SAFETY: sync() has no preconditions.
+    unsafe { libc::sync() };
+    // Let the reply leave the UART before the kernel goes away.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    // SAFETY: reboot(2) with a valid command; only returns on failure.
+    unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_KEXEC) };
+    eprintln!(
+        "rasvmm-agent: kexec failed: {}",
+        std::io::Error::last_os_error()
+    );
+    std::process::exit(1);
 }
 
 fn power_off() -> ! {

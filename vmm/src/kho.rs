@@ -3,15 +3,20 @@
 //!
 //! A scan reads the first four bytes of every guest page; a page that starts
 //! with the FDT magic is read whole (a KHO root is at most a page) and
-//! parsed ([`ras::kho`]). After a kexec guest RAM holds several valid roots
-//! (the incoming one stays reserved, stale copies linger), so the current
-//! one is the one with the highest `kexec-metadata` kexec count. Its
+//! parsed ([`ras::kho`]). After a kexec guest RAM holds several roots (the
+//! incoming one stays reserved, stale copies linger with pointers into
+//! memory that has since been reused, and a hostile guest can forge more),
+//! so each candidate is checked whole: its `kexec-metadata` and `hwpoison`
+//! blobs must parse. The current root is the consistent candidate with the
+//! highest kexec count; the inconsistent ones are reported as rejected. Its
 //! `hwpoison` blob is copied out and parsed; the guest may be updating it,
 //! so a copy whose sequence number is odd or changed while copying is
 //! re-read, a bounded number of times. Every read is bounded by the sizes in
 //! [`ras::kho`]; nothing the guest writes can make rasvmm loop or allocate
-//! without bound.
+//! without bound. Sticky-poisoned pages are never read: their backing is
+//! hwpoisoned, and any access, rasvmm's included, would fault.
 
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use ras::kho::{self, HwpoisonList, KhoRoot};
@@ -30,8 +35,10 @@ pub struct KhoView {
     pub root: Option<u64>,
     /// Its kexec count (0 before the first kexec).
     pub kexec_count: Option<u32>,
-    /// Valid KHO roots found in guest RAM.
+    /// KHO root FDTs found in guest RAM.
     pub roots_found: u32,
+    /// Roots not taken because their blobs do not parse (stale or forged).
+    pub rejected: Vec<Rejected>,
     /// The hwpoison subtree: its PFNs, or why it could not be read.
     pub hwpoison: Hwpoison,
     /// How the guest's set compares with rasvmm's ledger.
@@ -41,6 +48,29 @@ pub struct KhoView {
     /// Microseconds the scan took.
     pub scan_us: u64,
 }
+
+/// A KHO root that was not taken, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rejected {
+    /// Its guest-physical address.
+    pub root: u64,
+    /// Its kexec count, if its metadata parsed.
+    pub kexec_count: Option<u32>,
+    /// Why not.
+    pub reason: String,
+}
+
+/// A KHO root found in guest RAM, read whole.
+struct Candidate {
+    root: u64,
+    count: Option<u32>,
+    hwpoison: Hwpoison,
+    /// Why it is not consistent, if it is not.
+    why_not: Option<String>,
+}
+
+/// Most rejected roots listed in a view.
+const MAX_REJECTED: usize = 16;
 
 /// The hwpoison subtree's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -102,8 +132,20 @@ pub fn compare(guest_pfns: &[u64], ledger: &[u64]) -> Comparison {
     }
 }
 
-fn read(memory: &GuestMemoryMmap, gpa: u64, len: u64, max: u64) -> Option<Vec<u8>> {
+/// Copies `len` bytes at `gpa`, if that is at most `max`, guest RAM, and
+/// touches no sticky-poisoned page.
+fn read(
+    memory: &GuestMemoryMmap,
+    sticky: &BTreeSet<u64>,
+    gpa: u64,
+    len: u64,
+    max: u64,
+) -> Option<Vec<u8>> {
     if len > max {
+        return None;
+    }
+    let end = gpa.checked_add(len)?;
+    if sticky.range(gpa & !0xfff..end).next().is_some() {
         return None;
     }
     let mut buf = vec![0u8; usize::try_from(len).ok()?];
@@ -112,7 +154,7 @@ fn read(memory: &GuestMemoryMmap, gpa: u64, len: u64, max: u64) -> Option<Vec<u8
 }
 
 /// Finds every valid KHO root FDT in guest RAM.
-fn find_roots(memory: &GuestMemoryMmap) -> (Vec<(u64, KhoRoot)>, u64) {
+fn find_roots(memory: &GuestMemoryMmap, sticky: &BTreeSet<u64>) -> (Vec<(u64, KhoRoot)>, u64) {
     let mut roots = Vec::new();
     let mut scanned = 0u64;
     for region in memory.iter() {
@@ -127,6 +169,9 @@ fn find_roots(memory: &GuestMemoryMmap) -> (Vec<(u64, KhoRoot)>, u64) {
                 break;
             };
             off += 4096;
+            if sticky.contains(&gpa) {
+                continue;
+            }
             // SAFETY: `base` is the start of this region's live host mapping
             // of `len` bytes, held by `memory` for the whole scan, and
             // `o + 4 <= len`. The guest may be writing the word: a volatile
@@ -137,6 +182,7 @@ fn find_roots(memory: &GuestMemoryMmap) -> (Vec<(u64, KhoRoot)>, u64) {
             }
             let Some(fdt) = read(
                 memory,
+                sticky,
                 gpa,
                 kho::MAX_FDT_SIZE as u64,
                 kho::MAX_FDT_SIZE as u64,
@@ -151,23 +197,24 @@ fn find_roots(memory: &GuestMemoryMmap) -> (Vec<(u64, KhoRoot)>, u64) {
     (roots, scanned)
 }
 
-fn kexec_count(memory: &GuestMemoryMmap, root: &KhoRoot) -> Option<u32> {
+fn kexec_count(memory: &GuestMemoryMmap, sticky: &BTreeSet<u64>, root: &KhoRoot) -> Option<u32> {
     let s = root.subtree(kho::METADATA_NODE)?;
-    let blob = read(memory, s.blob, s.size, 73)?;
+    let blob = read(memory, sticky, s.blob, s.size, 73)?;
     kho::kexec_count(&blob).ok()
 }
 
 /// Reads and validates the hwpoison blob, re-reading a torn copy.
-fn hwpoison(memory: &GuestMemoryMmap, root: &KhoRoot) -> Hwpoison {
+fn hwpoison(memory: &GuestMemoryMmap, sticky: &BTreeSet<u64>, root: &KhoRoot) -> Hwpoison {
     let Some(s) = root.subtree(kho::HWPOISON_NODE) else {
         return Hwpoison::Absent;
     };
     let mut last = String::new();
     for _ in 0..TORN_READ_RETRIES {
-        let Some(blob) = read(memory, s.blob, s.size, kho::MAX_HWPOISON_BLOB) else {
+        let Some(blob) = read(memory, sticky, s.blob, s.size, kho::MAX_HWPOISON_BLOB) else {
             return Hwpoison::Invalid {
                 reason: format!(
-                    "blob of {} bytes at {:#x} is not readable guest RAM of at most {} bytes",
+                    "blob of {} bytes at {:#x} is not readable guest RAM of at most {} bytes \
+                     (or lies in a poisoned page)",
                     s.size,
                     s.blob,
                     kho::MAX_HWPOISON_BLOB
@@ -203,17 +250,46 @@ fn hwpoison(memory: &GuestMemoryMmap, root: &KhoRoot) -> Hwpoison {
 }
 
 /// Scans guest RAM and compares the guest's poison set with `ledger` (the
-/// ledger's page addresses).
-pub fn observe(memory: &GuestMemoryMmap, ledger: &[u64]) -> KhoView {
+/// ledger's page addresses), never reading the `sticky` pages.
+pub fn observe(memory: &GuestMemoryMmap, ledger: &[u64], sticky: &BTreeSet<u64>) -> KhoView {
     let t = Instant::now();
-    let (roots, scanned_bytes) = find_roots(memory);
+    let (roots, scanned_bytes) = find_roots(memory, sticky);
     let roots_found = u32::try_from(roots.len()).unwrap_or(u32::MAX);
-    let current = roots
+    let mut candidates: Vec<Candidate> = roots
         .iter()
-        .map(|(gpa, r)| (kexec_count(memory, r), *gpa, r))
-        .max_by_key(|(count, gpa, _)| (count.unwrap_or(0), *gpa));
-    let (root, count, hw) = match current {
-        Some((count, gpa, r)) => (Some(gpa), count, hwpoison(memory, r)),
+        .map(|(gpa, r)| {
+            let count = kexec_count(memory, sticky, r);
+            let hwpoison = hwpoison(memory, sticky, r);
+            let why_not = match (&count, &hwpoison) {
+                (None, _) => Some("no valid kexec-metadata".to_string()),
+                (_, Hwpoison::Invalid { reason }) => Some(reason.clone()),
+                _ => None,
+            };
+            Candidate {
+                root: *gpa,
+                count,
+                hwpoison,
+                why_not,
+            }
+        })
+        .collect();
+    // Consistent first, then the newest; the address breaks ties.
+    candidates.sort_by_key(|c| (c.why_not.is_none(), c.count.unwrap_or(0), c.root));
+    let chosen = candidates.pop();
+    let rejected = candidates
+        .into_iter()
+        .rev()
+        .filter_map(|c| {
+            c.why_not.map(|reason| Rejected {
+                root: c.root,
+                kexec_count: c.count,
+                reason,
+            })
+        })
+        .take(MAX_REJECTED)
+        .collect();
+    let (root, count, hw) = match chosen {
+        Some(c) => (Some(c.root), c.count, c.hwpoison),
         None => (None, None, Hwpoison::Absent),
     };
     let comparison = match &hw {
@@ -224,6 +300,7 @@ pub fn observe(memory: &GuestMemoryMmap, ledger: &[u64]) -> KhoView {
         root,
         kexec_count: count,
         roots_found,
+        rejected,
         hwpoison: hw,
         comparison,
         scanned_bytes,
@@ -239,6 +316,28 @@ mod tests {
 
     fn guest() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    }
+
+    fn observe_all(m: &GuestMemoryMmap, ledger: &[u64]) -> KhoView {
+        observe(m, ledger, &BTreeSet::new())
+    }
+
+    #[test]
+    fn sticky_pages_are_never_read() {
+        let m = guest();
+        let hw = build::hwpoison(2, 4, &[0x50]);
+        put(
+            &m,
+            0x40_0000,
+            &build::kho_root(0, &[("hwpoison", 0x50_0000, hw.len() as u64)]),
+        );
+        put(&m, 0x50_0000, &hw);
+        // The blob's page is sticky: reported, not read.
+        let v = observe(&m, &[0x50_0000], &BTreeSet::from([0x50_0000]));
+        assert!(matches!(v.hwpoison, Hwpoison::Invalid { .. }));
+        // The root's page is sticky: not found at all.
+        let v = observe(&m, &[], &BTreeSet::from([0x40_0000]));
+        assert_eq!(v.root, None);
     }
 
     fn put(m: &GuestMemoryMmap, gpa: u64, b: &[u8]) {
@@ -287,7 +386,7 @@ mod tests {
             0x60_0000,
             &build::fdt(&[("compatible", b"x\0".to_vec())], &[]),
         );
-        let v = observe(&m, &[0x123_000, 0x345_000]);
+        let v = observe_all(&m, &[0x123_000, 0x345_000]);
         assert_eq!(v.root, Some(0x40_0000));
         assert_eq!(v.kexec_count, Some(1));
         assert_eq!(v.roots_found, 2);
@@ -301,7 +400,7 @@ mod tests {
             }
         );
         assert_eq!(v.comparison, Comparison::Agree);
-        let v = observe(&m, &[0x123_000, 0x999_000]);
+        let v = observe_all(&m, &[0x123_000, 0x999_000]);
         assert_eq!(
             v.comparison,
             Comparison::Differ {
@@ -309,6 +408,47 @@ mod tests {
                 guest_extra: vec![0x345_000]
             }
         );
+    }
+
+    #[test]
+    fn a_newer_but_broken_root_is_rejected() {
+        let m = guest();
+        let hw = build::hwpoison(2, 4, &[0x77]);
+        put(
+            &m,
+            0x10_0000,
+            &build::kho_root(
+                0,
+                &[
+                    ("kexec-metadata", 0x20_0000, 73),
+                    ("hwpoison", 0x30_0000, hw.len() as u64),
+                ],
+            ),
+        );
+        put(&m, 0x20_0000, &build::metadata(2));
+        put(&m, 0x30_0000, &hw);
+        // Stale or forged: a higher count, a hwpoison blob that is garbage.
+        let mut junk = hw.clone();
+        junk[0] = 0;
+        put(
+            &m,
+            0x40_0000,
+            &build::kho_root(
+                0,
+                &[
+                    ("kexec-metadata", 0x50_0000, 73),
+                    ("hwpoison", 0x60_0000, junk.len() as u64),
+                ],
+            ),
+        );
+        put(&m, 0x50_0000, &build::metadata(0xff_ffff));
+        put(&m, 0x60_0000, &junk);
+        let v = observe_all(&m, &[0x77_000]);
+        assert_eq!((v.root, v.kexec_count), (Some(0x10_0000), Some(2)));
+        assert_eq!(v.comparison, Comparison::Agree);
+        assert_eq!(v.rejected.len(), 1);
+        assert_eq!(v.rejected[0].root, 0x40_0000);
+        assert!(v.rejected[0].reason.contains("bad magic"));
     }
 
     #[test]
@@ -326,7 +466,7 @@ mod tests {
                 &build::kho_root(0, &[("hwpoison", addr, size)]),
             );
             put(&m, 0x50_0000, &build::hwpoison(3, 4, &[1]));
-            let v = observe(&m, &[]);
+            let v = observe_all(&m, &[]);
             match v.hwpoison {
                 Hwpoison::Invalid { reason } => assert!(reason.contains(want), "{reason}"),
                 other => panic!("{other:?}"),
@@ -334,7 +474,7 @@ mod tests {
             assert_eq!(v.comparison, Comparison::Unknown);
         }
         // No KHO at all.
-        let v = observe(&guest(), &[0x1000]);
+        let v = observe_all(&guest(), &[0x1000]);
         assert_eq!((v.root, v.hwpoison), (None, Hwpoison::Absent));
     }
 }

@@ -84,6 +84,26 @@ pub struct ExpectSignal {
     pub page: String,
 }
 
+/// What the KHO observer must have read (every view: each `kho-scan` step
+/// and the scan after each kexec).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectKho {
+    /// Guest kexecs.
+    pub kexecs: Option<u32>,
+    /// Views recorded.
+    pub views: Option<usize>,
+    /// The hwpoison subtree's state in every view: valid, absent, invalid.
+    pub state: Option<String>,
+    /// Every view's comparison with the ledger: agree, differ, unknown.
+    pub verdict: Option<String>,
+    /// Every valid view lists exactly these pages.
+    pub pfns: Option<Vec<String>>,
+    /// The last view rejected roots for each of these reasons (substrings).
+    #[serde(default)]
+    pub rejected: Vec<String>,
+}
+
 /// The verdict expected.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -124,6 +144,10 @@ pub struct Expect {
     /// Records each GHES source must have had written into its block.
     #[serde(default)]
     pub ghes_written: BTreeMap<String, u64>,
+    /// What the KHO observer read.
+    pub kho: Option<ExpectKho>,
+    /// Consumptions rasvmm counted over all pages, at least.
+    pub min_consumptions: Option<u32>,
 }
 
 /// A scenario.
@@ -366,10 +390,128 @@ pub fn evaluate(expect: &Expect, report: &RunReport, refs: &Refs) -> Verdict {
             None => f.push(format!("step {index} did not fail, expected '{want}'")),
         }
     }
+    // A step that fails unexpectedly fails the scenario: what it was to do
+    // did not happen.
+    for (i, s) in report.steps.iter().enumerate() {
+        if let Some(e) = &s.error {
+            // Steps the end of the run cut short are not failures of their own.
+            let cut_short = e == &crate::vm::CallError::Ended.to_string();
+            if !cut_short && !expect.step_errors.contains_key(&(i + 1).to_string()) {
+                f.push(format!("step {} ({}) failed: {e}", i + 1, s.step));
+            }
+        }
+    }
+    if let Some(min) = expect.min_consumptions {
+        let total: u32 = report.ledger.iter().map(|e| e.consumptions).sum();
+        if total < min {
+            f.push(format!(
+                "the guest consumed poisoned pages {total} times, expected at least {min}"
+            ));
+        }
+    }
     check_ghes(expect, report, refs, &mut f);
+    if let Some(k) = &expect.kho {
+        check_kho(k, report, refs, &mut f);
+    }
     Verdict {
         passed: f.is_empty(),
         failures: f,
+    }
+}
+
+/// The KHO expectations, over every view the run recorded.
+fn check_kho(k: &ExpectKho, report: &RunReport, refs: &Refs, f: &mut Vec<String>) {
+    use crate::vcpu::RasEvent;
+    let mut views: Vec<serde_json::Value> = report
+        .steps
+        .iter()
+        .filter_map(|s| s.reply.as_ref())
+        .filter(|r| !r["kho"].is_null())
+        .map(|r| r["kho"].clone())
+        .collect();
+    let mut kexecs = 0;
+    for e in &report.ras_events {
+        match e {
+            RasEvent::GuestKexec { .. } => kexecs += 1,
+            RasEvent::KhoScanned { view, .. } => {
+                views.push(serde_json::to_value(view).unwrap_or_default())
+            }
+            _ => {}
+        }
+    }
+    if let Some(n) = k.kexecs {
+        if n != kexecs {
+            f.push(format!("the guest kexec'd {kexecs} times, expected {n}"));
+        }
+    }
+    if let Some(n) = k.views {
+        if n != views.len() {
+            f.push(format!(
+                "{} KHO views were recorded, expected {n}",
+                views.len()
+            ));
+        }
+    }
+    if let Some(last) = views.last() {
+        let reasons: Vec<&str> = last["rejected"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|r| r["reason"].as_str()).collect())
+            .unwrap_or_default();
+        for want in &k.rejected {
+            if !reasons.iter().any(|r| r.contains(want.as_str())) {
+                f.push(format!(
+                    "the last KHO view rejected no root for '{want}' (it rejected: {reasons:?})"
+                ));
+            }
+        }
+    } else if !k.rejected.is_empty() {
+        f.push("no KHO view was recorded".into());
+    }
+    let want_pfns: Option<Result<Vec<u64>, String>> = k.pfns.as_ref().map(|names| {
+        let mut v = names
+            .iter()
+            .map(|n| refs.pfn(&crate::steps::Target::Ref(n.clone())))
+            .collect::<Result<Vec<u64>, String>>()?;
+        v.sort_unstable();
+        Ok(v)
+    });
+    for (i, v) in views.iter().enumerate() {
+        let state = v["hwpoison"]["state"].as_str().unwrap_or("?");
+        if let Some(want) = &k.state {
+            if state != want {
+                f.push(format!(
+                    "KHO view {}: hwpoison is {state} ({}), expected {want}",
+                    i + 1,
+                    v["hwpoison"]["reason"]
+                ));
+            }
+        }
+        if let Some(want) = &k.verdict {
+            let got = v["comparison"]["verdict"].as_str().unwrap_or("?");
+            if got != want {
+                f.push(format!(
+                    "KHO view {}: comparison is {}, expected {want}",
+                    i + 1,
+                    v["comparison"]
+                ));
+            }
+        }
+        match &want_pfns {
+            Some(Err(e)) => f.push(e.clone()),
+            Some(Ok(want)) if state == "valid" => {
+                let got: Vec<u64> = v["hwpoison"]["pfns"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|p| p.as_u64()).collect())
+                    .unwrap_or_default();
+                if &got != want {
+                    f.push(format!(
+                        "KHO view {}: the guest lists PFNs {got:x?}, expected {want:x?}",
+                        i + 1
+                    ));
+                }
+            }
+            _ => {}
+        }
     }
 }
 

@@ -8,10 +8,12 @@
 //! | `exec:<sh>` | run a shell command in the guest |
 //! | `alloc-page` | start page holder N; its PFN becomes `pageN` |
 //! | `touch-page:<n>[:write]` | page holder n reads (writes) its page |
-//! | `kernel-pages:<slab\|reserved\|page-table>:<count>` | find kernel pages; they become `slab0`, `slab1`, ... |
+//! | `kernel-pages:<slab\|reserved\|page-table\|free>:<count>` | find kernel (or free) pages; they become `slab0`, `slab1`, ... |
 //! | `page-info:<pfn\|ref>` | kpageflags and HardwareCorrupted for a page |
 //! | `sysctl:<name>[=<value>]` | read or set a sysctl |
 //! | `poweroff` | power the guest off |
+//! | `forge-kho:<bad-magic\|overfull\|huge-blob\|wild-pointer>` | test only: the agent writes a forged KHO root with a broken hwpoison subtree into its own memory |
+//! | `kexec[:<append>]` | kexec the guest into /boot/bzImage (same command line, plus `append`); later steps wait for the new kernel's agent |
 //! | `inject:<srar\|srao\|ucna>:<gpa\|ref>[:vcpu=<n>][:local]` | report a memory error |
 //! | `poison:<gpa\|ref>` | make a page bad: every later access raises SRAR |
 //! | `ghes-memory:<recoverable\|corrected\|fatal>:<gpa\|ref>[:source=<nmi\|gsiv\|polled>][:threshold][:vcpu=<n>]` | report a CPER memory error through a GHES error source (default NMI) |
@@ -136,7 +138,8 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             let (kind, count) = a
                 .split_once(':')
                 .ok_or_else(|| bad("expected kernel-pages:<kind>:<count>"))?;
-            let kind = kind_of(kind).ok_or_else(|| bad("kind is slab, reserved or page-table"))?;
+            let kind =
+                kind_of(kind).ok_or_else(|| bad("kind is slab, reserved, page-table or free"))?;
             let count = number(count)
                 .and_then(|c| u32::try_from(c).ok())
                 .ok_or_else(|| bad("expected a count"))?;
@@ -165,6 +168,18 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             })
         }
         ("poweroff", None) => agent(Command::Poweroff),
+        ("forge-kho", Some(d)) => {
+            let defect = serde_json::from_value(serde_json::Value::String(d.into())).map_err(|_| {
+                bad("defect is bad-magic, overfull, huge-blob or wild-pointer")
+            })?;
+            agent(Command::ForgeKho { defect })
+        }
+        ("kexec", None) => agent(Command::Kexec { append: None }),
+        ("kexec", Some(a)) if !a.trim().is_empty() && a.len() <= guest_agent::MAX_KEXEC_APPEND => {
+            agent(Command::Kexec {
+                append: Some(a.to_string()),
+            })
+        }
         ("inject", Some(a)) => {
             let mut parts = a.split(':');
             let error = parts
@@ -260,7 +275,7 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             Ok(Step::Wait(d))
         }
         _ => Err(bad(
-            "expected exec, alloc-page, touch-page, kernel-pages, page-info, sysctl, poweroff, \
+            "expected exec, alloc-page, touch-page, kernel-pages, page-info, sysctl, poweroff, kexec, \
              inject, poison, ghes-memory, ghes-raw, kho-scan, wait, or JSON",
         )),
     }
@@ -279,6 +294,7 @@ fn kind_of(s: &str) -> Option<KernelPageKind> {
         "slab" => Some(KernelPageKind::Slab),
         "reserved" => Some(KernelPageKind::Reserved),
         "page-table" => Some(KernelPageKind::PageTable),
+        "free" => Some(KernelPageKind::Free),
         _ => None,
     }
 }
@@ -288,6 +304,7 @@ fn kind_name(k: KernelPageKind) -> &'static str {
         KernelPageKind::Slab => "slab",
         KernelPageKind::Reserved => "reserved",
         KernelPageKind::PageTable => "page-table",
+        KernelPageKind::Free => "free",
     }
 }
 

@@ -124,6 +124,8 @@ thread_local! {
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
     /// A host memory error the SIGBUS handler saw on this thread: (si_code, address).
     static HOST_MEMORY_ERROR: Cell<Option<(i32, usize)>> = const { Cell::new(None) };
+    /// Whether a SIGBUS on this (non-vCPU) thread is expected.
+    static EXPECT_SIGBUS: Cell<bool> = const { Cell::new(false) };
 }
 
 /// The real-time signal that kicks a vCPU out of KVM_RUN.
@@ -146,7 +148,29 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
     let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    let expected = KVM_RUN.with(|p| !p.get().is_null()) || EXPECT_SIGBUS.with(Cell::get);
+    if !expected {
+        // rasvmm itself, not a guest access through KVM, touched a poisoned
+        // page: returning would re-run the access forever. A bug, so stop
+        // with a message rather than hang.
+        const MSG: &[u8] =
+            b"rasvmm: internal error: the VMM read poisoned guest memory outside a vCPU; exiting\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is static.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(70);
+        }
+    }
     HOST_MEMORY_ERROR.with(|c| c.set(Some((code, addr))));
+}
+
+/// Runs `f`, which may raise SIGBUS on this thread by design (poisoning a
+/// page with MADV_HWPOISON signals the caller).
+pub fn expecting_sigbus<T>(f: impl FnOnce() -> T) -> T {
+    EXPECT_SIGBUS.with(|c| c.set(true));
+    let r = f();
+    EXPECT_SIGBUS.with(|c| c.set(false));
+    r
 }
 
 /// Installs the kick and SIGBUS handlers (once per process).
@@ -495,6 +519,20 @@ pub enum RasEvent {
         vcpu: u8,
         /// Why.
         error: String,
+    },
+    /// The guest loaded a new kernel with kexec and is rebooting into it.
+    GuestKexec {
+        /// Kexecs so far.
+        kexecs: u32,
+        /// When.
+        at_ms: u64,
+    },
+    /// The guest's KHO state, read when the kernel after a kexec came up.
+    KhoScanned {
+        /// Kexecs so far.
+        after_kexec: u32,
+        /// What rasvmm read.
+        view: Box<crate::kho::KhoView>,
     },
     /// The host reported a memory error outside guest memory.
     HostErrorOutsideGuest {

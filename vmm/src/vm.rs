@@ -168,6 +168,9 @@ pub enum RasError {
     /// The ledger is full.
     #[error("{0}")]
     Ledger(#[from] ledger::Error),
+    /// The page holds rasvmm's firmware tables or error status blocks.
+    #[error("Guest-physical address {0:#x} holds rasvmm's ACPI tables or GHES error status blocks and cannot be poisoned")]
+    Firmware(u64),
     /// A GHES report was refused.
     #[error("{0}")]
     Ghes(#[from] ghes::Error),
@@ -411,6 +414,7 @@ impl Vm {
         let record = enc::encode(inj.error, self.vendor, inj.gpa, inj.local);
         let broadcast = enc::is_broadcast(inj.error, self.vendor, inj.local);
         self.inject_record(inj.vcpu, &record, broadcast)?;
+        self.reported(inj.gpa);
         Ok(RasEvent::Injected {
             error: inj.error,
             gpa: inj.gpa,
@@ -471,7 +475,11 @@ impl Vm {
         if !gpa.is_multiple_of(ledger::PAGE_SIZE) {
             return Err(RasError::Unaligned(gpa));
         }
-        if lock(&self.ledger).contains(gpa) {
+        if (layout::ACPI_START..layout::GHES_START + layout::GHES_SIZE).contains(&gpa) {
+            // rasvmm itself reads and writes these pages.
+            return Err(RasError::Firmware(gpa));
+        }
+        if lock(&self.ledger).is_sticky(gpa) {
             return Ok(RasEvent::Poisoned {
                 gpa,
                 at_ms: self.now_ms(),
@@ -481,11 +489,19 @@ impl Vm {
             .memory
             .get_host_address(GuestAddress(gpa))
             .map_err(|_| RasError::NotRam(gpa))?;
-        // SAFETY: `hva` is the start of a page of rasvmm's guest mapping;
-        // MADV_HWPOISON unmaps it and marks the backing frame poisoned, which
-        // is the point. Nothing in rasvmm holds a reference into the page.
-        let r = unsafe { libc::madvise(hva.cast(), 4096, libc::MADV_HWPOISON) };
-        let err = std::io::Error::last_os_error();
+        // A page the guest never touched is backed by nothing (or the shared
+        // zero page), which the host cannot poison (EBUSY): give it its own
+        // frame first. MADV_POPULATE_WRITE keeps the contents.
+        // SAFETY: as below; populating a page of our own mapping.
+        unsafe { libc::madvise(hva.cast(), 4096, libc::MADV_POPULATE_WRITE) };
+        let (r, err) = vcpu::expecting_sigbus(|| {
+            // SAFETY: `hva` is the start of a page of rasvmm's guest mapping;
+            // MADV_HWPOISON unmaps it and marks the backing frame poisoned,
+            // which is the point. Nothing in rasvmm holds a reference into
+            // the page.
+            let r = unsafe { libc::madvise(hva.cast(), 4096, libc::MADV_HWPOISON) };
+            (r, std::io::Error::last_os_error())
+        });
         // memory_failure() signals the caller of madvise (BUS_MCEERR_AR for
         // the page just poisoned); that is the poisoning itself, not a fault.
         let _ = vcpu::take_host_memory_error();
@@ -516,7 +532,19 @@ impl Vm {
             threshold_exceeded: inj.threshold_exceeded,
         }
         .encode();
-        self.ghes_raw(inj.source, record, inj.vcpu)
+        let e = self.ghes_raw(inj.source, record, inj.vcpu)?;
+        // A page the guest will count as poisoned (memory_failure or soft
+        // offline; a fatal record panics it).
+        let poisons = inj.severity != Severity::Corrected || inj.threshold_exceeded;
+        if poisons {
+            self.reported(inj.gpa);
+        }
+        Ok(e)
+    }
+
+    /// Notes in the ledger that the guest was told the page at `gpa` is bad.
+    fn reported(&self, gpa: u64) {
+        let _ = lock(&self.ledger).poison(gpa, ledger::Source::Reported, self.now_ms());
     }
 
     /// Reports a raw CPER record through a GHES error source, validated
@@ -585,8 +613,15 @@ impl Vm {
 
     /// The guest's own poison list, from its KHO state, against the ledger.
     pub fn kho_view(&self) -> crate::kho::KhoView {
-        let ledger: Vec<u64> = self.ledger().iter().map(|e| e.gpa).collect();
-        crate::kho::observe(&self.memory, &ledger)
+        let entries = self.ledger();
+        let ledger: Vec<u64> = entries.iter().map(|e| e.gpa).collect();
+        // Sticky pages fault on any access, the VMM's own included.
+        let sticky: std::collections::BTreeSet<u64> = entries
+            .iter()
+            .filter(|e| e.source.is_sticky())
+            .map(|e| e.gpa)
+            .collect();
+        crate::kho::observe(&self.memory, &ledger, &sticky)
     }
 
     /// Guest RAM resident in this process, in KiB (for overhead accounting).
@@ -881,6 +916,11 @@ pub struct Session {
     deadline: Instant,
     outcome: Option<Outcome>,
     hello: Option<(Hello, Duration)>,
+    /// Whether the agent is up now (false from a kexec until the new
+    /// kernel's agent says hello).
+    agent_up: bool,
+    /// Guest kexecs so far.
+    kexecs: u32,
     next_id: u64,
     /// Signals the agent reported.
     pub signals: Vec<SignalReport>,
@@ -922,6 +962,8 @@ impl Session {
             deadline,
             outcome: None,
             hello: None,
+            agent_up: false,
+            kexecs: 0,
             next_id: 1,
             signals: Vec::new(),
             signal_ms: Vec::new(),
@@ -1061,7 +1103,7 @@ impl Session {
             Request::Step(text) => match crate::steps::parse(&text) {
                 Err(e) => Answer::err(id, e),
                 Ok(Step::Wait(_)) => Answer::err(id, "wait is the client's to do over the API"),
-                Ok(Step::Agent { .. }) if self.hello.is_none() => Answer::err(
+                Ok(Step::Agent { .. }) if !self.agent_up => Answer::err(
                     id,
                     "the guest agent is not ready yet (see state's agent_ready_ms)",
                 ),
@@ -1192,12 +1234,29 @@ impl Session {
         self.hello.as_ref()
     }
 
-    /// Waits for the agent's hello. `None` if the run ended first.
+    /// Waits for the agent's hello (after a kexec, the new kernel's).
+    /// `None` if the run ended first.
     pub fn wait_agent(&mut self) -> Option<&(Hello, Duration)> {
-        while self.hello.is_none() && self.outcome.is_none() {
+        while !self.agent_up && self.outcome.is_none() {
             self.step();
         }
-        self.hello.as_ref()
+        self.hello.as_ref().filter(|_| self.agent_up)
+    }
+
+    /// Guest kexecs so far.
+    pub fn kexecs(&self) -> u32 {
+        self.kexecs
+    }
+
+    /// The agent loaded the next kernel and is rebooting into it: wait for
+    /// the new agent before any further request.
+    fn guest_kexecs(&mut self) {
+        self.agent_up = false;
+        self.kexecs = self.kexecs.saturating_add(1);
+        self.record(RasEvent::GuestKexec {
+            kexecs: self.kexecs,
+            at_ms: self.vm.now_ms(),
+        });
     }
 
     /// Sends `cmd` to the agent and waits for its reply.
@@ -1207,6 +1266,7 @@ impl Session {
         }
         let id = self.next_id;
         self.next_id += 1;
+        let kexec = matches!(cmd, Command::Kexec { .. });
         let line = encode(&Request { id, cmd });
         if let Err(e) = lock(&self.vm.agent).send(&line) {
             return Err(CallError::Agent(e.to_string()));
@@ -1217,7 +1277,12 @@ impl Session {
             if let Some(AgentMessage::Reply(r)) = self.step_until(check_at) {
                 if r.id == id {
                     return match (r.ok, r.error) {
-                        (Some(p), _) => Ok(p),
+                        (Some(p), _) => {
+                            if kexec {
+                                self.guest_kexecs();
+                            }
+                            Ok(p)
+                        }
                         (None, e) => Err(CallError::Agent(e.unwrap_or_default())),
                     };
                 }
@@ -1333,6 +1398,16 @@ impl Session {
                     if self.hello.is_none() {
                         self.hello = Some((h, self.elapsed()));
                     }
+                    if !self.agent_up && self.kexecs > 0 {
+                        // The kernel after a kexec is up: what does it
+                        // believe is poisoned?
+                        let view = self.vm.kho_view();
+                        self.record(RasEvent::KhoScanned {
+                            after_kexec: self.kexecs,
+                            view: Box::new(view),
+                        });
+                    }
+                    self.agent_up = true;
                 }
                 Ok(AgentMessage::Signal(s)) => {
                     self.publish(&serde_json::json!({ "event": "signal", "signal": s }));
@@ -1345,6 +1420,9 @@ impl Session {
                     if let Some((cmd, api_id, conn)) = self.api_pending.remove(&r.id) {
                         let answer = match (r.ok, r.error) {
                             (Some(p), _) => {
+                                if matches!(cmd, Command::Kexec { .. }) {
+                                    self.guest_kexecs();
+                                }
                                 self.refs.learn(&cmd, &p);
                                 crate::api::Answer::ok(
                                     api_id,

@@ -1,5 +1,11 @@
 //! The poison ledger: which guest pages are bad, and what happened to them.
 //!
+//! A page is in the ledger when rasvmm made it bad (sticky poison), the host
+//! reported it bad, or rasvmm reported it bad to the guest (a machine check
+//! or a GHES record naming it) without making it sticky: the ledger is the
+//! set of pages the guest has been given reason to believe are bad, which is
+//! what the guest's own list (read through KHO) is compared with.
+//!
 //! Like DRAM, a poisoned page stays bad: the ledger only grows (up to
 //! [`MAX_PAGES`]) and counts every consumption, so a test can tell "the guest
 //! never touched it again" from "the guest touched it and was told".
@@ -22,6 +28,16 @@ pub enum Source {
     Injected,
     /// The host reported a memory failure in the page's backing memory.
     Host,
+    /// Reported to the guest (machine check, GHES record) but not made
+    /// sticky: the page still works.
+    Reported,
+}
+
+impl Source {
+    /// Whether accesses to the page fault (the backing page is poisoned).
+    pub fn is_sticky(self) -> bool {
+        self != Source::Reported
+    }
 }
 
 /// One poisoned page.
@@ -62,10 +78,16 @@ impl Ledger {
         Self::default()
     }
 
-    /// Records the page containing `gpa`; returns false if it was already there.
+    /// Records the page containing `gpa`; returns false if it was already
+    /// there with the same stickiness. A reported page made sticky takes the
+    /// new source.
     pub fn poison(&mut self, gpa: u64, source: Source, now_ms: u64) -> Result<bool, Error> {
         let page = page_of(gpa);
-        if self.pages.contains_key(&page) {
+        if let Some(e) = self.pages.get_mut(&page) {
+            if !e.source.is_sticky() && source.is_sticky() {
+                e.source = source;
+                return Ok(true);
+            }
             return Ok(false);
         }
         if self.pages.len() >= MAX_PAGES {
@@ -83,9 +105,16 @@ impl Ledger {
         Ok(true)
     }
 
-    /// Whether the page containing `gpa` is poisoned.
+    /// Whether the page containing `gpa` is in the ledger.
     pub fn contains(&self, gpa: u64) -> bool {
         self.pages.contains_key(&page_of(gpa))
+    }
+
+    /// Whether the page containing `gpa` is sticky-poisoned.
+    pub fn is_sticky(&self, gpa: u64) -> bool {
+        self.pages
+            .get(&page_of(gpa))
+            .is_some_and(|e| e.source.is_sticky())
     }
 
     /// Counts a consumption of the page containing `gpa`; a page not yet in
@@ -137,6 +166,18 @@ mod tests {
         let e = l.entries();
         assert_eq!((e[0].source, e[0].consumptions), (Source::Injected, 2));
         assert_eq!((e[1].source, e[1].consumptions), (Source::Host, 1));
+    }
+
+    #[test]
+    fn reported_pages_become_sticky_when_poisoned() {
+        let mut l = Ledger::new();
+        assert_eq!(l.poison(0x3000, Source::Reported, 1), Ok(true));
+        assert!(l.contains(0x3000) && !l.is_sticky(0x3000));
+        assert_eq!(l.poison(0x3000, Source::Reported, 2), Ok(false));
+        assert_eq!(l.poison(0x3000, Source::Injected, 3), Ok(true));
+        assert!(l.is_sticky(0x3000));
+        assert_eq!(l.poison(0x3000, Source::Reported, 4), Ok(false));
+        assert_eq!(l.entries()[0].source, Source::Injected);
     }
 
     #[test]
