@@ -25,9 +25,10 @@ fn main() -> ExitCode {
         Some("bench-boot") => bench::boot(&args[1..]),
         Some("bench-inject") => bench::inject(&args[1..]),
         Some("bench-ghes") => bench::ghes(&args[1..]),
+        Some("bench-kho") => bench::kho(&args[1..]),
         Some("-h" | "--help") | None => {
             eprintln!(
-                "usage: rasvmm-lab run [rasvmm run args...] | suite [DIR] [--junit F] [--json F] | demo | bench-boot [--runs N] | bench-inject [--runs N] | bench-ghes [--runs N]"
+                "usage: rasvmm-lab run [rasvmm run args...] | suite [DIR] [--junit F] [--json F] | demo | bench-boot [--runs N] | bench-inject [--runs N] | bench-ghes [--runs N] | bench-kho [--gib N]"
             );
             return if args.is_empty() {
                 ExitCode::from(2)
