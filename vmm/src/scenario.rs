@@ -148,6 +148,9 @@ pub struct Expect {
     pub kho: Option<ExpectKho>,
     /// Consumptions rasvmm counted over all pages, at least.
     pub min_consumptions: Option<u32>,
+    /// Sysctls' values as the last `sysctl` step that read each saw.
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
 }
 
 /// A scenario.
@@ -399,6 +402,20 @@ pub fn evaluate(expect: &Expect, report: &RunReport, refs: &Refs) -> Verdict {
             if !cut_short && !expect.step_errors.contains_key(&(i + 1).to_string()) {
                 f.push(format!("step {} ({}) failed: {e}", i + 1, s.step));
             }
+        }
+    }
+    for (name, want) in &expect.sysctls {
+        let got = report
+            .steps
+            .iter()
+            .rev()
+            .filter_map(|s| s.reply.as_ref())
+            .find(|r| r["sysctl"]["name"] == name.as_str())
+            .and_then(|r| r["sysctl"]["value"].as_str().map(str::to_string));
+        match got {
+            Some(v) if &v == want => {}
+            Some(v) => f.push(format!("sysctl {name} is {v}, expected {want}")),
+            None => f.push(format!("no sysctl step read {name}")),
         }
     }
     if let Some(min) = expect.min_consumptions {
