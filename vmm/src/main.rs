@@ -31,7 +31,7 @@ struct ApiArgs {
     /// The run's --api-socket.
     #[arg(long)]
     socket: PathBuf,
-    /// ledger, state, events, shutdown, a step (inject:srao:<gpa>, poison:<gpa>,
+    /// ledger, kho, state, events, shutdown, a step (inject:srao:<gpa>, poison:<gpa>,
     /// page-info:<pfn>, ...), mce:<vcpu>:<bank>:<status>:<addr>:<misc>:<mcg_status>,
     /// ghes-memory --severity <recoverable|corrected|fatal> --gpa <gpa>
     /// [--source <nmi|gsiv|polled>] [--threshold] [--vcpu <n>],
@@ -79,9 +79,10 @@ struct RunArgs {
     timeout: f64,
     /// Step, repeatable, performed in order: agent requests (exec:<sh>,
     /// alloc-page, touch-page:<n>[:write], kernel-pages:<kind>:<n>,
-    /// page-info:<pfn|ref>, sysctl:<name>[=<value>], poweroff, or JSON),
-    /// inject:<srar|srao|ucna>:<gpa|ref>[:vcpu=<n>][:local],
-    /// poison:<gpa|ref>, wait:<ms>. See docs/steps.md.
+    /// page-info:<pfn|ref>, sysctl:<name>[=<value>], kexec[:<append>],
+    /// poweroff, or JSON), inject:<srar|srao|ucna>:<gpa|ref>[:vcpu=<n>][:local],
+    /// poison:<gpa|ref>, ghes-memory:<severity>:<gpa|ref>[:source=<s>],
+    /// ghes-raw:<source>:<hex>, kho-scan, wait:<ms>. See docs/scenarios.md.
     #[arg(long = "step", visible_alias = "agent", value_name = "STEP")]
     steps: Vec<String>,
     /// Serve the control API on this Unix socket (created 0600).
