@@ -71,21 +71,12 @@ done
         qemu_ms.push(ready);
         qemu_rss.push(timer_field(&q, "maxrss_kib").unwrap_or(0.0));
     }
-    let (rm, qm) = (median(&mut rasvmm_ms), median(&mut qemu_ms));
     println!(
         "boot to agent ready, {runs} runs each, one lab host ({}), guest {}:",
         res.backend, lab.manifest.kernel_version
     );
-    println!(
-        "  rasvmm: median {rm:.0} ms (min {:.0}, max {:.0})",
-        min(&rasvmm_ms),
-        max(&rasvmm_ms)
-    );
-    println!(
-        "  QEMU  : median {qm:.0} ms (min {:.0}, max {:.0})",
-        min(&qemu_ms),
-        max(&qemu_ms)
-    );
+    let rm = report_ms("rasvmm", &mut rasvmm_ms);
+    let qm = report_ms("QEMU  ", &mut qemu_ms);
     println!("  ratio rasvmm/QEMU: {:.2}x (target <= 0.5x)", rm / qm);
     println!(
         "  rasvmm RSS beyond guest RAM: median {:.0} KiB (target <= 8192 KiB); QEMU peak RSS incl. guest RAM: median {:.0} KiB",
@@ -98,15 +89,7 @@ done
 /// Parses `[--runs N]` and opens the lab with its bench image; benchmarks
 /// measure rasvmm and QEMU in the same lab host, so only the lab backend will do.
 fn setup(name: &str, args: &[String]) -> Result<(u32, Lab, std::path::PathBuf), String> {
-    let runs: u32 = match args {
-        [] => 5,
-        [flag, n] if flag == "--runs" => n
-            .parse()
-            .ok()
-            .filter(|n| (1..=50).contains(n))
-            .ok_or("--runs takes 1 to 50")?,
-        _ => return Err(format!("usage: rasvmm-lab {name} [--runs N]")),
-    };
+    let runs = parse_runs(name, args)?;
     let lab = Lab::new().map_err(|e| chain(&e))?;
     if lab.backend != Backend::Lab {
         return Err(format!(
@@ -118,6 +101,30 @@ fn setup(name: &str, args: &[String]) -> Result<(u32, Lab, std::path::PathBuf), 
             "no bench lab image: run scripts/build-images.sh --bench (scripts/bench.sh does)",
         )?;
     Ok((runs, lab, image))
+}
+
+/// `[--runs N]` (1 to 50, default 5) for benchmark `name`.
+fn parse_runs(name: &str, args: &[String]) -> Result<u32, String> {
+    match args {
+        [] => Ok(5),
+        [flag, n] if flag == "--runs" => n
+            .parse()
+            .ok()
+            .filter(|n| (1..=50).contains(n))
+            .ok_or_else(|| "--runs takes 1 to 50".to_string()),
+        _ => Err(format!("usage: rasvmm-lab {name} [--runs N]")),
+    }
+}
+
+/// Prints `label: median X ms (min, max)` for `v` and returns the median.
+fn report_ms(label: &str, v: &mut [f64]) -> f64 {
+    let m = median(v);
+    println!(
+        "  {label}: median {m:.0} ms (min {:.0}, max {:.0})",
+        min(v),
+        max(v)
+    );
+    m
 }
 
 /// A `key=value` figure from lab-timer's output.
@@ -215,21 +222,12 @@ done
         r.push(ms(&format!("rasvmm-{i}"))?);
         q.push(ms(&format!("qemu-{i}"))?);
     }
-    let (rm, qm) = (median(&mut r), median(&mut q));
     println!(
         "injection (SRAR, AMD guest, kernel context) to panic line, {runs} runs each, one lab host ({}):",
         res.backend
     );
-    println!(
-        "  rasvmm (control API): median {rm:.0} ms (min {:.0}, max {:.0})",
-        min(&r),
-        max(&r)
-    );
-    println!(
-        "  QEMU (HMP mce)      : median {qm:.0} ms (min {:.0}, max {:.0})",
-        min(&q),
-        max(&q)
-    );
+    let rm = report_ms("rasvmm (control API)", &mut r);
+    let qm = report_ms("QEMU (HMP mce)      ", &mut q);
     println!("  ratio rasvmm/QEMU: {:.2}x (target <= 0.5x)", rm / qm);
     Ok(ExitCode::SUCCESS)
 }
@@ -242,15 +240,7 @@ done
 /// owner's SIGBUS BUS_MCEERR_AO reaching rasvmm; the runs alternate in one
 /// lab host (or run directly on hardware KVM).
 pub fn ghes(args: &[String]) -> Result<ExitCode, String> {
-    let runs: u32 = match args {
-        [] => 5,
-        [flag, n] if flag == "--runs" => n
-            .parse()
-            .ok()
-            .filter(|n| (1..=50).contains(n))
-            .ok_or("--runs takes 1 to 50")?,
-        _ => return Err("usage: rasvmm-lab bench-ghes [--runs N]".into()),
-    };
+    let runs = parse_runs("bench-ghes", args)?;
     let lab = Lab::new().map_err(|e| chain(&e))?;
     let common = [
         "--cpu",
@@ -297,21 +287,12 @@ pub fn ghes(args: &[String]) -> Result<ExitCode, String> {
         ))?;
         if i % 2 == 0 { &mut g } else { &mut m }.push(latency);
     }
-    let (gm, mm) = (median(&mut g), median(&mut m));
     println!(
         "injection to the owner's SIGBUS BUS_MCEERR_AO (user page, early kill), {runs} runs each, {}:",
         res.backend
     );
-    println!(
-        "  GHES recoverable, NMI : median {gm:.0} ms (min {:.0}, max {:.0})",
-        min(&g),
-        max(&g)
-    );
-    println!(
-        "  MCE SRAO (AMD, poll)  : median {mm:.0} ms (min {:.0}, max {:.0})",
-        min(&m),
-        max(&m)
-    );
+    let gm = report_ms("GHES recoverable, NMI ", &mut g);
+    let mm = report_ms("MCE SRAO (AMD, poll)  ", &mut m);
     println!("  ratio GHES-NMI/MCE-SRAO: {:.2}x", gm / mm);
     Ok(ExitCode::SUCCESS)
 }
