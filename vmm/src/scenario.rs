@@ -735,6 +735,66 @@ consumptions = { page0 = 1 }
     }
 
     #[test]
+    fn unexpected_step_errors_fail_but_cut_short_steps_do_not() {
+        let s = Scenario::parse(FILE).unwrap();
+        let mut r = report(OutcomeKind::Poweroff, "");
+        r.steps.push(StepRecord {
+            step: "exec:true".into(),
+            reply: None,
+            error: Some(crate::vm::CallError::Ended.to_string()),
+            at_ms: 2,
+        });
+        assert!(evaluate(&s.expect, &r, &refs()).passed);
+        r.steps.push(StepRecord {
+            step: "poison:page0".into(),
+            reply: None,
+            error: Some("Cannot poison guest page 0x1000: busy".into()),
+            at_ms: 3,
+        });
+        let v = evaluate(&s.expect, &r, &refs());
+        assert_eq!(
+            v.failures,
+            vec!["step 3 (poison:page0) failed: Cannot poison guest page 0x1000: busy"]
+        );
+    }
+
+    #[test]
+    fn kho_views_are_checked() {
+        let text = r#"
+name = "kho"
+steps = ["kho-scan"]
+[expect]
+outcome = "poweroff"
+[expect.kho]
+views = 1
+state = "valid"
+verdict = "agree"
+pfns = ["page0"]
+rejected = ["bad magic"]
+"#;
+        let s = Scenario::parse(text).unwrap();
+        let mut r = report(OutcomeKind::Poweroff, "");
+        r.steps.push(StepRecord {
+            step: "kho-scan".into(),
+            reply: Some(serde_json::json!({"kho": {
+                "hwpoison": {"state": "valid", "pfns": [0x1234]},
+                "comparison": {"verdict": "agree"},
+                "rejected": [{"root": 4096, "reason": "hwpoison blob is invalid: bad magic"}]
+            }})),
+            error: None,
+            at_ms: 3,
+        });
+        assert!(evaluate(&s.expect, &r, &refs()).passed);
+        r.steps[1].reply = Some(serde_json::json!({"kho": {
+            "hwpoison": {"state": "valid", "pfns": [0x99]},
+            "comparison": {"verdict": "differ"},
+            "rejected": []
+        }}));
+        let v = evaluate(&s.expect, &r, &refs());
+        assert_eq!(v.failures.len(), 3, "{v:?}");
+    }
+
+    #[test]
     fn detail_names_pfns_as_linux_prints_them() {
         let text = r#"
 name = "kernel-page"

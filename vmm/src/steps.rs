@@ -498,6 +498,27 @@ mod tests {
                 record: vec![0, 0x11, 0xff]
             })
         );
+        assert_eq!(parse("kho-scan"), Ok(Step::KhoScan));
+        assert_eq!(parse("kexec"), Ok(agent(Command::Kexec { append: None })));
+        assert_eq!(
+            parse("kexec:kho=on"),
+            Ok(agent(Command::Kexec {
+                append: Some("kho=on".into())
+            }))
+        );
+        assert_eq!(
+            parse("forge-kho:huge-blob"),
+            Ok(agent(Command::ForgeKho {
+                defect: guest_agent::KhoDefect::HugeBlob
+            }))
+        );
+        assert_eq!(
+            parse("kernel-pages:free:2"),
+            Ok(agent(Command::KernelPages {
+                kind: KernelPageKind::Free,
+                count: 2
+            }))
+        );
         assert_eq!(
             parse("wait:1500"),
             Ok(Step::Wait(Duration::from_millis(1500)))
@@ -534,6 +555,10 @@ mod tests {
             "ghes-raw:local:00",
             "ghes-raw:nmi:0",
             "ghes-raw:nmi:zz",
+            "kho-scan:now",
+            "kexec:",
+            "forge-kho",
+            "forge-kho:nice",
             "wait:forever",
             "wait:99999999999",
         ] {
