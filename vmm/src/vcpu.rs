@@ -55,6 +55,12 @@ pub enum VcpuRequest {
     },
     /// Queue an NMI (a GHES notification).
     Nmi,
+    /// Describe the vCPU's registers and pending events (for a run that
+    /// timed out: where was each vCPU?).
+    State {
+        /// The description.
+        reply: Sender<String>,
+    },
 }
 
 /// Sends requests to one vCPU thread.
@@ -270,6 +276,9 @@ fn serve(vcpu: &VcpuFd, ctx: &VcpuContext, req: VcpuRequest) {
                 r = mce::inject(vcpu, ctx.index, &record);
             }
             let _ = reply.send(r);
+        }
+        VcpuRequest::State { reply } => {
+            let _ = reply.send(shutdown_state(vcpu));
         }
         VcpuRequest::Nmi => {
             if let Err(e) = vcpu.nmi() {

@@ -624,6 +624,33 @@ impl Vm {
         crate::kho::observe(&self.memory, &ledger, &sticky)
     }
 
+    /// Where each vCPU is: its registers and pending events, or that it did
+    /// not answer within `wait` (busy in rasvmm itself, not in the guest).
+    pub fn vcpu_states(&self, wait: Duration) -> Vec<String> {
+        let handles = self.vcpus.get().map(Vec::as_slice).unwrap_or_default();
+        let asked: Vec<(u8, Receiver<String>)> = handles
+            .iter()
+            .map(|h| {
+                let (tx, rx) = channel();
+                h.send(VcpuRequest::State { reply: tx });
+                (h.index, rx)
+            })
+            .collect();
+        let until = Instant::now() + wait;
+        asked
+            .into_iter()
+            .map(|(i, rx)| {
+                match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                    Ok(s) => format!("rasvmm: vCPU {i} at the deadline: {s}"),
+                    Err(_) => format!(
+                        "rasvmm: vCPU {i} at the deadline: no answer within {} ms (its thread is busy outside KVM_RUN)",
+                        wait.as_millis()
+                    ),
+                }
+            })
+            .collect()
+    }
+
     /// Guest RAM resident in this process, in KiB (for overhead accounting).
     pub fn guest_resident_kib(&self) -> u64 {
         self.memory
@@ -1337,7 +1364,17 @@ impl Session {
             Err(RecvTimeoutError::Timeout) if until < self.deadline => return None,
             Err(RecvTimeoutError::Timeout) => {
                 let secs = self.vm.config.timeout.as_secs_f64();
-                let o = self.classifier.deadline(secs);
+                let mut o = self.classifier.deadline(secs);
+                if o.kind == crate::outcome::OutcomeKind::Timeout {
+                    // Where the guest was stuck, for diagnosis.
+                    o.log.extend(self.vm.vcpu_states(Duration::from_millis(500)));
+                    let mut port = lock(&self.vm.agent);
+                    o.log.push(format!(
+                        "rasvmm: agent UART at the deadline: {} guest reads, data waiting for the guest: {}",
+                        port.reads(),
+                        port.rx_waiting()
+                    ));
+                }
                 self.finish(o);
                 return None;
             }

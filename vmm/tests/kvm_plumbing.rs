@@ -79,6 +79,13 @@ fn spinning_guest_times_out_at_the_deadline() {
     let start = std::time::Instant::now();
     let report = vmm::run::run(&cfg, &[]).unwrap();
     assert_eq!(report.outcome, OutcomeKind::Timeout);
+    // Where the guest was: the spinning vCPU at its jmp $.
+    let at = report
+        .log
+        .iter()
+        .find(|l| l.starts_with("rasvmm: vCPU 0 at the deadline"))
+        .unwrap_or_else(|| panic!("{:?}", report.log));
+    assert!(at.contains(&format!("rip {:#x}", LOAD)), "{at}");
     let took = start.elapsed();
     assert!(
         took >= Duration::from_secs(2) && took < Duration::from_secs(10),
