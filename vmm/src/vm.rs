@@ -1367,7 +1367,8 @@ impl Session {
                 let mut o = self.classifier.deadline(secs);
                 if o.kind == crate::outcome::OutcomeKind::Timeout {
                     // Where the guest was stuck, for diagnosis.
-                    o.log.extend(self.vm.vcpu_states(Duration::from_millis(500)));
+                    o.log
+                        .extend(self.vm.vcpu_states(Duration::from_millis(500)));
                     let mut port = lock(&self.vm.agent);
                     o.log.push(format!(
                         "rasvmm: agent UART at the deadline: {} guest reads, data waiting for the guest: {}",
