@@ -525,7 +525,6 @@ impl Vm {
     /// Reports a memory error through a GHES error source (see [`ghes`]).
     pub fn ghes_memory_error(&self, inj: &GhesInjection) -> Result<RasEvent, RasError> {
         self.check_gpa(inj.gpa)?;
-        self.vcpu_handles(inj.vcpu)?;
         let record = ras::cper::MemoryErrorRecord {
             severity: inj.severity,
             physical_addr: inj.gpa,
