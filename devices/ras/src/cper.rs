@@ -367,18 +367,18 @@ pub fn guid_string(g: &Guid) -> String {
     )
 }
 
+// Fields are read after `need` checked the length; a read past the end
+// (impossible then) would yield 0, never a panic.
 fn u16_at(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
+    crate::bytes::le16(b, off).unwrap_or(0)
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+    crate::bytes::le32(b, off).unwrap_or(0)
 }
 
 fn u64_at(b: &[u8], off: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(v)
+    crate::bytes::le64(b, off).unwrap_or(0)
 }
 
 fn need(what: &'static str, need: usize, have: usize) -> Result<(), Error> {

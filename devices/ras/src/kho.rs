@@ -22,6 +22,8 @@
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::bytes::{be32, le16, le32, le64};
+
 /// FDT magic, big-endian at offset 0.
 pub const FDT_MAGIC: u32 = 0xd00d_feed;
 /// The KHO root FDT's compatible string.
@@ -106,14 +108,10 @@ impl KhoRoot {
     }
 }
 
-fn be32(b: &[u8], off: usize) -> Option<u32> {
-    let s = b.get(off..off.checked_add(4)?)?;
-    Some(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
-}
-
-fn le64(b: &[u8]) -> Option<u64> {
-    let a: [u8; 8] = b.try_into().ok()?;
-    Some(u64::from_le_bytes(a))
+/// A property holding exactly one little-endian u64 (how KHO stores
+/// physical addresses and sizes).
+fn u64_prop(v: &[u8]) -> Option<u64> {
+    (v.len() == 8).then(|| le64(v, 0)).flatten()
 }
 
 /// Whether `page` starts with the FDT magic (the cheap test of a scan).
@@ -261,7 +259,7 @@ pub fn parse_root(fdt: &[u8]) -> Result<KhoRoot, Error> {
         .props
         .iter()
         .find(|(n, _)| *n == "preserved-memory-map")
-        .and_then(|(_, v)| le64(v))
+        .and_then(|(_, v)| u64_prop(v))
         .ok_or(Error::NotKho)?;
     let mut subtrees = Vec::new();
     for n in nodes.iter().filter(|n| n.depth == 2) {
@@ -269,7 +267,7 @@ pub fn parse_root(fdt: &[u8]) -> Result<KhoRoot, Error> {
             n.props
                 .iter()
                 .find(|(p, _)| *p == name)
-                .and_then(|(_, v)| le64(v))
+                .and_then(|(_, v)| u64_prop(v))
         };
         match (prop("preserved-data"), prop("blob-size")) {
             (Some(blob), Some(size)) => subtrees.push(Subtree {
@@ -293,11 +291,10 @@ pub fn kexec_count(blob: &[u8]) -> Result<u32, Error> {
     if blob.len() != 73 {
         return Err(Error::Metadata);
     }
-    let version = u32::from_le_bytes([blob[0], blob[1], blob[2], blob[3]]);
-    if version != 1 {
+    if le32(blob, 0) != Some(1) {
         return Err(Error::Metadata);
     }
-    Ok(u32::from_le_bytes([blob[69], blob[70], blob[71], blob[72]]))
+    le32(blob, 69).ok_or(Error::Metadata)
 }
 
 /// The `hwpoison` blob (version 1), little-endian:
@@ -327,20 +324,19 @@ impl HwpoisonList {
         if blob.len() < HWPOISON_HEADER_LEN {
             return Err(Error::Hwpoison("shorter than its header"));
         }
-        let u32_at =
-            |o: usize| u32::from_le_bytes([blob[o], blob[o + 1], blob[o + 2], blob[o + 3]]);
-        if u32_at(0) != HWPOISON_MAGIC {
+        if le32(blob, 0) != Some(HWPOISON_MAGIC) {
             return Err(Error::Hwpoison("bad magic"));
         }
-        if u16::from_le_bytes([blob[4], blob[5]]) != HWPOISON_VERSION {
+        if le16(blob, 4) != Some(HWPOISON_VERSION) {
             return Err(Error::Hwpoison("unknown version"));
         }
-        if u16::from_le_bytes([blob[6], blob[7]]) != 0 {
+        if le16(blob, 6) != Some(0) {
             return Err(Error::Hwpoison("unknown flags"));
         }
-        let nr = u32_at(8) as usize;
-        let capacity = u32_at(12) as usize;
-        let seq = le64(&blob[16..24]).unwrap_or(0);
+        // The header's length was checked above.
+        let nr = le32(blob, 8).unwrap_or(0) as usize;
+        let capacity = le32(blob, 12).unwrap_or(0) as usize;
+        let seq = le64(blob, 16).unwrap_or(0);
         if seq % 2 == 1 {
             return Err(Error::Hwpoison("being updated (odd seq)"));
         }
@@ -352,7 +348,7 @@ impl HwpoisonList {
         }
         let mut pfns: Vec<u64> = blob[HWPOISON_HEADER_LEN..HWPOISON_HEADER_LEN + 8 * nr]
             .chunks_exact(8)
-            .filter_map(le64)
+            .filter_map(|e| le64(e, 0))
             .collect();
         pfns.sort_unstable();
         let before = pfns.len();

@@ -1,5 +1,6 @@
 //! RAS encodings for rasvmm, kept apart from KVM so every bit is unit-tested.
 //!
+//! - [`bytes`]: bounds-checked integer readers for the parsers;
 //! - [`mce`]: x86 machine-check bank records (MCi_STATUS, MCi_ADDR,
 //!   MCi_MISC, MCG_STATUS) for the errors hardware reports on memory, in the
 //!   Intel and AMD encodings Linux 7.3 grades, and MCG_CAP;
@@ -12,6 +13,7 @@
 //! - [`ledger`]: the poison ledger, which pages are bad and how often the
 //!   guest consumed them.
 
+pub mod bytes;
 pub mod cper;
 pub mod ghes;
 pub mod kho;
