@@ -20,8 +20,12 @@ kernel_dir=$("$RASVMM_ROOT/scripts/build-kernel.sh" x86_64)
 
 target=x86_64-unknown-linux-musl
 log "building static rasvmm and rasvmm-agent ($target)"
-(cd "$RASVMM_ROOT" && cargo build --quiet --release --target "$target" -p vmm -p guest-agent \
-	${bench:+-p lab --bin lab-timer})
+# Two builds: `--bin lab-timer` in the same command would narrow it to that
+# binary alone and leave rasvmm and rasvmm-agent stale.
+(cd "$RASVMM_ROOT" && cargo build --quiet --release --target "$target" -p vmm -p guest-agent)
+if [ -n "$bench" ]; then
+	(cd "$RASVMM_ROOT" && cargo build --quiet --release --target "$target" -p lab --bin lab-timer)
+fi
 bin="$RASVMM_ROOT/target/$target/release"
 busybox=$(command -v busybox || true)
 [ -n "$busybox" ] && file -L "$busybox" 2>/dev/null | grep -q 'statically linked' ||
