@@ -27,6 +27,8 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub const MAX_EXEC_OUTPUT: usize = 16 * 1024;
 /// Most PFNs one `kernel-pages` request may ask for.
 pub const MAX_KERNEL_PAGES: u32 = 1024;
+/// Longest a `spin-page` holder spins without a signal.
+pub const SPIN_LIMIT_SECS: u64 = 60;
 
 /// `si_code` for an action-required memory error (asm-generic/siginfo.h).
 pub const BUS_MCEERR_AR: i32 = 4;
@@ -89,6 +91,14 @@ pub enum Command {
         /// Write instead of read.
         #[serde(default)]
         write: bool,
+    },
+    /// Make page holder `page` read its page in a loop, without pause,
+    /// until a SIGBUS arrives or [`SPIN_LIMIT_SECS`] pass. Replies at once;
+    /// the signal follows as an asynchronous report. A machine check
+    /// injected at the page meanwhile lands in user context, on that process.
+    SpinPage {
+        /// Holder index from `alloc-page`.
+        page: u32,
     },
     /// Find up to `count` PFNs of a kind of kernel page.
     KernelPages {
@@ -171,6 +181,10 @@ pub struct PageRecord {
     pub vaddr: u64,
     /// Physical frame number, from /proc/<pid>/pagemap.
     pub pfn: u64,
+    /// The CPU the holder is pinned to: holder N runs on CPU N modulo the
+    /// online CPUs, so its accesses (and the machine checks they raise)
+    /// spread evenly over the vCPUs.
+    pub cpu: u32,
 }
 
 /// Result of `touch-page`.
@@ -406,6 +420,8 @@ mod tests {
                 write: false
             }
         );
+        let spin: Request = decode(br#"{"id":4,"cmd":{"spin-page":{"page":1}}}"#).unwrap();
+        assert_eq!(spin.cmd, Command::SpinPage { page: 1 });
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::{Command as ProcCommand, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use guest_agent::{
     decode, encode, AgentMessage, Command, ExecResult, Hello, KernelPageKind, LineBuffer, PageInfo,
@@ -151,6 +152,7 @@ impl Agent {
             Command::Exec { sh } => exec(&sh).map(Payload::Exec),
             Command::AllocPage => self.alloc_page().map(Payload::Page),
             Command::TouchPage { page, write } => self.touch_page(page, write).map(Payload::Touch),
+            Command::SpinPage { page } => self.spin_page(page).map(|()| Payload::Done),
             Command::KernelPages { kind, count } => {
                 kernel_pages(kind, count).map(Payload::KernelPages)
             }
@@ -232,9 +234,13 @@ impl Agent {
         if pid < 0 {
             return Err(format!("fork: {}", std::io::Error::last_os_error()));
         }
+        // SAFETY: sysconf has no preconditions.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1);
+        let cpu = id % u32::try_from(online).unwrap_or(1);
         if pid == 0 {
             drop(cmd_w);
             drop(rep_r);
+            pin_to(cpu);
             holder_main(cmd_r, rep_w);
         }
         drop(cmd_r);
@@ -259,7 +265,18 @@ impl Agent {
             pid,
             vaddr,
             pfn,
+            cpu,
         })
+    }
+
+    fn spin_page(&mut self, page: u32) -> Result<(), String> {
+        let h = self
+            .holders
+            .get_mut(&page)
+            .ok_or_else(|| format!("no such page {page}"))?;
+        h.cmd
+            .write_all(b"s")
+            .map_err(|e| format!("page holder {page} is gone: {e}"))
     }
 
     fn touch_page(&mut self, page: u32, write: bool) -> Result<TouchResult, String> {
@@ -358,6 +375,8 @@ fn read_report(f: &mut File) -> std::io::Result<Report> {
 
 /// The holder's report pipe, for the signal handler.
 static mut HOLDER_REPORT_FD: RawFd = -1;
+/// Set by the holder's SIGBUS handler; ends a spin.
+static HOLDER_SIGBUS: AtomicBool = AtomicBool::new(false);
 
 fn write_report_raw(fd: RawFd, kind: u32, signo: i32, code: i32, addr_lsb: i32, addr: u64) {
     let mut b = [0u8; REPORT_SIZE];
@@ -383,6 +402,7 @@ extern "C" fn on_sigbus(signo: i32, info: *mut libc::siginfo_t, _ctx: *mut libc:
     // SAFETY: reading a plain integer set before the handler was installed.
     let fd = unsafe { HOLDER_REPORT_FD };
     write_report_raw(fd, REPORT_SIGNAL, signo, code, lsb, addr);
+    HOLDER_SIGBUS.store(true, Ordering::SeqCst);
     if code == guest_agent::BUS_MCEERR_AR {
         // Recover like a RAS-aware application: replace the poisoned page by
         // a fresh zero page so the faulting access can complete.
@@ -402,6 +422,37 @@ extern "C" fn on_sigbus(signo: i32, info: *mut libc::siginfo_t, _ctx: *mut libc:
         if p == libc::MAP_FAILED {
             // SAFETY: _exit is async-signal-safe.
             unsafe { libc::_exit(135) };
+        }
+    }
+}
+
+/// Pins the calling process to `cpu`; a holder that cannot be pinned runs
+/// wherever the scheduler puts it.
+fn pin_to(cpu: u32) {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET stays within it
+    // for any cpu below CPU_SETSIZE, which sysconf's count is; the call only
+    // reads the set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Reads the first byte of `page` without pause until a SIGBUS arrives or
+/// the spin limit passes. Sends no report: the signal is the report.
+fn spin(page: *const u8) {
+    HOLDER_SIGBUS.store(false, Ordering::SeqCst);
+    let until =
+        std::time::Instant::now() + std::time::Duration::from_secs(guest_agent::SPIN_LIMIT_SECS);
+    while !HOLDER_SIGBUS.load(Ordering::Relaxed) {
+        for _ in 0..4096 {
+            // SAFETY: a volatile read of the first byte of the holder's own
+            // live page (after a machine check, the fresh page mapped over it).
+            unsafe { std::ptr::read_volatile(page) };
+        }
+        if std::time::Instant::now() >= until {
+            break;
         }
     }
 }
@@ -453,6 +504,10 @@ fn holder_main(cmd: OwnedFd, report: OwnedFd) -> ! {
                 // SAFETY: _exit never returns.
                 unsafe { libc::_exit(0) }
             }
+        }
+        if c[0] == b's' {
+            spin(page);
+            continue;
         }
         let mut intact = true;
         // SAFETY: volatile accesses within our own live page of PAGE_SIZE

@@ -534,7 +534,8 @@ impl Lab {
             .arg(&self.manifest.kernel)
             .arg("-initrd")
             .arg(&initrd)
-            .args(["-append", "console=ttyS0 panic=-1 quiet"])
+            .arg("-append")
+            .arg(lab_cmdline())
             .arg("-serial")
             .arg(format!("file:{}", lab_console.display()))
             .arg("-serial")
@@ -594,6 +595,20 @@ impl Drop for Lab {
             let _ = std::fs::remove_dir_all(&self.work);
         }
     }
+}
+
+/// The lab host kernel's command line: its KVM uses shadow paging
+/// (`kvm_amd.npt=0`): with nested paging under QEMU 7.2 TCG, guests with two
+/// vCPUs had their memory corrupted and the lab host itself died in a burst
+/// of poisoned-page consumptions (docs/lab-host.md). `$RASVMM_LAB_APPEND` is
+/// appended (a later `kvm_amd.npt=1` wins), for experiments.
+fn lab_cmdline() -> String {
+    let mut cmdline = String::from("console=ttyS0 panic=-1 quiet kvm_amd.npt=0");
+    if let Ok(extra) = std::env::var("RASVMM_LAB_APPEND") {
+        cmdline.push(' ');
+        cmdline.push_str(extra.trim());
+    }
+    cmdline
 }
 
 /// Waits for `child` until `deadline`; past it, kills it and reports a

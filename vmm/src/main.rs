@@ -78,7 +78,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 120.0)]
     timeout: f64,
     /// Step, repeatable, performed in order: agent requests (exec:<sh>,
-    /// alloc-page, touch-page:<n>[:write], kernel-pages:<kind>:<n>,
+    /// alloc-page, touch-page:<n>[:write], spin-page:<n>, kernel-pages:<kind>:<n>,
     /// page-info:<pfn|ref>, sysctl:<name>[=<value>], kexec[:<append>],
     /// poweroff, or JSON), inject:<srar|srao|ucna>:<gpa|ref>[:vcpu=<n>][:local],
     /// poison:<gpa|ref>, ghes-memory:<severity>:<gpa|ref>[:source=<s>],

@@ -36,6 +36,7 @@ use thiserror::Error;
 use crate::outcome::OutcomeKind;
 use crate::report::RunReport;
 use crate::steps::Refs;
+use crate::vcpu::RasEvent;
 
 /// Largest scenario file read.
 const MAX_FILE: u64 = 1 << 20;
@@ -148,6 +149,10 @@ pub struct Expect {
     pub kho: Option<ExpectKho>,
     /// Consumptions rasvmm counted over all pages, at least.
     pub min_consumptions: Option<u32>,
+    /// Consumptions each vCPU must have taken, at least (`0 = 20`): a
+    /// burst must really run across the vCPUs.
+    #[serde(default)]
+    pub consumptions_per_vcpu: BTreeMap<u8, u32>,
     /// Sysctls' values as the last `sysctl` step that read each saw.
     #[serde(default)]
     pub sysctls: BTreeMap<String, String>,
@@ -426,6 +431,18 @@ pub fn evaluate(expect: &Expect, report: &RunReport, refs: &Refs) -> Verdict {
             ));
         }
     }
+    for (&vcpu, &min) in &expect.consumptions_per_vcpu {
+        let n = report
+            .ras_events
+            .iter()
+            .filter(|e| matches!(e, RasEvent::Consumed { vcpu: v, .. } if *v == vcpu))
+            .count();
+        if n < min as usize {
+            f.push(format!(
+                "vCPU {vcpu} took {n} consumptions, expected at least {min}"
+            ));
+        }
+    }
     check_ghes(expect, report, refs, &mut f);
     if let Some(k) = &expect.kho {
         check_kho(k, report, refs, &mut f);
@@ -660,6 +677,7 @@ consumptions = { page0 = 1 }
             pid: 40,
             vaddr: 0x7f00_0000_0000,
             pfn: 0x1234,
+            cpu: 0,
         };
         r.learn(&Command::AllocPage, &Payload::Page(page));
         r.learn(
@@ -792,6 +810,36 @@ rejected = ["bad magic"]
         }}));
         let v = evaluate(&s.expect, &r, &refs());
         assert_eq!(v.failures.len(), 3, "{v:?}");
+    }
+
+    #[test]
+    fn consumptions_are_counted_per_vcpu() {
+        let text = r#"
+name = "burst"
+steps = []
+[expect]
+outcome = "poweroff"
+consumptions_per_vcpu = { 0 = 1, 1 = 2 }
+"#;
+        let s = Scenario::parse(text).unwrap();
+        let mut r = report(OutcomeKind::Poweroff, "");
+        r.signals.clear();
+        let consumed = |vcpu| RasEvent::Consumed {
+            vcpu,
+            gpa: 0x1234 * 4096,
+            error: ras::mce::MemoryError::Srar,
+            consumptions: 1,
+            at_ms: 5,
+            result: None,
+            ghes: None,
+        };
+        r.ras_events = vec![consumed(0), consumed(1)];
+        assert_eq!(
+            evaluate(&s.expect, &r, &refs()).failures,
+            vec!["vCPU 1 took 1 consumptions, expected at least 2"]
+        );
+        r.ras_events.push(consumed(1));
+        assert!(evaluate(&s.expect, &r, &refs()).passed);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! | `exec:<sh>` | run a shell command in the guest |
 //! | `alloc-page` | start page holder N; its PFN becomes `pageN` |
 //! | `touch-page:<n>[:write]` | page holder n reads (writes) its page |
+//! | `spin-page:<n>` | page holder n reads its page without pause until a SIGBUS (at most a minute); returns at once |
 //! | `kernel-pages:<slab\|reserved\|page-table\|free>:<count>` | find kernel (or free) pages; they become `slab0`, `slab1`, ... |
 //! | `page-info:<pfn\|ref>` | kpageflags and HardwareCorrupted for a page |
 //! | `sysctl:<name>[=<value>]` | read or set a sysctl |
@@ -133,6 +134,11 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             let page = u32::try_from(number(n).ok_or_else(|| bad("expected a page number"))?)
                 .map_err(|_| bad("page index too large"))?;
             agent(Command::TouchPage { page, write })
+        }
+        ("spin-page", Some(n)) => {
+            let page = u32::try_from(number(n).ok_or_else(|| bad("expected a page number"))?)
+                .map_err(|_| bad("page index too large"))?;
+            agent(Command::SpinPage { page })
         }
         ("kernel-pages", Some(a)) => {
             let (kind, count) = a
@@ -275,7 +281,7 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             Ok(Step::Wait(d))
         }
         _ => Err(bad(
-            "expected exec, alloc-page, touch-page, kernel-pages, page-info, sysctl, poweroff, kexec, \
+            "expected exec, alloc-page, touch-page, spin-page, kernel-pages, page-info, sysctl, poweroff, kexec, \
              inject, poison, ghes-memory, ghes-raw, kho-scan, wait, or JSON",
         )),
     }
@@ -417,6 +423,10 @@ mod tests {
             }))
         );
         assert_eq!(
+            parse("spin-page:3"),
+            Ok(agent(Command::SpinPage { page: 3 }))
+        );
+        assert_eq!(
             parse("kernel-pages:slab:4"),
             Ok(agent(Command::KernelPages {
                 kind: KernelPageKind::Slab,
@@ -533,6 +543,8 @@ mod tests {
             "reboot",
             "touch-page:x",
             "touch-page:1:read",
+            "spin-page",
+            "spin-page:-1",
             "kernel-pages:dma:1",
             "kernel-pages:slab",
             "page-info:",
@@ -578,6 +590,7 @@ mod tests {
             pid: 9,
             vaddr: 0x7000,
             pfn: 0x1234,
+            cpu: 0,
         });
         refs.learn(&Command::AllocPage, &page);
         refs.learn(
