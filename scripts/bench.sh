@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks: rasvmm against QEMU in one lab-host run each, printed as
-# ratios (boot to agent ready; machine-check injection to the guest's panic),
+# ratios (boot to agent ready; machine-check injection to the guest's panic,
+# and a page going bad under a process to its SIGBUS, which QEMU cannot reach),
 # GHES-NMI against MCE SRAO for the same page (both rasvmm, one run), and
 # the KHO observer's scan speed against one read per page (this host).
 # Record the figures in docs/benchmarks.md. Arguments: [--runs N].

@@ -215,6 +215,7 @@ for i in $(seq 1 {runs}); do
 	wait
 	lab_emit rasvmm-$i /tmp/rt-$i.txt
 	lab_emit rasvmm-console-$i /tmp/rc-$i.log
+	lab_emit rasvmm-report-$i /tmp/rr-$i.json
 	qemu_start qu
 	echo '{{"id":1,"cmd":"alloc-page"}}' >/tmp/qu-ag.in
 	wait_for "grep -q '\"pfn\"' /tmp/qu-agent.log"
@@ -259,12 +260,16 @@ done
     };
     let (mut rs, mut r, mut q) = (Vec::new(), Vec::new(), Vec::new());
     let (mut r_guest, mut q_guest) = (Vec::new(), Vec::new());
+    let mut r_own_user = Vec::new();
     let mut qemu_user = std::collections::BTreeSet::new();
     for i in 1..=runs {
         rs.push(ms(&format!("rasvmm-sigbus-{i}"))?);
         r.push(ms(&format!("rasvmm-{i}"))?);
         q.push(ms(&format!("qemu-{i}"))?);
         r_guest.extend(guest_mce_to_panic_ms(&file(&format!("rasvmm-console-{i}"))));
+        if let Ok(report) = serde_json::from_str::<Value>(&file(&format!("rasvmm-report-{i}"))) {
+            r_own_user.extend(poison_to_signal_ms(&report));
+        }
         q_guest.extend(guest_mce_to_panic_ms(&file(&format!("qemu-console-{i}"))));
         // QEMU's guest, told the same user-context SRAR: what it did.
         let u = file(&format!("qemu-user-{i}"));
@@ -289,6 +294,10 @@ done
     );
     println!(" user context, API call to the agent's SIGBUS BUS_MCEERR_AR on the event stream:");
     report_ms("rasvmm (control API poison)", &mut rs);
+    println!(
+        "  of which rasvmm's own clock, poisoning to the SIGBUS report: median {:.0} ms",
+        median(&mut r_own_user)
+    );
     for v in &qemu_user {
         println!("  QEMU (HMP mce): no SIGBUS; its guest: {v}");
     }
@@ -302,6 +311,18 @@ done
         median(&mut q_guest)
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// From a bench-inject rasvmm report, by the VMM's own clock: poisoning to
+/// the first SIGBUS report.
+fn poison_to_signal_ms(report: &Value) -> Option<f64> {
+    let poisoned = report["ras_events"]
+        .as_array()?
+        .iter()
+        .find(|e| e["event"] == "poisoned")?["at_ms"]
+        .as_u64()?;
+    let signal = report["signal_ms"].as_array()?.first()?.as_u64()?;
+    Some(signal.checked_sub(poisoned)? as f64)
 }
 
 /// The guest's own time from the last "Machine Check Exception" console
@@ -496,6 +517,16 @@ const GPA: u64 = 0x200_0000;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn poison_to_signal_reads_the_report() {
+        let r = serde_json::json!({
+            "ras_events": [{"event": "poisoned", "at_ms": 100}, {"event": "consumed", "at_ms": 101}],
+            "signal_ms": [160]
+        });
+        assert_eq!(poison_to_signal_ms(&r), Some(60.0));
+        assert_eq!(poison_to_signal_ms(&serde_json::json!({})), None);
+    }
 
     #[test]
     fn guest_span_is_last_mce_line_to_panic_line() {

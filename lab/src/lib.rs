@@ -281,6 +281,19 @@ pub struct JobResult {
     pub wall: Duration,
     /// Named files the job emitted beyond the runs' (lab jobs only).
     pub files: BTreeMap<String, String>,
+    /// Why the job ended before all its runs did (the lab host died or ran
+    /// out of time); `runs` then holds only the runs that finished.
+    pub incomplete: Option<String>,
+}
+
+impl JobResult {
+    /// This result, or the reason it is incomplete as an error.
+    fn complete(self) -> Result<Self, Error> {
+        match self.incomplete {
+            Some(why) => Err(Error::Lab(why)),
+            None => Ok(self),
+        }
+    }
 }
 
 /// Runs jobs on a backend.
@@ -322,6 +335,13 @@ impl Lab {
 
     /// Runs a job.
     pub fn run(&self, job: &Job) -> Result<JobResult, Error> {
+        self.run_partial(job)?.complete()
+    }
+
+    /// Like [`Lab::run`], but a lab host that dies or times out part-way
+    /// still returns the runs that finished, with the reason in
+    /// [`JobResult::incomplete`].
+    pub fn run_partial(&self, job: &Job) -> Result<JobResult, Error> {
         match self.backend {
             Backend::Direct => self.run_direct(job),
             Backend::Lab => self.run_lab(job, &self.manifest.lab_initramfs, None),
@@ -385,6 +405,7 @@ impl Lab {
             runs: Vec::new(),
             wall: start.elapsed(),
             files: parsed.files,
+            incomplete: None,
         })
     }
 
@@ -402,7 +423,7 @@ impl Lab {
             timeout,
             files: Vec::new(),
         };
-        self.run_lab(&job, initramfs, Some(script))
+        self.run_lab(&job, initramfs, Some(script))?.complete()
     }
 
     fn unique_dir(&self, what: &str) -> Result<PathBuf, Error> {
@@ -459,6 +480,7 @@ impl Lab {
             runs,
             wall: start.elapsed(),
             files: BTreeMap::new(),
+            incomplete: None,
         })
     }
 
@@ -517,11 +539,19 @@ impl Lab {
         std::fs::write(&initrd, img).map_err(|e| Error::Io(initrd.display().to_string(), e))?;
 
         let lab_console = dir.join("lab-console.log");
+        let qemu_stderr = dir.join("qemu-stderr.log");
         let results = dir.join("results.txt");
         let limit = job.timeout + LAB_MARGIN;
         let mut child = Command::new("qemu-system-x86_64")
             .args([
-                "-accel", "tcg", "-cpu", "max", "-m", LAB_MEMORY, "-smp", LAB_CPUS,
+                "-accel",
+                &lab_accel(),
+                "-cpu",
+                "max",
+                "-m",
+                LAB_MEMORY,
+                "-smp",
+                LAB_CPUS,
             ])
             .args([
                 "-nodefaults",
@@ -542,35 +572,51 @@ impl Lab {
             .arg(format!("file:{}", results.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(
+                std::fs::File::create(&qemu_stderr)
+                    .map_err(|e| Error::Io(qemu_stderr.display().to_string(), e))?,
+            )
             .spawn()
             .map_err(|e| Error::Spawn("qemu-system-x86_64".into(), e))?;
-        wait_child(
+        let waited = wait_child(
             &mut child,
             start + limit,
             "qemu-system-x86_64",
             &lab_console,
-        )?;
+        );
         let text = std::fs::read_to_string(&results).unwrap_or_default();
         let parsed = parse_results(&text);
         if let Some(e) = parsed.lab_error {
             return Err(Error::Lab(e));
         }
-        if !parsed.done {
-            let tail: String = std::fs::read_to_string(&lab_console)
-                .unwrap_or_default()
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .join(" | ");
-            return Err(Error::Lab(format!(
-                "the job did not complete; lab console ends: {tail}"
-            )));
-        }
+        let incomplete = match waited {
+            Err(e @ Error::LabTimeout(..)) => Some(e.to_string()),
+            Err(e) => return Err(e),
+            Ok(status) if !parsed.done => {
+                let tail = |p: &Path, n: usize| {
+                    let text = std::fs::read_to_string(p).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    lines[lines.len().saturating_sub(n)..].join(" | ")
+                };
+                Some(format!(
+                    "the lab host stopped before the job completed (QEMU {status}, stderr: '{}'); its console ends: {}",
+                    tail(&qemu_stderr, 3),
+                    tail(&lab_console, 5)
+                ))
+            }
+            Ok(_) => None,
+        };
         let mut files = parsed.files;
         let mut runs = Vec::new();
-        for i in 0..job.runs.len() {
+        // An incomplete job keeps only the runs that finished (in order).
+        let finished = if incomplete.is_some() {
+            (0..job.runs.len())
+                .take_while(|i| parsed.exits.contains_key(i))
+                .count()
+        } else {
+            job.runs.len()
+        };
+        for i in 0..finished {
             let mut take = |k: &str| files.remove(&format!("{k}-{i}")).unwrap_or_default();
             let report = serde_json::from_str(take("report").trim()).ok();
             runs.push(RunResult {
@@ -585,6 +631,7 @@ impl Lab {
             runs,
             wall: start.elapsed(),
             files,
+            incomplete,
         })
     }
 }
@@ -597,18 +644,55 @@ impl Drop for Lab {
     }
 }
 
-/// The lab host kernel's command line: its KVM uses shadow paging
-/// (`kvm_amd.npt=0`): with nested paging under QEMU 7.2 TCG, guests with two
-/// vCPUs had their memory corrupted and the lab host itself died in a burst
-/// of poisoned-page consumptions (docs/lab-host.md). `$RASVMM_LAB_APPEND` is
-/// appended (a later `kvm_amd.npt=1` wins), for experiments.
+/// The lab host's accelerator: `$RASVMM_LAB_ACCEL`, else `tcg`.
+fn lab_accel() -> String {
+    std::env::var("RASVMM_LAB_ACCEL").unwrap_or_else(|_| "tcg".into())
+}
+
+/// The lab host kernel's command line (docs/lab-host.md):
+/// - its TSC rate is given (`tsc_early_khz`), not calibrated: TCG's TSC runs
+///   at the host's rate, and the lab kernel's PIT calibration under TCG
+///   sometimes fails and lands far enough off that KVM, which takes the
+///   early rate for its guests, can no longer give them a correct kvmclock
+///   ("user requested TSC rate below hardware speed"); their timers and
+///   kexec'd kernels then stall. `tsc=reliable` keeps the clocksource
+///   watchdog from discarding the TSC under load for the same reason;
+/// - `loglevel=5` keeps the lab kernel's warnings in the lab console.
+///
+/// `$RASVMM_LAB_APPEND` is appended, for experiments (`kvm_amd.npt=0`).
 fn lab_cmdline() -> String {
-    let mut cmdline = String::from("console=ttyS0 panic=-1 quiet kvm_amd.npt=0");
+    let mut cmdline = String::from("console=ttyS0 panic=-1 loglevel=5 tsc=reliable");
+    if let Some(khz) = host_tsc_khz() {
+        cmdline += &format!(" tsc_early_khz={khz}");
+    }
     if let Ok(extra) = std::env::var("RASVMM_LAB_APPEND") {
         cmdline.push(' ');
         cmdline.push_str(extra.trim());
     }
     cmdline
+}
+
+/// The host's TSC rate in kHz, measured against the monotonic clock over
+/// 200 ms (a few ppm); `None` off x86_64 or if the result is implausible.
+fn host_tsc_khz() -> Option<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::_rdtsc;
+        let start = Instant::now();
+        // SAFETY: RDTSC has no preconditions on x86_64.
+        let c0 = unsafe { _rdtsc() };
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: as above.
+        let c1 = unsafe { _rdtsc() };
+        let ns = start.elapsed().as_nanos();
+        let khz = u128::from(c1.checked_sub(c0)?).checked_mul(1_000_000)? / ns.max(1);
+        let khz = u64::try_from(khz).ok()?;
+        (100_000..=10_000_000).contains(&khz).then_some(khz)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
 }
 
 /// Waits for `child` until `deadline`; past it, kills it and reports a
@@ -618,10 +702,10 @@ fn wait_child(
     deadline: Instant,
     what: &str,
     log: &Path,
-) -> Result<(), Error> {
+) -> Result<std::process::ExitStatus, Error> {
     loop {
         match child.try_wait() {
-            Ok(Some(_)) => return Ok(()),
+            Ok(Some(status)) => return Ok(status),
             Ok(None) if Instant::now() > deadline => {
                 let _ = child.kill();
                 let _ = child.wait();

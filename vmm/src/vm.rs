@@ -445,8 +445,14 @@ impl Vm {
             .map(|h| (h, if h.index == vcpu { *record } else { companion }))
             .collect();
         // Phase 1: every target must accept; phase 2: inject. A refusal in
-        // phase 1 leaves the guest untouched.
-        for check_only in [true, false] {
+        // phase 1 leaves the guest untouched. One target checks and injects
+        // in a single request: its vCPU thread does both, nothing between.
+        let phases: &[bool] = if plan.len() == 1 {
+            &[false]
+        } else {
+            &[true, false]
+        };
+        for &check_only in phases {
             let mut replies = Vec::new();
             for (h, r) in &plan {
                 let (tx, rx) = channel();
@@ -862,11 +868,11 @@ fn create_devices(
     };
     let target: Option<Box<dyn Write + Send>> = match &config.console {
         ConsoleTarget::Stdout => Some(Box::new(std::io::stdout())),
-        ConsoleTarget::File(p) => {
-            Some(Box::new(File::create(p).map_err(|e| {
-                Error::ConsoleFile(p.display().to_string(), e)
-            })?))
-        }
+        // Line-buffered: one write(2) per console line rather than per
+        // character the guest prints (every one a UART exit already).
+        ConsoleTarget::File(p) => Some(Box::new(std::io::LineWriter::new(
+            File::create(p).map_err(|e| Error::ConsoleFile(p.display().to_string(), e))?,
+        ))),
         ConsoleTarget::Discard => None,
     };
     let mut bus = PioBus::new();
