@@ -202,7 +202,7 @@ for i in $(seq 1 {runs}); do
 	S=/tmp/api-$i
 	rasvmm run --kernel {kernel} --initramfs {initramfs} --cmdline "$CMDLINE" --memory 256 --vcpus 1 \
 		--cpu amd --console /tmp/rc-$i.log --json /tmp/rr-$i.json --api-socket $S --timeout 90 \
-		--expect panic 2>/dev/null &
+		--expect panic 2>/tmp/rerr-$i.txt &
 	wait_for "[ -S $S ] && rasvmm api --socket $S state 2>/dev/null | grep -q '\"agent_ready_ms\": [0-9]'"
 	rasvmm api --socket $S alloc-page >/dev/null
 	rasvmm api --socket $S events >/tmp/re-$i.log 2>&1 &
@@ -210,6 +210,7 @@ for i in $(seq 1 {runs}); do
 	usleep 500000
 	lab-timer --trigger /tmp/re-$i.log '"signal"' 30 -- rasvmm api --socket $S poison:page0 >/tmp/rs-$i.txt 2>&1
 	lab_emit rasvmm-sigbus-$i /tmp/rs-$i.txt
+	lab_emit rasvmm-stderr-$i /tmp/rerr-$i.txt
 	usleep 500000
 	lab-timer --trigger /tmp/rc-$i.log 'Kernel panic' 30 -- rasvmm api --socket $S inject:srar:{gpa:#x} >/tmp/rt-$i.txt 2>&1
 	wait
@@ -256,7 +257,16 @@ done
     let file = |name: &str| res.files.get(name).cloned().unwrap_or_default();
     let ms = |name: &str| -> Result<f64, String> {
         let t = file(name);
-        timer_field(&t, "ready_ms").ok_or(format!("{name} measured nothing: {}", t.trim()))
+        timer_field(&t, "ready_ms").ok_or_else(|| {
+            let run = name.rsplit('-').next().unwrap_or_default();
+            let stderr = file(&format!("rasvmm-stderr-{run}"));
+            let lines: Vec<&str> = stderr.lines().collect();
+            format!(
+                "{name} measured nothing: {}; rasvmm's stderr ends: {}",
+                t.trim(),
+                lines[lines.len().saturating_sub(4)..].join(" | ")
+            )
+        })
     };
     let (mut rs, mut r, mut q) = (Vec::new(), Vec::new(), Vec::new());
     let (mut r_guest, mut q_guest) = (Vec::new(), Vec::new());
