@@ -259,12 +259,10 @@ done
         let t = file(name);
         timer_field(&t, "ready_ms").ok_or_else(|| {
             let run = name.rsplit('-').next().unwrap_or_default();
-            let stderr = file(&format!("rasvmm-stderr-{run}"));
-            let lines: Vec<&str> = stderr.lines().collect();
             format!(
                 "{name} measured nothing: {}; rasvmm's stderr ends: {}",
                 t.trim(),
-                lines[lines.len().saturating_sub(4)..].join(" | ")
+                lab::last_lines(&file(&format!("rasvmm-stderr-{run}")), 4)
             )
         })
     };

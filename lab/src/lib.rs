@@ -593,11 +593,8 @@ impl Lab {
             Err(e @ Error::LabTimeout(..)) => Some(e.to_string()),
             Err(e) => return Err(e),
             Ok(status) if !parsed.done => {
-                let tail = |p: &Path, n: usize| {
-                    let text = std::fs::read_to_string(p).unwrap_or_default();
-                    let lines: Vec<&str> = text.lines().collect();
-                    lines[lines.len().saturating_sub(n)..].join(" | ")
-                };
+                let tail =
+                    |p: &Path, n| last_lines(&std::fs::read_to_string(p).unwrap_or_default(), n);
                 Some(format!(
                     "the lab host stopped before the job completed (QEMU {status}, stderr: '{}'); its console ends: {}",
                     tail(&qemu_stderr, 3),
@@ -642,6 +639,12 @@ impl Drop for Lab {
             let _ = std::fs::remove_dir_all(&self.work);
         }
     }
+}
+
+/// The last `n` lines of `text`, joined with " | " for a one-line message.
+pub fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
 /// The lab host's accelerator: `$RASVMM_LAB_ACCEL`, else `tcg`.
@@ -858,6 +861,13 @@ mod tests {
         assert_eq!(r.exits.get(&0), Some(&1));
         assert_eq!(r.files["report-0"], "{\"a\":1}\n");
         assert_eq!(r.files["console-0"], "line 1\nline 2\n");
+    }
+
+    #[test]
+    fn last_lines_make_one_line() {
+        assert_eq!(last_lines("a\nb\nc\n", 2), "b | c");
+        assert_eq!(last_lines("a", 5), "a");
+        assert_eq!(last_lines("", 3), "");
     }
 
     #[test]
