@@ -276,7 +276,7 @@ done
         q.push(ms(&format!("qemu-{i}"))?);
         r_guest.extend(guest_mce_to_panic_ms(&file(&format!("rasvmm-console-{i}"))));
         if let Ok(report) = serde_json::from_str::<Value>(&file(&format!("rasvmm-report-{i}"))) {
-            r_own_user.extend(poison_to_signal_ms(&report));
+            r_own_user.extend(event_to_signal_ms(&report, &["poisoned"]));
         }
         q_guest.extend(guest_mce_to_panic_ms(&file(&format!("qemu-console-{i}"))));
         // QEMU's guest, told the same user-context SRAR: what it did.
@@ -319,18 +319,6 @@ done
         median(&mut q_guest)
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// From a bench-inject rasvmm report, by the VMM's own clock: poisoning to
-/// the first SIGBUS report.
-fn poison_to_signal_ms(report: &Value) -> Option<f64> {
-    let poisoned = report["ras_events"]
-        .as_array()?
-        .iter()
-        .find(|e| e["event"] == "poisoned")?["at_ms"]
-        .as_u64()?;
-    let signal = report["signal_ms"].as_array()?.first()?.as_u64()?;
-    Some(signal.checked_sub(poisoned)? as f64)
 }
 
 /// The guest's own time from the last "Machine Check Exception" console
@@ -398,7 +386,7 @@ pub fn ghes(args: &[String]) -> Result<ExitCode, String> {
             i + 1,
             r.stderr.trim()
         ))?;
-        let latency = injection_to_signal(report).ok_or(format!(
+        let latency = event_to_signal_ms(report, &["ghes-reported", "injected"]).ok_or(format!(
             "run {} saw no injection and signal: {}",
             i + 1,
             report["detail"]
@@ -507,16 +495,17 @@ pub fn kho(args: &[String]) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Milliseconds from the report's first injection (GHES or MCE) to its
-/// first signal.
-fn injection_to_signal(report: &Value) -> Option<f64> {
-    let injected = report["ras_events"]
+/// From a rasvmm report, by the VMM's own clock: the first RAS event of
+/// one of `kinds` (an injection, a GHES report, a poisoning) to the first
+/// signal the agent reported.
+fn event_to_signal_ms(report: &Value, kinds: &[&str]) -> Option<f64> {
+    let at = report["ras_events"]
         .as_array()?
         .iter()
-        .find(|e| e["event"] == "ghes-reported" || e["event"] == "injected")?["at_ms"]
+        .find(|e| kinds.iter().any(|k| e["event"] == *k))?["at_ms"]
         .as_u64()?;
     let signal = report["signal_ms"].as_array()?.first()?.as_u64()?;
-    Some(signal.checked_sub(injected)? as f64)
+    Some(signal.checked_sub(at)? as f64)
 }
 
 /// Where the benchmark's machine check points: 32 MiB, guest RAM in both VMMs.
@@ -532,8 +521,11 @@ mod tests {
             "ras_events": [{"event": "poisoned", "at_ms": 100}, {"event": "consumed", "at_ms": 101}],
             "signal_ms": [160]
         });
-        assert_eq!(poison_to_signal_ms(&r), Some(60.0));
-        assert_eq!(poison_to_signal_ms(&serde_json::json!({})), None);
+        assert_eq!(event_to_signal_ms(&r, &["poisoned"]), Some(60.0));
+        assert_eq!(
+            event_to_signal_ms(&serde_json::json!({}), &["poisoned"]),
+            None
+        );
     }
 
     #[test]
@@ -558,9 +550,12 @@ mod tests {
             "ras_events": [{"event": "poisoned", "at_ms": 1}, {"event": "ghes-reported", "at_ms": 2000}],
             "signal_ms": [2042, 3000]
         });
-        assert_eq!(injection_to_signal(&r), Some(42.0));
         assert_eq!(
-            injection_to_signal(&serde_json::json!({"ras_events": []})),
+            event_to_signal_ms(&r, &["ghes-reported", "injected"]),
+            Some(42.0)
+        );
+        assert_eq!(
+            event_to_signal_ms(&serde_json::json!({"ras_events": []}), &["injected"]),
             None
         );
     }

@@ -675,9 +675,15 @@ fn lab_cmdline() -> String {
     cmdline
 }
 
-/// The host's TSC rate in kHz, measured against the monotonic clock over
-/// 200 ms (a few ppm); `None` off x86_64 or if the result is implausible.
+/// The host's TSC rate in kHz, measured once per process against the
+/// monotonic clock over 200 ms (a few ppm); `None` off x86_64 or if the
+/// result is implausible.
 fn host_tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(measure_tsc_khz)
+}
+
+fn measure_tsc_khz() -> Option<u64> {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::_rdtsc;

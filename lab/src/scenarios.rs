@@ -96,8 +96,7 @@ fn run_with(
         let Some(why) = res.incomplete else {
             break;
         };
-        let (_, stopped) = &rest[done.min(rest.len() - 1)];
-        if done < rest.len() {
+        if let Some((_, stopped)) = rest.get(done) {
             results.push(lab_failure(
                 stopped,
                 format!("the lab host stopped during this scenario: {why}"),

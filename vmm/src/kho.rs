@@ -344,6 +344,18 @@ mod tests {
         m.write_slice(b, GuestAddress(gpa)).unwrap();
     }
 
+    /// A KHO root at `root` naming a kexec-metadata blob (count `kexecs`)
+    /// at `meta` and the hwpoison blob `hw` at `hw_at`, all three written.
+    fn put_kho(m: &GuestMemoryMmap, root: u64, meta: u64, kexecs: u32, hw_at: u64, hw: &[u8]) {
+        let subtrees = [
+            ("kexec-metadata", meta, 73),
+            ("hwpoison", hw_at, hw.len() as u64),
+        ];
+        put(m, root, &build::kho_root(0, &subtrees));
+        put(m, meta, &build::metadata(kexecs));
+        put(m, hw_at, hw);
+    }
+
     #[test]
     fn comparison() {
         assert_eq!(compare(&[1, 2], &[0x1000, 0x2000]), Comparison::Agree);
@@ -367,19 +379,7 @@ mod tests {
         );
         put(&m, 0x20_0000, &build::metadata(0));
         let hw = build::hwpoison(2, 16, &[0x345, 0x123]);
-        put(
-            &m,
-            0x40_0000,
-            &build::kho_root(
-                0,
-                &[
-                    ("kexec-metadata", 0x30_0000, 73),
-                    ("hwpoison", 0x50_0000, hw.len() as u64),
-                ],
-            ),
-        );
-        put(&m, 0x30_0000, &build::metadata(1));
-        put(&m, 0x50_0000, &hw);
+        put_kho(&m, 0x40_0000, 0x30_0000, 1, 0x50_0000, &hw);
         // Something FDT-like that is not KHO.
         put(
             &m,
@@ -414,35 +414,11 @@ mod tests {
     fn a_newer_but_broken_root_is_rejected() {
         let m = guest();
         let hw = build::hwpoison(2, 4, &[0x77]);
-        put(
-            &m,
-            0x10_0000,
-            &build::kho_root(
-                0,
-                &[
-                    ("kexec-metadata", 0x20_0000, 73),
-                    ("hwpoison", 0x30_0000, hw.len() as u64),
-                ],
-            ),
-        );
-        put(&m, 0x20_0000, &build::metadata(2));
-        put(&m, 0x30_0000, &hw);
+        put_kho(&m, 0x10_0000, 0x20_0000, 2, 0x30_0000, &hw);
         // Stale or forged: a higher count, a hwpoison blob that is garbage.
         let mut junk = hw.clone();
         junk[0] = 0;
-        put(
-            &m,
-            0x40_0000,
-            &build::kho_root(
-                0,
-                &[
-                    ("kexec-metadata", 0x50_0000, 73),
-                    ("hwpoison", 0x60_0000, junk.len() as u64),
-                ],
-            ),
-        );
-        put(&m, 0x50_0000, &build::metadata(0xff_ffff));
-        put(&m, 0x60_0000, &junk);
+        put_kho(&m, 0x40_0000, 0x50_0000, 0xff_ffff, 0x60_0000, &junk);
         let v = observe_all(&m, &[0x77_000]);
         assert_eq!((v.root, v.kexec_count), (Some(0x10_0000), Some(2)));
         assert_eq!(v.comparison, Comparison::Agree);
