@@ -551,7 +551,7 @@ impl Lab {
                 "-m",
                 LAB_MEMORY,
                 "-smp",
-                LAB_CPUS,
+                &lab_cpus(),
             ])
             .args([
                 "-nodefaults",
@@ -648,6 +648,11 @@ pub fn last_lines(text: &str, n: usize) -> String {
 }
 
 /// The lab host's accelerator: `$RASVMM_LAB_ACCEL`, else `tcg`.
+/// The lab host's CPU count: `RASVMM_LAB_CPUS`, default [`LAB_CPUS`].
+fn lab_cpus() -> String {
+    std::env::var("RASVMM_LAB_CPUS").unwrap_or_else(|_| LAB_CPUS.into())
+}
+
 fn lab_accel() -> String {
     std::env::var("RASVMM_LAB_ACCEL").unwrap_or_else(|_| "tcg".into())
 }

@@ -6,8 +6,10 @@
 //! the guest disabled reporting (MCG_CTL or the bank's MCi_CTL not all
 //! ones): [`check`] refuses those cases with a reason instead.
 
-use kvm_bindings::{kvm_msr_entry, kvm_x86_mce, Msrs};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_bindings::{kvm_enable_cap, kvm_msr_entry, kvm_x86_mce, Msrs};
+use kvm_ioctls::{
+    Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
+};
 use ras::mce::{MceRecord, MCG_CTL_P, MCG_STATUS_MCIP, MCI_STATUS_UC};
 use thiserror::Error;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
@@ -25,6 +27,8 @@ mod ioctls {
 }
 use ioctls::{KVM_X86_GET_MCE_CAP_SUPPORTED, KVM_X86_SETUP_MCE, KVM_X86_SET_MCE};
 
+/// IA32_MCG_CAP.
+pub const MSR_IA32_MCG_CAP: u32 = 0x179;
 const MSR_IA32_MCG_STATUS: u32 = 0x17a;
 const MSR_IA32_MCG_CTL: u32 = 0x17b;
 const MSR_IA32_MC0_CTL: u32 = 0x400;
@@ -48,6 +52,9 @@ pub enum Error {
     /// A KVM call failed.
     #[error("{0} failed on vCPU {1}: {2}")]
     Kvm(&'static str, u8, String),
+    /// MCG_CAP bits must be supplied by rasvmm but KVM cannot hand it the reads.
+    #[error("MCG_CAP {0:#x} needs rasvmm to answer the guest's reads, but {1}")]
+    McgCapFilter(u64, String),
 }
 
 /// Banks KVM allows per vCPU (KVM_CHECK_EXTENSION(KVM_CAP_MCE)), 0 without MCE.
@@ -83,8 +90,40 @@ pub fn setup(vcpu: &VcpuFd, index: u8, mcg_cap: u64) -> Result<(), Error> {
 /// bits 8:0 (svm_setup_mce), so SER_P and LMCE_P never reach a guest on an
 /// AMD host even though KVM_X86_GET_MCE_CAP_SUPPORTED lists SER_P.
 pub fn effective_cap(vcpu: &VcpuFd, index: u8) -> Result<u64, Error> {
-    const MSR_IA32_MCG_CAP: u32 = 0x179;
     Ok(read_msrs(vcpu, index, &[MSR_IA32_MCG_CAP])?[0])
+}
+
+/// Makes every guest read of MSR_IA32_MCG_CAP exit to rasvmm
+/// (KVM_X86_SET_MSR_FILTER plus KVM_CAP_X86_USER_SPACE_MSR), so that the
+/// vCPU loop answers with the MCG_CAP the profile chose, `guest_cap`,
+/// including bits KVM's vCPU dropped (see [`ras::mce::supplied_cap_bits`]).
+/// Writes are left to KVM, which refuses them (the MSR is read-only).
+/// Call before any vCPU runs.
+pub fn serve_mcg_cap_reads(kvm: &Kvm, vm: &VmFd, guest_cap: u64) -> Result<(), Error> {
+    let fail = |what: String| Error::McgCapFilter(guest_cap, what);
+    if !kvm.check_extension(Cap::X86UserSpaceMsr) || !kvm.check_extension(Cap::X86MsrFilter) {
+        return Err(fail(
+            "KVM lacks KVM_CAP_X86_USER_SPACE_MSR or KVM_CAP_X86_MSR_FILTER".into(),
+        ));
+    }
+    let cap = kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+        args: [u64::from(kvm_bindings::KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap)
+        .map_err(|e| fail(format!("enabling KVM_CAP_X86_USER_SPACE_MSR failed: {e}")))?;
+    // One MSR whose bit is 0: reads of it are denied by the filter and so
+    // exit to user space; every other access keeps KVM's default.
+    let deny = [0u8; 1];
+    let range = MsrFilterRange {
+        flags: MsrFilterRangeFlags::READ,
+        base: MSR_IA32_MCG_CAP,
+        msr_count: 1,
+        bitmap: &deny,
+    };
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range])
+        .map_err(|e| fail(format!("KVM_X86_SET_MSR_FILTER failed: {e}")))
 }
 
 /// Refuses an injection KVM would turn into a triple fault or drop.

@@ -76,6 +76,10 @@ pub struct RunReport {
     pub cpu_profile: &'static str,
     /// MCG_CAP the guest sees.
     pub mcg_cap: u64,
+    /// Bits of it rasvmm supplies by answering the guest's MCG_CAP reads
+    /// (SER_P for an Intel profile on an SVM host).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub mcg_cap_supplied: u64,
     /// Why memory errors cannot be reported recoverably here, if so.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ras_limitation: Option<String>,
@@ -175,6 +179,7 @@ impl RunReport {
             memory_mib,
             cpu_profile: profile,
             mcg_cap: 0,
+            mcg_cap_supplied: 0,
             ras_limitation: None,
             memory_use: MemoryUse::default(),
             scenario: None,
@@ -205,6 +210,10 @@ pub fn process_rss_kib() -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 #[cfg(test)]

@@ -86,6 +86,7 @@ pub fn run_expecting(
     report.ledger = session.vm().ledger();
     report.ghes = session.vm().ghes_state();
     report.mcg_cap = session.vm().mcg_cap();
+    report.mcg_cap_supplied = session.vm().mcg_cap_supplied();
     report.ras_limitation = session.vm().ras_limitation();
     if let Some(s) = scenario {
         report.scenario = Some(s.name.clone());

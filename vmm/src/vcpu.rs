@@ -230,6 +230,16 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
                 KVM_SYSTEM_EVENT_RESET => break VcpuStop::SystemReset,
                 k => break VcpuStop::Error(format!("unhandled KVM system event {k}")),
             },
+            // Only MCG_CAP reads are filtered to user space (mce::serve_mcg_cap_reads).
+            Ok(VcpuExit::X86Rdmsr(exit)) => {
+                if exit.index == crate::mce::MSR_IA32_MCG_CAP {
+                    *exit.data = ctx.mcg_cap;
+                    *exit.error = 0;
+                } else {
+                    *exit.error = 1;
+                }
+            }
+            Ok(VcpuExit::X86Wrmsr(exit)) => *exit.error = 1,
             Ok(VcpuExit::Hlt) => {
                 break VcpuStop::Error("vCPU halted outside the in-kernel irqchip".into())
             }

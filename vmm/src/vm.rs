@@ -210,6 +210,9 @@ pub struct Vm {
     vcpus: Arc<OnceLock<Vec<VcpuHandle>>>,
     events_tx: Sender<VmEvent>,
     mcg_cap: u64,
+    mcg_cap_supplied: u64,
+    // Why rasvmm could not supply MCG_CAP bits KVM dropped, if it could not.
+    supply_error: Option<String>,
     vendor: enc::Vendor,
     ledger: Arc<Mutex<Ledger>>,
     ghes: Option<Arc<Mutex<Ghes>>>,
@@ -285,6 +288,8 @@ impl Vm {
         vcpu::install_signal_handlers().map_err(Error::Signals)?;
         let wanted_cap = enc::mcg_cap(kvm_mce::cap_supported(&kvm), kvm_mce::max_banks(&kvm));
         let mut mcg_cap = wanted_cap;
+        let mut mcg_cap_supplied = 0;
+        let mut supply_error = None;
         let vendor = match config.cpu.vendor {
             cpuid::Vendor::Intel => enc::Vendor::Intel,
             cpuid::Vendor::Amd => enc::Vendor::Amd,
@@ -307,7 +312,21 @@ impl Vm {
                 .map_err(|e| Error::Kvm("set CPUID", e))?;
             if wanted_cap != 0 {
                 kvm_mce::setup(&fd, i, wanted_cap).map_err(Error::Mce)?;
-                mcg_cap = kvm_mce::effective_cap(&fd, i).map_err(Error::Mce)?;
+                let effective = kvm_mce::effective_cap(&fd, i).map_err(Error::Mce)?;
+                let mut supplied = enc::supplied_cap_bits(vendor, wanted_cap, effective);
+                if supplied != 0 && i == 0 {
+                    // Before the first vCPU runs; the filter is VM-wide. A
+                    // KVM without it leaves the guest without those bits,
+                    // and ras_limitation says why.
+                    if let Err(e) = kvm_mce::serve_mcg_cap_reads(&kvm, &vm, effective | supplied) {
+                        supply_error = Some(e.to_string());
+                    }
+                }
+                if supply_error.is_some() {
+                    supplied = 0;
+                }
+                mcg_cap = effective | supplied;
+                mcg_cap_supplied = supplied;
             }
             regs::setup_vcpu(&fd, entry).map_err(|e| Error::Vcpu(i, e))?;
             let (req_tx, req_rx) = channel();
@@ -345,6 +364,8 @@ impl Vm {
             vcpus: peers,
             events_tx: tx,
             mcg_cap,
+            mcg_cap_supplied,
+            supply_error,
             vendor,
             ledger,
             ghes,
@@ -361,16 +382,26 @@ impl Vm {
         self.mcg_cap
     }
 
+    /// MCG_CAP bits the guest reads from rasvmm rather than from KVM (SER_P
+    /// for an Intel profile on an SVM host), 0 when KVM gives them all.
+    pub fn mcg_cap_supplied(&self) -> u64 {
+        self.mcg_cap_supplied
+    }
+
     /// Why this VM cannot report memory errors recoverably, if it cannot.
     pub fn ras_limitation(&self) -> Option<String> {
         if self.mcg_cap == 0 {
             return Some("KVM offers no machine-check banks".into());
         }
         (!enc::recoverable(self.vendor, self.mcg_cap)).then(|| {
-            "the guest's MCG_CAP lacks SER_P (KVM on SVM hosts drops it), so an Intel-profile \
-             guest cannot grade SRAR/SRAO; consumed poison is reported as unrecoverable \
-             (use --cpu amd, or a VMX host)"
-                .to_string()
+            let why = match &self.supply_error {
+                Some(e) => format!("KVM dropped SER_P and {e}"),
+                None => "KVM does not offer SER_P".to_string(),
+            };
+            format!(
+                "the guest's MCG_CAP lacks SER_P ({why}), so an Intel-profile guest cannot \
+                 grade SRAR/SRAO; consumed poison is reported as unrecoverable (use --cpu amd)"
+            )
         })
     }
 
@@ -1202,6 +1233,7 @@ impl Session {
                     "guest_kernel": self.hello.as_ref().map(|(h, _)| h.kernel.clone()),
                     "outcome": self.outcome.as_ref().map(|o| o.kind),
                     "mcg_cap": self.vm.mcg_cap,
+                    "mcg_cap_supplied": self.vm.mcg_cap_supplied,
                     "ghes_sources": self.vm.ghes_state(),
                     "ras_limitation": self.vm.ras_limitation(),
                     "poisoned_pages": lock(&self.vm.ledger).len(),

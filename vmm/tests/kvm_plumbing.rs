@@ -332,3 +332,25 @@ fn control_api_injects_streams_events_and_shuts_down() {
     stopper.join().unwrap();
     assert_eq!(report.outcome, OutcomeKind::Stopped);
 }
+
+#[test]
+fn guest_reads_the_mcg_cap_rasvmm_reports() {
+    // mov ecx, IA32_MCG_CAP; rdmsr; mov ebx, eax; then print bit 24 (SER_P)
+    // and bit 8 (MCG_CTL_P) as digits on COM1, a newline, and reset.
+    let mut code = vec![0xb9, 0x79, 0x01, 0x00, 0x00, 0x0f, 0x32, 0x89, 0xc3];
+    code.extend_from_slice(&[0xc1, 0xe8, 0x18, 0x24, 0x01, 0x04, 0x30]);
+    code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xee]);
+    code.extend_from_slice(&[0x89, 0xd8, 0xc1, 0xe8, 0x08, 0x24, 0x01, 0x04, 0x30, 0xee]);
+    code.extend_from_slice(&[0xb0, 0x0a, 0xee]);
+    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]);
+    let report = vmm::run::run(&config(code, 1), &[]).unwrap();
+    assert_eq!(report.outcome, OutcomeKind::Reboot, "{report:?}");
+    let bit = |n: u32| (report.mcg_cap >> n) & 1;
+    assert_eq!(report.log, vec![format!("{}{}", bit(24), bit(8))]);
+    // An Intel profile always gets SER_P: from KVM, or supplied by rasvmm.
+    assert_eq!(bit(24), 1, "{report:?}");
+    eprintln!(
+        "MCG_CAP {:#x}, supplied by rasvmm {:#x}",
+        report.mcg_cap, report.mcg_cap_supplied
+    );
+}

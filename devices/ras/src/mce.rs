@@ -334,6 +334,23 @@ pub fn mcg_cap(supported: u64, max_banks: u64) -> u64 {
     banks | (supported & wanted)
 }
 
+/// MCG_CAP bits rasvmm must supply itself by answering the guest's reads of
+/// MSR_IA32_MCG_CAP: what it set up (`wanted`) but KVM's vCPU lost
+/// (`effective`, read back after KVM_X86_SETUP_MCE), where the bit only
+/// tells the guest how to read MCi_STATUS and KVM needs no part in it.
+///
+/// That is SER_P on an Intel profile: KVM on SVM lists SER_P in
+/// KVM_X86_GET_MCE_CAP_SUPPORTED yet keeps only MCG_CAP bits 8:0
+/// (svm_setup_mce), and without it Linux cannot grade SRAR/SRAO (S and AR
+/// are plain status bits to KVM). LMCE_P and CMCI_P are never supplied: they
+/// need KVM's MCG_EXT_CTL and MCi_CTL2. AMD parts do not set SER_P.
+pub fn supplied_cap_bits(vendor: Vendor, wanted: u64, effective: u64) -> u64 {
+    if vendor != Vendor::Intel || effective & MCG_BANKCNT_MASK == 0 {
+        return 0;
+    }
+    wanted & !effective & MCG_SER_P
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,6 +498,22 @@ mod tests {
         assert_eq!(validate(&r, mcg_cap(MCG_CTL_P | MCG_SER_P, 32)), Ok(()));
         assert_eq!(r.status & (MCI_STATUS_ADDRV | MCI_STATUS_EN), 0);
         assert_eq!(r.mcg_status, MCG_STATUS_MCIP | MCG_STATUS_RIPV);
+    }
+
+    #[test]
+    fn only_ser_p_is_supplied_and_only_to_intel() {
+        let wanted = MCG_CTL_P | MCG_SER_P | 10;
+        // SVM: SETUP_MCE kept bits 8:0.
+        let svm = wanted & 0x1ff;
+        assert_eq!(supplied_cap_bits(Vendor::Intel, wanted, svm), MCG_SER_P);
+        assert_eq!(supplied_cap_bits(Vendor::Amd, wanted, svm), 0);
+        // VMX keeps SER_P: nothing to supply.
+        assert_eq!(supplied_cap_bits(Vendor::Intel, wanted, wanted), 0);
+        // Never LMCE_P or CMCI_P, never a bit that was not wanted, never without banks.
+        let vmx_wanted = wanted | MCG_LMCE_P | MCG_CMCI_P;
+        assert_eq!(supplied_cap_bits(Vendor::Intel, vmx_wanted, svm), MCG_SER_P);
+        assert_eq!(supplied_cap_bits(Vendor::Intel, MCG_CTL_P | 10, svm), 0);
+        assert_eq!(supplied_cap_bits(Vendor::Intel, wanted, 0), 0);
     }
 
     #[test]
