@@ -547,7 +547,7 @@ impl Lab {
                 "-accel",
                 &lab_accel(),
                 "-cpu",
-                "max",
+                &lab_cpu_model(),
                 "-m",
                 LAB_MEMORY,
                 "-smp",
@@ -648,6 +648,12 @@ pub fn last_lines(text: &str, n: usize) -> String {
 }
 
 /// The lab host's accelerator: `$RASVMM_LAB_ACCEL`, else `tcg`.
+/// The lab host's CPU model: `RASVMM_LAB_CPU_MODEL`, default `max` (TCG's
+/// `max` offers SVM, which the lab host's KVM needs).
+fn lab_cpu_model() -> String {
+    std::env::var("RASVMM_LAB_CPU_MODEL").unwrap_or_else(|_| "max".into())
+}
+
 /// The lab host's CPU count: `RASVMM_LAB_CPUS`, default [`LAB_CPUS`].
 fn lab_cpus() -> String {
     std::env::var("RASVMM_LAB_CPUS").unwrap_or_else(|_| LAB_CPUS.into())
