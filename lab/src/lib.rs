@@ -647,7 +647,6 @@ pub fn last_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
-/// The lab host's accelerator: `$RASVMM_LAB_ACCEL`, else `tcg`.
 /// The lab host's CPU model: `RASVMM_LAB_CPU_MODEL`, default `max` (TCG's
 /// `max` offers SVM, which the lab host's KVM needs).
 fn lab_cpu_model() -> String {
@@ -659,6 +658,7 @@ fn lab_cpus() -> String {
     std::env::var("RASVMM_LAB_CPUS").unwrap_or_else(|_| LAB_CPUS.into())
 }
 
+/// The lab host's accelerator: `RASVMM_LAB_ACCEL`, default `tcg`.
 fn lab_accel() -> String {
     std::env::var("RASVMM_LAB_ACCEL").unwrap_or_else(|_| "tcg".into())
 }

@@ -289,7 +289,7 @@ mod tests {
         // The 2-vCPU scenarios, kept out of the suite for the lab host's
         // sake (docs/lab-host.md), stay valid.
         let multi = default_dir().join("../x86_64-multi-vcpu");
-        assert_eq!(load_dir(&multi).unwrap().len(), 2);
+        assert_eq!(load_dir(&multi).unwrap().len(), 3);
     }
 
     #[test]
