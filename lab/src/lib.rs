@@ -545,13 +545,14 @@ impl Lab {
         let mut child = Command::new("qemu-system-x86_64")
             .args([
                 "-accel",
-                &lab_accel(),
+                &lab_setting("RASVMM_LAB_ACCEL", "tcg"),
                 "-cpu",
-                &lab_cpu_model(),
+                // TCG's `max` offers SVM, which the lab host's KVM needs.
+                &lab_setting("RASVMM_LAB_CPU_MODEL", "max"),
                 "-m",
                 LAB_MEMORY,
                 "-smp",
-                &lab_cpus(),
+                &lab_setting("RASVMM_LAB_CPUS", LAB_CPUS),
             ])
             .args([
                 "-nodefaults",
@@ -647,20 +648,11 @@ pub fn last_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
-/// The lab host's CPU model: `RASVMM_LAB_CPU_MODEL`, default `max` (TCG's
-/// `max` offers SVM, which the lab host's KVM needs).
-fn lab_cpu_model() -> String {
-    std::env::var("RASVMM_LAB_CPU_MODEL").unwrap_or_else(|_| "max".into())
-}
-
-/// The lab host's CPU count: `RASVMM_LAB_CPUS`, default [`LAB_CPUS`].
-fn lab_cpus() -> String {
-    std::env::var("RASVMM_LAB_CPUS").unwrap_or_else(|_| LAB_CPUS.into())
-}
-
-/// The lab host's accelerator: `RASVMM_LAB_ACCEL`, default `tcg`.
-fn lab_accel() -> String {
-    std::env::var("RASVMM_LAB_ACCEL").unwrap_or_else(|_| "tcg".into())
+/// A lab host setting from the environment (`RASVMM_LAB_ACCEL`,
+/// `RASVMM_LAB_CPU_MODEL`, `RASVMM_LAB_CPUS`), else its default. A bad value
+/// makes QEMU refuse to start, which is reported with QEMU's stderr.
+fn lab_setting(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.into())
 }
 
 /// The lab host kernel's command line (docs/lab-host.md):

@@ -239,7 +239,6 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
                     *exit.error = 1;
                 }
             }
-            Ok(VcpuExit::X86Wrmsr(exit)) => *exit.error = 1,
             Ok(VcpuExit::Hlt) => {
                 break VcpuStop::Error("vCPU halted outside the in-kernel irqchip".into())
             }

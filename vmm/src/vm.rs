@@ -313,20 +313,20 @@ impl Vm {
             if wanted_cap != 0 {
                 kvm_mce::setup(&fd, i, wanted_cap).map_err(Error::Mce)?;
                 let effective = kvm_mce::effective_cap(&fd, i).map_err(Error::Mce)?;
-                let mut supplied = enc::supplied_cap_bits(vendor, wanted_cap, effective);
-                if supplied != 0 && i == 0 {
-                    // Before the first vCPU runs; the filter is VM-wide. A
-                    // KVM without it leaves the guest without those bits,
-                    // and ras_limitation says why.
-                    if let Err(e) = kvm_mce::serve_mcg_cap_reads(&kvm, &vm, effective | supplied) {
-                        supply_error = Some(e.to_string());
+                if i == 0 {
+                    // Decided once, before the first vCPU runs: the filter is
+                    // VM-wide. A KVM without it leaves the guest without
+                    // those bits, and ras_limitation says why.
+                    mcg_cap_supplied = enc::supplied_cap_bits(vendor, wanted_cap, effective);
+                    if mcg_cap_supplied != 0 {
+                        let guest_cap = effective | mcg_cap_supplied;
+                        if let Err(e) = kvm_mce::serve_mcg_cap_reads(&kvm, &vm, guest_cap) {
+                            supply_error = Some(e.to_string());
+                            mcg_cap_supplied = 0;
+                        }
                     }
                 }
-                if supply_error.is_some() {
-                    supplied = 0;
-                }
-                mcg_cap = effective | supplied;
-                mcg_cap_supplied = supplied;
+                mcg_cap = effective | mcg_cap_supplied;
             }
             regs::setup_vcpu(&fd, entry).map_err(|e| Error::Vcpu(i, e))?;
             let (req_tx, req_rx) = channel();

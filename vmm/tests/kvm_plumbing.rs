@@ -349,8 +349,4 @@ fn guest_reads_the_mcg_cap_rasvmm_reports() {
     assert_eq!(report.log, vec![format!("{}{}", bit(24), bit(8))]);
     // An Intel profile always gets SER_P: from KVM, or supplied by rasvmm.
     assert_eq!(bit(24), 1, "{report:?}");
-    eprintln!(
-        "MCG_CAP {:#x}, supplied by rasvmm {:#x}",
-        report.mcg_cap, report.mcg_cap_supplied
-    );
 }
