@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     }
     // The hex form the steps take goes through the same gate.
     if let Ok(text) = std::str::from_utf8(data) {
-        if let Ok(bytes) = vmm::ghes::parse_hex(text, MAX_RECORD_LEN) {
+        if let Ok(bytes) = vmm::ghes_sources::parse_hex(text, MAX_RECORD_LEN) {
             let _ = validate(&bytes);
         }
     }

@@ -89,7 +89,11 @@ done
 /// Parses `[--runs N]` and opens the lab with its bench image; benchmarks
 /// measure rasvmm and QEMU in the same lab host, so only the lab backend will do.
 fn setup(name: &str, args: &[String]) -> Result<(u32, Lab, std::path::PathBuf), String> {
-    let runs = parse_runs(name, args)?;
+    setup_lab(name, parse_runs(name, args)?)
+}
+
+/// Opens the lab with its bench image for measurement `name` of `runs` runs.
+pub fn setup_lab(name: &str, runs: u32) -> Result<(u32, Lab, std::path::PathBuf), String> {
     let lab = Lab::new().map_err(|e| chain(&e))?;
     if lab.backend != Backend::Lab {
         return Err(format!(
@@ -470,9 +474,9 @@ pub fn kho(args: &[String]) -> Result<ExitCode, String> {
     let mut found = true;
     for _ in 0..7 {
         let t = Instant::now();
-        let v = vmm::kho::observe(&mem, &ledger, &BTreeSet::new());
+        let v = vmm::kho_observer::observe(&mem, &ledger, &BTreeSet::new());
         scan.push(t.elapsed().as_secs_f64());
-        found &= v.comparison == vmm::kho::Comparison::Agree;
+        found &= v.comparison == vmm::kho_observer::Comparison::Agree;
         let t = Instant::now();
         let mut acc = 0u32;
         for r in mem.iter() {

@@ -6,6 +6,7 @@
 //! rasvmm-lab demo                       boot the default guest, print outcome and boot time
 //! rasvmm-lab bench-boot [--runs N]      rasvmm vs QEMU boot-to-agent-ready (lab backend)
 //! rasvmm-lab bench-inject [--runs N]    rasvmm vs QEMU injection-to-panic (lab backend)
+//! rasvmm-lab smp-boots [--runs N]       2-vCPU boot failures, rasvmm vs QEMU (lab backend)
 //! ```
 
 use std::process::ExitCode;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use lab::{Job, Lab};
 
 mod bench;
+mod smp;
 mod suite;
 
 fn main() -> ExitCode {
@@ -26,9 +28,10 @@ fn main() -> ExitCode {
         Some("bench-inject") => bench::inject(&args[1..]),
         Some("bench-ghes") => bench::ghes(&args[1..]),
         Some("bench-kho") => bench::kho(&args[1..]),
+        Some("smp-boots") => smp::boots(&args[1..]),
         Some("-h" | "--help") | None => {
             eprintln!(
-                "usage: rasvmm-lab run [rasvmm run args...] | suite [DIR] [--junit F] [--json F] | demo | bench-boot [--runs N] | bench-inject [--runs N] | bench-ghes [--runs N] | bench-kho [--gib N]"
+                "usage: rasvmm-lab run [rasvmm run args...] | suite [DIR] [--junit F] [--json F] | demo | bench-boot [--runs N] | bench-inject [--runs N] | bench-ghes [--runs N] | bench-kho [--gib N] | smp-boots [--runs N]"
             );
             return if args.is_empty() {
                 ExitCode::from(2)
@@ -37,7 +40,7 @@ fn main() -> ExitCode {
             };
         }
         Some(other) => Err(format!(
-            "unknown command '{other}' (run, suite, demo, bench-boot, bench-inject)"
+            "unknown command '{other}' (run, suite, demo, bench-boot, bench-inject, bench-ghes, bench-kho, smp-boots)"
         )),
     };
     match result {
@@ -72,11 +75,11 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         .position(|a| a == "--timeout")
         .and_then(|i| args.get(i + 1))
         .and_then(|t| t.parse::<f64>().ok())
-        .filter(|t| t.is_finite() && *t > 0.0 && *t <= 86400.0)
-        .unwrap_or(120.0);
+        .and_then(|t| vmm::config::parse_timeout(t).ok())
+        .unwrap_or(Duration::from_secs_f64(vmm::config::DEFAULT_TIMEOUT_S));
     let job = Job {
         runs: vec![args.to_vec()],
-        timeout: Duration::from_secs_f64(timeout),
+        timeout,
         files: Vec::new(),
     };
     let res = lab.run(&job).map_err(|e| chain(&e))?;

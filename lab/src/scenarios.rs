@@ -5,15 +5,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
+use vmm::report::RunReport;
 use vmm::scenario::Scenario;
 
 use crate::{Error, Job, JobResult, Lab, RunResult, JOB_FILE_PREFIX};
 
 /// Time each scenario gets beyond its own deadline (boot, report).
 const PER_SCENARIO_MARGIN: f64 = 30.0;
-/// rasvmm's default deadline, for scenarios that set none.
-const DEFAULT_TIMEOUT: f64 = 120.0;
-
 /// The built-in x86_64 suite.
 pub fn default_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/x86_64");
@@ -56,6 +54,10 @@ pub struct ScenarioResult {
     pub passed: bool,
     /// Why it failed.
     pub failures: Vec<String>,
+    /// For a failure: the last console lines and where each vCPU was, from
+    /// rasvmm's report, so that a CI log shows the cause, not only the
+    /// verdict.
+    pub diagnosis: Vec<String>,
     /// Run time, seconds.
     pub seconds: f64,
     /// rasvmm's report (null if it wrote none).
@@ -132,36 +134,76 @@ fn job(scenarios: &[(PathBuf, Scenario)]) -> Job {
             format!("{JOB_FILE_PREFIX}{name}"),
         ]);
         job.files.push((name, f.clone()));
-        budget += s.guest.timeout_s.unwrap_or(DEFAULT_TIMEOUT) + PER_SCENARIO_MARGIN;
+        budget += s.guest.timeout_s.unwrap_or(vmm::config::DEFAULT_TIMEOUT_S) + PER_SCENARIO_MARGIN;
     }
     job.timeout = Duration::from_secs_f64(budget);
     job
 }
 
-/// A scenario's result from its run: rasvmm's verdict in its report.
+/// A scenario's result from its run: rasvmm's verdict in its report, read
+/// as the report's own type.
 fn judge(s: &Scenario, r: &RunResult) -> ScenarioResult {
-    let report = r.report.clone().unwrap_or(Value::Null);
-    let verdict = &report["verdict"];
-    let mut failures: Vec<String> = verdict["failures"]
-        .as_array()
-        .map(|v| {
-            v.iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
-    if report.is_null() {
-        failures.push(format!("rasvmm wrote no report: {}", r.stderr.trim()));
-    }
+    let value = r.report.clone().unwrap_or(Value::Null);
+    let typed: Result<RunReport, String> = match &r.report {
+        None => Err(format!("rasvmm wrote no report: {}", r.stderr.trim())),
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|e| format!("rasvmm's report does not parse: {e}")),
+    };
+    let (passed, failures, cpu, seconds, diagnosis) = match &typed {
+        Ok(report) => {
+            let verdict = report.verdict.clone().unwrap_or_default();
+            let diagnosis = if verdict.passed {
+                Vec::new()
+            } else {
+                diagnosis(&report.log, &r.stderr)
+            };
+            (
+                verdict.passed,
+                verdict.failures,
+                report.cpu_profile.clone(),
+                report.elapsed_ms as f64 / 1000.0,
+                diagnosis,
+            )
+        }
+        Err(e) => (
+            false,
+            vec![e.clone()],
+            "?".to_string(),
+            0.0,
+            diagnosis(&[], &r.stderr),
+        ),
+    };
     ScenarioResult {
         name: s.name.clone(),
-        cpu: report["cpu_profile"].as_str().unwrap_or("?").to_string(),
+        cpu,
         outcome: r.outcome().to_string(),
-        passed: verdict["passed"] == true,
+        passed,
         failures,
-        seconds: report["elapsed_ms"].as_f64().unwrap_or(0.0) / 1000.0,
-        report,
+        diagnosis,
+        seconds,
+        report: value,
     }
+}
+
+/// Lines of a failed run's evidence shown under its verdict.
+const DIAGNOSIS_LINES: usize = 40;
+
+/// The evidence of a failed run: the last lines of the report's log (the
+/// guest console up to the event, and each vCPU's state where rasvmm
+/// recorded it), then rasvmm's own stderr.
+fn diagnosis(log: &[String], stderr: &str) -> Vec<String> {
+    let mut out: Vec<String> = log
+        .iter()
+        .skip(log.len().saturating_sub(DIAGNOSIS_LINES))
+        .map(|l| format!("console/vCPU: {l}"))
+        .collect();
+    let err: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    out.extend(
+        err[err.len().saturating_sub(10)..]
+            .iter()
+            .map(|l| format!("rasvmm stderr: {l}")),
+    );
+    out
 }
 
 /// A failed result for a scenario the lab host could not finish.
@@ -172,6 +214,7 @@ fn lab_failure(s: &Scenario, why: String) -> ScenarioResult {
         outcome: "lab-host-stopped".into(),
         passed: false,
         failures: vec![why],
+        diagnosis: Vec::new(),
         seconds: 0.0,
         report: Value::Null,
     }
@@ -195,6 +238,9 @@ pub fn table(results: &[ScenarioResult]) -> String {
         for f in &r.failures {
             s += &format!("    - {f}\n");
         }
+        for d in &r.diagnosis {
+            s += &format!("      | {d}\n");
+        }
     }
     s
 }
@@ -217,7 +263,9 @@ pub fn junit(results: &[ScenarioResult], wall: f64) -> String {
             x += &format!(
                 "    <failure message=\"{}\">{}</failure>\n",
                 xml(r.failures.first().map_or("failed", String::as_str)),
-                xml(&r.failures.join("\n"))
+                xml(&[r.failures.as_slice(), r.diagnosis.as_slice()]
+                    .concat()
+                    .join("\n"))
             );
         }
         x += &format!(
@@ -260,6 +308,11 @@ mod tests {
             } else {
                 vec!["outcome is \"x\"".into()]
             },
+            diagnosis: if passed {
+                vec![]
+            } else {
+                vec!["console/vCPU: rasvmm: vCPU 1 when it stopped: rip 0x1".into()]
+            },
             seconds: 1.5,
             report: Value::Null,
         }
@@ -268,6 +321,26 @@ mod tests {
     #[test]
     fn xml_is_escaped_and_control_free() {
         assert_eq!(xml("a<b>&\"c'\u{1b}[0m"), "a&lt;b&gt;&amp;&quot;c&apos;[0m");
+    }
+
+    #[test]
+    fn a_failure_shows_its_diagnosis() {
+        let t = table(&[result(true), result(false)]);
+        assert_eq!(
+            t.matches("| console/vCPU: rasvmm: vCPU 1").count(),
+            1,
+            "{t}"
+        );
+        let x = junit(&[result(false)], 1.0);
+        assert!(x.contains("vCPU 1 when it stopped"), "{x}");
+        let log = ["a", "b", "rasvmm: vCPU 0 at the deadline: rip 0x2"].map(String::from);
+        let d = diagnosis(&log, "line1\n\nerror: boom\n");
+        assert_eq!(d.len(), 5, "{d:?}");
+        assert_eq!(
+            d[2],
+            "console/vCPU: rasvmm: vCPU 0 at the deadline: rip 0x2"
+        );
+        assert_eq!(d[4], "rasvmm stderr: error: boom");
     }
 
     #[test]
@@ -305,9 +378,20 @@ mod tests {
             .collect();
         let passed = |name: &str| RunResult {
             exit: 0,
-            report: Some(
-                serde_json::json!({"scenario": name, "verdict": {"passed": true, "failures": []}}),
-            ),
+            report: Some({
+                let o = vmm::outcome::Outcome {
+                    kind: vmm::outcome::OutcomeKind::Poweroff,
+                    detail: String::new(),
+                    log: vec![],
+                };
+                let mut r = RunReport::new(o, "amd", 1, 256);
+                r.scenario = Some(name.into());
+                r.verdict = Some(vmm::report::Verdict {
+                    passed: true,
+                    failures: vec![],
+                });
+                serde_json::to_value(r).unwrap()
+            }),
             console: String::new(),
             stderr: String::new(),
         };

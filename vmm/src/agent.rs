@@ -3,7 +3,7 @@
 //! [`AgentPort`] is the UART the agent talks through: bytes the agent sends
 //! become [`VmEvent::Agent`] lines; requests are queued and fed into the
 //! 64-byte receive FIFO as the guest drains it. The typed request/response
-//! logic is in [`crate::vm::Session::call`].
+//! logic is in [`crate::session::Session::call`].
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -15,7 +15,7 @@ use guest_agent::LineBuffer;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::vm::VmEvent;
+use crate::event::VmEvent;
 
 /// Most request bytes waiting for the guest to read.
 const MAX_PENDING: usize = 1 << 20;

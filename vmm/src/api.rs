@@ -34,7 +34,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::vm::VmEvent;
+use crate::event::VmEvent;
 
 /// Longest request line.
 pub const MAX_LINE: usize = 64 * 1024;

@@ -174,6 +174,20 @@ pub fn check_vcpus(n: u64) -> Result<u8, ConfigError> {
     }
 }
 
+/// A run's deadline when none is given, seconds.
+pub const DEFAULT_TIMEOUT_S: f64 = 120.0;
+
+/// A run deadline from seconds as a user gives them (`--timeout`,
+/// `timeout_s`), checked: the one place the limit is applied.
+pub fn parse_timeout(secs: f64) -> Result<Duration, ConfigError> {
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(ConfigError::Timeout);
+    }
+    let t = Duration::try_from_secs_f64(secs).map_err(|_| ConfigError::Timeout)?;
+    check_timeout(t)?;
+    Ok(t)
+}
+
 /// Checks a run deadline.
 pub fn check_timeout(t: Duration) -> Result<(), ConfigError> {
     if t.is_zero() || t > MAX_TIMEOUT {
@@ -248,6 +262,10 @@ mod tests {
     fn timeouts() {
         assert!(check_timeout(Duration::from_secs(1)).is_ok());
         assert_eq!(check_timeout(Duration::ZERO), Err(ConfigError::Timeout));
+        assert_eq!(parse_timeout(1.5), Ok(Duration::from_millis(1500)));
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 86_400.5, 1e300] {
+            assert_eq!(parse_timeout(bad), Err(ConfigError::Timeout), "{bad}");
+        }
         assert_eq!(
             check_timeout(MAX_TIMEOUT + Duration::from_secs(1)),
             Err(ConfigError::Timeout)

@@ -4,7 +4,7 @@
 use std::io::{self, Write};
 use std::sync::mpsc::Sender;
 
-use crate::vm::VmEvent;
+use crate::event::VmEvent;
 
 /// Longest console line kept; longer lines are split.
 const MAX_LINE: usize = 4096;

@@ -1,26 +1,37 @@
 //! rasvmm: a KVM virtual machine monitor for RAS validation of Linux.
 //!
-//! - [`config`]: what a VM is made of, validated up front;
-//! - [`vm`]: creating the VM, loading the guest, the event session;
-//! - [`vcpu`]: vCPU threads;
+//! Modules import downward only. From the bottom:
+//! - [`config`], [`outcome`], [`steps`]: what a run is made of and how it
+//!   can end (pure);
+//! - [`event`]: the events a running VM produces (a leaf the rest imports);
 //! - [`console`], [`agent`]: the two UARTs (console and guest agent);
-//! - [`mce`]: KVM machine-check plumbing; [`ghes`]: firmware-first reports
-//!   through the guest's APEI GHES error sources; [`kho`]: the guest's own
-//!   poison list, read from its KHO state;
-//! - [`outcome`]: how a run ended; [`report`]: what a run produced;
+//! - [`ghes_sources`]: the guest's APEI GHES error sources in guest memory;
+//!   [`kho_observer`]: the guest's own poison list, read from its KHO state;
+//! - [`vcpu`]: vCPU threads and their handles;
+//! - [`ras_controller`]: every memory error reported to the guest, planned
+//!   by the ras crate and delivered to the vCPUs;
+//! - [`vm`]: building a VM (memory, guest, devices, vCPUs);
+//! - [`api`]: the control API socket; [`session`] and [`session_api`]: the
+//!   event loop that drives a VM and serves the API;
+//! - [`report`], [`scenario`], [`verdict`]: what a run produced, what a
+//!   scenario expects, and the verdict (pure, typed);
 //! - [`run`]: a whole run from configuration to report.
 
 pub mod agent;
 pub mod api;
 pub mod config;
 pub mod console;
-pub mod ghes;
-pub mod kho;
-pub mod mce;
+pub mod event;
+pub mod ghes_sources;
+pub mod kho_observer;
 pub mod outcome;
+pub mod ras_controller;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod session;
+pub mod session_api;
 pub mod steps;
 pub mod vcpu;
+pub mod verdict;
 pub mod vm;

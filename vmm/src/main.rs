@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use vmm::config::{self, BootSource, ConsoleTarget, VmConfig, DEFAULT_CMDLINE};
@@ -75,7 +74,7 @@ struct RunArgs {
     #[arg(long, default_value = "stdout")]
     console: String,
     /// Seconds before the run ends as a timeout.
-    #[arg(long, default_value_t = 120.0)]
+    #[arg(long, default_value_t = config::DEFAULT_TIMEOUT_S)]
     timeout: f64,
     /// Step, repeatable, performed in order: agent requests (exec:<sh>,
     /// alloc-page, touch-page:<n>[:write], spin-page:<n>, kernel-pages:<kind>:<n>,
@@ -221,9 +220,7 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
     let vcpus = config::check_vcpus(a.vcpus).map_err(|e| e.to_string())?;
     let cpu = config::cpu_profile(&a.cpu).map_err(|e| e.to_string())?;
     let poison_report = config::PoisonReport::parse(&a.poison_report).map_err(|e| e.to_string())?;
-    if !a.timeout.is_finite() || a.timeout <= 0.0 || a.timeout > 86400.0 {
-        return Err(config::ConfigError::Timeout.to_string());
-    }
+    let timeout = config::parse_timeout(a.timeout).map_err(|e| e.to_string())?;
     let expect_name = a.expect.as_deref().unwrap_or("poweroff");
     let expect = OutcomeKind::parse(expect_name).ok_or_else(|| {
         format!("unknown outcome '{expect_name}' for --expect (poweroff, reboot, panic, triple-fault, timeout, vmm-error)")
@@ -257,7 +254,7 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         vcpus,
         cpu,
         console,
-        timeout: Duration::from_secs_f64(a.timeout),
+        timeout,
     };
     cfg.validate(config::host_memory_mib())
         .map_err(|e| e.to_string())?;

@@ -1,29 +1,58 @@
 //! The record of a run: printed for humans and written as JSON for CI.
 
-use guest_agent::SignalReport;
+use guest_agent::{Payload, SignalReport};
 use ras::ledger::Entry;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::kho_observer::KhoView;
+
+use crate::event::RasEvent;
 use crate::outcome::{Outcome, OutcomeKind};
-use crate::vcpu::RasEvent;
+
+/// What a step that succeeded returned, kept typed for the verdict and
+/// written as the agent's payload (`{"page-info": {...}}`) or as
+/// `{"kho": {...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StepReply {
+    /// An agent request's payload.
+    Agent(Payload),
+    /// A `kho-scan` step's view.
+    Kho {
+        /// What the KHO observer read.
+        kho: Box<KhoView>,
+    },
+}
+
+/// Whether a run met its expectation, and how not.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// Every expectation held.
+    pub passed: bool,
+    /// The ones that did not.
+    pub failures: Vec<String>,
+}
 
 /// One step and its result.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepRecord {
     /// The step as given.
     pub step: String,
-    /// The agent's reply, for agent steps that succeeded.
+    /// What it returned, for agent and kho-scan steps that succeeded.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reply: Option<serde_json::Value>,
+    pub reply: Option<StepReply>,
     /// Why it failed, otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The end of the run cut it short (not a failure of its own).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cut_short: bool,
     /// Milliseconds from VMM start when the reply (or failure) came.
     pub at_ms: u64,
 }
 
 /// Memory rasvmm uses, measured at the end of the run.
-#[derive(Debug, Clone, Copy, Serialize, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default)]
 pub struct MemoryUse {
     /// VmRSS of the rasvmm process, KiB.
     pub rss_kib: u64,
@@ -34,10 +63,11 @@ pub struct MemoryUse {
 }
 
 /// Everything a run produced.
-#[derive(Debug, Clone, Serialize)]
+/// Written by rasvmm and read back, as this same type, by the lab harness.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
     /// rasvmm version.
-    pub rasvmm: &'static str,
+    pub rasvmm: String,
     /// How the run ended.
     pub outcome: OutcomeKind,
     /// Panic line, error, or what stopped the guest.
@@ -65,7 +95,7 @@ pub struct RunReport {
     /// The poison ledger at the end of the run.
     pub ledger: Vec<Entry>,
     /// The GHES error sources at the end of the run.
-    pub ghes: Vec<crate::ghes::SourceState>,
+    pub ghes: Vec<crate::ghes_sources::SourceState>,
     /// Milliseconds from VMM start to the outcome.
     pub elapsed_ms: u64,
     /// vCPUs.
@@ -73,12 +103,12 @@ pub struct RunReport {
     /// Guest RAM, MiB.
     pub memory_mib: u64,
     /// CPU profile name.
-    pub cpu_profile: &'static str,
+    pub cpu_profile: String,
     /// MCG_CAP the guest sees.
     pub mcg_cap: u64,
     /// Bits of it rasvmm supplies by answering the guest's MCG_CAP reads
     /// (SER_P for an Intel profile on an SVM host).
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub mcg_cap_supplied: u64,
     /// Why memory errors cannot be reported recoverably here, if so.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -90,7 +120,7 @@ pub struct RunReport {
     pub scenario: Option<String>,
     /// Its verdict.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub verdict: Option<crate::scenario::Verdict>,
+    pub verdict: Option<Verdict>,
 }
 
 impl RunReport {
@@ -113,7 +143,7 @@ impl RunReport {
         }
         for (i, st) in self.steps.iter().enumerate() {
             let result = match (&st.reply, &st.error) {
-                (Some(p), _) => p.to_string(),
+                (Some(p), _) => serde_json::to_string(p).unwrap_or_default(),
                 (None, Some(e)) => format!("error: {e}"),
                 (None, None) => "ok".to_string(),
             };
@@ -159,7 +189,7 @@ impl RunReport {
     /// Builds a report from an outcome and the facts gathered.
     pub fn new(outcome: Outcome, profile: &'static str, vcpus: u8, memory_mib: u64) -> Self {
         RunReport {
-            rasvmm: env!("CARGO_PKG_VERSION"),
+            rasvmm: env!("CARGO_PKG_VERSION").to_string(),
             outcome: outcome.kind,
             detail: outcome.detail,
             log: outcome.log,
@@ -177,7 +207,7 @@ impl RunReport {
             elapsed_ms: 0,
             vcpus,
             memory_mib,
-            cpu_profile: profile,
+            cpu_profile: profile.to_string(),
             mcg_cap: 0,
             mcg_cap_supplied: 0,
             ras_limitation: None,
@@ -212,6 +242,10 @@ pub fn process_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }
@@ -219,6 +253,93 @@ fn is_zero(v: &u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_reads_back_as_itself() {
+        use crate::kho_observer::{Comparison, Hwpoison, KhoView};
+        let mut r = RunReport::new(
+            Outcome {
+                kind: OutcomeKind::Panic,
+                detail: "Kernel panic - not syncing: x".into(),
+                log: vec!["a".into()],
+            },
+            "intel",
+            2,
+            256,
+        );
+        let view = KhoView {
+            root: Some(0x1000),
+            kexec_count: Some(2),
+            roots_found: 3,
+            rejected: vec![],
+            hwpoison: Hwpoison::Valid {
+                pfns: vec![0x77],
+                duplicates: 0,
+                seq: 4,
+            },
+            comparison: Comparison::Differ {
+                guest_missing: vec![],
+                guest_extra: vec![0x77000],
+            },
+            scanned_bytes: 4096,
+            scan_us: 3,
+        };
+        r.steps = vec![
+            StepRecord {
+                step: "sysctl:vm.x".into(),
+                reply: Some(StepReply::Agent(Payload::Sysctl(
+                    guest_agent::SysctlValue {
+                        name: "vm.x".into(),
+                        value: "1".into(),
+                    },
+                ))),
+                error: None,
+                cut_short: false,
+                at_ms: 1,
+            },
+            StepRecord {
+                step: "kho-scan".into(),
+                reply: Some(StepReply::Kho {
+                    kho: Box::new(view.clone()),
+                }),
+                error: None,
+                cut_short: false,
+                at_ms: 2,
+            },
+            StepRecord {
+                step: "exec:true".into(),
+                reply: None,
+                error: Some("the run ended before the agent replied".into()),
+                cut_short: true,
+                at_ms: 3,
+            },
+        ];
+        r.ras_events = vec![
+            RasEvent::KhoScanned {
+                after_kexec: 1,
+                view: Box::new(view),
+            },
+            RasEvent::Consumed {
+                vcpu: 1,
+                gpa: 0x77000,
+                error: ras::mce::MemoryError::Srar,
+                consumptions: 2,
+                at_ms: 9,
+                result: None,
+                ghes: Some(ras::ghes::Notification::Nmi),
+            },
+        ];
+        r.mcg_cap_supplied = 1 << 24;
+        r.verdict = Some(Verdict {
+            passed: false,
+            failures: vec!["x".into()],
+        });
+        let text = serde_json::to_string(&r).unwrap();
+        let back: RunReport = serde_json::from_str(&text).unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), text);
+        assert!(matches!(back.steps[1].reply, Some(StepReply::Kho { .. })));
+        assert!(back.steps[2].cut_short);
+    }
 
     #[test]
     fn json_names_are_stable() {

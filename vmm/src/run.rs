@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use crate::config::VmConfig;
 use crate::report::{process_rss_kib, MemoryUse, RunReport, StepRecord};
-use crate::scenario::{evaluate, Scenario};
-use crate::steps::Step;
-use crate::vm::{Error, Session, Vm};
+use crate::scenario::Scenario;
+use crate::session::Session;
+use crate::steps::{Step, StepError};
+use crate::verdict::evaluate;
+use crate::vm::{Error, Vm};
 
 /// Extra time the watchdog allows past the deadline before it ends the
 /// process itself, should the session ever fail to.
@@ -60,7 +62,8 @@ pub fn run_expecting(
         records.push(StepRecord {
             step: text.clone(),
             reply,
-            error,
+            cut_short: error == Some(StepError::Ended),
+            error: error.map(|e| e.to_string()),
             at_ms,
         });
     }
@@ -83,11 +86,11 @@ pub fn run_expecting(
     report.agent_errors = std::mem::take(&mut session.agent_errors);
     report.ras_events = std::mem::take(&mut session.ras_events);
     report.agent_kicks = session.agent_kicks;
-    report.ledger = session.vm().ledger();
-    report.ghes = session.vm().ghes_state();
-    report.mcg_cap = session.vm().mcg_cap();
-    report.mcg_cap_supplied = session.vm().mcg_cap_supplied();
-    report.ras_limitation = session.vm().ras_limitation();
+    report.ledger = session.vm().ras().ledger();
+    report.ghes = session.vm().ras().ghes_state();
+    report.mcg_cap = session.vm().ras().mca().mcg_cap;
+    report.mcg_cap_supplied = session.vm().ras().mca().mcg_cap_supplied;
+    report.ras_limitation = session.vm().ras().ras_limitation();
     if let Some(s) = scenario {
         report.scenario = Some(s.name.clone());
         let recoverable = report.ras_limitation.is_none();

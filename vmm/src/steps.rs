@@ -264,7 +264,7 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             let source =
                 Notification::parse(source).ok_or_else(|| bad("source is nmi, gsiv or polled"))?;
             let record =
-                crate::ghes::parse_hex(hex, ras::cper::MAX_RECORD_LEN).map_err(|e| bad(&e))?;
+                crate::ghes_sources::parse_hex(hex, ras::cper::MAX_RECORD_LEN).map_err(|e| bad(&e))?;
             Ok(Step::GhesRaw { source, record })
         }
         ("poison", Some(a)) => {
@@ -391,6 +391,27 @@ impl Refs {
                 .pfn(r)?
                 .checked_mul(4096)
                 .ok_or_else(|| "PFN out of range".to_string()),
+        }
+    }
+}
+
+/// Why a step did not do what it was to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepError {
+    /// Refused or failed (a bad reference, a refused injection, ...).
+    Failed(String),
+    /// The agent answered with an error.
+    Agent(String),
+    /// The run ended (the guest stopped or the deadline passed) first.
+    Ended,
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepError::Failed(e) => write!(f, "{e}"),
+            StepError::Agent(e) => write!(f, "agent: {e}"),
+            StepError::Ended => write!(f, "the run ended before the agent replied"),
         }
     }
 }

@@ -1,19 +1,28 @@
 //! vCPU threads: run KVM_RUN, dispatch port I/O, serve requests that must
-//! run on the vCPU's own thread (machine-check injection), turn host memory
-//! errors into guest machine checks, and report why a vCPU stopped.
+//! run on the vCPU's own thread (machine-check injection, NMIs, a state
+//! dump), hand host memory errors to the [`RasController`], and report why
+//! a vCPU stopped.
 //!
-//! Requests arrive on a channel; the sender kicks the thread with
-//! [`kick_signal`], whose handler sets `kvm_run.immediate_exit` so the
-//! request is served even if the signal lands just before KVM_RUN. KVM
-//! reports a guest access to hwpoisoned host memory as SIGBUS BUS_MCEERR_AR
-//! to the vCPU thread, with the host address, before the access executes;
-//! the handler records it and the loop injects an action-required machine
-//! check for the guest page, as hardware would.
+//! Lifecycle, as Firecracker's VcpuHandle: every vCPU is created and
+//! configured before any thread starts ([`VcpuHandle::spawn`] takes a
+//! configured fd); each thread is kept with its `JoinHandle`; at the end of
+//! the VM each is asked to finish (a request plus a kick) and joined
+//! ([`VcpuHandle`]'s `Drop`). Requests arrive on a channel; the sender kicks
+//! the thread with [`kick_signal`], whose handler sets
+//! `kvm_run.immediate_exit` so the request is served even if the signal
+//! lands just before KVM_RUN. A kick reaches a thread only while it is
+//! registered as running (see [`KickTarget`]), so it never hits a thread
+//! that has exited. KVM reports a guest access to hwpoisoned host memory as
+//! SIGBUS BUS_MCEERR_AR to the vCPU thread, with the host address, before
+//! the access executes; the handler records it and the loop has the RAS
+//! controller report it, as hardware would.
 
 use std::cell::Cell;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 
+use arch::x86_64::{mce, regs};
 use devices::bus::{lock, PioBus};
 use kvm_bindings::{
     kvm_run, KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION,
@@ -21,26 +30,10 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use ras::ledger::Ledger;
-use ras::mce::{self as enc, MceRecord, MemoryError};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use ras::mce::MceRecord;
 
-use crate::mce;
-use crate::vm::VmEvent;
-
-/// Why a vCPU stopped running.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VcpuStop {
-    /// KVM_EXIT_SHUTDOWN: a triple fault, with the vCPU's state as KVM
-    /// left it (for diagnosis).
-    TripleFault(String),
-    /// KVM_SYSTEM_EVENT_SHUTDOWN (for example PSCI SYSTEM_OFF).
-    SystemShutdown,
-    /// KVM_SYSTEM_EVENT_RESET.
-    SystemReset,
-    /// An exit rasvmm does not handle, or a KVM_RUN failure.
-    Error(String),
-}
+use crate::event::{RasEvent, VcpuStop, VmEvent};
+use crate::ras_controller::RasController;
 
 /// Work for a vCPU's own thread.
 pub enum VcpuRequest {
@@ -56,44 +49,110 @@ pub enum VcpuRequest {
     /// Queue an NMI (a GHES notification).
     Nmi,
     /// Describe the vCPU's registers and pending events (for a run that
-    /// timed out: where was each vCPU?).
+    /// timed out or failed: where was each vCPU?).
     State {
         /// The description.
         reply: Sender<String>,
     },
+    /// Leave the run loop and end the thread (the VM is going away).
+    Finish,
 }
 
-/// Sends requests to one vCPU thread.
-pub struct VcpuHandle {
+/// Where a kick goes: the vCPU thread's pthread while it runs its loop,
+/// `None` before it starts and once it has left the loop. The thread sets
+/// and clears it itself, under the lock a kicker holds while it signals,
+/// so a kick never reaches a thread that has exited (nor, since the handle
+/// joins only after the thread returns, a pthread_t that was reused).
+#[derive(Default)]
+pub struct KickTarget(Mutex<Option<usize>>);
+
+impl KickTarget {
+    fn kick(&self) {
+        let target = lock(&self.0);
+        if let Some(thread) = *target {
+            // pthread_t is an integer on glibc and a pointer on musl; it is
+            // kept as usize so the target is Send on both.
+            #[allow(clippy::unnecessary_cast)]
+            let thread = thread as libc::pthread_t;
+            // SAFETY: `thread` is the pthread_t of a thread that is inside
+            // its run loop: it clears the target under this same lock
+            // before leaving, and it is joined only after it returns, so
+            // the id is live. The kick handler is installed process-wide by
+            // `install_signal_handlers` before any vCPU thread starts.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
+
+    fn register(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        // A pthread_t is pointer-sized on every Linux target.
+        #[allow(clippy::unnecessary_cast, clippy::cast_possible_truncation)]
+        let me = me as usize;
+        *lock(&self.0) = Some(me);
+    }
+
+    fn unregister(&self) {
+        *lock(&self.0) = None;
+    }
+}
+
+/// Sends requests to one vCPU thread (cloneable; held by the RAS
+/// controller, the session and peer vCPUs).
+#[derive(Clone)]
+pub struct VcpuSender {
     /// vCPU index.
     pub index: u8,
     tx: Sender<VcpuRequest>,
-    thread: std::os::unix::thread::RawPthread,
+    kick: Arc<KickTarget>,
 }
 
-impl VcpuHandle {
-    /// A handle for the thread `thread` that serves `tx`'s receiver.
-    pub fn new(
-        index: u8,
-        tx: Sender<VcpuRequest>,
-        thread: std::os::unix::thread::RawPthread,
-    ) -> Self {
-        Self { index, tx, thread }
+impl VcpuSender {
+    /// Queues a request and kicks the vCPU out of KVM_RUN to serve it;
+    /// false if the thread has ended.
+    pub fn send(&self, req: VcpuRequest) -> bool {
+        if self.tx.send(req).is_err() {
+            return false;
+        }
+        self.kick.kick();
+        true
     }
 
-    /// Queues a request and kicks the vCPU out of KVM_RUN to serve it.
-    pub fn send(&self, req: VcpuRequest) {
-        if self.tx.send(req).is_ok() {
-            // `thread` is a live vCPU thread (vCPU threads never exit before
-            // the process does); the kick handler is installed by
-            // `install_signal_handlers` before any vCPU starts.
-            // std keeps pthread_t as an integer; libc's type is an integer
-            // on glibc and a pointer on musl.
-            #[allow(clippy::unnecessary_cast)]
-            let thread = self.thread as libc::pthread_t;
-            // SAFETY: as above.
-            unsafe { libc::pthread_kill(thread, kick_signal()) };
+    /// Asks the vCPU where it is; `None` if it did not answer within `wait`
+    /// (its thread is busy outside KVM_RUN, or has ended).
+    pub fn state(&self, wait: std::time::Duration) -> Option<String> {
+        let (reply, rx) = channel();
+        if !self.send(VcpuRequest::State { reply }) {
+            return None;
         }
+        rx.recv_timeout(wait).ok()
+    }
+}
+
+/// A vCPU's request channel, made before its thread so that every sender
+/// exists before any vCPU runs.
+pub struct VcpuChannel {
+    sender: VcpuSender,
+    requests: Receiver<VcpuRequest>,
+}
+
+impl VcpuChannel {
+    /// A channel for vCPU `index`.
+    pub fn new(index: u8) -> Self {
+        let (tx, requests) = channel();
+        Self {
+            sender: VcpuSender {
+                index,
+                tx,
+                kick: Arc::new(KickTarget::default()),
+            },
+            requests,
+        }
+    }
+
+    /// Its sender.
+    pub fn sender(&self) -> &VcpuSender {
+        &self.sender
     }
 }
 
@@ -105,24 +164,54 @@ pub struct VcpuContext {
     pub bus: Arc<PioBus>,
     /// Where stops and RAS events go.
     pub events: Sender<VmEvent>,
-    /// Requests for this thread.
-    pub requests: Receiver<VcpuRequest>,
-    /// The vCPU's MCG_CAP.
+    /// The vCPU's MCG_CAP, for the guest's filtered MCG_CAP reads.
     pub mcg_cap: u64,
-    /// Encoding for the guest's vendor.
-    pub vendor: enc::Vendor,
-    /// Guest memory, to map host addresses to guest addresses.
-    pub memory: GuestMemoryMmap,
-    /// The poison ledger.
-    pub ledger: Arc<Mutex<Ledger>>,
-    /// All vCPUs, for broadcast machine checks (set once all are started).
-    pub peers: Arc<OnceLock<Vec<VcpuHandle>>>,
-    /// When the VMM started, for event times.
-    pub started: std::time::Instant,
-    /// How a consumed poisoned page is reported.
-    pub poison_report: crate::config::PoisonReport,
-    /// The GHES error sources, for [`crate::config::PoisonReport::Ghes`].
-    pub ghes: Option<Arc<Mutex<crate::ghes::Ghes>>>,
+    /// Reports host memory errors.
+    pub ras: Arc<RasController>,
+}
+
+/// Owns one vCPU thread: finishes and joins it when dropped.
+pub struct VcpuHandle {
+    sender: VcpuSender,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// Starts the thread for the configured `vcpu`.
+    pub fn spawn(vcpu: VcpuFd, channel: VcpuChannel, ctx: VcpuContext) -> std::io::Result<Self> {
+        let VcpuChannel { sender, requests } = channel;
+        let kick = sender.kick.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{}", ctx.index))
+            .spawn(move || run(vcpu, &requests, &kick, &ctx))?;
+        Ok(Self {
+            sender,
+            thread: Some(thread),
+        })
+    }
+
+    /// Its sender.
+    pub fn sender(&self) -> &VcpuSender {
+        &self.sender
+    }
+
+    /// Asks the thread to finish (it leaves KVM_RUN at the kick).
+    pub fn finish(&self) {
+        self.sender.send(VcpuRequest::Finish);
+    }
+
+    /// Waits for the thread to end; true if it ended normally (not by a
+    /// panic). Call [`VcpuHandle::finish`] first.
+    pub fn join(&mut self) -> bool {
+        self.thread.take().is_none_or(|t| t.join().is_ok())
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.finish();
+        self.join();
+    }
 }
 
 thread_local! {
@@ -210,13 +299,17 @@ pub fn take_host_memory_error() -> Option<(i32, usize)> {
     HOST_MEMORY_ERROR.with(|c| c.take())
 }
 
-/// Runs vCPU `ctx.index` until it stops; reports the stop on `ctx.events`.
-pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
+/// Runs a vCPU until it stops or is asked to finish; a stop is reported
+/// on `ctx.events`.
+fn run(mut vcpu: VcpuFd, requests: &Receiver<VcpuRequest>, kick: &KickTarget, ctx: &VcpuContext) {
     let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
     KVM_RUN.with(|p| p.set(run_ptr));
-    let stop = loop {
-        while let Ok(req) = ctx.requests.try_recv() {
-            serve(&vcpu, &ctx, req);
+    kick.register();
+    let stop = 'run: loop {
+        while let Ok(req) = requests.try_recv() {
+            if !serve(&vcpu, ctx, req) {
+                break 'run None;
+            }
         }
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => ctx.bus.read(port, data),
@@ -224,56 +317,61 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
             // No MMIO devices yet: reads float high, writes are dropped.
             Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
             Ok(VcpuExit::MmioWrite(..)) => {}
-            Ok(VcpuExit::Shutdown) => break VcpuStop::TripleFault(shutdown_state(&vcpu)),
+            Ok(VcpuExit::Shutdown) => break Some(VcpuStop::TripleFault(regs::describe(&vcpu))),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                KVM_SYSTEM_EVENT_SHUTDOWN => break VcpuStop::SystemShutdown,
-                KVM_SYSTEM_EVENT_RESET => break VcpuStop::SystemReset,
-                k => break VcpuStop::Error(format!("unhandled KVM system event {k}")),
+                KVM_SYSTEM_EVENT_SHUTDOWN => break Some(VcpuStop::SystemShutdown),
+                KVM_SYSTEM_EVENT_RESET => break Some(VcpuStop::SystemReset),
+                k => break Some(VcpuStop::Error(format!("unhandled KVM system event {k}"))),
             },
             // Only MCG_CAP reads are filtered to user space (mce::serve_mcg_cap_reads).
-            Ok(VcpuExit::X86Rdmsr(exit)) => {
-                if exit.index == crate::mce::MSR_IA32_MCG_CAP {
-                    *exit.data = ctx.mcg_cap;
+            Ok(VcpuExit::X86Rdmsr(exit)) => match mce::filtered_rdmsr(exit.index, ctx.mcg_cap) {
+                Some(v) => {
+                    *exit.data = v;
                     *exit.error = 0;
-                } else {
-                    *exit.error = 1;
                 }
-            }
+                None => *exit.error = 1,
+            },
             Ok(VcpuExit::Hlt) => {
-                break VcpuStop::Error("vCPU halted outside the in-kernel irqchip".into())
-            }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                break VcpuStop::Error(format!(
-                    "KVM entry failure, hardware reason {reason:#x} on CPU {cpu}"
+                break Some(VcpuStop::Error(
+                    "vCPU halted outside the in-kernel irqchip".into(),
                 ))
             }
-            Ok(VcpuExit::InternalError) => break VcpuStop::Error(internal_error(&mut vcpu)),
-            Ok(other) => break VcpuStop::Error(format!("unhandled vCPU exit {other:?}")),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                break Some(VcpuStop::Error(format!(
+                    "KVM entry failure, hardware reason {reason:#x} on CPU {cpu}"
+                )))
+            }
+            Ok(VcpuExit::InternalError) => break Some(VcpuStop::Error(internal_error(&mut vcpu))),
+            Ok(other) => break Some(VcpuStop::Error(format!("unhandled vCPU exit {other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
                 if let Some((code, addr)) = take_host_memory_error() {
-                    host_memory_error(&vcpu, &ctx, code, addr);
+                    host_memory_error(&vcpu, ctx, code, addr);
                 }
             }
             Err(e) if e.errno() == libc::EFAULT => {
                 // KVM could not map guest memory. If it was hwpoisoned, the
                 // SIGBUS came with it; otherwise this is fatal.
                 match take_host_memory_error() {
-                    Some((code, addr)) => host_memory_error(&vcpu, &ctx, code, addr),
-                    None => break VcpuStop::Error(format!("KVM_RUN failed: {e}")),
+                    Some((code, addr)) => host_memory_error(&vcpu, ctx, code, addr),
+                    None => break Some(VcpuStop::Error(format!("KVM_RUN failed: {e}"))),
                 }
             }
-            Err(e) => break VcpuStop::Error(format!("KVM_RUN failed: {e}")),
+            Err(e) => break Some(VcpuStop::Error(format!("KVM_RUN failed: {e}"))),
         }
     };
+    kick.unregister();
     KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
-    let _ = ctx.events.send(VmEvent::Stopped {
-        vcpu: ctx.index,
-        stop,
-    });
+    if let Some(stop) = stop {
+        let _ = ctx.events.send(VmEvent::Stopped {
+            vcpu: ctx.index,
+            stop,
+        });
+    }
 }
 
-fn serve(vcpu: &VcpuFd, ctx: &VcpuContext, req: VcpuRequest) {
+/// Serves one request; false for [`VcpuRequest::Finish`].
+fn serve(vcpu: &VcpuFd, ctx: &VcpuContext, req: VcpuRequest) -> bool {
     match req {
         VcpuRequest::Mce {
             record,
@@ -287,7 +385,7 @@ fn serve(vcpu: &VcpuFd, ctx: &VcpuContext, req: VcpuRequest) {
             let _ = reply.send(r);
         }
         VcpuRequest::State { reply } => {
-            let _ = reply.send(shutdown_state(vcpu));
+            let _ = reply.send(regs::describe(vcpu));
         }
         VcpuRequest::Nmi => {
             if let Err(e) = vcpu.nmi() {
@@ -297,294 +395,18 @@ fn serve(vcpu: &VcpuFd, ctx: &VcpuContext, req: VcpuRequest) {
                 }));
             }
         }
+        VcpuRequest::Finish => return false,
     }
+    true
 }
 
-/// The guest-physical address backed by host address `hva`.
-pub fn gpa_of(memory: &GuestMemoryMmap, hva: usize) -> Option<u64> {
-    memory.iter().find_map(|r| {
-        let start = r.as_ptr() as usize;
-        let len = usize::try_from(r.len()).ok()?;
-        (hva >= start && hva - start < len).then(|| r.start_addr().0 + (hva - start) as u64)
-    })
-}
-
-/// A guest access hit hwpoisoned host memory (BUS_MCEERR_AR), or the host
-/// found poison early (BUS_MCEERR_AO): tell the guest as hardware would.
+/// A guest access hit hwpoisoned host memory, or the host found poison
+/// early: the RAS controller decides what the guest is told, and this
+/// thread performs its own part.
 fn host_memory_error(vcpu: &VcpuFd, ctx: &VcpuContext, code: i32, hva: usize) {
-    let now = u64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let Some(gpa) = gpa_of(&ctx.memory, hva) else {
-        let _ = ctx
-            .events
-            .send(VmEvent::Ras(RasEvent::HostErrorOutsideGuest {
-                vcpu: ctx.index,
-                code,
-                hva: hva as u64,
-            }));
-        return;
-    };
-    let page = ras::ledger::page_of(gpa);
-    let error = if code == libc::BUS_MCEERR_AR {
-        MemoryError::Srar
-    } else {
-        MemoryError::Srao
-    };
-    if error == MemoryError::Srar && consumed_via_ghes(vcpu, ctx, page, now) {
-        return;
+    if let Some(event) = ctx.ras.consumed(ctx.index, vcpu, code, hva) {
+        let _ = ctx.events.send(VmEvent::Ras(event));
     }
-    let consumptions = {
-        let mut l = lock(&ctx.ledger);
-        if error == MemoryError::Srar {
-            l.consume(page, now).unwrap_or(0)
-        } else {
-            let _ = l.poison(page, ras::ledger::Source::Host, now);
-            0
-        }
-    };
-    let lmce = ctx.mcg_cap & enc::MCG_LMCE_P != 0;
-    let consumed = |result: Option<String>| {
-        let _ = ctx.events.send(VmEvent::Ras(RasEvent::Consumed {
-            vcpu: ctx.index,
-            gpa: page,
-            error,
-            consumptions,
-            at_ms: now,
-            result,
-            ghes: None,
-        }));
-    };
-    let record = if enc::recoverable(ctx.vendor, ctx.mcg_cap) {
-        enc::encode(error, ctx.vendor, page, lmce)
-    } else if error == MemoryError::Srar {
-        // What a CPU without SER reports; the guest panics, as it would on
-        // such hardware, instead of retrying the access forever.
-        enc::encode_unrecoverable(page)
-    } else {
-        // Action-optional news a non-SER guest cannot take: the page stays
-        // poisoned and the next access reports it.
-        consumed(Some("not reported: the guest has no SER_P".into()));
-        return;
-    };
-    let mut result = mce::check(vcpu, ctx.index, ctx.mcg_cap, &record)
-        .and_then(|()| mce::inject(vcpu, ctx.index, &record));
-    if result.is_ok() && enc::is_broadcast(error, ctx.vendor, lmce) {
-        result = broadcast_others(ctx);
-    }
-    consumed(result.err().map(|e| e.to_string()));
-}
-
-/// In GHES mode, reports the first access to a poisoned page through the
-/// configured error source, and lets the accessing vCPU retry while the
-/// guest handles it. Returns false when the access must be reported as a
-/// machine check instead (MCE mode, no GHES, or escalation).
-fn consumed_via_ghes(vcpu: &VcpuFd, ctx: &VcpuContext, page: u64, now: u64) -> bool {
-    use crate::config::PoisonReport;
-    use crate::ghes::ConsumptionAction;
-    use ras::ghes::{Notification, Submitted};
-    let (PoisonReport::Ghes(source), Some(ghes)) = (ctx.poison_report, &ctx.ghes) else {
-        return false;
-    };
-    let mut g = lock(ghes);
-    match g.on_consumption(page, std::time::Instant::now()) {
-        ConsumptionAction::Escalate => false,
-        ConsumptionAction::Wait => {
-            drop(g);
-            // The access is retried until the guest unmaps the page; do not
-            // spin a host CPU on it.
-            std::thread::sleep(std::time::Duration::from_millis(1));
-            true
-        }
-        ConsumptionAction::Report => {
-            let consumptions = lock(&ctx.ledger).consume(page, now).unwrap_or(0);
-            let result = match g.memory_error(source, ras::cper::Severity::Recoverable, page, false)
-            {
-                Ok(r) => {
-                    if r.submitted == Submitted::Written {
-                        match source {
-                            // This thread is the vCPU: the NMI is taken
-                            // before the access is retried.
-                            Notification::Nmi => vcpu.nmi().err().map(|e| e.to_string()),
-                            Notification::Gsiv => {
-                                g.notify_gsiv();
-                                None
-                            }
-                            Notification::Polled => None,
-                        }
-                    } else {
-                        None
-                    }
-                }
-                Err(e) => Some(e.to_string()),
-            };
-            let _ = ctx.events.send(VmEvent::Ras(RasEvent::Consumed {
-                vcpu: ctx.index,
-                gpa: page,
-                error: MemoryError::Srar,
-                consumptions,
-                at_ms: now,
-                result,
-                ghes: Some(source),
-            }));
-            true
-        }
-    }
-}
-
-/// An Intel machine check without LMCE is a broadcast: Linux's handler
-/// waits for every CPU to enter it. Like QEMU, the other vCPUs get a bare uncorrected
-/// record in bank 1 that Linux grades as nothing to do.
-fn broadcast_others(ctx: &VcpuContext) -> Result<(), mce::Error> {
-    let Some(peers) = ctx.peers.get() else {
-        return Ok(());
-    };
-    let record = enc::broadcast_companion();
-    for p in peers.iter().filter(|p| p.index != ctx.index) {
-        // Not waited for: two vCPUs consuming poison at once must not wait
-        // on each other. A refusal shows up in the guest's own log.
-        let (tx, _rx) = std::sync::mpsc::channel();
-        p.send(VcpuRequest::Mce {
-            record,
-            check_only: false,
-            reply: tx,
-        });
-    }
-    Ok(())
-}
-
-/// A RAS event for the report and the event stream.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case", tag = "event")]
-pub enum RasEvent {
-    /// rasvmm poisoned a page.
-    Poisoned {
-        /// Guest page.
-        gpa: u64,
-        /// When.
-        at_ms: u64,
-    },
-    /// rasvmm injected a machine check (or refused to, with the reason).
-    Injected {
-        /// What.
-        error: MemoryError,
-        /// Guest address.
-        gpa: u64,
-        /// Target vCPU.
-        vcpu: u8,
-        /// Delivered to every vCPU.
-        broadcast: bool,
-        /// When.
-        at_ms: u64,
-        /// The refusal or failure, if any.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        refused: Option<String>,
-    },
-    /// A raw record injected through the control API.
-    InjectedRaw {
-        /// The record.
-        record: MceRecord,
-        /// Target vCPU.
-        vcpu: u8,
-        /// Companions went to the other vCPUs.
-        broadcast: bool,
-        /// When.
-        at_ms: u64,
-    },
-    /// The guest accessed a poisoned page: a synchronous error was raised.
-    Consumed {
-        /// vCPU that accessed it.
-        vcpu: u8,
-        /// Guest page.
-        gpa: u64,
-        /// What the guest was told.
-        error: MemoryError,
-        /// Consumptions of this page so far.
-        consumptions: u32,
-        /// When.
-        at_ms: u64,
-        /// Why the guest could not be told, if it could not.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        result: Option<String>,
-        /// The GHES source that reported it instead of a machine check.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        ghes: Option<ras::ghes::Notification>,
-    },
-    /// A GHES record was reported (written, or queued behind an
-    /// unacknowledged one).
-    GhesReported {
-        /// The error source.
-        source: ras::ghes::Notification,
-        /// The record's severity.
-        severity: ras::cper::Severity,
-        /// The memory section's address, if it has one.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        gpa: Option<u64>,
-        /// Written or queued.
-        submitted: ras::ghes::Submitted,
-        /// When.
-        at_ms: u64,
-    },
-    /// The guest decoded a CPER memory-error section (its
-    /// "[Hardware Error]: physical_address:" line).
-    GuestDecoded {
-        /// The address the guest printed.
-        physical_addr: u64,
-        /// Whether rasvmm reported a GHES record with that address.
-        matches_report: bool,
-    },
-    /// A notification could not be delivered.
-    NotifyFailed {
-        /// The vCPU.
-        vcpu: u8,
-        /// Why.
-        error: String,
-    },
-    /// The guest loaded a new kernel with kexec and is rebooting into it.
-    GuestKexec {
-        /// Kexecs so far.
-        kexecs: u32,
-        /// When.
-        at_ms: u64,
-    },
-    /// The guest's KHO state, read when the kernel after a kexec came up.
-    KhoScanned {
-        /// Kexecs so far.
-        after_kexec: u32,
-        /// What rasvmm read.
-        view: Box<crate::kho::KhoView>,
-    },
-    /// The host reported a memory error outside guest memory.
-    HostErrorOutsideGuest {
-        /// Thread's vCPU.
-        vcpu: u8,
-        /// si_code.
-        code: i32,
-        /// Host address.
-        hva: u64,
-    },
-}
-
-/// The vCPU state at a triple fault: where it was, in what mode, and the
-/// event KVM was delivering.
-fn shutdown_state(vcpu: &VcpuFd) -> String {
-    let mut s = String::new();
-    if let Ok(r) = vcpu.get_regs() {
-        s += &format!("rip {:#x} rsp {:#x} rflags {:#x}", r.rip, r.rsp, r.rflags);
-    }
-    if let Ok(sr) = vcpu.get_sregs() {
-        s += &format!(
-            " cs {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
-            sr.cs.selector, sr.cr0, sr.cr3, sr.cr4, sr.efer
-        );
-    }
-    if let Ok(e) = vcpu.get_vcpu_events() {
-        let x = e.exception;
-        s += &format!(
-            "; exception nr {} injected {} pending {} error {:#x}; interrupt nr {} injected {}; nmi injected {} pending {}",
-            x.nr, x.injected, x.pending, x.error_code,
-            e.interrupt.nr, e.interrupt.injected, e.nmi.injected, e.nmi.pending
-        );
-    }
-    s
 }
 
 /// Describes a KVM_EXIT_INTERNAL_ERROR from kvm_run.internal.

@@ -204,6 +204,33 @@ fn setup_lapic(vcpu: &VcpuFd) -> Result<(), Error> {
         .map_err(|e| Error::Kvm("set LAPIC", e))
 }
 
+/// A vCPU's state for a diagnosis (a triple fault, a deadline): where it
+/// was, in what mode, and the event KVM was delivering.
+pub fn describe(vcpu: &VcpuFd) -> String {
+    let mut s = String::new();
+    if let Ok(r) = vcpu.get_regs() {
+        s += &format!("rip {:#x} rsp {:#x} rflags {:#x}", r.rip, r.rsp, r.rflags);
+    }
+    if let Ok(sr) = vcpu.get_sregs() {
+        s += &format!(
+            " cs {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+            sr.cs.selector, sr.cr0, sr.cr3, sr.cr4, sr.efer
+        );
+    }
+    if let Ok(e) = vcpu.get_vcpu_events() {
+        let x = e.exception;
+        s += &format!(
+            "; exception nr {} injected {} pending {} error {:#x}; interrupt nr {} injected {}; nmi injected {} pending {}",
+            x.nr, x.injected, x.pending, x.error_code,
+            e.interrupt.nr, e.interrupt.injected, e.nmi.injected, e.nmi.pending
+        );
+    }
+    if let Ok(mp) = vcpu.get_mp_state() {
+        s += &format!("; mp_state {}", mp.mp_state);
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@
 //! [`validate`] is the gate for raw records from users: it checks every
 //! length and field Linux trusts, bounded by the record's own size.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// A GUID in the byte order UEFI stores it (first three fields little-endian).
@@ -144,7 +144,7 @@ pub const MAX_RECORD_LEN: usize = 4096;
 
 /// CPER error severity (UEFI N.2.1), used in the status block and in each
 /// data entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Severity {
     /// Uncorrected, the OS can recover (CPER_SEV_RECOVERABLE = 0).

@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 
 use acpi_tables::sdt::{GenericAddress, Sdt};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::cper;
@@ -42,7 +42,7 @@ pub const POLL_INTERVAL_MS: u32 = 100;
 
 /// How the OS learns of a new record (ACPI 6.5 table 18.14; the ones Linux
 /// accepts on x86).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Notification {
     /// Non-maskable interrupt (type 4).
@@ -212,7 +212,7 @@ pub enum Error {
 }
 
 /// What happened to a submitted record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Submitted {
     /// Written to the block; notify the OS.
@@ -222,7 +222,7 @@ pub enum Submitted {
 }
 
 /// Counters of one source, for reports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceStats {
     /// Records written into the block.
     pub written: u64,

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Page size the ledger tracks.
@@ -21,7 +21,7 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const MAX_PAGES: usize = 65536;
 
 /// How a page came to be poisoned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Source {
     /// A `poison` request.
@@ -41,7 +41,7 @@ impl Source {
 }
 
 /// One poisoned page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     /// Guest-physical address of the page.
     pub gpa: u64,

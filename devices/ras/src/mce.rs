@@ -228,12 +228,46 @@ pub fn recoverable(vendor: Vendor, mcg_cap: u64) -> bool {
     vendor == Vendor::Amd || mcg_cap & MCG_SER_P != 0
 }
 
-/// Whether `error` must be delivered to every vCPU. Intel machine checks
-/// without LMCE are broadcast and Linux's handler waits for every CPU;
-/// AMD machine checks are always local (Linux sets lmce for AMD), and a
-/// companion record on another AMD vCPU would be graded fatal there.
-pub fn is_broadcast(error: MemoryError, vendor: Vendor, local: bool) -> bool {
-    vendor == Vendor::Intel && !local && delivery(error, vendor) == Delivery::MachineCheck
+/// Whether `record` must be delivered to every vCPU: on Intel, a record that
+/// raises #MC (MCG_STATUS.MCIP) without LMCE (MCG_STATUS.LMCES) is broadcast
+/// and Linux's handler waits for every CPU to enter it (SDM Vol. 3B 15.3.1.2;
+/// do_machine_check's rendezvous); AMD machine checks are always local
+/// (Linux sets lmce for AMD), and a companion record on another AMD vCPU
+/// would be graded fatal there. The one rule for named, raw and consumed
+/// errors alike.
+pub fn is_broadcast(record: &MceRecord, vendor: Vendor) -> bool {
+    vendor == Vendor::Intel
+        && record.mcg_status & MCG_STATUS_MCIP != 0
+        && record.mcg_status & MCG_STATUS_LMCES == 0
+}
+
+/// One record for one vCPU: a step of a [`plan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Planned {
+    /// The vCPU that gets it.
+    pub vcpu: u8,
+    /// The record.
+    pub record: MceRecord,
+}
+
+/// Which records go to which vCPUs when `record` is raised on `vcpu` of a
+/// guest with `vcpus` vCPUs, in vCPU order: `record` on `vcpu` and, for a
+/// broadcast, a [`broadcast_companion`] on every other vCPU. `vcpu` must be
+/// below `vcpus` (the caller checks; an out-of-range `vcpu` plans nothing).
+pub fn plan(record: MceRecord, vendor: Vendor, vcpu: u8, vcpus: u8) -> Vec<Planned> {
+    if vcpu >= vcpus {
+        return Vec::new();
+    }
+    if !is_broadcast(&record, vendor) {
+        return vec![Planned { vcpu, record }];
+    }
+    let companion = broadcast_companion();
+    (0..vcpus)
+        .map(|v| Planned {
+            vcpu: v,
+            record: if v == vcpu { record } else { companion },
+        })
+        .collect()
 }
 
 /// The record the *other* vCPUs get when a machine check is broadcast (no
@@ -532,20 +566,44 @@ mod tests {
 
     #[test]
     fn only_intel_machine_checks_are_broadcast() {
-        assert!(is_broadcast(MemoryError::Srar, Vendor::Intel, false));
-        assert!(is_broadcast(MemoryError::Srao, Vendor::Intel, false));
-        assert!(
-            !is_broadcast(MemoryError::Srar, Vendor::Intel, true),
-            "LMCE"
-        );
-        assert!(
-            !is_broadcast(MemoryError::Ucna, Vendor::Intel, false),
-            "bank only"
-        );
-        assert!(
-            !is_broadcast(MemoryError::Srar, Vendor::Amd, false),
-            "AMD is local"
-        );
+        let b = |e, v, local| is_broadcast(&encode(e, v, 0x1000, local), v);
+        assert!(b(MemoryError::Srar, Vendor::Intel, false));
+        assert!(b(MemoryError::Srao, Vendor::Intel, false));
+        assert!(!b(MemoryError::Srar, Vendor::Intel, true), "LMCE");
+        assert!(!b(MemoryError::Ucna, Vendor::Intel, false), "bank only");
+        assert!(!b(MemoryError::Srar, Vendor::Amd, false), "AMD is local");
+        assert!(!b(MemoryError::Srao, Vendor::Amd, false), "AMD deferred");
+        // A non-SER CPU's consumption report is an #MC: broadcast on Intel.
+        assert!(is_broadcast(&encode_unrecoverable(0x1000), Vendor::Intel));
+    }
+
+    #[test]
+    fn plan_puts_the_record_on_its_vcpu_and_companions_elsewhere() {
+        use MemoryError::*;
+        // (error, vendor, local) -> vCPUs with a companion, of 4, target 2.
+        let cases: &[(MemoryError, Vendor, bool, &[u8])] = &[
+            (Srar, Vendor::Intel, false, &[0, 1, 3]),
+            (Srao, Vendor::Intel, false, &[0, 1, 3]),
+            (Ucna, Vendor::Intel, false, &[]),
+            (Srar, Vendor::Intel, true, &[]),
+            (Srar, Vendor::Amd, false, &[]),
+            (Srao, Vendor::Amd, false, &[]),
+            (Ucna, Vendor::Amd, false, &[]),
+        ];
+        for &(e, v, local, companions) in cases {
+            let record = encode(e, v, 0x2000_0000, local);
+            let p = plan(record, v, 2, 4);
+            let what = format!("{e:?} {v:?} local={local}");
+            assert!(p.contains(&Planned { vcpu: 2, record }), "{what}");
+            let others: Vec<&Planned> = p.iter().filter(|x| x.vcpu != 2).collect();
+            let vcpus: Vec<u8> = others.iter().map(|x| x.vcpu).collect();
+            assert_eq!(vcpus, companions, "{what}");
+            assert!(others.iter().all(|x| x.record == broadcast_companion()));
+            assert!(p.windows(2).all(|w| w[0].vcpu < w[1].vcpu), "vCPU order");
+        }
+        let one = plan(encode(Srar, Vendor::Intel, 0, false), Vendor::Intel, 0, 1);
+        assert_eq!(one.len(), 1, "a single vCPU has no companions");
+        assert!(plan(broadcast_companion(), Vendor::Intel, 4, 4).is_empty());
     }
 
     #[test]

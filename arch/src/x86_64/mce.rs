@@ -28,7 +28,7 @@ mod ioctls {
 use ioctls::{KVM_X86_GET_MCE_CAP_SUPPORTED, KVM_X86_SETUP_MCE, KVM_X86_SET_MCE};
 
 /// IA32_MCG_CAP.
-pub const MSR_IA32_MCG_CAP: u32 = 0x179;
+const MSR_IA32_MCG_CAP: u32 = 0x179;
 const MSR_IA32_MCG_STATUS: u32 = 0x17a;
 const MSR_IA32_MCG_CTL: u32 = 0x17b;
 const MSR_IA32_MC0_CTL: u32 = 0x400;
@@ -124,6 +124,13 @@ pub fn serve_mcg_cap_reads(kvm: &Kvm, vm: &VmFd, guest_cap: u64) -> Result<(), E
     };
     vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range])
         .map_err(|e| fail(format!("KVM_X86_SET_MSR_FILTER failed: {e}")))
+}
+
+/// The answer to a guest RDMSR that [`serve_mcg_cap_reads`] sent to user
+/// space: the profile's MCG_CAP for IA32_MCG_CAP, `None` (a #GP) for any
+/// other MSR, which is never filtered.
+pub fn filtered_rdmsr(index: u32, guest_cap: u64) -> Option<u64> {
+    (index == MSR_IA32_MCG_CAP).then_some(guest_cap)
 }
 
 /// Refuses an injection KVM would turn into a triple fault or drop.

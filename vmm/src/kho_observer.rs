@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use ras::kho::{self, HwpoisonList, KhoRoot};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Attempts at a consistent copy of the hwpoison blob.
@@ -29,7 +29,7 @@ const TORN_READ_RETRIES: u32 = 5;
 const MAX_ROOTS: usize = 16;
 
 /// The guest's poison set as its KHO state says, compared with the ledger.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KhoView {
     /// Guest-physical address of the current KHO root FDT, if one was found.
     pub root: Option<u64>,
@@ -50,7 +50,7 @@ pub struct KhoView {
 }
 
 /// A KHO root that was not taken, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rejected {
     /// Its guest-physical address.
     pub root: u64,
@@ -73,7 +73,7 @@ struct Candidate {
 const MAX_REJECTED: usize = 16;
 
 /// The hwpoison subtree's state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "state")]
 pub enum Hwpoison {
     /// No KHO root, or a root without a hwpoison subtree (an unpatched guest
@@ -96,7 +96,7 @@ pub enum Hwpoison {
 }
 
 /// The guest's poison set against the ledger's.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "verdict")]
 pub enum Comparison {
     /// The same pages.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use ras::cper::{self, MemoryErrorRecord, Severity};
 use ras::ghes::{self as hest, ErrorSource, Notification, SourceLayout, StatusMemory, Submitted};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -213,7 +213,7 @@ impl Ghes {
 }
 
 /// One source's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceState {
     /// The source.
     pub source: Notification,

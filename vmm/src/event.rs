@@ -1,0 +1,159 @@
+//! The events a running VM produces: what the guest or a vCPU did
+//! ([`VmEvent`], for the session), why a vCPU stopped ([`VcpuStop`]) and
+//! the RAS events of the report and the event stream ([`RasEvent`]).
+//!
+//! A leaf: every other module of the VMM may import it; it imports only
+//! wire types (the API's request, the KHO view) and the ras crate.
+
+use guest_agent::ProtocolError;
+use ras::mce::{MceRecord, MemoryError};
+
+/// Something the guest or a vCPU did.
+#[derive(Debug)]
+pub enum VmEvent {
+    /// A console line.
+    Console(String),
+    /// A line from the agent (or why it was rejected).
+    Agent(Result<Vec<u8>, ProtocolError>),
+    /// The guest pulsed the reset line (i8042 0xfe, or the ACPI reset register).
+    Reset,
+    /// The guest entered ACPI S5 through the sleep control register.
+    PowerOff,
+    /// A RAS event a vCPU thread saw (a poisoned page consumed).
+    Ras(RasEvent),
+    /// A control API request.
+    Api(crate::api::ApiCall),
+    /// A vCPU stopped running.
+    Stopped {
+        /// Which.
+        vcpu: u8,
+        /// Why.
+        stop: VcpuStop,
+    },
+}
+
+/// Why a vCPU stopped running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// KVM_EXIT_SHUTDOWN: a triple fault, with the vCPU's state as KVM
+    /// left it (for diagnosis).
+    TripleFault(String),
+    /// KVM_SYSTEM_EVENT_SHUTDOWN (for example PSCI SYSTEM_OFF).
+    SystemShutdown,
+    /// KVM_SYSTEM_EVENT_RESET.
+    SystemReset,
+    /// An exit rasvmm does not handle, or a KVM_RUN failure.
+    Error(String),
+}
+
+/// A RAS event for the report and the event stream.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "event")]
+pub enum RasEvent {
+    /// rasvmm poisoned a page.
+    Poisoned {
+        /// Guest page.
+        gpa: u64,
+        /// When.
+        at_ms: u64,
+    },
+    /// rasvmm injected a machine check (or refused to, with the reason).
+    Injected {
+        /// What.
+        error: MemoryError,
+        /// Guest address.
+        gpa: u64,
+        /// Target vCPU.
+        vcpu: u8,
+        /// Delivered to every vCPU.
+        broadcast: bool,
+        /// When.
+        at_ms: u64,
+        /// The refusal or failure, if any.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        refused: Option<String>,
+    },
+    /// A raw record injected through the control API.
+    InjectedRaw {
+        /// The record.
+        record: MceRecord,
+        /// Target vCPU.
+        vcpu: u8,
+        /// Companions went to the other vCPUs.
+        broadcast: bool,
+        /// When.
+        at_ms: u64,
+    },
+    /// The guest accessed a poisoned page: a synchronous error was raised.
+    Consumed {
+        /// vCPU that accessed it.
+        vcpu: u8,
+        /// Guest page.
+        gpa: u64,
+        /// What the guest was told.
+        error: MemoryError,
+        /// Consumptions of this page so far.
+        consumptions: u32,
+        /// When.
+        at_ms: u64,
+        /// Why the guest could not be told, if it could not.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        result: Option<String>,
+        /// The GHES source that reported it instead of a machine check.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ghes: Option<ras::ghes::Notification>,
+    },
+    /// A GHES record was reported (written, or queued behind an
+    /// unacknowledged one).
+    GhesReported {
+        /// The error source.
+        source: ras::ghes::Notification,
+        /// The record's severity.
+        severity: ras::cper::Severity,
+        /// The memory section's address, if it has one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        gpa: Option<u64>,
+        /// Written or queued.
+        submitted: ras::ghes::Submitted,
+        /// When.
+        at_ms: u64,
+    },
+    /// The guest decoded a CPER memory-error section (its
+    /// "[Hardware Error]: physical_address:" line).
+    GuestDecoded {
+        /// The address the guest printed.
+        physical_addr: u64,
+        /// Whether rasvmm reported a GHES record with that address.
+        matches_report: bool,
+    },
+    /// A notification could not be delivered.
+    NotifyFailed {
+        /// The vCPU.
+        vcpu: u8,
+        /// Why.
+        error: String,
+    },
+    /// The guest loaded a new kernel with kexec and is rebooting into it.
+    GuestKexec {
+        /// Kexecs so far.
+        kexecs: u32,
+        /// When.
+        at_ms: u64,
+    },
+    /// The guest's KHO state, read when the kernel after a kexec came up.
+    KhoScanned {
+        /// Kexecs so far.
+        after_kexec: u32,
+        /// What rasvmm read.
+        view: Box<crate::kho_observer::KhoView>,
+    },
+    /// The host reported a memory error outside guest memory.
+    HostErrorOutsideGuest {
+        /// Thread's vCPU.
+        vcpu: u8,
+        /// si_code.
+        code: i32,
+        /// Host address.
+        hva: u64,
+    },
+}

@@ -1,0 +1,488 @@
+//! The session: the one thread that watches a running VM.
+//!
+//! Everything the guest or a vCPU does that matters arrives as a
+//! [`VmEvent`] on one channel; [`Session`] consumes it, talks to the guest
+//! agent, performs steps, serves the control API (in
+//! [`crate::session_api`]) and classifies the outcome. The run's state lives
+//! here and only here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::mpsc::{RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use devices::bus::lock;
+use guest_agent::{
+    decode_agent_message, encode, AgentMessage, Command, Hello, Payload, Request, SignalReport,
+};
+
+use crate::event::{RasEvent, VcpuStop, VmEvent};
+use crate::ghes_sources;
+use crate::outcome::{Classifier, Outcome, OutcomeKind};
+#[allow(unused_imports)] // named in docs
+use crate::ras_controller::RasController;
+use crate::ras_controller::{GhesInjection, Injection, RasError};
+use crate::report::StepReply;
+use crate::steps::{Refs, Step, StepError, Target};
+use crate::vm::Vm;
+
+/// Drives a started VM to its outcome.
+pub struct Session {
+    pub(crate) vm: Vm,
+    pub(crate) classifier: Classifier,
+    pub(crate) deadline: Instant,
+    pub(crate) outcome: Option<Outcome>,
+    pub(crate) hello: Option<(Hello, Duration)>,
+    /// Whether the agent is up now (false from a kexec until the new
+    /// kernel's agent says hello).
+    pub(crate) agent_up: bool,
+    /// Guest kexecs so far.
+    pub(crate) kexecs: u32,
+    pub(crate) next_id: u64,
+    /// Signals the agent reported.
+    pub signals: Vec<SignalReport>,
+    /// When each of `signals` arrived, ms from VMM start.
+    pub signal_ms: Vec<u64>,
+    /// Lines from the agent that were rejected.
+    pub agent_errors: Vec<String>,
+    /// RAS events: poisonings, injections, consumptions.
+    pub ras_events: Vec<RasEvent>,
+    /// Times the agent's receive interrupt had to be re-asserted.
+    pub agent_kicks: u32,
+    /// Pages the guest reported, by name (shared by steps and the API).
+    pub refs: Refs,
+    /// API connections that subscribed to events.
+    pub(crate) subscribers: Vec<Sender<String>>,
+    /// Agent requests made for API clients: agent id -> (command, API id, connection).
+    pub(crate) api_pending: BTreeMap<u64, (Command, u64, Sender<String>)>,
+    /// Addresses reported through GHES, to check the guest's decode against.
+    pub(crate) ghes_addresses: BTreeSet<u64>,
+}
+
+/// How long a reply may be overdue, with bytes waiting and no guest read,
+/// before the agent UART's interrupt is re-asserted.
+const AGENT_STALL: Duration = Duration::from_secs(1);
+
+/// How often records waiting for a GHES acknowledgement are looked at.
+const GHES_PUMP_INTERVAL: Duration = Duration::from_millis(2);
+
+/// Most RAS events one run records (later ones are counted, not kept).
+const MAX_RAS_EVENTS: usize = 10_000;
+
+impl Session {
+    /// Watches `vm` until its configured deadline.
+    pub fn new(vm: Vm) -> Self {
+        let deadline = vm.started() + vm.config().timeout;
+        Self {
+            vm,
+            classifier: Classifier::new(),
+            deadline,
+            outcome: None,
+            hello: None,
+            agent_up: false,
+            kexecs: 0,
+            next_id: 1,
+            signals: Vec::new(),
+            signal_ms: Vec::new(),
+            agent_errors: Vec::new(),
+            ras_events: Vec::new(),
+            agent_kicks: 0,
+            refs: Refs::default(),
+            subscribers: Vec::new(),
+            api_pending: BTreeMap::new(),
+            ghes_addresses: BTreeSet::new(),
+        }
+    }
+
+    /// Whether API clients are listening for events.
+    pub fn has_subscribers(&self) -> bool {
+        !self.subscribers.is_empty()
+    }
+
+    /// Sends an event line to every subscriber, forgetting closed ones.
+    pub(crate) fn publish<T: serde::Serialize>(&mut self, event: &T) {
+        if self.subscribers.is_empty() {
+            return;
+        }
+        let l = crate::api::line(&serde_json::json!({ "event": event }));
+        self.subscribers.retain(|s| s.send(l.clone()).is_ok());
+    }
+
+    pub(crate) fn record(&mut self, e: RasEvent) {
+        self.publish(&e);
+        if self.ras_events.len() < MAX_RAS_EVENTS {
+            self.ras_events.push(e);
+        }
+    }
+
+    pub(crate) fn finish(&mut self, o: Outcome) {
+        if self.outcome.is_none() {
+            self.publish(&serde_json::json!({
+                "event": "outcome",
+                "outcome": o.kind,
+                "detail": o.detail,
+            }));
+            self.outcome = Some(o);
+        }
+    }
+
+    /// Performs one step, resolving references; returns what agent and
+    /// kho-scan steps read.
+    pub fn perform(&mut self, step: &Step) -> Result<Option<StepReply>, StepError> {
+        let failed = |e: RasError| StepError::Failed(e.to_string());
+        match step {
+            Step::Agent { cmd, pfn } => {
+                let cmd = self.resolve(cmd, pfn.as_ref()).map_err(StepError::Failed)?;
+                let reply = self.call(cmd.clone())?;
+                self.refs.learn(&cmd, &reply);
+                Ok(Some(StepReply::Agent(reply)))
+            }
+            Step::Inject {
+                error,
+                target,
+                vcpu,
+                local,
+            } => {
+                let inj = Injection {
+                    error: *error,
+                    gpa: self.refs.gpa(target).map_err(StepError::Failed)?,
+                    vcpu: *vcpu,
+                    local: *local,
+                };
+                self.inject(&inj).map_err(failed)?;
+                Ok(None)
+            }
+            Step::Poison(target) => {
+                let gpa = self.refs.gpa(target).map_err(StepError::Failed)?;
+                self.poison(gpa).map_err(failed)?;
+                Ok(None)
+            }
+            Step::GhesMemory {
+                severity,
+                target,
+                source,
+                threshold,
+                vcpu,
+            } => {
+                let inj = GhesInjection {
+                    source: *source,
+                    severity: *severity,
+                    gpa: self.refs.gpa(target).map_err(StepError::Failed)?,
+                    threshold_exceeded: *threshold,
+                    vcpu: *vcpu,
+                };
+                let e = self.vm.ras().ghes_memory_error(&inj).map_err(failed)?;
+                self.record_ghes(e);
+                Ok(None)
+            }
+            Step::GhesRaw { source, record } => {
+                let e = self
+                    .vm
+                    .ras()
+                    .ghes_raw(*source, record.clone(), 0)
+                    .map_err(failed)?;
+                self.record_ghes(e);
+                Ok(None)
+            }
+            Step::KhoScan => Ok(Some(StepReply::Kho {
+                kho: Box::new(self.vm.ras().kho_view()),
+            })),
+            Step::Wait(d) => {
+                self.wait(*d);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Records a GHES report and remembers its address for checking the
+    /// guest's decode.
+    fn record_ghes(&mut self, e: RasEvent) {
+        if let RasEvent::GhesReported { gpa: Some(a), .. } = &e {
+            if self.ghes_addresses.len() < MAX_RAS_EVENTS {
+                self.ghes_addresses.insert(*a);
+            }
+        }
+        self.record(e);
+    }
+
+    pub(crate) fn resolve(&self, cmd: &Command, pfn: Option<&Target>) -> Result<Command, String> {
+        let mut cmd = cmd.clone();
+        if let (Some(t), Command::PageInfo { pfn: p }) = (pfn, &mut cmd) {
+            *p = self.refs.pfn(t)?;
+        }
+        Ok(cmd)
+    }
+
+    /// Injects a memory error (see [`RasController::inject`]).
+    pub fn inject(&mut self, inj: &Injection) -> Result<(), RasError> {
+        let e = self.vm.ras().inject(inj)?;
+        self.record(e);
+        Ok(())
+    }
+
+    /// Poisons a page (see [`RasController::poison`]).
+    pub fn poison(&mut self, gpa: u64) -> Result<(), RasError> {
+        let e = self.vm.ras().poison(gpa)?;
+        self.record(e);
+        Ok(())
+    }
+
+    /// Lets the guest run for `d` (or until the run ends).
+    pub fn wait(&mut self, d: Duration) {
+        let until = Instant::now() + d;
+        while self.outcome.is_none() && Instant::now() < until {
+            self.step_until(until);
+        }
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Time since the VMM started.
+    pub fn elapsed(&self) -> Duration {
+        self.vm.started().elapsed()
+    }
+
+    /// The agent's greeting and when it came, once it has.
+    pub fn hello(&self) -> Option<&(Hello, Duration)> {
+        self.hello.as_ref()
+    }
+
+    /// Waits for the agent's hello (after a kexec, the new kernel's).
+    /// `None` if the run ended first.
+    pub fn wait_agent(&mut self) -> Option<&(Hello, Duration)> {
+        while !self.agent_up && self.outcome.is_none() {
+            self.step();
+        }
+        self.hello.as_ref().filter(|_| self.agent_up)
+    }
+
+    /// Guest kexecs so far.
+    pub fn kexecs(&self) -> u32 {
+        self.kexecs
+    }
+
+    /// The agent loaded the next kernel and is rebooting into it: wait for
+    /// the new agent before any further request.
+    pub(crate) fn guest_kexecs(&mut self) {
+        self.agent_up = false;
+        self.kexecs = self.kexecs.saturating_add(1);
+        self.record(RasEvent::GuestKexec {
+            kexecs: self.kexecs,
+            at_ms: self.vm.ras().now_ms(),
+        });
+    }
+
+    /// Sends `cmd` to the agent and waits for its reply.
+    pub fn call(&mut self, cmd: Command) -> Result<Payload, StepError> {
+        if self.wait_agent().is_none() {
+            return Err(StepError::Ended);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let kexec = matches!(cmd, Command::Kexec { .. });
+        let line = encode(&Request { id, cmd });
+        if let Err(e) = lock(self.vm.agent()).send(&line) {
+            return Err(StepError::Agent(e.to_string()));
+        }
+        let mut reads = lock(self.vm.agent()).reads();
+        let mut check_at = Instant::now() + AGENT_STALL;
+        while self.outcome.is_none() {
+            if let Some(AgentMessage::Reply(r)) = self.step_until(check_at) {
+                if r.id == id {
+                    return match (r.ok, r.error) {
+                        (Some(p), _) => {
+                            if kexec {
+                                self.guest_kexecs();
+                            }
+                            Ok(p)
+                        }
+                        (None, e) => Err(StepError::Agent(e.unwrap_or_default())),
+                    };
+                }
+            }
+            if Instant::now() >= check_at {
+                let mut port = lock(self.vm.agent());
+                if port.reads() == reads && port.rx_waiting() {
+                    port.kick();
+                    self.agent_kicks = self.agent_kicks.saturating_add(1);
+                }
+                reads = port.reads();
+                check_at = Instant::now() + AGENT_STALL;
+            }
+        }
+        Err(StepError::Ended)
+    }
+
+    /// Waits for the run to end and returns how.
+    pub fn wait_outcome(&mut self) -> Outcome {
+        loop {
+            if let Some(o) = &self.outcome {
+                return o.clone();
+            }
+            self.step();
+        }
+    }
+
+    /// Handles one event (or the deadline); returns agent messages other
+    /// than the hello to the caller.
+    fn step(&mut self) -> Option<AgentMessage> {
+        self.step_until(self.deadline)
+    }
+
+    /// Like [`Session::step`], but gives up quietly at `until` if that
+    /// comes before the deadline.
+    fn step_until(&mut self, until: Instant) -> Option<AgentMessage> {
+        if self.outcome.is_some() {
+            return None;
+        }
+        let until = until.min(self.deadline);
+        let mut left = until.saturating_duration_since(Instant::now());
+        let ghes_waiting = self.vm.ras().ghes_pump();
+        if ghes_waiting {
+            // Records wait for the guest's acknowledgement: look again soon.
+            left = left.min(GHES_PUMP_INTERVAL);
+        }
+        let event = match self.vm.events().recv_timeout(left) {
+            Ok(e) => e,
+            Err(RecvTimeoutError::Timeout) if ghes_waiting && Instant::now() < until => {
+                return None
+            }
+            Err(RecvTimeoutError::Timeout) if until < self.deadline => return None,
+            Err(RecvTimeoutError::Timeout) => {
+                let secs = self.vm.config().timeout.as_secs_f64();
+                let mut o = self.classifier.deadline(secs);
+                if o.kind == OutcomeKind::Timeout {
+                    // Where the guest was stuck, for diagnosis.
+                    o.log.extend(
+                        self.vm
+                            .vcpu_states(Duration::from_millis(500), "at the deadline"),
+                    );
+                    let mut port = lock(self.vm.agent());
+                    o.log.push(format!(
+                        "rasvmm: agent UART at the deadline: {} guest reads, data waiting for the guest: {}",
+                        port.reads(),
+                        port.rx_waiting()
+                    ));
+                }
+                self.finish(o);
+                return None;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let o = self.classifier.vmm_error("all vCPU threads exited".into());
+                self.finish(o);
+                return None;
+            }
+        };
+        match event {
+            VmEvent::Console(line) => {
+                if let Some(physical_addr) = ghes_sources::decoded_address(&line) {
+                    let matches_report = self.ghes_addresses.contains(&physical_addr);
+                    self.record(RasEvent::GuestDecoded {
+                        physical_addr,
+                        matches_report,
+                    });
+                }
+                if let Some(o) = self.classifier.console_line(&line) {
+                    self.finish(o);
+                }
+            }
+            VmEvent::Reset => {
+                let o = self.classifier.reset();
+                self.finish(o);
+            }
+            VmEvent::PowerOff => {
+                let o = self.classifier.power_off("ACPI S5");
+                self.finish(o);
+            }
+            VmEvent::Ras(e) => {
+                if let RasEvent::Consumed {
+                    gpa, ghes: Some(_), ..
+                } = &e
+                {
+                    // A consumption reported through GHES: the guest will
+                    // decode this address.
+                    if self.ghes_addresses.len() < MAX_RAS_EVENTS {
+                        self.ghes_addresses.insert(*gpa);
+                    }
+                }
+                self.record(e);
+            }
+            VmEvent::Api(call) => self.serve_api(call),
+            VmEvent::Stopped { vcpu, stop } => {
+                let o = match stop {
+                    VcpuStop::TripleFault(state) => self.classifier.triple_fault(vcpu, &state),
+                    VcpuStop::SystemReset => self.classifier.reset(),
+                    VcpuStop::SystemShutdown => {
+                        self.classifier.power_off("KVM_SYSTEM_EVENT_SHUTDOWN")
+                    }
+                    VcpuStop::Error(e) => self.classifier.vmm_error(format!("vCPU {vcpu}: {e}")),
+                };
+                let mut o = o;
+                if matches!(o.kind, OutcomeKind::TripleFault | OutcomeKind::VmmError) {
+                    // Where the other vCPUs were when this one stopped.
+                    o.log.extend(
+                        self.vm
+                            .vcpu_states(Duration::from_millis(500), "when it stopped")
+                            .into_iter()
+                            .filter(|l| !l.starts_with(&format!("rasvmm: vCPU {vcpu} "))),
+                    );
+                }
+                self.finish(o);
+            }
+            VmEvent::Agent(line) => match line.and_then(|l| decode_agent_message(&l)) {
+                Ok(AgentMessage::Hello(h)) => {
+                    if self.hello.is_none() {
+                        self.hello = Some((h, self.elapsed()));
+                    }
+                    if !self.agent_up && self.kexecs > 0 {
+                        // The kernel after a kexec is up: what does it
+                        // believe is poisoned?
+                        let view = self.vm.ras().kho_view();
+                        self.record(RasEvent::KhoScanned {
+                            after_kexec: self.kexecs,
+                            view: Box::new(view),
+                        });
+                    }
+                    self.agent_up = true;
+                }
+                Ok(AgentMessage::Signal(s)) => {
+                    self.publish(&serde_json::json!({ "event": "signal", "signal": s }));
+                    if self.signals.len() < MAX_RAS_EVENTS {
+                        self.signals.push(s);
+                        self.signal_ms.push(self.vm.ras().now_ms());
+                    }
+                }
+                Ok(AgentMessage::Reply(r)) if self.api_pending.contains_key(&r.id) => {
+                    if let Some((cmd, api_id, conn)) = self.api_pending.remove(&r.id) {
+                        let answer = match (r.ok, r.error) {
+                            (Some(p), _) => {
+                                if matches!(cmd, Command::Kexec { .. }) {
+                                    self.guest_kexecs();
+                                }
+                                self.refs.learn(&cmd, &p);
+                                crate::api::Answer::ok(
+                                    api_id,
+                                    serde_json::to_value(&p).unwrap_or_default(),
+                                )
+                            }
+                            (None, e) => crate::api::Answer::err(
+                                api_id,
+                                format!("agent: {}", e.unwrap_or_default()),
+                            ),
+                        };
+                        let _ = conn.send(answer);
+                    }
+                }
+                Ok(m) => return Some(m),
+                Err(e) => {
+                    if self.agent_errors.len() < 100 {
+                        self.agent_errors.push(e.to_string());
+                    }
+                }
+            },
+        }
+        None
+    }
+}
