@@ -1,0 +1,136 @@
+//! Guest accesses to poisoned pages, reported from the accessing vCPU's own
+//! thread: a machine check planned by [`ras::mce::plan`], or, with
+//! `--poison-report ghes-*`, a GHES record first and a machine check only
+//! if the guest keeps touching the page.
+
+use std::time::{Duration, Instant};
+
+use devices::bus::lock;
+use kvm_ioctls::VcpuFd;
+use ras::cper::Severity;
+use ras::ghes::Submitted;
+use ras::ledger;
+use ras::mce::{self, MemoryError};
+
+use super::RasController;
+use crate::config::PoisonReport;
+use crate::event::RasEvent;
+use crate::ghes_sources::ConsumptionAction;
+
+impl RasController {
+    /// A host memory error on vCPU `index`'s thread: its access hit
+    /// hwpoisoned host memory (BUS_MCEERR_AR), or the host found poison
+    /// early (BUS_MCEERR_AO). Tells the guest as hardware would and returns
+    /// the event to record, or `None` when the vCPU should just let the
+    /// guest retry (a GHES report is being handled).
+    pub fn consumed(&self, index: u8, fd: &VcpuFd, code: i32, hva: usize) -> Option<RasEvent> {
+        let now = self.now_ms();
+        let Some(gpa) = self.gpa_of(hva) else {
+            return Some(RasEvent::HostErrorOutsideGuest {
+                vcpu: index,
+                code,
+                hva: hva as u64,
+            });
+        };
+        let page = ledger::page_of(gpa);
+        let error = if code == libc::BUS_MCEERR_AR {
+            MemoryError::Srar
+        } else {
+            MemoryError::Srao
+        };
+        if error == MemoryError::Srar {
+            if let Some(reported) = self.consumed_via_ghes(index, fd, page, now) {
+                return reported;
+            }
+        }
+        let consumptions = {
+            let mut l = lock(&self.ledger);
+            if error == MemoryError::Srar {
+                l.consume(page, now).unwrap_or(0)
+            } else {
+                let _ = l.poison(page, ledger::Source::Host, now);
+                0
+            }
+        };
+        let (vendor, mcg_cap) = (self.mca.vendor, self.mca.mcg_cap);
+        let lmce = mcg_cap & mce::MCG_LMCE_P != 0;
+        let record = if mce::recoverable(vendor, mcg_cap) {
+            Some(mce::encode(error, vendor, page, lmce))
+        } else if error == MemoryError::Srar {
+            // What a CPU without SER reports; the guest panics, as it would on
+            // such hardware, instead of retrying the access forever.
+            Some(mce::encode_unrecoverable(page))
+        } else {
+            // Action-optional news a non-SER guest cannot take: the page
+            // stays poisoned and the next access reports it.
+            None
+        };
+        let result = match record {
+            Some(r) => {
+                let plan = mce::plan(r, vendor, index, self.vcpu_count().max(index + 1));
+                self.deliver(&plan, Some((index, fd)))
+                    .err()
+                    .map(|e| e.to_string())
+            }
+            None => Some("not reported: the guest has no SER_P".into()),
+        };
+        Some(RasEvent::Consumed {
+            vcpu: index,
+            gpa: page,
+            error,
+            consumptions,
+            at_ms: now,
+            result,
+            ghes: None,
+        })
+    }
+
+    /// In GHES mode, reports the first access to a poisoned page through the
+    /// configured error source and lets the accessing vCPU retry while the
+    /// guest handles it. `None` when the access must be reported as a
+    /// machine check instead (MCE mode, no GHES, or escalation); otherwise
+    /// the event to record, if any.
+    fn consumed_via_ghes(
+        &self,
+        index: u8,
+        fd: &VcpuFd,
+        page: u64,
+        now: u64,
+    ) -> Option<Option<RasEvent>> {
+        let (PoisonReport::Ghes(source), Some(ghes)) = (self.poison_report, &self.ghes) else {
+            return None;
+        };
+        let action = lock(ghes).on_consumption(page, Instant::now());
+        match action {
+            ConsumptionAction::Escalate => None,
+            ConsumptionAction::Wait => {
+                // The access is retried until the guest unmaps the page; do
+                // not spin a host CPU on it.
+                std::thread::sleep(Duration::from_millis(1));
+                Some(None)
+            }
+            ConsumptionAction::Report => {
+                let consumptions = lock(&self.ledger).consume(page, now).unwrap_or(0);
+                let written = lock(ghes).memory_error(source, Severity::Recoverable, page, false);
+                let result = match written {
+                    Ok(r) if r.submitted == Submitted::Written => {
+                        // This thread is the vCPU: an NMI is taken before the
+                        // access is retried.
+                        self.ghes_notify(source, index, Some(fd))
+                    }
+                    Ok(_) => None,
+                    Err(e) => Some(e.to_string()),
+                };
+                Some(Some(RasEvent::Consumed {
+                    vcpu: index,
+                    gpa: page,
+                    error: MemoryError::Srar,
+                    consumptions,
+                    at_ms: now,
+                    result,
+                    ghes: Some(source),
+                }))
+            }
+        }
+    }
+}

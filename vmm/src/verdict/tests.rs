@@ -1,0 +1,249 @@
+//! The verdict's unit tests: typed reports judged against expectations.
+
+use guest_agent::{Command, KernelPageKind, PageRecord, Payload, SignalReport};
+use ras::ledger::{Entry, Source};
+
+use super::*;
+use crate::kho_observer::Rejected;
+use crate::outcome::{Outcome, OutcomeKind};
+use crate::report::StepRecord;
+use crate::scenario::Scenario;
+use crate::steps::StepError;
+use guest_agent::{BUS_MCEERR_AO, BUS_MCEERR_AR};
+
+const FILE: &str = r#"
+name = "sticky-user-page"
+steps = ["alloc-page", "poison:page0", "touch-page:0", "page-info:page0", "poweroff"]
+[guest]
+cpu = "amd"
+[expect]
+outcome = "poweroff"
+signals = [{ code = "BUS_MCEERR_AR", page = "page0" }]
+hwpoison = ["page0"]
+hardware_corrupted_kb = 4
+consumptions = { page0 = 1 }
+"#;
+
+fn refs() -> Refs {
+    let mut r = Refs::default();
+    let page = PageRecord {
+        page: 0,
+        pid: 40,
+        vaddr: 0x7f00_0000_0000,
+        pfn: 0x1234,
+        cpu: 0,
+    };
+    r.learn(&Command::AllocPage, &Payload::Page(page));
+    r.learn(
+        &Command::KernelPages {
+            kind: KernelPageKind::Slab,
+            count: 1,
+        },
+        &Payload::KernelPages(vec![0x141]),
+    );
+    r
+}
+
+fn report(kind: OutcomeKind, detail: &str) -> RunReport {
+    let mut r = RunReport::new(
+        Outcome {
+            kind,
+            detail: detail.into(),
+            log: vec!["mce: [Hardware Error]: Machine check events logged".into()],
+        },
+        "amd",
+        1,
+        256,
+    );
+    r.signals.push(SignalReport {
+        page: 0,
+        pid: 40,
+        signo: 7,
+        code: BUS_MCEERR_AR,
+        addr: 0x7f00_0000_0000,
+        addr_lsb: 12,
+    });
+    r.steps.push(StepRecord {
+        step: "page-info:page0".into(),
+        reply: Some(StepReply::Agent(Payload::PageInfo(PageInfo {
+            pfn: 0x1234,
+            hwpoison: true,
+            hardware_corrupted_kb: 4,
+            kpageflags: 0,
+        }))),
+        error: None,
+        cut_short: false,
+        at_ms: 1,
+    });
+    r.ledger.push(Entry {
+        gpa: 0x1234 * 4096,
+        source: Source::Injected,
+        poisoned_at_ms: 0,
+        consumptions: 1,
+    });
+    r
+}
+
+#[test]
+fn passes() {
+    let s = Scenario::parse(FILE).unwrap();
+    let v = evaluate(&s.expect, &report(OutcomeKind::Poweroff, ""), &refs());
+    assert_eq!(
+        v,
+        Verdict {
+            passed: true,
+            failures: vec![]
+        }
+    );
+}
+
+#[test]
+fn every_mismatch_is_named() {
+    let s = Scenario::parse(FILE).unwrap();
+    let mut r = report(OutcomeKind::Panic, "Kernel panic - not syncing: x");
+    r.signals[0].code = BUS_MCEERR_AO;
+    r.ledger[0].consumptions = 3;
+    let v = evaluate(&s.expect, &r, &refs());
+    assert!(!v.passed);
+    assert_eq!(v.failures.len(), 3, "{v:?}");
+    assert!(v.failures[0].starts_with("outcome is panic"));
+    assert!(v.failures[1].contains("expected SIGBUS BUS_MCEERR_AR"));
+    assert_eq!(v.failures[2], "page0 was consumed 3 times, expected 1");
+}
+
+#[test]
+fn unexpected_step_errors_fail_but_cut_short_steps_do_not() {
+    let s = Scenario::parse(FILE).unwrap();
+    let mut r = report(OutcomeKind::Poweroff, "");
+    r.steps.push(StepRecord {
+        step: "exec:true".into(),
+        reply: None,
+        error: Some(StepError::Ended.to_string()),
+        cut_short: true,
+        at_ms: 2,
+    });
+    assert!(evaluate(&s.expect, &r, &refs()).passed);
+    r.steps.push(StepRecord {
+        step: "poison:page0".into(),
+        reply: None,
+        error: Some("Cannot poison guest page 0x1000: busy".into()),
+        cut_short: false,
+        at_ms: 3,
+    });
+    let v = evaluate(&s.expect, &r, &refs());
+    assert_eq!(
+        v.failures,
+        vec!["step 3 (poison:page0) failed: Cannot poison guest page 0x1000: busy"]
+    );
+}
+
+#[test]
+fn kho_views_are_checked() {
+    let text = r#"
+name = "kho"
+steps = ["kho-scan"]
+[expect]
+outcome = "poweroff"
+[expect.kho]
+views = 1
+state = "valid"
+verdict = "agree"
+pfns = ["page0"]
+rejected = ["bad magic"]
+"#;
+    let s = Scenario::parse(text).unwrap();
+    let mut r = report(OutcomeKind::Poweroff, "");
+    let view = |pfns: Vec<u64>, comparison, rejected| StepReply::Kho {
+        kho: Box::new(KhoView {
+            root: Some(0x2000),
+            kexec_count: Some(1),
+            roots_found: 2,
+            rejected,
+            hwpoison: Hwpoison::Valid {
+                pfns,
+                duplicates: 0,
+                seq: 2,
+            },
+            comparison,
+            scanned_bytes: 0,
+            scan_us: 0,
+        }),
+    };
+    r.steps.push(StepRecord {
+        step: "kho-scan".into(),
+        reply: Some(view(
+            vec![0x1234],
+            Comparison::Agree,
+            vec![Rejected {
+                root: 4096,
+                kexec_count: None,
+                reason: "hwpoison blob is invalid: bad magic".into(),
+            }],
+        )),
+        error: None,
+        cut_short: false,
+        at_ms: 3,
+    });
+    assert!(evaluate(&s.expect, &r, &refs()).passed);
+    let differ = Comparison::Differ {
+        guest_missing: vec![0x1234000],
+        guest_extra: vec![0x99000],
+    };
+    r.steps[1].reply = Some(view(vec![0x99], differ, vec![]));
+    let v = evaluate(&s.expect, &r, &refs());
+    assert_eq!(v.failures.len(), 3, "{v:?}");
+}
+
+#[test]
+fn consumptions_are_counted_per_vcpu() {
+    let text = r#"
+name = "burst"
+steps = []
+[expect]
+outcome = "poweroff"
+consumptions_per_vcpu = { 0 = 1, 1 = 2 }
+"#;
+    let s = Scenario::parse(text).unwrap();
+    let mut r = report(OutcomeKind::Poweroff, "");
+    r.signals.clear();
+    let consumed = |vcpu| RasEvent::Consumed {
+        vcpu,
+        gpa: 0x1234 * 4096,
+        error: ras::mce::MemoryError::Srar,
+        consumptions: 1,
+        at_ms: 5,
+        result: None,
+        ghes: None,
+    };
+    r.ras_events = vec![consumed(0), consumed(1)];
+    assert_eq!(
+        evaluate(&s.expect, &r, &refs()).failures,
+        vec!["vCPU 1 took 1 consumptions, expected at least 2"]
+    );
+    r.ras_events.push(consumed(1));
+    assert!(evaluate(&s.expect, &r, &refs()).passed);
+}
+
+#[test]
+fn detail_names_pfns_as_linux_prints_them() {
+    let text = r#"
+name = "kernel-page"
+steps = ["kernel-pages:slab:1", "inject:srao:slab0"]
+[expect]
+outcome = "panic"
+detail = "Kernel panic - not syncing: Memory failure: {slab0}: unrecoverable page"
+"#;
+    let s = Scenario::parse(text).unwrap();
+    let r = report(
+        OutcomeKind::Panic,
+        "Kernel panic - not syncing: Memory failure: 0x141: unrecoverable page",
+    );
+    let mut e = s.expect.clone();
+    e.signals = None;
+    assert!(evaluate(&e, &r, &refs()).passed);
+    e.detail = Some("{nothing}".into());
+    assert_eq!(
+        evaluate(&e, &r, &refs()).failures,
+        vec!["'nothing' was never reported"]
+    );
+}
