@@ -69,6 +69,10 @@ pub enum RasEvent {
         broadcast: bool,
         /// When.
         at_ms: u64,
+        /// rasvmm's own share, microseconds: from the request reaching the
+        /// RAS controller to the last vCPU's KVM_X86_SET_MCE returning.
+        #[serde(default)]
+        vmm_us: u64,
         /// The refusal or failure, if any.
         #[serde(skip_serializing_if = "Option::is_none")]
         refused: Option<String>,
@@ -83,6 +87,9 @@ pub enum RasEvent {
         broadcast: bool,
         /// When.
         at_ms: u64,
+        /// rasvmm's own share, microseconds (as for `injected`).
+        #[serde(default)]
+        vmm_us: u64,
     },
     /// The guest accessed a poisoned page: a synchronous error was raised.
     Consumed {

@@ -9,7 +9,6 @@ use guest_agent::encode;
 use ras::mce::MceRecord;
 
 use crate::api::{Answer, ApiCall, Request};
-use crate::event::RasEvent;
 use crate::session::Session;
 use crate::steps::{self, Step};
 
@@ -58,13 +57,8 @@ impl Session {
                     mcg_status: raw.mcg_status,
                 };
                 match self.vm.ras().inject_record(raw.vcpu, &record) {
-                    Ok(broadcast) => {
-                        self.record(RasEvent::InjectedRaw {
-                            record,
-                            vcpu: raw.vcpu,
-                            broadcast,
-                            at_ms: self.vm.ras().now_ms(),
-                        });
+                    Ok(event) => {
+                        self.record(event);
                         Answer::ok(id, serde_json::Value::Null)
                     }
                     Err(e) => Answer::err(id, e),

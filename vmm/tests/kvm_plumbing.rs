@@ -350,3 +350,38 @@ fn guest_reads_the_mcg_cap_rasvmm_reports() {
     // An Intel profile always gets SER_P: from KVM, or supplied by rasvmm.
     assert_eq!(bit(24), 1, "{report:?}");
 }
+
+#[test]
+fn a_thousand_injections_and_rasvmms_share_of_each() {
+    use ras::mce::{MceRecord, MCI_STATUS_ADDRV, MCI_STATUS_EN, MCI_STATUS_MISCV, MCI_STATUS_VAL};
+    use vmm::event::RasEvent;
+    // A spinning guest: every injection kicks its vCPU out of KVM_RUN,
+    // which checks and injects the record on its own thread. A corrected
+    // record only fills the bank, so the guest needs no handler.
+    let vm = vmm::vm::Vm::start(&config(vec![0xeb, 0xfe], 1)).unwrap();
+    let corrected = MceRecord {
+        bank: 9,
+        status: MCI_STATUS_VAL | MCI_STATUS_EN | MCI_STATUS_ADDRV | MCI_STATUS_MISCV,
+        addr: 0x20_0000,
+        misc: 0x8c,
+        mcg_status: 0,
+    };
+    let mut us: Vec<u64> = (0..1000)
+        .map(|i| match vm.ras().inject_record(0, &corrected) {
+            Ok(RasEvent::InjectedRaw {
+                vmm_us, vcpu: 0, ..
+            }) => vmm_us,
+            other => panic!("injection {i}: {other:?}"),
+        })
+        .collect();
+    us.sort_unstable();
+    let pct = |p: usize| us[(us.len() * p / 100).min(us.len() - 1)];
+    println!(
+        "rasvmm's share of an injection (request at the RAS controller to KVM_X86_SET_MCE returned), \
+         1000 corrected records into a spinning payload on this /dev/kvm: p50 {} us, p99 {} us, max {} us",
+        pct(50),
+        pct(99),
+        us[us.len() - 1]
+    );
+    assert!(us.iter().all(|&u| u > 0), "every injection was timed");
+}

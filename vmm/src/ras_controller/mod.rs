@@ -31,6 +31,11 @@ use crate::vcpu::{self, VcpuRequest, VcpuSender};
 
 mod consumption;
 
+/// Microseconds since `t`.
+fn micros(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
 /// How long a vCPU may take to answer an injection request.
 const VCPU_ANSWER: Duration = Duration::from_secs(5);
 
@@ -226,6 +231,7 @@ impl RasController {
 
     /// Injects a named memory error, checking every target vCPU first.
     pub fn inject(&self, inj: &Injection) -> Result<RasEvent, RasError> {
+        let received = Instant::now();
         self.check_gpa(inj.gpa)?;
         self.check_vcpu(inj.vcpu)?;
         if self.mca.mcg_cap == 0 {
@@ -235,7 +241,8 @@ impl RasController {
             return Err(RasError::NoLmce);
         }
         let record = mce::encode(inj.error, self.mca.vendor, inj.gpa, inj.local);
-        let broadcast = self.inject_record(inj.vcpu, &record)?;
+        let broadcast = self.deliver_record(inj.vcpu, &record)?;
+        let vmm_us = micros(received);
         self.reported(inj.gpa);
         Ok(RasEvent::Injected {
             error: inj.error,
@@ -243,14 +250,27 @@ impl RasController {
             vcpu: inj.vcpu,
             broadcast,
             at_ms: self.now_ms(),
+            vmm_us,
             refused: None,
         })
     }
 
     /// Injects a raw record on `vcpu` (and its broadcast companions, by the
-    /// one rule in [`mce::plan`]) after validating it against MCG_CAP;
-    /// returns whether it was broadcast.
-    pub fn inject_record(&self, vcpu: u8, record: &MceRecord) -> Result<bool, RasError> {
+    /// one rule in [`mce::plan`]) after validating it against MCG_CAP.
+    pub fn inject_record(&self, vcpu: u8, record: &MceRecord) -> Result<RasEvent, RasError> {
+        let received = Instant::now();
+        let broadcast = self.deliver_record(vcpu, record)?;
+        Ok(RasEvent::InjectedRaw {
+            record: *record,
+            vcpu,
+            broadcast,
+            at_ms: self.now_ms(),
+            vmm_us: micros(received),
+        })
+    }
+
+    /// Validates, plans and delivers `record`; whether it was broadcast.
+    fn deliver_record(&self, vcpu: u8, record: &MceRecord) -> Result<bool, RasError> {
         self.check_vcpu(vcpu)?;
         if self.mca.mcg_cap == 0 {
             return Err(RasError::NoMce);
