@@ -261,6 +261,17 @@ impl RunResult {
 impl fmt::Display for RunResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "exit {}; rasvmm said:\n{}", self.exit, self.stderr)?;
+        if let Some(r) = &self.report {
+            writeln!(f, "outcome: {} ({})", r["outcome"], r["detail"])?;
+            // Where each vCPU was, when rasvmm recorded it (a deadline, a
+            // triple fault, a VMM error).
+            let log = r["log"].as_array().map(Vec::as_slice).unwrap_or_default();
+            for l in log.iter().filter_map(|l| l.as_str()) {
+                if l.starts_with("rasvmm: ") {
+                    writeln!(f, "  {l}")?;
+                }
+            }
+        }
         let tail: Vec<&str> = self.console.lines().rev().take(40).collect();
         writeln!(f, "guest console (last {} lines):", tail.len())?;
         for l in tail.iter().rev() {
@@ -590,18 +601,18 @@ impl Lab {
         if let Some(e) = parsed.lab_error {
             return Err(Error::Lab(e));
         }
+        let tail = |p: &Path, n| last_lines(&std::fs::read_to_string(p).unwrap_or_default(), n);
         let incomplete = match waited {
-            Err(e @ Error::LabTimeout(..)) => Some(e.to_string()),
+            Err(e @ Error::LabTimeout(..)) => Some(format!(
+                "{e}; the lab console ends: {}",
+                tail(&lab_console, 15)
+            )),
             Err(e) => return Err(e),
-            Ok(status) if !parsed.done => {
-                let tail =
-                    |p: &Path, n| last_lines(&std::fs::read_to_string(p).unwrap_or_default(), n);
-                Some(format!(
-                    "the lab host stopped before the job completed (QEMU {status}, stderr: '{}'); its console ends: {}",
-                    tail(&qemu_stderr, 3),
-                    tail(&lab_console, 5)
-                ))
-            }
+            Ok(status) if !parsed.done => Some(format!(
+                "the lab host stopped before the job completed (QEMU {status}, stderr: '{}'); the lab console ends: {}",
+                tail(&qemu_stderr, 3),
+                tail(&lab_console, 15)
+            )),
             Ok(_) => None,
         };
         let mut files = parsed.files;
