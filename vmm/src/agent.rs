@@ -3,7 +3,7 @@
 //! [`AgentPort`] is the UART the agent talks through: bytes the agent sends
 //! become [`VmEvent::Agent`] lines; requests are queued and fed into the
 //! 64-byte receive FIFO as the guest drains it. The typed request/response
-//! logic is in [`crate::session::Session::call`].
+//! logic is in the session (`Session::call`).
 
 use std::collections::VecDeque;
 use std::io::{self, Write};

@@ -23,8 +23,8 @@
 //!
 //! `detail` and `detail_contains` may name references: `{slab0}` stands for
 //! that PFN in hex (`0x141`), as Linux prints it. The verdict is computed by
-//! [`crate::verdict::evaluate`] from the run's typed report, so it is the
-//! same whether the guest ran directly or in the lab host.
+//! the verdict module (`verdict::evaluate`) from the run's typed report, so
+//! it is the same whether the guest ran directly or in the lab host.
 
 use std::collections::BTreeMap;
 use std::path::Path;

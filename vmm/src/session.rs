@@ -2,8 +2,8 @@
 //!
 //! Everything the guest or a vCPU does that matters arrives as a
 //! [`VmEvent`] on one channel; [`Session`] consumes it, talks to the guest
-//! agent, performs steps, serves the control API (in
-//! [`crate::session_api`]) and classifies the outcome. The run's state lives
+//! agent, performs steps, serves the control API (in the `session_api`
+//! module) and classifies the outcome. The run's state lives
 //! here and only here.
 
 use std::collections::{BTreeMap, BTreeSet};

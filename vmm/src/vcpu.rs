@@ -1,7 +1,8 @@
 //! vCPU threads: run KVM_RUN, dispatch port I/O, serve requests that must
 //! run on the vCPU's own thread (machine-check injection, NMIs, a state
-//! dump), hand host memory errors to the [`RasController`], and report why
-//! a vCPU stopped.
+//! dump), hand host memory errors to the VM's [`HostMemoryErrors`] handler
+//! (the RAS controller, which sits above this module), and report why a
+//! vCPU stopped.
 //!
 //! Lifecycle, as Firecracker's VcpuHandle: every vCPU is created and
 //! configured before any thread starts ([`VcpuHandle::spawn`] takes a
@@ -33,7 +34,6 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use ras::mce::MceRecord;
 
 use crate::event::{RasEvent, VcpuStop, VmEvent};
-use crate::ras_controller::RasController;
 
 /// Work for a vCPU's own thread.
 pub enum VcpuRequest {
@@ -156,6 +156,15 @@ impl VcpuChannel {
     }
 }
 
+/// Who decides what the guest is told when a vCPU's access hits hwpoisoned
+/// host memory (the RAS controller). Called on the vCPU's own thread with
+/// its fd, before the access is retried.
+pub trait HostMemoryErrors: Send + Sync {
+    /// vCPU `index` got SIGBUS `code` for host address `hva`; the event to
+    /// record, if any.
+    fn consumed(&self, index: u8, fd: &VcpuFd, code: i32, hva: usize) -> Option<RasEvent>;
+}
+
 /// What a vCPU thread needs besides its fd.
 pub struct VcpuContext {
     /// vCPU index.
@@ -167,7 +176,7 @@ pub struct VcpuContext {
     /// The vCPU's MCG_CAP, for the guest's filtered MCG_CAP reads.
     pub mcg_cap: u64,
     /// Reports host memory errors.
-    pub ras: Arc<RasController>,
+    pub ras: Arc<dyn HostMemoryErrors>,
 }
 
 /// Owns one vCPU thread: finishes and joins it when dropped.

@@ -16,6 +16,13 @@ use super::RasController;
 use crate::config::PoisonReport;
 use crate::event::RasEvent;
 use crate::ghes_sources::ConsumptionAction;
+use crate::vcpu::HostMemoryErrors;
+
+impl HostMemoryErrors for RasController {
+    fn consumed(&self, index: u8, fd: &VcpuFd, code: i32, hva: usize) -> Option<RasEvent> {
+        RasController::consumed(self, index, fd, code, hva)
+    }
+}
 
 impl RasController {
     /// A host memory error on vCPU `index`'s thread: its access hit
