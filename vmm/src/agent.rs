@@ -2,7 +2,9 @@
 //!
 //! [`AgentPort`] is the UART the agent talks through: bytes the agent sends
 //! become [`VmEvent::Agent`] lines; requests are queued and fed into the
-//! 64-byte receive FIFO as the guest drains it. The typed request/response
+//! 64-byte receive FIFO as the guest drains it. The UART raises its
+//! interrupt whenever its line goes high (devices/src/legacy/serial.rs), so
+//! a refill never needs a nudge from the VMM. The typed request/response
 //! logic is in [`crate::vm::Session::call`].
 
 use std::collections::VecDeque;
@@ -52,7 +54,6 @@ impl Write for AgentOut {
 pub struct AgentPort {
     uart: SerialPort<AgentOut>,
     pending: VecDeque<u8>,
-    irq: EventFd,
     /// Guest reads of the receive buffer, to tell a stalled reader.
     reads: u64,
 }
@@ -65,9 +66,8 @@ impl AgentPort {
             events,
         };
         Ok(Self {
-            uart: SerialPort::new(irq.try_clone()?, out),
+            uart: SerialPort::new(irq, out),
             pending: VecDeque::new(),
-            irq,
             reads: 0,
         })
     }
@@ -80,15 +80,6 @@ impl AgentPort {
     /// Guest reads of the receive buffer so far.
     pub fn reads(&self) -> u64 {
         self.reads
-    }
-
-    /// Pulses the interrupt again. A 16550's interrupt line stays asserted
-    /// while received data waits; an edge delivered through an irqfd can be
-    /// lost (for example while the guest has the line masked), after which
-    /// the guest would never read the waiting bytes. The session calls this
-    /// when a reply is overdue, bytes wait and the guest has read nothing.
-    pub fn kick(&self) {
-        let _ = self.irq.write(1);
     }
 
     /// Queues bytes for the agent.
