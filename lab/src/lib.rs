@@ -365,26 +365,57 @@ impl Lab {
     /// files it emitted. In the lab host it runs as the job; directly, with
     /// sh on this host.
     pub fn run_shell(&self, script: &str, timeout: Duration) -> Result<JobResult, Error> {
+        self.run_shell_with_files(script, &[], timeout)
+    }
+
+    /// Like [`Lab::run_shell`], with files (name, source path) the script
+    /// finds in the directory `$JOB`.
+    pub fn run_shell_with_files(
+        &self,
+        script: &str,
+        files: &[(String, PathBuf)],
+        timeout: Duration,
+    ) -> Result<JobResult, Error> {
         match self.backend {
             Backend::Lab => {
                 let prelude = format!(
-                    "RASVMM=rasvmm; KERNEL={LAB_GUEST_KERNEL}; INITRAMFS={LAB_GUEST_INITRAMFS}; WORK=/tmp\n"
+                    "RASVMM=rasvmm; KERNEL={LAB_GUEST_KERNEL}; INITRAMFS={LAB_GUEST_INITRAMFS}; WORK=/tmp; JOB=/job\n"
                 );
-                self.run_script(&(prelude + script), &self.manifest.lab_initramfs, timeout)
+                let job = Job {
+                    runs: vec![],
+                    timeout,
+                    files: files.to_vec(),
+                };
+                self.run_lab(
+                    &job,
+                    &self.manifest.lab_initramfs,
+                    Some(&(prelude + script)),
+                )?
+                .complete()
             }
-            Backend::Direct => self.run_shell_direct(script, timeout),
+            Backend::Direct => self.run_shell_direct(script, files, timeout),
         }
     }
 
-    fn run_shell_direct(&self, script: &str, timeout: Duration) -> Result<JobResult, Error> {
+    fn run_shell_direct(
+        &self,
+        script: &str,
+        files: &[(String, PathBuf)],
+        timeout: Duration,
+    ) -> Result<JobResult, Error> {
         let start = Instant::now();
         let dir = self.unique_dir("shell")?;
+        for (name, src) in files {
+            let dst = dir.join(job_file_name(name)?);
+            std::fs::copy(src, &dst).map_err(|e| Error::Io(src.display().to_string(), e))?;
+        }
         let prelude = format!(
-            "RASVMM={}; KERNEL={}; INITRAMFS={}; WORK={}\n\
+            "RASVMM={}; KERNEL={}; INITRAMFS={}; WORK={}; JOB={}\n\
              lab_emit() {{ echo \"@@@RASVMM-FILE $1\"; [ -f \"$2\" ] && cat \"$2\"; echo; echo \"@@@RASVMM-END $1\"; }}\n",
             shell_quote(&self.manifest.rasvmm.display().to_string()),
             shell_quote(&self.manifest.kernel.display().to_string()),
             shell_quote(&self.manifest.guest_initramfs.display().to_string()),
+            shell_quote(&dir.display().to_string()),
             shell_quote(&dir.display().to_string()),
         );
         let path = dir.join("job.sh");

@@ -88,8 +88,6 @@ pub struct RunReport {
     pub signal_ms: Vec<u64>,
     /// Agent lines rasvmm rejected.
     pub agent_errors: Vec<String>,
-    /// Times the agent UART's receive interrupt was re-asserted for a stalled reader.
-    pub agent_kicks: u32,
     /// Poisonings, injections and consumptions, in order.
     pub ras_events: Vec<RasEvent>,
     /// The poison ledger at the end of the run.
@@ -200,7 +198,6 @@ impl RunReport {
             signals: Vec::new(),
             signal_ms: Vec::new(),
             agent_errors: Vec::new(),
-            agent_kicks: 0,
             ras_events: Vec::new(),
             ledger: Vec::new(),
             ghes: Vec::new(),

@@ -85,7 +85,6 @@ pub fn run_expecting(
     report.signal_ms = std::mem::take(&mut session.signal_ms);
     report.agent_errors = std::mem::take(&mut session.agent_errors);
     report.ras_events = std::mem::take(&mut session.ras_events);
-    report.agent_kicks = session.agent_kicks;
     report.ledger = session.vm().ras().ledger();
     report.ghes = session.vm().ras().ghes_state();
     report.mcg_cap = session.vm().ras().mca().mcg_cap;

@@ -46,8 +46,6 @@ pub struct Session {
     pub agent_errors: Vec<String>,
     /// RAS events: poisonings, injections, consumptions.
     pub ras_events: Vec<RasEvent>,
-    /// Times the agent's receive interrupt had to be re-asserted.
-    pub agent_kicks: u32,
     /// Pages the guest reported, by name (shared by steps and the API).
     pub refs: Refs,
     /// API connections that subscribed to events.
@@ -57,10 +55,6 @@ pub struct Session {
     /// Addresses reported through GHES, to check the guest's decode against.
     pub(crate) ghes_addresses: BTreeSet<u64>,
 }
-
-/// How long a reply may be overdue, with bytes waiting and no guest read,
-/// before the agent UART's interrupt is re-asserted.
-const AGENT_STALL: Duration = Duration::from_secs(1);
 
 /// How often records waiting for a GHES acknowledgement are looked at.
 const GHES_PUMP_INTERVAL: Duration = Duration::from_millis(2);
@@ -85,7 +79,6 @@ impl Session {
             signal_ms: Vec::new(),
             agent_errors: Vec::new(),
             ras_events: Vec::new(),
-            agent_kicks: 0,
             refs: Refs::default(),
             subscribers: Vec::new(),
             api_pending: BTreeMap::new(),
@@ -286,10 +279,8 @@ impl Session {
         if let Err(e) = lock(self.vm.agent()).send(&line) {
             return Err(StepError::Agent(e.to_string()));
         }
-        let mut reads = lock(self.vm.agent()).reads();
-        let mut check_at = Instant::now() + AGENT_STALL;
         while self.outcome.is_none() {
-            if let Some(AgentMessage::Reply(r)) = self.step_until(check_at) {
+            if let Some(AgentMessage::Reply(r)) = self.step() {
                 if r.id == id {
                     return match (r.ok, r.error) {
                         (Some(p), _) => {
@@ -301,15 +292,6 @@ impl Session {
                         (None, e) => Err(StepError::Agent(e.unwrap_or_default())),
                     };
                 }
-            }
-            if Instant::now() >= check_at {
-                let mut port = lock(self.vm.agent());
-                if port.reads() == reads && port.rx_waiting() {
-                    port.kick();
-                    self.agent_kicks = self.agent_kicks.saturating_add(1);
-                }
-                reads = port.reads();
-                check_at = Instant::now() + AGENT_STALL;
             }
         }
         Err(StepError::Ended)

@@ -2,6 +2,8 @@
 //! reset line, the few motherboard ports Linux probes, and the ACPI power
 //! device's ports.
 
+#[cfg(any(test, feature = "test-util"))]
+pub mod linux8250;
 mod misc;
 mod serial;
 
