@@ -292,11 +292,7 @@ pub fn client_request(words: &str) -> Result<Request, String> {
     if let Some(rest) = w.strip_prefix("mce:") {
         let f: Vec<&str> = rest.split(':').collect();
         let num = |s: &str| -> Result<u64, String> {
-            match s.strip_prefix("0x") {
-                Some(h) => u64::from_str_radix(h, 16),
-                None => s.parse(),
-            }
-            .map_err(|_| format!("'{s}' is not a number"))
+            crate::steps::number(s).ok_or_else(|| format!("'{s}' is not a number"))
         };
         if f.len() != 6 {
             return Err("expected mce:<vcpu>:<bank>:<status>:<addr>:<misc>:<mcg_status>".into());
@@ -456,6 +452,17 @@ mod tests {
             }))
         );
         assert!(client_request("mce:0:9").is_err());
+        for bad in [
+            "mce:+0:9:1:1:1:1",
+            "mce:0:9:0x+1:1:1:1",
+            "mce:0:9:1:1:1: 1",
+            "mce:0:9:1_0:1:1:1",
+            "poison:+4096",
+            "ghes-raw --source nmi --record +1+1",
+            "ghes-memory --severity fatal --gpa +0x1000",
+        ] {
+            assert!(client_request(bad).is_err(), "{bad}");
+        }
         assert!(client_request("mce:0:999:1:1:1:1").is_err());
         assert!(client_request("reboot")
             .unwrap_err()

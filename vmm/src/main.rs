@@ -62,7 +62,7 @@ struct RunArgs {
     #[arg(long, default_value = "256")]
     memory: String,
     /// vCPUs.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value = "1", value_parser = count)]
     vcpus: u64,
     /// CPU profile: intel or amd.
     #[arg(long, default_value = arch::x86_64::cpuid::DEFAULT_PROFILE)]
@@ -173,15 +173,18 @@ fn api(a: ApiArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A count option: the number grammar of [`vmm::steps::number`].
+fn count(s: &str) -> Result<u64, String> {
+    vmm::steps::number(s).ok_or_else(|| format!("'{s}' is not a number"))
+}
+
 fn parse_memory(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('G' | 'g') => (&t[..t.len() - 1], 1024),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1),
-        _ => (t, 1),
+    let (num, mult) = match s.chars().last() {
+        Some('G' | 'g') => (&s[..s.len() - 1], 1024),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1),
+        _ => (s, 1),
     };
-    num.parse::<u64>()
-        .ok()
+    vmm::steps::number(num)
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("invalid memory size '{s}' (use MiB, or a number with M or G)"))
 }
@@ -310,5 +313,10 @@ mod tests {
         assert!(parse_memory("lots").is_err());
         assert!(parse_memory("99999999999999999999G").is_err());
         assert!(parse_memory("").is_err());
+        for bad in ["+256", " 256", "256 ", "2_56", "+2G", "-1M", "G"] {
+            assert!(parse_memory(bad).is_err(), "{bad:?}");
+        }
+        assert!(count("+2").is_err());
+        assert_eq!(count("2"), Ok(2));
     }
 }
