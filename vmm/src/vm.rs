@@ -998,9 +998,9 @@ pub struct Session {
     /// Pages the guest reported, by name (shared by steps and the API).
     pub refs: Refs,
     /// API connections that subscribed to events.
-    subscribers: Vec<Sender<String>>,
+    subscribers: Vec<crate::api::Reply>,
     /// Agent requests made for API clients: agent id -> (command, API id, connection).
-    api_pending: std::collections::BTreeMap<u64, (Command, u64, Sender<String>)>,
+    api_pending: std::collections::BTreeMap<u64, (Command, u64, crate::api::Reply)>,
     /// Addresses reported through GHES, to check the guest's decode against.
     ghes_addresses: std::collections::BTreeSet<u64>,
 }
