@@ -149,10 +149,17 @@ fn api(a: ApiArgs) -> Result<ExitCode, String> {
     let stream = std::os::unix::net::UnixStream::connect(&a.socket)
         .map_err(|e| format!("cannot connect to '{}': {e}", a.socket.display()))?;
     let subscribe = request == Request::Subscribe;
-    (&stream)
-        .write_all(line(&Envelope { id: 1, request }).as_bytes())
-        .map_err(|e| format!("cannot send the request: {e}"))?;
+    let sent = (&stream).write_all(line(&Envelope { id: 1, request }).as_bytes());
     let mut lines = BufReader::new(&stream).lines();
+    if let Err(e) = sent {
+        // The run may have refused the connection with a line saying why.
+        let why = lines
+            .next()
+            .and_then(Result::ok)
+            .and_then(|l| serde_json::from_str::<Answer>(&l).ok())
+            .and_then(|a| a.error);
+        return Err(why.unwrap_or_else(|| format!("cannot send the request: {e}")));
+    }
     let first = lines
         .next()
         .ok_or("the run closed the connection")?
