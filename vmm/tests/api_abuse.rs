@@ -232,10 +232,21 @@ fn subscribe_and_disconnect_cycles_lose_no_slot() {
         let (a, _) = c.ask(2000 + i as u64, "\"state\"");
         assert!(a.contains("\"elapsed_ms\""), "client {}: {a}", 101 + i);
     }
+    let served = t.elapsed();
+    // Events reach every subscriber: the outcome of a shutdown.
+    let (a, _) = all[0].ask(3000, "\"shutdown\"");
+    assert_eq!(a, "{\"id\":3000,\"ok\":null}\n");
+    for (i, c) in all.iter_mut().enumerate() {
+        let e = c.line();
+        assert!(
+            e.contains("\"outcome\":\"stopped\""),
+            "client {}: {e}",
+            101 + i
+        );
+    }
     println!(
         "100 subscribe-and-disconnect cycles in {cycles:?}; then 16 concurrent subscribers \
-         (clients 101..116) all served in {:?}",
-        t.elapsed()
+         (clients 101..116) all served in {served:?} and all got the outcome event"
     );
 }
 
