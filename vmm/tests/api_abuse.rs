@@ -171,6 +171,25 @@ fn a_million_bad_lines_from_a_client_that_never_reads() {
     let (a, d) = probe.ask(2, "\"state\"");
     assert!(a.contains("\"ok\""), "{a}");
     println!("another client's answer after the flood: {d:?}");
+    // The dropped client's slot came back: 15 more clients (16 with the
+    // probe) are all served.
+    drop(flood);
+    let t = Instant::now();
+    let mut others = Vec::new();
+    while others.len() < 15 {
+        let mut c = vmm.connect();
+        // A refused client may find the socket closed before it writes.
+        let _ = writeln!(c.s, "{{\"id\":3,\"request\":\"state\"}}");
+        let a = c.line();
+        if a.contains("too many connections") {
+            assert!(t.elapsed() < Duration::from_secs(1), "a slot was lost");
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        assert!(a.contains("\"ok\""), "{a}");
+        others.push(c);
+    }
+    println!("16 clients served after the drop, within {:?}", t.elapsed());
 }
 
 #[test]

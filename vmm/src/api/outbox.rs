@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -40,6 +41,8 @@ struct State {
     /// The request whose answer the connection waits for.
     awaiting: Option<u64>,
     next_seq: u64,
+    /// The writer is writing a line it took (it may be blocked in it).
+    writing: bool,
 }
 
 /// A connection's outgoing lines, bounded in lines and bytes.
@@ -111,7 +114,10 @@ impl Outbox {
     }
 
     /// Stops taking lines; the first reason stays. Unless the connection
-    /// is finishing in order, its reader is stopped too.
+    /// is finishing in order, what is queued is dropped and the socket shut
+    /// down at once (which stops the reader and a writer blocked in a
+    /// write); a client dropped for not reading first gets one last error
+    /// line, if the writer is between lines and the socket takes it at once.
     pub fn close(&self, why: Closed) {
         let mut s = locked(&self.state);
         if s.closed.is_some() {
@@ -122,7 +128,22 @@ impl Outbox {
             s.lines.clear();
             s.bytes = 0;
             if let Some(sock) = &self.socket {
-                let _ = sock.shutdown(std::net::Shutdown::Read);
+                if why == Closed::Overflow && !s.writing {
+                    let last = Answer::err(0, "too many unread answers and events; closing");
+                    // SAFETY: send reads `last.len()` bytes from a live
+                    // String; MSG_DONTWAIT never blocks, MSG_NOSIGNAL
+                    // raises no SIGPIPE. The state lock keeps the writer
+                    // from starting a line meanwhile.
+                    let _ = unsafe {
+                        libc::send(
+                            sock.as_raw_fd(),
+                            last.as_ptr().cast(),
+                            last.len(),
+                            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                        )
+                    };
+                }
+                let _ = sock.shutdown(std::net::Shutdown::Both);
             }
         }
         self.changed.notify_all();
@@ -143,9 +164,11 @@ impl Outbox {
     /// the queue drains when finishing in order).
     pub fn next_line(&self) -> Option<String> {
         let mut s = locked(&self.state);
+        s.writing = false;
         loop {
             if let Some(l) = s.lines.pop_front() {
                 s.bytes -= l.len();
+                s.writing = true;
                 return Some(l);
             }
             if s.closed.is_some() {
@@ -430,6 +453,24 @@ mod tests {
         // One line larger than the budget fits an empty queue.
         o.push("0123456789abcdef\n".into(), None).unwrap();
         assert_eq!(o.push("x\n".into(), None), Err(Dropped));
+    }
+
+    #[test]
+    fn overflow_sends_one_last_line_and_closes_the_socket() {
+        use std::io::Read;
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let o = Outbox::new(2, 1 << 20, Some(ours));
+        o.push("a\n".into(), None).unwrap();
+        o.push("b\n".into(), None).unwrap();
+        assert_eq!(o.push("c\n".into(), None), Err(Dropped));
+        let mut got = String::new();
+        theirs.read_to_string(&mut got).unwrap();
+        // Queued lines are dropped; the client learns why, then EOF.
+        assert_eq!(
+            got,
+            "{\"id\":0,\"error\":\"too many unread answers and events; closing\"}\n"
+        );
+        assert_eq!(o.next_line(), None);
     }
 
     #[test]

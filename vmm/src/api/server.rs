@@ -362,17 +362,14 @@ fn connection(
     let _ = writer.join();
 }
 
-/// The writer: one line at a time under the send timeout; a connection
-/// dropped for not reading gets one last error line if it fits at once.
+/// The writer: one line at a time under the send timeout (a connection
+/// dropped for not reading got its last line from [`Outbox::close`]).
 fn write_out(mut w: &UnixStream, outbox: &Outbox) {
     while let Some(line) = outbox.next_line() {
         if w.write_all(line.as_bytes()).is_err() {
             outbox.close(Closed::Broken);
             break;
         }
-    }
-    if outbox.closed() == Some(Closed::Overflow) && w.set_nonblocking(true).is_ok() {
-        let _ = w.write(Answer::err(0, "too many unread answers and events; closing").as_bytes());
     }
     let _ = w.shutdown(std::net::Shutdown::Both);
 }
