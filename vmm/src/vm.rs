@@ -75,6 +75,12 @@ pub enum VmEvent {
     },
 }
 
+impl From<crate::api::ApiCall> for VmEvent {
+    fn from(call: crate::api::ApiCall) -> Self {
+        VmEvent::Api(call)
+    }
+}
+
 /// Errors creating or starting a VM.
 #[derive(Debug, Error)]
 pub enum Error {

@@ -26,11 +26,13 @@
 //! - [`wire`]: line framing and request decoding (no socket; fuzzed);
 //! - [`outbox`]: each connection's bounded queue of answers and events, the
 //!   [`Reply`] handle the session answers through, and the event fan-out;
-//! - [`server`]: the private socket, the accept loop, connections, and the
-//!   [`Limits`] (docs/control-api.md, "Limits").
+//! - [`server`]: the accept loop, connections, and the [`Limits`]
+//!   (docs/control-api.md, "Limits"); `socket`: the socket file, created
+//!   private, and the peer check.
 
 pub mod outbox;
 pub mod server;
+mod socket;
 pub mod wire;
 
 use serde::{Deserialize, Serialize};
@@ -269,7 +271,6 @@ mod tests {
     use std::sync::mpsc::channel;
 
     use super::*;
-    use crate::vm::VmEvent;
 
     #[test]
     fn ghes_option_form() {
@@ -369,25 +370,24 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("rasvmm-api-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("api.sock");
-        let (tx, rx) = channel();
+        let (tx, rx) = channel::<ApiCall>();
         let server = serve(&path, tx).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         // Nothing but the socket is left in the directory.
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
-        assert!(matches!(serve(&path, channel().0), Err(Error::InUse(_))));
+        assert!(matches!(
+            serve(&path, channel::<ApiCall>().0),
+            Err(Error::InUse(_))
+        ));
         let mut c = UnixStream::connect(&path).unwrap();
         c.write_all(b"{\"id\":7,\"request\":\"state\"}\nnot json\n")
             .unwrap();
-        match rx.recv().unwrap() {
-            VmEvent::Api(call) => {
-                assert_eq!(call.envelope.id, 7);
-                call.reply
-                    .send(Answer::ok(7, serde_json::json!("fine")))
-                    .unwrap();
-            }
-            _ => panic!("expected an API call"),
-        }
+        let call = rx.recv().unwrap();
+        assert_eq!(call.envelope.id, 7);
+        call.reply
+            .send(Answer::ok(7, serde_json::json!("fine")))
+            .unwrap();
         // One request at a time: the answer, then the next line's error.
         let mut r = BufReader::new(c.try_clone().unwrap());
         let mut l = String::new();
@@ -405,7 +405,7 @@ mod tests {
         // followed.
         std::fs::write(&path, b"x").unwrap();
         assert!(matches!(
-            serve(&path, channel().0),
+            serve(&path, channel::<ApiCall>().0),
             Err(Error::PathInUse(_))
         ));
         std::fs::remove_file(&path).unwrap();
@@ -413,7 +413,7 @@ mod tests {
         std::fs::write(&target, b"x").unwrap();
         std::os::unix::fs::symlink(&target, &path).unwrap();
         assert!(matches!(
-            serve(&path, channel().0),
+            serve(&path, channel::<ApiCall>().0),
             Err(Error::PathInUse(_))
         ));
         let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;

@@ -7,22 +7,20 @@
 //! holds at most one request per connection. The writer drains the
 //! connection's [`Outbox`] with a send timeout.
 
-use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use super::outbox::{Closed, Hub, Outbox, Waited};
+use super::socket::{bind_private, peer_allowed, refuse};
 use super::wire::{decode, Frame, Framer, MAX_LINE};
 use super::{Answer, ApiCall, Envelope, Error, Request};
-use crate::vm::VmEvent;
 
 /// What one server allows; [`Limits::default`] is what `rasvmm run` uses
 /// (docs/control-api.md, "Limits").
@@ -88,14 +86,21 @@ impl Drop for Server {
 }
 
 /// Creates the socket (0600, private from creation) and serves connections
-/// with the default [`Limits`], forwarding requests to the session as
-/// [`VmEvent::Api`].
-pub fn serve(path: &Path, events: Sender<VmEvent>) -> Result<Server, Error> {
+/// with the default [`Limits`], forwarding each request to the session on
+/// `events` (the session's event type says how it wraps an [`ApiCall`]; the
+/// API names no session type).
+pub fn serve<E>(path: &Path, events: Sender<E>) -> Result<Server, Error>
+where
+    E: From<ApiCall> + Send + 'static,
+{
     serve_with(path, events, Limits::default())
 }
 
 /// Like [`serve`], with other limits (tests use short ones).
-pub fn serve_with(path: &Path, events: Sender<VmEvent>, limits: Limits) -> Result<Server, Error> {
+pub fn serve_with<E>(path: &Path, events: Sender<E>, limits: Limits) -> Result<Server, Error>
+where
+    E: From<ApiCall> + Send + 'static,
+{
     let listener = bind_private(path)?;
     let server = Server {
         path: path.to_path_buf(),
@@ -108,94 +113,6 @@ pub fn serve_with(path: &Path, events: Sender<VmEvent>, limits: Limits) -> Resul
         .spawn(move || accept_loop(&listener, &events, &limits))
         .map_err(Error::Spawn)?;
     Ok(server)
-}
-
-/// Binds in a fresh 0700 directory next to `path`, makes the socket 0600
-/// there (nobody else can reach it), then renames it into place without
-/// replacing anything: no umask, no chmod of a path someone could swap.
-fn bind_private(path: &Path) -> Result<UnixListener, Error> {
-    let name = path.display().to_string();
-    let bind = |e| Error::Bind(name.clone(), e);
-    let stale = match std::fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => return Err(Error::PathInUse(name)),
-        Ok(_) if UnixStream::connect(path).is_ok() => return Err(Error::InUse(name)),
-        Ok(_) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => return Err(bind(e)),
-    };
-    static SERIAL: AtomicU64 = AtomicU64::new(0);
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let dir = parent.join(format!(
-        ".rasvmm-api-{}-{}-{nanos:x}",
-        std::process::id(),
-        SERIAL.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(bind)?;
-    let scratch = Scratch(dir.clone());
-    let tmp = dir.join("s");
-    let listener = UnixListener::bind(&tmp).map_err(bind)?;
-    // `tmp` is in a 0700 directory of ours: nobody can swap it for another
-    // file, so setting its mode by path is safe here (not at `path`).
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(bind)?;
-    if stale {
-        let _ = std::fs::remove_file(path);
-    }
-    rename_noreplace(&tmp, path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => Error::InUse(name.clone()),
-        _ => bind(e),
-    })?;
-    drop(scratch);
-    Ok(listener)
-}
-
-/// Removes the scratch directory (and the socket if it is still there).
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(self.0.join("s"));
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// rename(2) that fails with EEXIST instead of replacing `to`; where
-/// renameat2 is missing, link + unlink, which never replaces either.
-fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
-    let f = CString::new(from.as_os_str().as_bytes())?;
-    let t = CString::new(to.as_os_str().as_bytes())?;
-    // SAFETY: renameat2 reads two NUL-terminated paths that outlive the
-    // call and touches no memory of ours.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::ENOSYS | libc::EINVAL) => {
-            std::fs::hard_link(from, to)?;
-            std::fs::remove_file(from)
-        }
-        _ => Err(e),
-    }
 }
 
 /// A connection slot, given back when dropped, whatever ends the connection
@@ -218,7 +135,11 @@ impl Drop for Slot {
     }
 }
 
-fn accept_loop(listener: &UnixListener, events: &Sender<VmEvent>, limits: &Limits) {
+fn accept_loop<E: From<ApiCall> + Send + 'static>(
+    listener: &UnixListener,
+    events: &Sender<E>,
+    limits: &Limits,
+) {
     let open = Arc::new(AtomicUsize::new(0));
     let hub = Hub::new(limits.max_subscribers);
     let mut next_id = 0u64;
@@ -263,52 +184,6 @@ fn accept_loop(listener: &UnixListener, events: &Sender<VmEvent>, limits: &Limit
     }
 }
 
-/// The peer's uid must be ours (or root's).
-fn peer_allowed(conn: &UnixStream) -> Result<(), String> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>())
-        .map_err(|_| "cannot check the peer".to_string())?;
-    // SAFETY: SO_PEERCRED writes at most `len` bytes into `cred`, a ucred
-    // that lives across the call; `conn` is an open socket.
-    let r = unsafe {
-        libc::getsockopt(
-            conn.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(format!(
-            "cannot check the peer: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if cred.uid == me || cred.uid == 0 {
-        Ok(())
-    } else {
-        Err(format!(
-            "peer uid {} is not allowed (only uid {me} and root)",
-            cred.uid
-        ))
-    }
-}
-
-/// Writes one error line if the socket takes it at once, then closes.
-fn refuse(conn: &UnixStream, why: &str) {
-    if conn.set_nonblocking(true).is_ok() {
-        let _ = (&*conn).write(Answer::err(0, why).as_bytes());
-    }
-    let _ = conn.shutdown(std::net::Shutdown::Both);
-}
-
 /// Whether the client closed its end entirely.
 fn hung_up(conn: &UnixStream) -> bool {
     let mut p = libc::pollfd {
@@ -323,9 +198,9 @@ fn hung_up(conn: &UnixStream) -> bool {
 
 /// One connection's reader; returns when the connection ends, with its
 /// slot and subscription given back.
-fn connection(
+fn connection<E: From<ApiCall>>(
     conn: UnixStream,
-    events: &Sender<VmEvent>,
+    events: &Sender<E>,
     hub: &Arc<Hub>,
     limits: &Limits,
     id: u64,
@@ -374,17 +249,17 @@ fn write_out(mut w: &UnixStream, outbox: &Outbox) {
     let _ = w.shutdown(std::net::Shutdown::Both);
 }
 
-struct Conn<'a> {
+struct Conn<'a, E> {
     conn: &'a UnixStream,
     outbox: &'a Arc<Outbox>,
-    events: &'a Sender<VmEvent>,
+    events: &'a Sender<E>,
     hub: &'a Arc<Hub>,
     limits: &'a Limits,
     id: u64,
     subscribed: bool,
 }
 
-impl Conn<'_> {
+impl<E: From<ApiCall>> Conn<'_, E> {
     fn serve(&mut self) {
         let mut framer = Framer::new();
         let mut chunk = vec![0u8; 8192];
@@ -474,9 +349,7 @@ impl Conn<'_> {
                     id: 0,
                     request: Request::Subscribe,
                 };
-                events
-                    .send(VmEvent::Api(ApiCall { envelope, reply }))
-                    .is_ok()
+                events.send(E::from(ApiCall { envelope, reply })).is_ok()
             }) {
                 Ok(()) => {
                     self.subscribed = true;
@@ -499,7 +372,7 @@ impl Conn<'_> {
             envelope,
             reply: reply.clone(),
         };
-        if self.events.send(VmEvent::Api(call)).is_err() {
+        if self.events.send(E::from(call)).is_err() {
             return self.say(Answer::err(id, "the run is over"));
         }
         let conn = self.conn;
@@ -526,18 +399,16 @@ mod tests {
     use super::*;
 
     /// A session that answers every request with its id, after `delay`.
-    fn session(rx: Receiver<VmEvent>, delay: Duration) {
+    fn session(rx: Receiver<ApiCall>, delay: Duration) {
         std::thread::spawn(move || {
             let mut subscribers = Vec::new();
-            for e in rx {
-                if let VmEvent::Api(call) = e {
-                    std::thread::sleep(delay);
-                    let id = call.envelope.id;
-                    if call.envelope.request == Request::Subscribe {
-                        subscribers.push(call.reply.clone());
-                    }
-                    let _ = call.reply.send(Answer::ok(id, serde_json::json!(id)));
+            for call in rx {
+                std::thread::sleep(delay);
+                let id = call.envelope.id;
+                if call.envelope.request == Request::Subscribe {
+                    subscribers.push(call.reply.clone());
                 }
+                let _ = call.reply.send(Answer::ok(id, serde_json::json!(id)));
             }
         });
     }
@@ -659,11 +530,5 @@ mod tests {
             // The reader sees EOF and unsubscribes; give it a moment.
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    #[test]
-    fn peers_of_our_uid_are_allowed() {
-        let (a, _b) = UnixStream::pair().unwrap();
-        assert_eq!(peer_allowed(&a), Ok(()));
     }
 }
