@@ -10,7 +10,6 @@ use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
 
 use super::{Answer, Error};
 
@@ -32,19 +31,22 @@ pub(super) fn bind_private(path: &Path) -> Result<UnixListener, Error> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let dir = parent.join(format!(
-        ".rasvmm-api-{}-{}-{nanos:x}",
-        std::process::id(),
-        SERIAL.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(bind)?;
+    // A short name, so that the scratch path fits sun_path wherever the
+    // target does (about 20 bytes more than the parent); a name someone
+    // else took is skipped, never entered.
+    let mut tries = 0;
+    let dir = loop {
+        let dir = parent.join(format!(
+            ".rasvmm{}.{}",
+            std::process::id(),
+            SERIAL.fetch_add(1, Ordering::Relaxed)
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => break dir,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 16 => tries += 1,
+            Err(e) => return Err(bind(e)),
+        }
+    };
     let scratch = Scratch(dir.clone());
     let tmp = dir.join("s");
     let listener = UnixListener::bind(&tmp).map_err(bind)?;
