@@ -32,6 +32,12 @@ pub enum VmEvent {
     },
 }
 
+impl From<crate::api::ApiCall> for VmEvent {
+    fn from(call: crate::api::ApiCall) -> Self {
+        VmEvent::Api(call)
+    }
+}
+
 /// Why a vCPU stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuStop {

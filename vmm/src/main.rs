@@ -61,7 +61,7 @@ struct RunArgs {
     #[arg(long, default_value = "256")]
     memory: String,
     /// vCPUs.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value = "1", value_parser = count)]
     vcpus: u64,
     /// CPU profile: intel or amd.
     #[arg(long, default_value = arch::x86_64::cpuid::DEFAULT_PROFILE)]
@@ -148,10 +148,17 @@ fn api(a: ApiArgs) -> Result<ExitCode, String> {
     let stream = std::os::unix::net::UnixStream::connect(&a.socket)
         .map_err(|e| format!("cannot connect to '{}': {e}", a.socket.display()))?;
     let subscribe = request == Request::Subscribe;
-    (&stream)
-        .write_all(line(&Envelope { id: 1, request }).as_bytes())
-        .map_err(|e| format!("cannot send the request: {e}"))?;
+    let sent = (&stream).write_all(line(&Envelope { id: 1, request }).as_bytes());
     let mut lines = BufReader::new(&stream).lines();
+    if let Err(e) = sent {
+        // The run may have refused the connection with a line saying why.
+        let why = lines
+            .next()
+            .and_then(Result::ok)
+            .and_then(|l| serde_json::from_str::<Answer>(&l).ok())
+            .and_then(|a| a.error);
+        return Err(why.unwrap_or_else(|| format!("cannot send the request: {e}")));
+    }
     let first = lines
         .next()
         .ok_or("the run closed the connection")?
@@ -172,15 +179,18 @@ fn api(a: ApiArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A count option: the number grammar of [`vmm::steps::number`].
+fn count(s: &str) -> Result<u64, String> {
+    vmm::steps::number(s).ok_or_else(|| format!("'{s}' is not a number"))
+}
+
 fn parse_memory(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('G' | 'g') => (&t[..t.len() - 1], 1024),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1),
-        _ => (t, 1),
+    let (num, mult) = match s.chars().last() {
+        Some('G' | 'g') => (&s[..s.len() - 1], 1024),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1),
+        _ => (s, 1),
     };
-    num.parse::<u64>()
-        .ok()
+    vmm::steps::number(num)
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("invalid memory size '{s}' (use MiB, or a number with M or G)"))
 }
@@ -307,5 +317,10 @@ mod tests {
         assert!(parse_memory("lots").is_err());
         assert!(parse_memory("99999999999999999999G").is_err());
         assert!(parse_memory("").is_err());
+        for bad in ["+256", " 256", "256 ", "2_56", "+2G", "-1M", "G"] {
+            assert!(parse_memory(bad).is_err(), "{bad:?}");
+        }
+        assert!(count("+2").is_err());
+        assert_eq!(count("2"), Ok(2));
     }
 }

@@ -7,7 +7,7 @@
 //! here and only here.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::mpsc::{RecvTimeoutError, Sender};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use devices::bus::lock;
@@ -49,9 +49,9 @@ pub struct Session {
     /// Pages the guest reported, by name (shared by steps and the API).
     pub refs: Refs,
     /// API connections that subscribed to events.
-    pub(crate) subscribers: Vec<Sender<String>>,
+    pub(crate) subscribers: Vec<crate::api::Reply>,
     /// Agent requests made for API clients: agent id -> (command, API id, connection).
-    pub(crate) api_pending: BTreeMap<u64, (Command, u64, Sender<String>)>,
+    pub(crate) api_pending: BTreeMap<u64, (Command, u64, crate::api::Reply)>,
     /// Addresses reported through GHES, to check the guest's decode against.
     pub(crate) ghes_addresses: BTreeSet<u64>,
 }

@@ -24,6 +24,11 @@
 //!
 //! A reference names a PFN; where an address is meant it stands for the
 //! page's first byte. Agent commands may also be given as JSON.
+//!
+//! Grammar shared by every number rasvmm reads from users (steps, control
+//! API words, command-line options): [`number`], decimal digits or `0x` and
+//! hex digits, nothing else (no sign, no underscore, no whitespace). Steps
+//! refuse control characters (NUL included) anywhere, JSON escapes too.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -113,8 +118,15 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
         step: s.into(),
         why: why.into(),
     };
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(bad(&format!("control character {c:?} in a step")));
+    }
     if s.trim_start().starts_with('{') || s.trim_start().starts_with('"') {
-        let cmd: Command = serde_json::from_str(s).map_err(|e| bad(&e.to_string()))?;
+        let value: serde_json::Value = serde_json::from_str(s).map_err(|e| bad(&e.to_string()))?;
+        if has_control(&value) {
+            return Err(bad("control character in a JSON string"));
+        }
+        let cmd: Command = serde_json::from_value(value).map_err(|e| bad(&e.to_string()))?;
         return Ok(Step::Agent { cmd, pfn: None });
     }
     let (verb, arg) = match s.split_once(':') {
@@ -263,6 +275,13 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
                 .ok_or_else(|| bad("expected ghes-raw:<source>:<hex>"))?;
             let source =
                 Notification::parse(source).ok_or_else(|| bad("source is nmi, gsiv or polled"))?;
+            // Hex digits in pairs, whitespace between them; no sign.
+            if !hex
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b.is_ascii_whitespace())
+            {
+                return Err(bad("record is not hex"));
+            }
             let record =
                 crate::ghes_sources::parse_hex(hex, ras::cper::MAX_RECORD_LEN).map_err(|e| bad(&e))?;
             Ok(Step::GhesRaw { source, record })
@@ -287,11 +306,34 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
     }
 }
 
-fn number(v: &str) -> Option<u64> {
-    let v = v.trim();
-    match v.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16).ok(),
-        None => v.parse().ok(),
+/// A number as users write it: decimal digits, or `0x` and hex digits,
+/// nothing else (no sign, no underscore, no whitespace, no `0X`); `None`
+/// when it is not one or does not fit 64 bits. Every number rasvmm reads
+/// from a user goes through here.
+pub fn number(v: &str) -> Option<u64> {
+    let (digits, radix) = match v.strip_prefix("0x") {
+        Some(h) => (h, 16),
+        None => (v, 10),
+    };
+    let valid = !digits.is_empty()
+        && digits.bytes().all(|b| match radix {
+            16 => b.is_ascii_hexdigit(),
+            _ => b.is_ascii_digit(),
+        });
+    if !valid {
+        return None;
+    }
+    u64::from_str_radix(digits, radix).ok()
+}
+
+/// Whether a JSON value holds a control character in any string or key.
+fn has_control(v: &serde_json::Value) -> bool {
+    let bad = |s: &str| s.chars().any(char::is_control);
+    match v {
+        serde_json::Value::String(s) => bad(s),
+        serde_json::Value::Array(a) => a.iter().any(has_control),
+        serde_json::Value::Object(o) => o.iter().any(|(k, v)| bad(k) || has_control(v)),
+        _ => false,
     }
 }
 

@@ -22,24 +22,25 @@
 //! with the ledger), `"state"`, `"subscribe"` (RAS events, signals and the outcome as they
 //! happen, like QEMU's MEMORY_FAILURE event), `"shutdown"`. A malformed or
 //! refused request gets an `error` and leaves the VM untouched.
+//!
+//! - [`wire`]: line framing and request decoding (no socket; fuzzed);
+//! - [`outbox`]: each connection's bounded queue of answers and events, the
+//!   [`Reply`] handle the session answers through, and the event fan-out;
+//! - [`server`]: the accept loop, connections, and the [`Limits`]
+//!   (docs/control-api.md, "Limits"); `socket`: the socket file, created
+//!   private, and the peer check.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{channel, Sender};
-use std::sync::Arc;
+pub mod outbox;
+pub mod server;
+mod socket;
+pub mod wire;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::event::VmEvent;
-
-/// Longest request line.
-pub const MAX_LINE: usize = 64 * 1024;
-/// Most connections at once.
-const MAX_CONNECTIONS: usize = 16;
+pub use outbox::{Dropped, Reply};
+pub use server::{serve, serve_with, Limits, Server};
+pub use wire::MAX_LINE;
 
 /// Errors starting the API.
 #[derive(Debug, Error)]
@@ -151,126 +152,18 @@ pub fn line<T: Serialize>(v: &T) -> String {
 pub struct ApiCall {
     /// The request.
     pub envelope: Envelope,
-    /// The connection's outgoing lines.
-    pub reply: Sender<String>,
+    /// Where the answer goes (and, for subscribers, events): bounded, never
+    /// blocking, failing once the connection is gone.
+    pub reply: Reply,
 }
 
-/// Parses a request line; the error is what to tell the client.
+/// Parses a request line (without its newline); the error is what to
+/// tell the client.
 pub fn parse(line: &str) -> Result<Envelope, String> {
     if line.len() > MAX_LINE {
         return Err(format!("request longer than {MAX_LINE} bytes"));
     }
     serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))
-}
-
-/// The listening socket; removes its file when dropped.
-pub struct Server {
-    path: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// Creates the socket (0600) and serves connections, forwarding requests
-/// to the session as [`VmEvent::Api`].
-pub fn serve(path: &Path, events: Sender<VmEvent>) -> Result<Server, Error> {
-    let name = path.display().to_string();
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(Error::PathInUse(name));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::InUse(name));
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    // SAFETY: umask only changes this process's file-creation mask; the
-    // previous mask is restored right after bind.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    let listener = bound.map_err(|e| Error::Bind(name.clone(), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| Error::Bind(name, e))?;
-    let open = Arc::new(AtomicUsize::new(0));
-    std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || {
-            for conn in listener.incoming().flatten() {
-                if open.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-                    let mut c = conn;
-                    let _ = c.write_all(Answer::err(0, "too many connections").as_bytes());
-                    continue;
-                }
-                open.fetch_add(1, Ordering::SeqCst);
-                let (events, open) = (events.clone(), open.clone());
-                let _ = std::thread::Builder::new()
-                    .name("api-conn".into())
-                    .spawn(move || {
-                        connection(conn, &events);
-                        open.fetch_sub(1, Ordering::SeqCst);
-                    });
-            }
-        })
-        .map_err(Error::Spawn)?;
-    Ok(Server {
-        path: path.to_path_buf(),
-    })
-}
-
-fn connection(conn: UnixStream, events: &Sender<VmEvent>) {
-    let Ok(mut writer) = conn.try_clone() else {
-        return;
-    };
-    let (tx, rx) = channel::<String>();
-    let out = std::thread::spawn(move || {
-        for l in rx {
-            if writer.write_all(l.as_bytes()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut reader = BufReader::new(conn.take(u64::MAX));
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        // Bounded read of one line.
-        let n = match (&mut reader)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut buf)
-        {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if n > MAX_LINE {
-            let _ = tx.send(Answer::err(
-                0,
-                format!("request longer than {MAX_LINE} bytes"),
-            ));
-            break;
-        }
-        let text = String::from_utf8_lossy(&buf);
-        match parse(text.trim_end()) {
-            Ok(envelope) => {
-                let call = ApiCall {
-                    envelope,
-                    reply: tx.clone(),
-                };
-                if events.send(VmEvent::Api(call)).is_err() {
-                    break;
-                }
-            }
-            Err(e) => {
-                let _ = tx.send(Answer::err(0, e));
-            }
-        }
-    }
-    drop(tx);
-    let _ = out.join();
 }
 
 /// A client request from command-line words: `ledger`, `state`,
@@ -292,11 +185,7 @@ pub fn client_request(words: &str) -> Result<Request, String> {
     if let Some(rest) = w.strip_prefix("mce:") {
         let f: Vec<&str> = rest.split(':').collect();
         let num = |s: &str| -> Result<u64, String> {
-            match s.strip_prefix("0x") {
-                Some(h) => u64::from_str_radix(h, 16),
-                None => s.parse(),
-            }
-            .map_err(|_| format!("'{s}' is not a number"))
+            crate::steps::number(s).ok_or_else(|| format!("'{s}' is not a number"))
         };
         if f.len() != 6 {
             return Err("expected mce:<vcpu>:<bank>:<status>:<addr>:<misc>:<mcg_status>".into());
@@ -377,6 +266,9 @@ fn ghes_step(verb: &str, flags: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc::channel;
 
     use super::*;
 
@@ -456,6 +348,17 @@ mod tests {
             }))
         );
         assert!(client_request("mce:0:9").is_err());
+        for bad in [
+            "mce:+0:9:1:1:1:1",
+            "mce:0:9:0x+1:1:1:1",
+            "mce:0:9:1:1:1: 1",
+            "mce:0:9:1_0:1:1:1",
+            "poison:+4096",
+            "ghes-raw --source nmi --record +1+1",
+            "ghes-memory --severity fatal --gpa +0x1000",
+        ] {
+            assert!(client_request(bad).is_err(), "{bad}");
+        }
         assert!(client_request("mce:0:999:1:1:1:1").is_err());
         assert!(client_request("reboot")
             .unwrap_err()
@@ -464,46 +367,57 @@ mod tests {
 
     #[test]
     fn socket_is_private_and_forwards_requests() {
-        let path = std::env::temp_dir().join(format!("rasvmm-api-test-{}", std::process::id()));
-        let (tx, rx) = channel();
+        let dir = std::env::temp_dir().join(format!("rasvmm-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let (tx, rx) = channel::<ApiCall>();
         let server = serve(&path, tx).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert!(matches!(serve(&path, channel().0), Err(Error::InUse(_))));
+        // Nothing but the socket is left in the directory.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        assert!(matches!(
+            serve(&path, channel::<ApiCall>().0),
+            Err(Error::InUse(_))
+        ));
         let mut c = UnixStream::connect(&path).unwrap();
         c.write_all(b"{\"id\":7,\"request\":\"state\"}\nnot json\n")
             .unwrap();
-        match rx.recv().unwrap() {
-            VmEvent::Api(call) => {
-                assert_eq!(call.envelope.id, 7);
-                call.reply
-                    .send(Answer::ok(7, serde_json::json!("fine")))
-                    .unwrap();
-            }
-            _ => panic!("expected an API call"),
-        }
+        let call = rx.recv().unwrap();
+        assert_eq!(call.envelope.id, 7);
+        call.reply
+            .send(Answer::ok(7, serde_json::json!("fine")))
+            .unwrap();
+        // One request at a time: the answer, then the next line's error.
         let mut r = BufReader::new(c.try_clone().unwrap());
         let mut l = String::new();
         r.read_line(&mut l).unwrap();
-        assert!(
-            l.starts_with("{\"id\":0,\"error\":\"malformed request")
-                || l == "{\"id\":7,\"ok\":\"fine\"}\n",
-            "{l}"
-        );
+        assert_eq!(l, "{\"id\":7,\"ok\":\"fine\"}\n");
         l.clear();
         r.read_line(&mut l).unwrap();
         assert!(
-            l.contains("malformed request") || l == "{\"id\":7,\"ok\":\"fine\"}\n",
+            l.starts_with("{\"id\":0,\"error\":\"malformed request"),
             "{l}"
         );
         drop(server);
         assert!(!path.exists(), "the socket file goes with the server");
-        // A regular file at the path is never removed.
+        // A regular file at the path is never removed, nor a symlink
+        // followed.
         std::fs::write(&path, b"x").unwrap();
         assert!(matches!(
-            serve(&path, channel().0),
+            serve(&path, channel::<ApiCall>().0),
             Err(Error::PathInUse(_))
         ));
         std::fs::remove_file(&path).unwrap();
+        let target = dir.join("target");
+        std::fs::write(&target, b"x").unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert!(matches!(
+            serve(&path, channel::<ApiCall>().0),
+            Err(Error::PathInUse(_))
+        ));
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_ne!(mode, 0o600, "the symlink's target keeps its mode");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
