@@ -253,6 +253,10 @@ pub fn parse_hex(s: &str, max: usize) -> Result<Vec<u8>, String> {
             digits.len() / 2
         ));
     }
+    // Hex digits only: from_str_radix alone would take a sign ("+1").
+    if !digits.iter().all(u8::is_ascii_hexdigit) {
+        return Err("record is not hex".into());
+    }
     digits
         .chunks(2)
         .map(|p| {
@@ -293,6 +297,7 @@ mod tests {
         assert!(parse_hex("abc", 8).is_err());
         assert!(parse_hex("zz", 8).is_err());
         assert!(parse_hex("0000", 1).is_err());
+        assert!(parse_hex("+1+1", 8).is_err(), "no signs");
     }
 
     fn guest() -> (GuestMemoryMmap, Vec<SourceLayout>) {

@@ -174,9 +174,8 @@ pub fn evaluate(expect: &Expect, report: &RunReport, refs: &Refs) -> Verdict {
         }
     }
     for (index, want) in &expect.step_errors {
-        let got = index
-            .parse::<usize>()
-            .ok()
+        let got = crate::steps::number(index)
+            .and_then(|i| usize::try_from(i).ok())
             .and_then(|i| i.checked_sub(1))
             .and_then(|i| report.steps.get(i))
             .and_then(|s| s.error.clone());
@@ -361,10 +360,7 @@ fn check_ghes(expect: &Expect, report: &RunReport, refs: &Refs, f: &mut Vec<Stri
         }
     }
     for page in &expect.soft_offlined {
-        let Some(index) = page
-            .strip_prefix("page")
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
+        let Some(index) = page.strip_prefix("page").and_then(crate::steps::number) else {
             f.push(format!("'{page}' is not a page holder"));
             continue;
         };

@@ -1,0 +1,210 @@
+//! The step grammar's unit tests.
+
+use guest_agent::PageRecord;
+
+use super::*;
+
+fn agent(cmd: Command) -> Step {
+    Step::Agent { cmd, pfn: None }
+}
+
+#[test]
+fn agent_steps() {
+    assert_eq!(
+        parse("exec:cat /proc/cpuinfo"),
+        Ok(agent(Command::Exec {
+            sh: "cat /proc/cpuinfo".into()
+        }))
+    );
+    assert_eq!(parse("poweroff"), Ok(agent(Command::Poweroff)));
+    assert_eq!(parse("alloc-page"), Ok(agent(Command::AllocPage)));
+    assert_eq!(
+        parse("touch-page:2:write"),
+        Ok(agent(Command::TouchPage {
+            page: 2,
+            write: true
+        }))
+    );
+    assert_eq!(
+        parse("spin-page:3"),
+        Ok(agent(Command::SpinPage { page: 3 }))
+    );
+    assert_eq!(
+        parse("kernel-pages:slab:4"),
+        Ok(agent(Command::KernelPages {
+            kind: KernelPageKind::Slab,
+            count: 4
+        }))
+    );
+    assert_eq!(
+        parse("page-info:0x1234"),
+        Ok(agent(Command::PageInfo { pfn: 0x1234 }))
+    );
+    assert_eq!(
+        parse("page-info:page0"),
+        Ok(Step::Agent {
+            cmd: Command::PageInfo { pfn: 0 },
+            pfn: Some(Target::Ref("page0".into()))
+        })
+    );
+    assert_eq!(
+        parse("sysctl:vm.panic_on_unrecoverable_memory_failure=1"),
+        Ok(agent(Command::Sysctl {
+            name: "vm.panic_on_unrecoverable_memory_failure".into(),
+            value: Some("1".into())
+        }))
+    );
+    assert_eq!(
+        parse(r#"{"exec":{"sh":"nproc"}}"#),
+        Ok(agent(Command::Exec { sh: "nproc".into() }))
+    );
+}
+
+#[test]
+fn ras_steps() {
+    assert_eq!(
+        parse("inject:srao:slab0"),
+        Ok(Step::Inject {
+            error: MemoryError::Srao,
+            target: Target::Ref("slab0".into()),
+            vcpu: 0,
+            local: false
+        })
+    );
+    assert_eq!(
+        parse("inject:srar:0x2000000:vcpu=1:local"),
+        Ok(Step::Inject {
+            error: MemoryError::Srar,
+            target: Target::Gpa(0x200_0000),
+            vcpu: 1,
+            local: true
+        })
+    );
+    assert_eq!(
+        parse("poison:page3"),
+        Ok(Step::Poison(Target::Ref("page3".into())))
+    );
+    assert_eq!(
+        parse("ghes-memory:corrected:page1:source=polled:threshold"),
+        Ok(Step::GhesMemory {
+            severity: Severity::Corrected,
+            target: Target::Ref("page1".into()),
+            source: Notification::Polled,
+            threshold: true,
+            vcpu: 0
+        })
+    );
+    assert_eq!(
+        parse("ghes-memory:recoverable:0x3000:vcpu=1"),
+        Ok(Step::GhesMemory {
+            severity: Severity::Recoverable,
+            target: Target::Gpa(0x3000),
+            source: Notification::Nmi,
+            threshold: false,
+            vcpu: 1
+        })
+    );
+    assert_eq!(
+        parse("ghes-raw:gsiv:0011ff"),
+        Ok(Step::GhesRaw {
+            source: Notification::Gsiv,
+            record: vec![0, 0x11, 0xff]
+        })
+    );
+    assert_eq!(parse("kho-scan"), Ok(Step::KhoScan));
+    assert_eq!(parse("kexec"), Ok(agent(Command::Kexec { append: None })));
+    assert_eq!(
+        parse("kexec:kho=on"),
+        Ok(agent(Command::Kexec {
+            append: Some("kho=on".into())
+        }))
+    );
+    assert_eq!(
+        parse("forge-kho:huge-blob"),
+        Ok(agent(Command::ForgeKho {
+            defect: guest_agent::KhoDefect::HugeBlob
+        }))
+    );
+    assert_eq!(
+        parse("kernel-pages:free:2"),
+        Ok(agent(Command::KernelPages {
+            kind: KernelPageKind::Free,
+            count: 2
+        }))
+    );
+    assert_eq!(
+        parse("wait:1500"),
+        Ok(Step::Wait(Duration::from_millis(1500)))
+    );
+}
+
+#[test]
+fn bad_steps() {
+    for s in [
+        "",
+        "exec:",
+        "reboot",
+        "touch-page:x",
+        "touch-page:1:read",
+        "spin-page",
+        "spin-page:-1",
+        "kernel-pages:dma:1",
+        "kernel-pages:slab",
+        "page-info:",
+        "page-info:Page0",
+        "sysctl:",
+        "poweroff:now",
+        "{\"exec\":{}}",
+        "inject:sea:0x1000",
+        "inject:srar",
+        "inject:srar:0x1000:vcpu=999",
+        "inject:srar:0x1000:global",
+        "poison:",
+        "poison:../etc",
+        "ghes-memory:recoverable",
+        "ghes-memory:informational:0x1000",
+        "ghes-memory:recoverable:0x1000:source=sci",
+        "ghes-memory:recoverable:0x1000:threshold",
+        "ghes-memory:fatal:0x1000:vcpu=x",
+        "ghes-raw:nmi",
+        "ghes-raw:local:00",
+        "ghes-raw:nmi:0",
+        "ghes-raw:nmi:zz",
+        "kho-scan:now",
+        "kexec:",
+        "forge-kho",
+        "forge-kho:nice",
+        "wait:forever",
+        "wait:99999999999",
+    ] {
+        assert!(parse(s).is_err(), "{s:?} should be refused");
+    }
+    assert_eq!(
+        parse("reboot").unwrap_err().to_string().split(':').next(),
+        Some("Bad step 'reboot'")
+    );
+}
+
+#[test]
+fn references_resolve_from_replies() {
+    let mut refs = Refs::default();
+    let page = Payload::Page(PageRecord {
+        page: 0,
+        pid: 9,
+        vaddr: 0x7000,
+        pfn: 0x1234,
+        cpu: 0,
+    });
+    refs.learn(&Command::AllocPage, &page);
+    refs.learn(
+        &Command::KernelPages {
+            kind: KernelPageKind::PageTable,
+            count: 2,
+        },
+        &Payload::KernelPages(vec![7, 8]),
+    );
+    assert_eq!(refs.gpa(&Target::Ref("page0".into())), Ok(0x123_4000));
+    assert_eq!(refs.pfn(&Target::Ref("page-table1".into())), Ok(8));
+    assert_eq!(refs.gpa(&Target::Gpa(0x5000)), Ok(0x5000));
+    assert!(refs.pfn(&Target::Ref("slab0".into())).is_err());
+}
