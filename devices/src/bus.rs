@@ -1,85 +1,91 @@
-//! The port-I/O bus: dispatches guest `in`/`out` to the device owning the port.
+//! A bus addressed by u64: dispatches a guest access to the device owning
+//! the address. One type serves both port I/O (x86 `in`/`out`, addresses
+//! below 64 KiB) and MMIO (arm64's devices are all MMIO), as Cloud
+//! Hypervisor's vm-device `Bus` does; the VMM keeps one of each.
 
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
-/// A device on the port-I/O bus. Offsets are relative to the device's base.
-pub trait PioDevice: Send {
-    /// Guest `in` from `base + offset`.
-    fn read(&mut self, offset: u16, data: &mut [u8]);
-    /// Guest `out` to `base + offset`.
-    fn write(&mut self, offset: u16, data: &[u8]);
+/// A device on a bus. Offsets are relative to the device's base.
+pub trait BusDevice: Send {
+    /// Guest read (`in`, or a load) from `base + offset`.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// Guest write (`out`, or a store) to `base + offset`.
+    fn write(&mut self, offset: u64, data: &[u8]);
 }
 
 /// Errors inserting a device.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum Error {
-    /// The range is empty or overlaps a device already on the bus.
-    #[error("Port range {base:#x}+{len} overlaps another device or is empty")]
+    /// The range is empty, wraps, or overlaps a device already on the bus.
+    #[error("Bus range {base:#x}+{len:#x} overlaps another device or is empty")]
     Overlap {
-        /// First port.
-        base: u16,
-        /// Number of ports.
-        len: u16,
+        /// First address.
+        base: u64,
+        /// Length.
+        len: u64,
     },
 }
 
 struct Entry {
-    base: u16,
-    len: u16,
-    device: Arc<Mutex<dyn PioDevice>>,
+    base: u64,
+    len: u64,
+    device: Arc<Mutex<dyn BusDevice>>,
 }
 
-/// Port-I/O bus. Reads from ports nobody owns return all ones, as on an
-/// ISA bus with nothing driving it; writes to them are dropped.
+/// A bus. Reads from addresses nobody owns return all ones, as on an ISA
+/// bus with nothing driving it; writes to them are dropped.
 #[derive(Default)]
-pub struct PioBus {
+pub struct Bus {
     entries: Vec<Entry>,
 }
 
-impl PioBus {
+impl Bus {
     /// An empty bus.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Puts `device` at ports `base..base + len`.
+    /// Puts `device` at `base..base + len`.
     pub fn insert(
         &mut self,
-        base: u16,
-        len: u16,
-        device: Arc<Mutex<dyn PioDevice>>,
+        base: u64,
+        len: u64,
+        device: Arc<Mutex<dyn BusDevice>>,
     ) -> Result<(), Error> {
-        let end = u32::from(base) + u32::from(len);
-        let overlaps = self.entries.iter().any(|e| {
-            u32::from(base) < u32::from(e.base) + u32::from(e.len) && u32::from(e.base) < end
-        });
-        if len == 0 || overlaps || end > 0x1_0000 {
+        let Some(end) = base.checked_add(len).filter(|_| len > 0) else {
+            return Err(Error::Overlap { base, len });
+        };
+        if self
+            .entries
+            .iter()
+            .any(|e| base < e.base + e.len && e.base < end)
+        {
             return Err(Error::Overlap { base, len });
         }
         self.entries.push(Entry { base, len, device });
         Ok(())
     }
 
-    fn find(&self, port: u16) -> Option<(&Entry, u16)> {
+    fn find(&self, addr: u64) -> Option<(&Entry, u64)> {
         self.entries
             .iter()
-            .find(|e| port >= e.base && u32::from(port) < u32::from(e.base) + u32::from(e.len))
-            .map(|e| (e, port - e.base))
+            .find(|e| addr >= e.base && addr - e.base < e.len)
+            .map(|e| (e, addr - e.base))
     }
 
-    /// Handles a guest `in`.
-    pub fn read(&self, port: u16, data: &mut [u8]) {
-        match self.find(port) {
+    /// Handles a guest read.
+    pub fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.find(addr) {
             Some((e, offset)) => lock(&e.device).read(offset, data),
             None => data.fill(0xff),
         }
     }
 
-    /// Handles a guest `out`.
-    pub fn write(&self, port: u16, data: &[u8]) {
-        if let Some((e, offset)) = self.find(port) {
+    /// Handles a guest write.
+    pub fn write(&self, addr: u64, data: &[u8]) {
+        if let Some((e, offset)) = self.find(addr) {
             lock(&e.device).write(offset, data);
         }
     }
@@ -97,14 +103,14 @@ mod tests {
 
     #[derive(Default)]
     struct Recorder {
-        writes: Vec<(u16, Vec<u8>)>,
+        writes: Vec<(u64, Vec<u8>)>,
     }
 
-    impl PioDevice for Recorder {
-        fn read(&mut self, offset: u16, data: &mut [u8]) {
+    impl BusDevice for Recorder {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
             data.fill(u8::try_from(offset).unwrap_or(0xee));
         }
-        fn write(&mut self, offset: u16, data: &[u8]) {
+        fn write(&mut self, offset: u64, data: &[u8]) {
             self.writes.push((offset, data.to_vec()));
         }
     }
@@ -112,7 +118,7 @@ mod tests {
     #[test]
     fn dispatches_by_port_with_offsets() {
         let dev = Arc::new(Mutex::new(Recorder::default()));
-        let mut bus = PioBus::new();
+        let mut bus = Bus::new();
         bus.insert(0x3f8, 8, dev.clone()).unwrap();
         let mut b = [0u8; 1];
         bus.read(0x3fd, &mut b);
@@ -123,7 +129,7 @@ mod tests {
 
     #[test]
     fn unclaimed_ports_float_high() {
-        let bus = PioBus::new();
+        let bus = Bus::new();
         let mut b = [0u8; 4];
         bus.read(0xcfc, &mut b);
         assert_eq!(b, [0xff; 4]);
@@ -131,8 +137,22 @@ mod tests {
     }
 
     #[test]
+    fn mmio_addresses_above_4_gib_dispatch() {
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        let mut bus = Bus::new();
+        bus.insert(0x1_0900_0000, 0x1000, dev.clone()).unwrap();
+        let mut b = [0u8; 4];
+        bus.read(0x1_0900_0018, &mut b);
+        assert_eq!(b, [0x18; 4]);
+        bus.write(0x1_0900_0fff, &[7]);
+        assert_eq!(lock(&dev).writes, vec![(0xfff, vec![7])]);
+        bus.read(0x1_0900_1000, &mut b);
+        assert_eq!(b, [0xff; 4], "one past the end is nobody's");
+    }
+
+    #[test]
     fn overlapping_ranges_are_refused() {
-        let mut bus = PioBus::new();
+        let mut bus = Bus::new();
         let d = || Arc::new(Mutex::new(Recorder::default()));
         bus.insert(0x60, 1, d()).unwrap();
         bus.insert(0x64, 1, d()).unwrap();
@@ -140,7 +160,7 @@ mod tests {
             bus.insert(0x5f, 2, d()),
             Err(Error::Overlap { base: 0x5f, len: 2 })
         );
-        assert!(bus.insert(0xffff, 2, d()).is_err());
+        assert!(bus.insert(u64::MAX, 2, d()).is_err(), "wraps");
         assert!(bus.insert(0x70, 0, d()).is_err());
     }
 }

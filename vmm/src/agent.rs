@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::mpsc::Sender;
 
-use devices::bus::PioDevice;
+use devices::bus::BusDevice;
 use devices::legacy::SerialPort;
 use guest_agent::LineBuffer;
 use thiserror::Error;
@@ -101,8 +101,8 @@ impl AgentPort {
     }
 }
 
-impl PioDevice for AgentPort {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for AgentPort {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         self.uart.read(offset, data);
         if offset == 0 {
             self.reads += 1;
@@ -111,7 +111,7 @@ impl PioDevice for AgentPort {
         self.pump();
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         self.uart.write(offset, data);
     }
 }

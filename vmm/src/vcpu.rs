@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 use arch::x86_64::{mce, regs};
-use devices::bus::{lock, PioBus};
+use devices::bus::{lock, Bus};
 use kvm_bindings::{
     kvm_run, KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION,
     KVM_INTERNAL_ERROR_SIMUL_EX, KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, KVM_SYSTEM_EVENT_RESET,
@@ -169,8 +169,10 @@ pub trait HostMemoryErrors: Send + Sync {
 pub struct VcpuContext {
     /// vCPU index.
     pub index: u8,
-    /// Port-I/O devices.
-    pub bus: Arc<PioBus>,
+    /// Port-I/O devices (x86 `in`/`out`).
+    pub pio: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio: Arc<Bus>,
     /// Where stops and RAS events go.
     pub events: Sender<VmEvent>,
     /// The vCPU's MCG_CAP, for the guest's filtered MCG_CAP reads.
@@ -321,11 +323,10 @@ fn run(mut vcpu: VcpuFd, requests: &Receiver<VcpuRequest>, kick: &KickTarget, ct
             }
         }
         match vcpu.run() {
-            Ok(VcpuExit::IoIn(port, data)) => ctx.bus.read(port, data),
-            Ok(VcpuExit::IoOut(port, data)) => ctx.bus.write(port, data),
-            // No MMIO devices yet: reads float high, writes are dropped.
-            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::IoIn(port, data)) => ctx.pio.read(u64::from(port), data),
+            Ok(VcpuExit::IoOut(port, data)) => ctx.pio.write(u64::from(port), data),
+            Ok(VcpuExit::MmioRead(addr, data)) => ctx.mmio.read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => ctx.mmio.write(addr, data),
             Ok(VcpuExit::Shutdown) => break Some(VcpuStop::TripleFault(regs::describe(&vcpu))),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => break Some(VcpuStop::SystemShutdown),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use arch::x86_64::vm as arch_vm;
 use arch::x86_64::{acpi, board, cpuid, loader, mce as kvm_mce, regs};
-use devices::bus::PioBus;
+use devices::bus::Bus;
 use devices::legacy::{Cmos, FnTrigger, PowerPorts, SerialPort, I8042};
 use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -158,8 +158,11 @@ impl Vm {
         };
 
         let (tx, rx) = channel();
-        let (bus, agent) = create_devices(&vm, config, &tx)?;
-        let bus = Arc::new(bus);
+        let (pio, agent) = create_devices(&vm, config, &tx)?;
+        let pio = Arc::new(pio);
+        // This board places every device on port I/O; the MMIO bus is
+        // empty (reads float high, writes are dropped).
+        let mmio = Arc::new(Bus::new());
         vcpu::install_signal_handlers().map_err(Error::Signals)?;
 
         let vendor = match config.cpu.vendor {
@@ -234,7 +237,8 @@ impl Vm {
         for (i, p) in (0u8..).zip(prepared) {
             let ctx = VcpuContext {
                 index: i,
-                bus: bus.clone(),
+                pio: pio.clone(),
+                mmio: mmio.clone(),
                 events: tx.clone(),
                 mcg_cap: p.mcg_cap,
                 ras: ras.clone(),
@@ -356,7 +360,7 @@ fn create_devices(
     vm: &VmFd,
     config: &VmConfig,
     tx: &Sender<VmEvent>,
-) -> Result<(PioBus, Arc<Mutex<AgentPort>>), Error> {
+) -> Result<(Bus, Arc<Mutex<AgentPort>>), Error> {
     let irq = |gsi: u32| -> Result<EventFd, Error> {
         let fd = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm.register_irqfd(&fd, gsi)
@@ -372,11 +376,9 @@ fn create_devices(
         ))),
         ConsoleTarget::Discard => None,
     };
-    let mut bus = PioBus::new();
-    let place = |bus: &mut PioBus, slot: board::Slot, dev| {
-        let port = u16::try_from(slot.base).unwrap_or(u16::MAX);
-        let len = u16::try_from(slot.len).unwrap_or(0);
-        bus.insert(port, len, dev).map_err(Error::Bus)
+    let mut bus = Bus::new();
+    let place = |bus: &mut Bus, slot: board::Slot, dev| {
+        bus.insert(slot.base, slot.len, dev).map_err(Error::Bus)
     };
     let console = SerialPort::new(
         irq(board::CONSOLE_UART.gsi)?,
@@ -403,8 +405,8 @@ fn create_devices(
         let _ = power_tx.send(event);
     });
     bus.insert(
-        acpi::POWER_PORT,
-        u16::from(acpi::POWER_PORT_LEN),
+        u64::from(acpi::POWER_PORT),
+        u64::from(acpi::POWER_PORT_LEN),
         Arc::new(Mutex::new(power)),
     )
     .map_err(Error::Bus)?;

@@ -22,17 +22,17 @@ use std::collections::VecDeque;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 
-const UART_RX: u16 = 0;
-const UART_TX: u16 = 0;
-const UART_IER: u16 = 1;
-const UART_IIR: u16 = 2;
-const UART_FCR: u16 = 2;
-const UART_LCR: u16 = 3;
-const UART_MCR: u16 = 4;
-const UART_LSR: u16 = 5;
-const UART_MSR: u16 = 6;
+const UART_RX: u64 = 0;
+const UART_TX: u64 = 0;
+const UART_IER: u64 = 1;
+const UART_IIR: u64 = 2;
+const UART_FCR: u64 = 2;
+const UART_LCR: u64 = 3;
+const UART_MCR: u64 = 4;
+const UART_LSR: u64 = 5;
+const UART_MSR: u64 = 6;
 
 const UART_IER_RDI: u8 = 0x01;
 const UART_IER_THRI: u8 = 0x02;
@@ -70,13 +70,13 @@ pub struct Linux8250 {
     pub bug_txen: bool,
 }
 
-fn inb(dev: &mut dyn PioDevice, offset: u16) -> u8 {
+fn inb(dev: &mut dyn BusDevice, offset: u64) -> u8 {
     let mut b = [0u8];
     dev.read(offset, &mut b);
     b[0]
 }
 
-fn outb(dev: &mut dyn PioDevice, offset: u16, v: u8) {
+fn outb(dev: &mut dyn BusDevice, offset: u64, v: u8) {
     dev.write(offset, &[v]);
 }
 
@@ -90,7 +90,7 @@ impl Linux8250 {
     /// the FIFOs and interrupt registers, the THRE test (under
     /// `disable_irq`: edges wait), 8N1, OUT2|DTR|RTS, the TXEN test, clear
     /// again, then enable the receive interrupts.
-    pub fn startup(&mut self, dev: &mut dyn PioDevice) {
+    pub fn startup(&mut self, dev: &mut dyn BusDevice) {
         outb(dev, UART_FCR, 0x07);
         outb(dev, UART_FCR, 0x00);
         for r in [UART_LSR, UART_RX, UART_IIR, UART_MSR] {
@@ -121,7 +121,7 @@ impl Linux8250 {
 
     /// The tty layer hands the driver bytes to send: queue them and
     /// `__start_tx` (set IER.THRI unless it is set).
-    pub fn write(&mut self, dev: &mut dyn PioDevice, bytes: &[u8]) {
+    pub fn write(&mut self, dev: &mut dyn BusDevice, bytes: &[u8]) {
         self.xmit.extend(bytes);
         if !self.xmit.is_empty() && self.ier & UART_IER_THRI == 0 {
             self.ier |= UART_IER_THRI;
@@ -131,20 +131,20 @@ impl Linux8250 {
 
     /// `serial8250_throttle`'s effect on a plain 8250: stop receive
     /// interrupts (IER.RDI and RLSI off).
-    pub fn throttle(&mut self, dev: &mut dyn PioDevice) {
+    pub fn throttle(&mut self, dev: &mut dyn BusDevice) {
         self.ier &= !(UART_IER_RLSI | UART_IER_RDI);
         outb(dev, UART_IER, self.ier);
     }
 
     /// Receive interrupts back on (`serial8250_unthrottle`).
-    pub fn unthrottle(&mut self, dev: &mut dyn PioDevice) {
+    pub fn unthrottle(&mut self, dev: &mut dyn BusDevice) {
         self.ier |= UART_IER_RLSI | UART_IER_RDI;
         outb(dev, UART_IER, self.ier);
     }
 
     /// A console write on this port (`serial8250_console_write`): IER
     /// cleared, the message polled out, IER restored.
-    pub fn console_write(&mut self, dev: &mut dyn PioDevice, msg: &[u8]) {
+    pub fn console_write(&mut self, dev: &mut dyn BusDevice, msg: &[u8]) {
         outb(dev, UART_IER, 0);
         for &c in msg {
             while inb(dev, UART_LSR) & UART_LSR_THRE == 0 {}
@@ -159,7 +159,7 @@ impl Linux8250 {
     /// Takes every interrupt pending on `irq`, as the CPU would once the
     /// handler returns: runs the handler while edges are pending. Returns
     /// how many times it ran.
-    pub fn serve(&mut self, dev: &mut dyn PioDevice, irq: &EventFd) -> u64 {
+    pub fn serve(&mut self, dev: &mut dyn BusDevice, irq: &EventFd) -> u64 {
         let mut runs = 0;
         // A non-blocking eventfd reads as an error once no edge is pending.
         while irq.read().is_ok() {
@@ -171,7 +171,7 @@ impl Linux8250 {
 
     /// `serial8250_interrupt` for an IRQ with this one port: run the port's
     /// handler until it finds no interrupt. Returns whether it handled one.
-    pub fn interrupt(&mut self, dev: &mut dyn PioDevice) -> bool {
+    pub fn interrupt(&mut self, dev: &mut dyn BusDevice) -> bool {
         self.interrupts += 1;
         let mut handled = false;
         let mut passes = 0;
@@ -190,7 +190,7 @@ impl Linux8250 {
     }
 
     /// `serial8250_default_handle_irq` and `serial8250_handle_irq`.
-    fn handle_irq(&mut self, dev: &mut dyn PioDevice) -> bool {
+    fn handle_irq(&mut self, dev: &mut dyn BusDevice) -> bool {
         let iir = inb(dev, UART_IIR);
         if iir & UART_IIR_NO_INT != 0 {
             return false;
@@ -207,7 +207,7 @@ impl Linux8250 {
     }
 
     /// `serial8250_rx_chars`: at most 256 characters per call.
-    fn rx_chars(&mut self, dev: &mut dyn PioDevice, mut lsr: u8) -> u8 {
+    fn rx_chars(&mut self, dev: &mut dyn BusDevice, mut lsr: u8) -> u8 {
         let mut max_count = RX_MAX_COUNT;
         loop {
             let ch = if lsr & UART_LSR_DR != 0 {
@@ -229,7 +229,7 @@ impl Linux8250 {
     }
 
     /// `serial8250_tx_chars`, then `__stop_tx` once the buffer is empty.
-    fn tx_chars(&mut self, dev: &mut dyn PioDevice) {
+    fn tx_chars(&mut self, dev: &mut dyn BusDevice) {
         if self.xmit.is_empty() {
             self.stop_tx(dev);
             return;
@@ -245,7 +245,7 @@ impl Linux8250 {
         }
     }
 
-    fn stop_tx(&mut self, dev: &mut dyn PioDevice) {
+    fn stop_tx(&mut self, dev: &mut dyn BusDevice) {
         if self.ier & UART_IER_THRI != 0 {
             self.ier &= !UART_IER_THRI;
             outb(dev, UART_IER, self.ier);

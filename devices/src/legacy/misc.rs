@@ -1,17 +1,17 @@
 //! Motherboard ports: the ones Linux touches during boot, and the ACPI
 //! power device's.
 
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 
 /// CMOS/RTC index and data ports (0x70, 0x71), unbacked. Reads return zero
 /// so "update in progress" is never set; kvm-clock gives the guest its time.
 pub struct Cmos;
 
-impl PioDevice for Cmos {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for Cmos {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    fn write(&mut self, _offset: u16, _data: &[u8]) {}
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
 }
 
 /// The ACPI power device's ports (sleep control, sleep status, reset; see
@@ -30,12 +30,15 @@ impl PowerPorts {
     }
 }
 
-impl PioDevice for PowerPorts {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for PowerPorts {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    fn write(&mut self, offset: u16, data: &[u8]) {
-        // Port accesses are 1, 2 or 4 bytes wide.
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        // Port accesses are 1, 2 or 4 bytes wide, within a port window.
+        let Ok(offset) = u16::try_from(offset) else {
+            return;
+        };
         for (i, b) in (0u16..).zip(data) {
             (self.on_write)(offset.wrapping_add(i), *b);
         }

@@ -58,7 +58,7 @@ use std::io::{self, Write};
 use vm_superio::{I8042Device, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 
 /// The 16550A receive FIFO's size.
 const FIFO_SIZE: usize = 64;
@@ -296,8 +296,8 @@ impl<W: Write + Send> SerialPort<W> {
     }
 }
 
-impl<W: Write + Send> PioDevice for SerialPort<W> {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl<W: Write + Send> BusDevice for SerialPort<W> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         // UART registers are 8 bits wide; wider accesses read the low one.
         let v = u8::try_from(offset).map_or(0xff, |o| self.read_reg(o));
         self.update_irq();
@@ -307,7 +307,7 @@ impl<W: Write + Send> PioDevice for SerialPort<W> {
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(o), Some(b)) = (u8::try_from(offset), data.first()) {
             self.write_reg(o, *b);
             self.update_irq();
@@ -333,8 +333,8 @@ impl<T: Trigger> I8042<T> {
     }
 }
 
-impl<T: Trigger + Send> PioDevice for I8042<T> {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl<T: Trigger + Send> BusDevice for I8042<T> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = match offset {
             0 | 4 => self.inner.read(u8::try_from(offset).unwrap_or(0)),
             1 => 0x20,
@@ -343,7 +343,7 @@ impl<T: Trigger + Send> PioDevice for I8042<T> {
         data.fill(v);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let (0 | 4, Some(b)) = (offset, data.first()) {
             let _ = self.inner.write(u8::try_from(offset).unwrap_or(0), *b);
         }
@@ -398,13 +398,13 @@ mod tests {
         }
     }
 
-    impl PioDevice for Refill {
-        fn read(&mut self, offset: u16, data: &mut [u8]) {
+    impl BusDevice for Refill {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
             self.uart.read(offset, data);
             self.pump();
         }
 
-        fn write(&mut self, offset: u16, data: &[u8]) {
+        fn write(&mut self, offset: u64, data: &[u8]) {
             self.uart.write(offset, data);
         }
     }
