@@ -204,7 +204,7 @@ impl Ghes {
                 SourceState {
                     source: s.layout.notify,
                     stats: s.stats(),
-                    queued: s.queued(),
+                    waiting: s.queued(),
                     unacknowledged: s.outstanding(),
                 }
             })
@@ -220,8 +220,10 @@ pub struct SourceState {
     /// Counters.
     #[serde(flatten)]
     pub stats: hest::SourceStats,
-    /// Records waiting.
-    pub queued: usize,
+    /// Records waiting for an acknowledgement now (`queued`, from the
+    /// counters, is how many ever had to wait; one JSON object holds both,
+    /// so the names differ).
+    pub waiting: usize,
     /// A written record not acknowledged yet.
     pub unacknowledged: bool,
 }

@@ -327,6 +327,16 @@ mod tests {
             },
         ];
         r.mcg_cap_supplied = 1 << 24;
+        r.ghes = vec![crate::ghes_sources::SourceState {
+            source: ras::ghes::Notification::Gsiv,
+            stats: ras::ghes::SourceStats {
+                written: 3,
+                acked: 2,
+                queued: 1,
+            },
+            waiting: 1,
+            unacknowledged: true,
+        }];
         r.verdict = Some(Verdict {
             passed: false,
             failures: vec!["x".into()],
