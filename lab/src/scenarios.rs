@@ -54,6 +54,9 @@ pub struct ScenarioResult {
     pub passed: bool,
     /// Why it failed.
     pub failures: Vec<String>,
+    /// Why an earlier attempt of this scenario did not count (the lab host
+    /// stopped under it), if it was retried.
+    pub retried: Option<String>,
     /// For a failure: the last console lines and where each vCPU was, from
     /// rasvmm's report, so that a CI log shows the cause, not only the
     /// verdict.
@@ -65,15 +68,19 @@ pub struct ScenarioResult {
 }
 
 /// Fresh lab hosts a suite may use after one stopped under it.
-const MAX_LAB_RESTARTS: usize = 2;
+const MAX_LAB_RESTARTS: usize = 3;
 
 /// Runs scenarios in one job; returns their results and the wall time.
 ///
 /// If the lab host stops part-way (it died, or ran out of time), the
-/// scenarios that finished keep their results, the one it was running
-/// fails with the lab host's last words, and the rest run in a fresh lab
-/// host (at most [`MAX_LAB_RESTARTS`] times; beyond that they fail as not
-/// run). Nothing already recorded is lost.
+/// scenarios that finished keep their results and the rest run in a fresh
+/// lab host, the interrupted one first: a lab host that dies is the
+/// platform's failure (docs/lab-host.md), so that scenario gets one more
+/// attempt, and its result says so (`retried`, shown in the table and as a
+/// JUnit `flakyFailure`). If the lab host stops during the retry too, the
+/// scenario fails with both reasons: a failure that repeats still fails. At
+/// most [`MAX_LAB_RESTARTS`] fresh lab hosts; beyond that the rest fail as
+/// not run. Nothing already recorded is lost.
 pub fn run(
     lab: &Lab,
     scenarios: &[(PathBuf, Scenario)],
@@ -90,28 +97,45 @@ fn run_with(
     let mut wall = 0.0;
     let mut rest = scenarios;
     let mut restarts = 0;
+    // Why the first attempt of `rest[0]` ended with the lab host, if it did.
+    let mut retrying: Option<String> = None;
     while !rest.is_empty() {
         let res = run_job(&job(rest))?;
         wall += res.wall.as_secs_f64();
         let done = res.runs.len().min(rest.len());
-        results.extend(rest.iter().zip(&res.runs).map(|((_, s), r)| judge(s, r)));
+        for ((_, s), r) in rest.iter().zip(&res.runs) {
+            let mut judged = judge(s, r);
+            judged.retried = retrying.take();
+            results.push(judged);
+        }
         let Some(why) = res.incomplete else {
             break;
         };
-        if let Some((_, stopped)) = rest.get(done) {
-            results.push(lab_failure(
-                stopped,
-                format!("the lab host stopped during this scenario: {why}"),
-            ));
-        }
-        rest = &rest[(done + 1).min(rest.len())..];
-        restarts += 1;
-        if restarts > MAX_LAB_RESTARTS {
-            for (_, s) in rest {
+        let why = format!("the lab host stopped during this scenario: {why}");
+        match (rest.get(done), retrying.take()) {
+            (Some((_, stopped)), Some(first)) => {
+                // It stopped during the retry as well.
                 results.push(lab_failure(
-                    s,
-                    format!("not run: the lab host stopped {restarts} times"),
+                    stopped,
+                    format!("{first}; on its retry, {why}"),
                 ));
+                rest = &rest[done + 1..];
+            }
+            (Some(_), None) => {
+                retrying = Some(why);
+                rest = &rest[done..];
+            }
+            (None, _) => rest = &[],
+        }
+        restarts += 1;
+        if restarts > MAX_LAB_RESTARTS && !rest.is_empty() {
+            for (i, (_, s)) in rest.iter().enumerate() {
+                let not_run = format!("not run: the lab host stopped {restarts} times");
+                let why = match (&retrying, i) {
+                    (Some(first), 0) => format!("{first}; {not_run} (no retry)"),
+                    _ => not_run,
+                };
+                results.push(lab_failure(s, why));
             }
             break;
         }
@@ -179,6 +203,7 @@ fn judge(s: &Scenario, r: &RunResult) -> ScenarioResult {
         outcome: r.outcome().to_string(),
         passed,
         failures,
+        retried: None,
         diagnosis,
         seconds,
         report: value,
@@ -214,6 +239,7 @@ fn lab_failure(s: &Scenario, why: String) -> ScenarioResult {
         outcome: "lab-host-stopped".into(),
         passed: false,
         failures: vec![why],
+        retried: None,
         diagnosis: Vec::new(),
         seconds: 0.0,
         report: Value::Null,
@@ -237,6 +263,9 @@ pub fn table(results: &[ScenarioResult]) -> String {
         );
         for f in &r.failures {
             s += &format!("    - {f}\n");
+        }
+        if let Some(why) = &r.retried {
+            s += &format!("    ~ retried once: {why}\n");
         }
         for d in &r.diagnosis {
             s += &format!("      | {d}\n");
@@ -266,6 +295,14 @@ pub fn junit(results: &[ScenarioResult], wall: f64) -> String {
                 xml(&[r.failures.as_slice(), r.diagnosis.as_slice()]
                     .concat()
                     .join("\n"))
+            );
+        }
+        if let Some(why) = &r.retried {
+            // Surefire's rerun format: the attempt that did not count.
+            x += &format!(
+                "    <flakyFailure message=\"{}\">{}</flakyFailure>\n",
+                xml(why),
+                xml(why)
             );
         }
         x += &format!(
@@ -308,6 +345,7 @@ mod tests {
             } else {
                 vec!["outcome is \"x\"".into()]
             },
+            retried: None,
             diagnosis: if passed {
                 vec![]
             } else {
@@ -403,17 +441,20 @@ mod tests {
             incomplete: incomplete.map(String::from),
         };
         // The first lab host finishes s0 and dies in s1; a fresh one runs
-        // the rest.
+        // s1 again, then the rest. s1 passes, marked as retried.
         let mut calls = Vec::new();
         let (results, wall) = run_with(&all, |job| {
             calls.push(job.runs.len());
             Ok(match calls.len() {
                 1 => lab(vec![passed("s0")], Some("died")),
-                _ => lab(vec![passed("s2"), passed("s3"), passed("s4")], None),
+                _ => lab(
+                    vec![passed("s1"), passed("s2"), passed("s3"), passed("s4")],
+                    None,
+                ),
             })
         })
         .unwrap();
-        assert_eq!(calls, vec![5, 3]);
+        assert_eq!(calls, vec![5, 4]);
         assert_eq!(wall, 2.0);
         let summary: Vec<(&str, bool)> = results
             .iter()
@@ -423,14 +464,41 @@ mod tests {
             summary,
             vec![
                 ("s0", true),
-                ("s1", false),
+                ("s1", true),
                 ("s2", true),
                 ("s3", true),
                 ("s4", true)
             ]
         );
-        assert!(results[1].failures[0].contains("stopped during this scenario: died"));
+        let retried: Vec<bool> = results.iter().map(|r| r.retried.is_some()).collect();
+        assert_eq!(retried, vec![false, true, false, false, false]);
+        assert!(results[1].retried.as_deref().unwrap().contains("died"));
+        assert!(table(&results).contains("~ retried once: the lab host stopped"));
+        assert!(junit(&results, 2.0).contains("<flakyFailure message=\"the lab host stopped"));
+
+        // Dying twice in the same scenario fails it, with both reasons; the
+        // rest still run.
+        let mut calls = Vec::new();
+        let (results, _) = run_with(&all, |job| {
+            calls.push(job.runs.len());
+            Ok(match calls.len() {
+                1 => lab(vec![passed("s0")], Some("died once")),
+                2 => lab(vec![], Some("died twice")),
+                _ => lab(vec![passed("s2"), passed("s3"), passed("s4")], None),
+            })
+        })
+        .unwrap();
+        assert_eq!(calls, vec![5, 4, 3]);
+        assert!(!results[1].passed);
         assert_eq!(results[1].outcome, "lab-host-stopped");
+        assert!(
+            results[1].failures[0].contains("died once")
+                && results[1].failures[0].contains("on its retry")
+                && results[1].failures[0].contains("died twice"),
+            "{:?}",
+            results[1].failures
+        );
+        assert!(results[2..].iter().all(|r| r.passed));
 
         // A lab host that keeps dying is given up on, every scenario named.
         let mut calls = Vec::new();
@@ -439,10 +507,32 @@ mod tests {
             Ok(lab(Vec::new(), Some("died")))
         })
         .unwrap();
-        assert_eq!(calls, vec![5, 4, 3]);
+        assert_eq!(calls, vec![5, 5, 4, 4]);
         assert_eq!(results.len(), 5);
         assert!(results.iter().all(|r| !r.passed));
-        assert!(results[4].failures[0].starts_with("not run: the lab host stopped 3 times"));
+        assert!(results[0].failures[0].contains("on its retry"));
+        assert!(results[1].failures[0].contains("on its retry"));
+        assert!(results[2..]
+            .iter()
+            .all(|r| r.failures[0].starts_with("not run: the lab host stopped 4 times")));
+
+        // Given up on while a retry was due: that scenario says so.
+        let mut calls = 0;
+        let (results, _) = run_with(&all, |_| {
+            calls += 1;
+            Ok(match calls {
+                1 => lab(vec![passed("s0")], Some("a")),
+                2 => lab(vec![passed("s1")], Some("b")),
+                3 => lab(vec![passed("s2")], Some("c")),
+                _ => lab(vec![passed("s3")], Some("d")),
+            })
+        })
+        .unwrap();
+        assert_eq!(calls, 4);
+        assert!(
+            results.last().unwrap().failures[0].contains("(no retry)"),
+            "{results:?}"
+        );
     }
 
     #[test]
