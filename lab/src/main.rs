@@ -133,12 +133,4 @@ fn demo() -> Result<ExitCode, String> {
 }
 
 /// An error with its causes on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s += &format!(": {c}");
-        cur = c.source();
-    }
-    s
-}
+pub use vmm::report::one_line as chain;

@@ -9,7 +9,6 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::sync::mpsc::Sender;
 
 use devices::bus::BusDevice;
 use devices::legacy::SerialPort;
@@ -17,7 +16,7 @@ use guest_agent::LineBuffer;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::event::VmEvent;
+use crate::event::{EventSender, VmEvent};
 
 /// Most request bytes waiting for the guest to read.
 const MAX_PENDING: usize = 1 << 20;
@@ -33,7 +32,7 @@ pub enum Error {
 /// Bytes from the agent, split into bounded lines.
 pub struct AgentOut {
     lines: LineBuffer,
-    events: Sender<VmEvent>,
+    events: EventSender,
 }
 
 impl Write for AgentOut {
@@ -60,7 +59,7 @@ pub struct AgentPort {
 
 impl AgentPort {
     /// A port raising `irq` and reporting agent lines to `events`.
-    pub fn new(irq: EventFd, events: Sender<VmEvent>) -> std::io::Result<Self> {
+    pub fn new(irq: EventFd, events: EventSender) -> std::io::Result<Self> {
         let out = AgentOut {
             lines: LineBuffer::new(),
             events,
@@ -118,13 +117,11 @@ impl BusDevice for AgentPort {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc::channel;
-
     use super::*;
 
     #[test]
     fn long_requests_are_paced_through_the_fifo() {
-        let (tx, _rx) = channel();
+        let (tx, _rx) = crate::event::queue().unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut p = AgentPort::new(irq, tx).unwrap();
         let msg: Vec<u8> = (0..200u8).collect();
@@ -158,7 +155,7 @@ mod tests {
     #[test]
     fn requests_of_every_length_reach_the_8250_driver() {
         use devices::legacy::linux8250::Linux8250;
-        let (tx, rx) = channel();
+        let (tx, rx) = crate::event::queue().unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut p = AgentPort::new(irq.try_clone().unwrap(), tx).unwrap();
         let mut guest = Linux8250::new();
@@ -182,7 +179,7 @@ mod tests {
 
     #[test]
     fn agent_output_becomes_lines() {
-        let (tx, rx) = channel();
+        let (tx, rx) = crate::event::queue().unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut p = AgentPort::new(irq, tx).unwrap();
         for b in b"{\"a\":1}\n" {
@@ -196,7 +193,7 @@ mod tests {
 
     #[test]
     fn a_guest_that_never_reads_fills_up() {
-        let (tx, _rx) = channel();
+        let (tx, _rx) = crate::event::queue().unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut p = AgentPort::new(irq, tx).unwrap();
         let chunk = vec![b'x'; 4096];

@@ -2,9 +2,8 @@
 //! turns it into lines for the outcome classifier.
 
 use std::io::{self, Write};
-use std::sync::mpsc::Sender;
 
-use crate::event::VmEvent;
+use crate::event::{EventSender, VmEvent};
 
 /// Longest console line kept; longer lines are split.
 const MAX_LINE: usize = 4096;
@@ -13,12 +12,12 @@ const MAX_LINE: usize = 4096;
 pub struct ConsoleOut {
     target: Option<Box<dyn Write + Send>>,
     line: Vec<u8>,
-    events: Sender<VmEvent>,
+    events: EventSender,
 }
 
 impl ConsoleOut {
     /// Copies output to `target` (if any) and sends complete lines to `events`.
-    pub fn new(target: Option<Box<dyn Write + Send>>, events: Sender<VmEvent>) -> Self {
+    pub fn new(target: Option<Box<dyn Write + Send>>, events: EventSender) -> Self {
         Self {
             target,
             line: Vec::with_capacity(256),
@@ -73,13 +72,11 @@ impl Write for ConsoleOut {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc::channel;
-
     use super::*;
 
     #[test]
     fn splits_lines_and_drops_carriage_returns() {
-        let (tx, rx) = channel();
+        let (tx, rx) = crate::event::queue().unwrap();
         let mut c = ConsoleOut::new(None, tx);
         c.write_all(b"Linux version 7.3\r\nreboot: Po").unwrap();
         c.write_all(b"wer down\r\n").unwrap();
@@ -95,7 +92,7 @@ mod tests {
 
     #[test]
     fn long_lines_are_split() {
-        let (tx, rx) = channel();
+        let (tx, rx) = crate::event::queue().unwrap();
         let mut c = ConsoleOut::new(None, tx);
         c.write_all(&vec![b'x'; MAX_LINE * 2 + 5]).unwrap();
         assert_eq!(rx.try_iter().count(), 2);

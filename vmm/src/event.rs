@@ -5,8 +5,75 @@
 //! A leaf: every other module of the VMM may import it; it imports only
 //! wire types (the API's request, the KHO view) and the ras crate.
 
+use std::sync::mpsc::{channel, Receiver, SendError, Sender, TryRecvError};
+use std::sync::Arc;
+
 use guest_agent::ProtocolError;
 use ras::mce::{MceRecord, MemoryError};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// The sending end of the session's event queue: every producer (vCPU
+/// threads, UARTs, the reset and power devices, API connections) sends
+/// here. Each send also signals an eventfd, which the session's event loop
+/// (rust-vmm's event-manager, the `event_loop` module) waits on.
+#[derive(Clone)]
+pub struct EventSender {
+    tx: Sender<VmEvent>,
+    wake: Arc<EventFd>,
+}
+
+impl EventSender {
+    /// Queues `event` and wakes the session.
+    pub fn send(&self, event: VmEvent) -> Result<(), SendError<VmEvent>> {
+        self.tx.send(event)?;
+        // A full counter (2^64 - 2 wake-ups unread) still wakes epoll.
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+}
+
+impl crate::api::Submit for EventSender {
+    fn submit(&self, call: crate::api::ApiCall) -> bool {
+        self.send(VmEvent::Api(call)).is_ok()
+    }
+}
+
+/// The receiving end: the session takes events from it, and its event loop
+/// waits on [`EventQueue::wake_fd`].
+pub struct EventQueue {
+    rx: Receiver<VmEvent>,
+    wake: Arc<EventFd>,
+}
+
+impl EventQueue {
+    /// The next queued event, if any.
+    pub fn try_recv(&self) -> Result<VmEvent, TryRecvError> {
+        self.rx.try_recv()
+    }
+
+    /// The events queued now, without waiting.
+    pub fn try_iter(&self) -> std::sync::mpsc::TryIter<'_, VmEvent> {
+        self.rx.try_iter()
+    }
+
+    /// The eventfd every send signals.
+    pub fn wake_fd(&self) -> Arc<EventFd> {
+        self.wake.clone()
+    }
+}
+
+/// A new event queue.
+pub fn queue() -> std::io::Result<(EventSender, EventQueue)> {
+    let (tx, rx) = channel();
+    let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+    Ok((
+        EventSender {
+            tx,
+            wake: wake.clone(),
+        },
+        EventQueue { rx, wake },
+    ))
+}
 
 /// Something the guest or a vCPU did.
 #[derive(Debug)]
@@ -30,12 +97,6 @@ pub enum VmEvent {
         /// Why.
         stop: VcpuStop,
     },
-}
-
-impl From<crate::api::ApiCall> for VmEvent {
-    fn from(call: crate::api::ApiCall) -> Self {
-        VmEvent::Api(call)
-    }
 }
 
 /// Why a vCPU stopped running.

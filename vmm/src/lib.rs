@@ -3,7 +3,8 @@
 //! Modules import downward only. From the bottom:
 //! - [`config`], [`outcome`], [`steps`]: what a run is made of and how it
 //!   can end (pure);
-//! - [`event`]: the events a running VM produces (a leaf the rest imports);
+//! - [`event`]: the events a running VM produces and the queue they travel
+//!   on; [`event_loop`]: the session's wait on event-manager;
 //! - [`console`], [`agent`]: the two UARTs (console and guest agent);
 //! - [`ghes_sources`]: the guest's APEI GHES error sources in guest memory;
 //!   [`kho_observer`]: the guest's own poison list, read from its KHO state;
@@ -22,6 +23,7 @@ pub mod api;
 pub mod config;
 pub mod console;
 pub mod event;
+pub mod event_loop;
 pub mod ghes_sources;
 pub mod kho_observer;
 pub mod outcome;

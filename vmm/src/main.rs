@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use vmm::config::{self, BootSource, ConsoleTarget, VmConfig, DEFAULT_CMDLINE};
 use vmm::outcome::OutcomeKind;
+use vmm::report::one_line as chain;
 use vmm::scenario::Scenario;
 
 /// rasvmm: a KVM VMM for RAS validation of Linux.
@@ -126,17 +127,6 @@ fn main() -> ExitCode {
             }
         },
     }
-}
-
-/// Formats an error with its chain of causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s += &format!(": {c}");
-        cur = c.source();
-    }
-    s
 }
 
 /// One control API request; prints the answer (and, for `events`, every

@@ -226,6 +226,17 @@ fn clip(s: &str, n: usize) -> String {
     format!("{}...", &s[..end])
 }
 
+/// An error with its chain of causes, on one line ("what: why: why").
+pub fn one_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
+}
+
 /// VmRSS of this process in KiB.
 pub fn process_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")

@@ -50,7 +50,7 @@ pub fn run_expecting(
         Some(p) => Some(crate::api::serve(p, vm.event_sender()).map_err(Error::Api)?),
         None => None,
     };
-    let mut session = Session::new(vm);
+    let mut session = Session::new(vm).map_err(Error::EventLoop)?;
     let mut records = Vec::new();
     for (text, step) in steps {
         let result = session.perform(step);

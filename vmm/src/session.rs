@@ -7,7 +7,6 @@
 //! here and only here.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use devices::bus::lock;
@@ -16,6 +15,7 @@ use guest_agent::{
 };
 
 use crate::event::{RasEvent, VcpuStop, VmEvent};
+use crate::event_loop::{EventLoop, Woke};
 use crate::ghes_sources;
 use crate::outcome::{Classifier, Outcome, OutcomeKind};
 #[allow(unused_imports)] // named in docs
@@ -27,6 +27,9 @@ use crate::vm::Vm;
 
 /// Drives a started VM to its outcome.
 pub struct Session {
+    /// Waits for the VM's events (event-manager over the queue's eventfd
+    /// and the GHES timer).
+    event_loop: EventLoop,
     pub(crate) vm: Vm,
     pub(crate) classifier: Classifier,
     pub(crate) deadline: Instant,
@@ -64,10 +67,12 @@ const MAX_RAS_EVENTS: usize = 10_000;
 
 impl Session {
     /// Watches `vm` until its configured deadline.
-    pub fn new(vm: Vm) -> Self {
+    pub fn new(vm: Vm) -> Result<Self, crate::event_loop::Error> {
         let deadline = vm.started() + vm.config().timeout;
-        Self {
+        let event_loop = EventLoop::new(vm.events().wake_fd())?;
+        Ok(Self {
             vm,
+            event_loop,
             classifier: Classifier::new(),
             deadline,
             outcome: None,
@@ -83,7 +88,7 @@ impl Session {
             subscribers: Vec::new(),
             api_pending: BTreeMap::new(),
             ghes_addresses: BTreeSet::new(),
-        }
+        })
     }
 
     /// Whether API clients are listening for events.
@@ -307,6 +312,37 @@ impl Session {
         }
     }
 
+    /// The next event: a queued one at once, else the first to arrive before
+    /// `until`; `None` at `until`, or earlier when the GHES timer fires
+    /// while records wait for an acknowledgement.
+    fn next_event(
+        &mut self,
+        until: Instant,
+        ghes_waiting: bool,
+    ) -> Result<Option<VmEvent>, crate::event_loop::Error> {
+        if let Ok(e) = self.vm.events().try_recv() {
+            return Ok(Some(e));
+        }
+        if ghes_waiting {
+            // Records wait for the guest's acknowledgement: look again soon.
+            self.event_loop.arm_ghes(GHES_PUMP_INTERVAL)?;
+        }
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let woke = self.event_loop.wait(left)?;
+            if let Ok(e) = self.vm.events().try_recv() {
+                return Ok(Some(e));
+            }
+            match woke {
+                Woke::Ghes if ghes_waiting => return Ok(None),
+                _ if Instant::now() >= until => return Ok(None),
+                // A wake-up whose event an earlier step already took, or a
+                // stale GHES tick: wait on.
+                _ => {}
+            }
+        }
+    }
+
     /// Handles one event (or the deadline); returns agent messages other
     /// than the hello to the caller.
     fn step(&mut self) -> Option<AgentMessage> {
@@ -320,19 +356,19 @@ impl Session {
             return None;
         }
         let until = until.min(self.deadline);
-        let mut left = until.saturating_duration_since(Instant::now());
         let ghes_waiting = self.vm.ras().ghes_pump();
-        if ghes_waiting {
-            // Records wait for the guest's acknowledgement: look again soon.
-            left = left.min(GHES_PUMP_INTERVAL);
-        }
-        let event = match self.vm.events().recv_timeout(left) {
-            Ok(e) => e,
-            Err(RecvTimeoutError::Timeout) if ghes_waiting && Instant::now() < until => {
-                return None
+        let event = match self.next_event(until, ghes_waiting) {
+            Ok(Some(e)) => e,
+            Err(e) => {
+                let o = self.classifier.vmm_error(crate::report::one_line(&e));
+                self.finish(o);
+                return None;
             }
-            Err(RecvTimeoutError::Timeout) if until < self.deadline => return None,
-            Err(RecvTimeoutError::Timeout) => {
+            // Nothing yet, and records wait for the guest's acknowledgement:
+            // the caller steps again, which pumps the GHES sources.
+            Ok(None) if ghes_waiting && Instant::now() < until => return None,
+            Ok(None) if until < self.deadline => return None,
+            Ok(None) => {
                 let secs = self.vm.config().timeout.as_secs_f64();
                 let mut o = self.classifier.deadline(secs);
                 if o.kind == OutcomeKind::Timeout {
@@ -348,11 +384,6 @@ impl Session {
                         port.rx_waiting()
                     ));
                 }
-                self.finish(o);
-                return None;
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                let o = self.classifier.vmm_error("all vCPU threads exited".into());
                 self.finish(o);
                 return None;
             }

@@ -33,7 +33,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use ras::mce::MceRecord;
 
-use crate::event::{RasEvent, VcpuStop, VmEvent};
+use crate::event::{EventSender, RasEvent, VcpuStop, VmEvent};
 
 /// Work for a vCPU's own thread.
 pub enum VcpuRequest {
@@ -174,7 +174,7 @@ pub struct VcpuContext {
     /// MMIO devices.
     pub mmio: Arc<Bus>,
     /// Where stops and RAS events go.
-    pub events: Sender<VmEvent>,
+    pub events: EventSender,
     /// The vCPU's MCG_CAP, for the guest's filtered MCG_CAP reads.
     pub mcg_cap: u64,
     /// Reports host memory errors.

@@ -9,7 +9,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::agent::AgentPort;
 use crate::config::{BootSource, ConsoleTarget, VmConfig};
 use crate::console::ConsoleOut;
-use crate::event::VmEvent;
+use crate::event::{EventQueue, EventSender, VmEvent};
 use crate::ghes_sources::{self, Ghes};
 use crate::ras_controller::{McaSetup, RasController};
 use crate::vcpu::{self, VcpuChannel, VcpuContext, VcpuHandle};
@@ -71,6 +70,9 @@ pub enum Error {
     /// The control API cannot start.
     #[error("Cannot start the control API")]
     Api(#[source] crate::api::Error),
+    /// The session's event loop cannot start.
+    #[error("Cannot start the session's event loop")]
+    EventLoop(#[source] crate::event_loop::Error),
     /// The GHES error sources cannot be set up.
     #[error("Cannot set up the GHES error sources")]
     Ghes(#[source] ghes_sources::Error),
@@ -83,8 +85,8 @@ pub struct Vm {
     vcpus: Vec<VcpuHandle>,
     ras: Arc<RasController>,
     memory: GuestMemoryMmap,
-    events: Receiver<VmEvent>,
-    events_tx: Sender<VmEvent>,
+    events: EventQueue,
+    events_tx: EventSender,
     agent: Arc<Mutex<AgentPort>>,
     started: Instant,
     config: VmConfig,
@@ -157,7 +159,7 @@ impl Vm {
             None => None,
         };
 
-        let (tx, rx) = channel();
+        let (tx, rx) = crate::event::queue().map_err(Error::EventFd)?;
         let (pio, agent) = create_devices(&vm, config, &tx)?;
         let pio = Arc::new(pio);
         // This board places every device on port I/O; the MMIO bus is
@@ -263,12 +265,12 @@ impl Vm {
     }
 
     /// A sender into this VM's event channel (for the control API).
-    pub fn event_sender(&self) -> Sender<VmEvent> {
+    pub fn event_sender(&self) -> EventSender {
         self.events_tx.clone()
     }
 
     /// The event channel the session consumes.
-    pub(crate) fn events(&self) -> &Receiver<VmEvent> {
+    pub(crate) fn events(&self) -> &EventQueue {
         &self.events
     }
 
@@ -359,7 +361,7 @@ fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, Error> {
 fn create_devices(
     vm: &VmFd,
     config: &VmConfig,
-    tx: &Sender<VmEvent>,
+    tx: &EventSender,
 ) -> Result<(Bus, Arc<Mutex<AgentPort>>), Error> {
     let irq = |gsi: u32| -> Result<EventFd, Error> {
         let fd = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
@@ -459,7 +461,16 @@ mod tests {
         // vCPU 0 runs ud2 through the empty boot IDT and triple-faults, so
         // its thread ends; vCPU 1 waits for a SIPI inside KVM_RUN.
         let mut vm = Vm::start(&payload(vec![0x0f, 0x0b], 2)).unwrap();
-        match vm.events().recv_timeout(Duration::from_secs(10)).unwrap() {
+        let mut waiter = crate::event_loop::EventLoop::new(vm.events().wake_fd()).unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        let first = loop {
+            if let Ok(e) = vm.events().try_recv() {
+                break e;
+            }
+            assert!(Instant::now() < until, "no event from the vCPUs");
+            waiter.wait(Duration::from_millis(100)).unwrap();
+        };
+        match first {
             VmEvent::Stopped {
                 vcpu: 0,
                 stop: VcpuStop::TripleFault(state),

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use outbox::{Dropped, Reply};
-pub use server::{serve, serve_with, Limits, Server};
+pub use server::{serve, serve_with, Limits, Server, Submit};
 pub use wire::MAX_LINE;
 
 /// Errors starting the API.

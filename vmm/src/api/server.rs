@@ -89,18 +89,12 @@ impl Drop for Server {
 /// with the default [`Limits`], forwarding each request to the session on
 /// `events` (the session's event type says how it wraps an [`ApiCall`]; the
 /// API names no session type).
-pub fn serve<E>(path: &Path, events: Sender<E>) -> Result<Server, Error>
-where
-    E: From<ApiCall> + Send + 'static,
-{
+pub fn serve<S: Submit>(path: &Path, events: S) -> Result<Server, Error> {
     serve_with(path, events, Limits::default())
 }
 
 /// Like [`serve`], with other limits (tests use short ones).
-pub fn serve_with<E>(path: &Path, events: Sender<E>, limits: Limits) -> Result<Server, Error>
-where
-    E: From<ApiCall> + Send + 'static,
-{
+pub fn serve_with<S: Submit>(path: &Path, events: S, limits: Limits) -> Result<Server, Error> {
     let listener = bind_private(path)?;
     let server = Server {
         path: path.to_path_buf(),
@@ -113,6 +107,20 @@ where
         .spawn(move || accept_loop(&listener, &events, &limits))
         .map_err(Error::Spawn)?;
     Ok(server)
+}
+
+/// Where the server hands each request: the session's event queue. The
+/// API names no session type; the session's queue implements this.
+pub trait Submit: Clone + Send + 'static {
+    /// Hands `call` to the session; false if the session is gone.
+    fn submit(&self, call: ApiCall) -> bool;
+}
+
+/// A plain channel of anything an [`ApiCall`] converts into (tests).
+impl<E: From<ApiCall> + Send + 'static> Submit for Sender<E> {
+    fn submit(&self, call: ApiCall) -> bool {
+        self.send(E::from(call)).is_ok()
+    }
 }
 
 /// A connection slot, given back when dropped, whatever ends the connection
@@ -135,11 +143,7 @@ impl Drop for Slot {
     }
 }
 
-fn accept_loop<E: From<ApiCall> + Send + 'static>(
-    listener: &UnixListener,
-    events: &Sender<E>,
-    limits: &Limits,
-) {
+fn accept_loop<S: Submit>(listener: &UnixListener, events: &S, limits: &Limits) {
     let open = Arc::new(AtomicUsize::new(0));
     let hub = Hub::new(limits.max_subscribers);
     let mut next_id = 0u64;
@@ -198,9 +202,9 @@ fn hung_up(conn: &UnixStream) -> bool {
 
 /// One connection's reader; returns when the connection ends, with its
 /// slot and subscription given back.
-fn connection<E: From<ApiCall>>(
+fn connection<S: Submit>(
     conn: UnixStream,
-    events: &Sender<E>,
+    events: &S,
     hub: &Arc<Hub>,
     limits: &Limits,
     id: u64,
@@ -249,17 +253,17 @@ fn write_out(mut w: &UnixStream, outbox: &Outbox) {
     let _ = w.shutdown(std::net::Shutdown::Both);
 }
 
-struct Conn<'a, E> {
+struct Conn<'a, S> {
     conn: &'a UnixStream,
     outbox: &'a Arc<Outbox>,
-    events: &'a Sender<E>,
+    events: &'a S,
     hub: &'a Arc<Hub>,
     limits: &'a Limits,
     id: u64,
     subscribed: bool,
 }
 
-impl<E: From<ApiCall>> Conn<'_, E> {
+impl<S: Submit> Conn<'_, S> {
     fn serve(&mut self) {
         let mut framer = Framer::new();
         let mut chunk = vec![0u8; 8192];
@@ -349,7 +353,7 @@ impl<E: From<ApiCall>> Conn<'_, E> {
                     id: 0,
                     request: Request::Subscribe,
                 };
-                events.send(E::from(ApiCall { envelope, reply })).is_ok()
+                events.submit(ApiCall { envelope, reply })
             }) {
                 Ok(()) => {
                     self.subscribed = true;
@@ -372,7 +376,7 @@ impl<E: From<ApiCall>> Conn<'_, E> {
             envelope,
             reply: reply.clone(),
         };
-        if self.events.send(E::from(call)).is_err() {
+        if !self.events.submit(call) {
             return self.say(Answer::err(id, "the run is over"));
         }
         let conn = self.conn;
