@@ -401,6 +401,10 @@ mod tests {
         // sake (docs/lab-host.md), stay valid.
         let multi = default_dir().join("../x86_64-multi-vcpu");
         assert_eq!(load_dir(&multi).unwrap().len(), 3);
+        // So does the one whose outcome depends on physical placement
+        // (scenarios/x86_64-nondeterministic/README.md).
+        let placement = default_dir().join("../x86_64-nondeterministic");
+        assert_eq!(load_dir(&placement).unwrap().len(), 1);
     }
 
     #[test]
