@@ -22,7 +22,15 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+mod backend;
+mod framing;
+mod host;
 pub mod scenarios;
+
+pub use backend::{detect_backend, host_kvm, Backend, Manifest};
+use framing::newc_archive;
+pub use framing::{parse_results, LabOutput};
+use host::{lab_cmdline, lab_setting};
 
 /// The guest kernel's path inside the lab host (see scripts/build-images.sh).
 pub const LAB_GUEST_KERNEL: &str = "/guest/bzImage";
@@ -62,119 +70,6 @@ pub enum Error {
     /// Backend override not understood.
     #[error("RASVMM_BACKEND must be 'lab' or 'direct', got '{0}'")]
     BackendName(String),
-}
-
-/// Where jobs run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// rasvmm on the host's hardware KVM.
-    Direct,
-    /// rasvmm inside the emulated lab host.
-    Lab,
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Backend::Direct => "direct (hardware KVM)",
-            Backend::Lab => "lab host (QEMU TCG, nested KVM)",
-        })
-    }
-}
-
-/// What the host's KVM is, from /sys/module.
-pub fn host_kvm() -> &'static str {
-    let m = |n: &str| Path::new("/sys/module").join(n).exists();
-    if m("kvm_intel") {
-        "kvm_intel"
-    } else if m("kvm_amd") {
-        "kvm_amd"
-    } else if m("kvm_pvm") {
-        "kvm_pvm"
-    } else if Path::new("/dev/kvm").exists() {
-        "unknown"
-    } else {
-        "none"
-    }
-}
-
-/// Chooses the backend: `RASVMM_BACKEND` if set, else direct on hardware
-/// KVM (kvm_intel/kvm_amd with an openable /dev/kvm), else the lab host.
-pub fn detect_backend() -> Result<Backend, Error> {
-    match std::env::var("RASVMM_BACKEND").ok().as_deref() {
-        Some("lab") => return Ok(Backend::Lab),
-        Some("direct") => return Ok(Backend::Direct),
-        Some("") | None => {}
-        Some(other) => return Err(Error::BackendName(other.into())),
-    }
-    let hw = matches!(host_kvm(), "kvm_intel" | "kvm_amd");
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    Ok(if hw && usable {
-        Backend::Direct
-    } else {
-        Backend::Lab
-    })
-}
-
-/// Paths from target/images/manifest.
-#[derive(Debug, Clone)]
-pub struct Manifest {
-    /// Guest (and lab-host) bzImage.
-    pub kernel: PathBuf,
-    /// The same kernel as an ELF vmlinux.
-    pub vmlinux: PathBuf,
-    /// Kernel source version.
-    pub kernel_version: String,
-    /// Guest initramfs.
-    pub guest_initramfs: PathBuf,
-    /// Lab-host initramfs.
-    pub lab_initramfs: PathBuf,
-    /// Static rasvmm for direct runs.
-    pub rasvmm: PathBuf,
-    /// Lab-host initramfs with QEMU for benchmarks (`build-images.sh --bench`).
-    pub lab_bench_initramfs: Option<PathBuf>,
-}
-
-impl Manifest {
-    /// The default manifest location: `$RASVMM_MANIFEST`, else
-    /// target/images/manifest in the workspace.
-    pub fn default_path() -> PathBuf {
-        std::env::var_os("RASVMM_MANIFEST").map_or_else(
-            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images/manifest"),
-            PathBuf::from,
-        )
-    }
-
-    /// Loads and checks a manifest.
-    pub fn load(path: &Path) -> Result<Manifest, Error> {
-        let bad = || Error::Manifest(path.display().to_string());
-        let text = std::fs::read_to_string(path).map_err(|_| bad())?;
-        let kv: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
-        let get = |k: &str| kv.get(k).map(|v| v.to_string()).ok_or_else(bad);
-        let file = |k: &str| -> Result<PathBuf, Error> {
-            let p = PathBuf::from(get(k)?);
-            if !p.exists() {
-                return Err(Error::MissingFile(p.display().to_string()));
-            }
-            Ok(p)
-        };
-        Ok(Manifest {
-            kernel: file("kernel")?,
-            vmlinux: file("vmlinux")?,
-            kernel_version: get("kernel_version")?,
-            guest_initramfs: file("guest_initramfs")?,
-            lab_initramfs: file("lab_initramfs")?,
-            rasvmm: file("rasvmm")?,
-            lab_bench_initramfs: kv
-                .get("lab_bench_initramfs")
-                .map(PathBuf::from)
-                .filter(|p| p.exists()),
-        })
-    }
 }
 
 /// In a job's arguments, stands for the guest kernel as an ELF vmlinux
@@ -460,12 +355,8 @@ impl Lab {
         initramfs: &Path,
         timeout: Duration,
     ) -> Result<JobResult, Error> {
-        let job = Job {
-            runs: vec![],
-            timeout,
-            files: Vec::new(),
-        };
-        self.run_lab(&job, initramfs, Some(script))?.complete()
+        self.run_script_partial(script, initramfs, timeout)?
+            .complete()
     }
 
     /// Like [`Lab::run_script`], but a lab host that stops part-way still
@@ -708,65 +599,6 @@ pub fn last_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
-/// A lab host setting from the environment (`RASVMM_LAB_ACCEL`,
-/// `RASVMM_LAB_CPU_MODEL`, `RASVMM_LAB_CPUS`), else its default. A bad value
-/// makes QEMU refuse to start, which is reported with QEMU's stderr.
-fn lab_setting(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.into())
-}
-
-/// The lab host kernel's command line (docs/lab-host.md):
-/// - its TSC rate is given (`tsc_early_khz`), not calibrated: TCG's TSC runs
-///   at the host's rate, and the lab kernel's PIT calibration under TCG
-///   sometimes fails and lands far enough off that KVM, which takes the
-///   early rate for its guests, can no longer give them a correct kvmclock
-///   ("user requested TSC rate below hardware speed"); their timers and
-///   kexec'd kernels then stall. `tsc=reliable` keeps the clocksource
-///   watchdog from discarding the TSC under load for the same reason;
-/// - `loglevel=5` keeps the lab kernel's warnings in the lab console.
-///
-/// `$RASVMM_LAB_APPEND` is appended, for experiments (`kvm_amd.npt=0`).
-fn lab_cmdline() -> String {
-    let mut cmdline = String::from("console=ttyS0 panic=-1 loglevel=5 tsc=reliable");
-    if let Some(khz) = host_tsc_khz() {
-        cmdline += &format!(" tsc_early_khz={khz}");
-    }
-    if let Ok(extra) = std::env::var("RASVMM_LAB_APPEND") {
-        cmdline.push(' ');
-        cmdline.push_str(extra.trim());
-    }
-    cmdline
-}
-
-/// The host's TSC rate in kHz, measured once per process against the
-/// monotonic clock over 200 ms (a few ppm); `None` off x86_64 or if the
-/// result is implausible.
-fn host_tsc_khz() -> Option<u64> {
-    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    *KHZ.get_or_init(measure_tsc_khz)
-}
-
-fn measure_tsc_khz() -> Option<u64> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::_rdtsc;
-        let start = Instant::now();
-        // SAFETY: RDTSC has no preconditions on x86_64.
-        let c0 = unsafe { _rdtsc() };
-        std::thread::sleep(Duration::from_millis(200));
-        // SAFETY: as above.
-        let c1 = unsafe { _rdtsc() };
-        let ns = start.elapsed().as_nanos();
-        let khz = u128::from(c1.checked_sub(c0)?).checked_mul(1_000_000)? / ns.max(1);
-        let khz = u64::try_from(khz).ok()?;
-        (100_000..=10_000_000).contains(&khz).then_some(khz)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        None
-    }
-}
-
 /// Waits for `child` until `deadline`; past it, kills it and reports a
 /// timeout naming `log`, the file that shows how far it got.
 fn wait_child(
@@ -809,107 +641,6 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// The framed output of a lab job.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct LabOutput {
-    /// Files by name.
-    pub files: BTreeMap<String, String>,
-    /// rasvmm exit status by run index.
-    pub exits: BTreeMap<usize, i32>,
-    /// The job ran to its end.
-    pub done: bool,
-    /// The lab host's own error, if any.
-    pub lab_error: Option<String>,
-}
-
-/// Parses what a lab job wrote to the results UART.
-pub fn parse_results(text: &str) -> LabOutput {
-    let mut out = LabOutput::default();
-    let mut current: Option<(String, Vec<&str>)> = None;
-    for line in text.lines() {
-        let line = line.trim_end_matches('\r');
-        if let Some((name, body)) = &mut current {
-            if line == format!("@@@RASVMM-END {name}") {
-                // lab_emit adds a newline after the file; drop it.
-                if body.last() == Some(&"") {
-                    body.pop();
-                }
-                let mut s = body.join("\n");
-                if !s.is_empty() {
-                    s.push('\n');
-                }
-                out.files.insert(name.clone(), s);
-                current = None;
-            } else {
-                body.push(line);
-            }
-            continue;
-        }
-        if let Some(name) = line.strip_prefix("@@@RASVMM-FILE ") {
-            current = Some((name.to_string(), Vec::new()));
-        } else if let Some(rest) = line.strip_prefix("@@@RASVMM-EXIT ") {
-            let mut it = rest.split_whitespace();
-            if let (Some(i), Some(c)) = (it.next(), it.next()) {
-                if let (Ok(i), Ok(c)) = (i.parse(), c.parse()) {
-                    out.exits.insert(i, c);
-                }
-            }
-        } else if line == "@@@RASVMM-JOB-DONE" {
-            out.done = true;
-        } else if let Some(e) = line.strip_prefix("@@@RASVMM-LAB-ERROR ") {
-            out.lab_error = Some(e.to_string());
-        }
-    }
-    out
-}
-
-/// A newc cpio archive of `names` (files under `root`), with the trailer.
-fn newc_archive(root: &Path, names: &[String]) -> Result<Vec<u8>, Error> {
-    let mut out = Vec::new();
-    let mut ino = 1u32;
-    let mut dirs: Vec<String> = Vec::new();
-    for name in names {
-        // Parent directories first.
-        let mut acc = String::new();
-        let parts: Vec<&str> = name.split('/').collect();
-        for p in &parts[..parts.len() - 1] {
-            if !acc.is_empty() {
-                acc.push('/');
-            }
-            acc.push_str(p);
-            if !dirs.contains(&acc) {
-                dirs.push(acc.clone());
-                newc_entry(&mut out, ino, 0o040755, &acc, &[]);
-                ino += 1;
-            }
-        }
-        let path = root.join(name);
-        let data = std::fs::read(&path).map_err(|e| Error::Io(path.display().to_string(), e))?;
-        newc_entry(&mut out, ino, 0o100755, name, &data);
-        ino += 1;
-    }
-    newc_entry(&mut out, 0, 0, "TRAILER!!!", &[]);
-    Ok(out)
-}
-
-fn newc_entry(out: &mut Vec<u8>, ino: u32, mode: u32, name: &str, data: &[u8]) {
-    let namesize = name.len() + 1;
-    let header = format!(
-        "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{namesize:08x}{:08x}",
-        0, 0, 1, 0, data.len(), 0, 0, 0, 0, 0
-    );
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
-    out.extend_from_slice(data);
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
-}
-
 /// Writes `s` to stderr, flushing (for progress lines from tests and tools).
 pub fn progress(s: &str) {
     let mut e = std::io::stderr();
@@ -922,30 +653,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn results_are_unframed() {
-        let text = "noise\n@@@RASVMM-EXIT 0 1\n@@@RASVMM-FILE report-0\n{\"a\":1}\n\n@@@RASVMM-END report-0\n\
-                    @@@RASVMM-FILE console-0\nline 1\nline 2\n\n@@@RASVMM-END console-0\n@@@RASVMM-JOB-DONE\n";
-        let r = parse_results(text);
-        assert!(r.done);
-        assert_eq!(r.exits.get(&0), Some(&1));
-        assert_eq!(r.files["report-0"], "{\"a\":1}\n");
-        assert_eq!(r.files["console-0"], "line 1\nline 2\n");
-    }
-
-    #[test]
     fn last_lines_make_one_line() {
         assert_eq!(last_lines("a\nb\nc\n", 2), "b | c");
         assert_eq!(last_lines("a", 5), "a");
         assert_eq!(last_lines("", 3), "");
-    }
-
-    #[test]
-    fn truncated_results_are_not_done() {
-        let r = parse_results("@@@RASVMM-FILE x\nabc\n");
-        assert!(!r.done);
-        assert!(r.files.is_empty());
-        let e = parse_results("@@@RASVMM-LAB-ERROR /dev/kvm is missing\n");
-        assert_eq!(e.lab_error.as_deref(), Some("/dev/kvm is missing"));
     }
 
     #[test]
@@ -965,14 +676,5 @@ mod tests {
     #[test]
     fn shell_quoting_survives_quotes() {
         assert_eq!(shell_quote("exec:echo 'hi'"), r"'exec:echo '\''hi'\'''");
-    }
-
-    #[test]
-    fn newc_headers_are_aligned() {
-        let mut out = Vec::new();
-        newc_entry(&mut out, 1, 0o100644, "job.sh", b"echo\n");
-        assert_eq!(&out[..6], b"070701");
-        assert_eq!(out.len() % 4, 0);
-        assert_eq!(out.len(), 112 + 8 + 8);
     }
 }
