@@ -6,5 +6,7 @@
 //! table encodings, CPUID filtering) are unit-tested without KVM; the parts
 //! that program a vCPU take a `kvm_ioctls::VcpuFd`.
 
+pub mod aarch64;
+pub mod cpu;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;

@@ -6,15 +6,15 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use arch::x86_64::cpuid::{self, CpuProfile};
+use arch::cpu::{self, CpuProfile};
 use thiserror::Error;
 
 /// Smallest guest RAM a Linux 7.3 tinyconfig guest with our initramfs boots in.
 pub const MIN_MEMORY_MIB: u64 = 64;
 /// Largest guest RAM rasvmm accepts (64 GiB); the host must also have it.
 pub const MAX_MEMORY_MIB: u64 = 64 << 10;
-/// Most vCPUs (bounded by the MP table).
-pub const MAX_VCPUS: u8 = arch::x86_64::mptable::MAX_CPUS;
+/// Most vCPUs.
+pub const MAX_VCPUS: u8 = cpu::MAX_VCPUS;
 /// Longest run rasvmm allows.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
@@ -198,8 +198,8 @@ pub fn check_timeout(t: Duration) -> Result<(), ConfigError> {
 
 /// Looks up a CPU profile by name.
 pub fn cpu_profile(name: &str) -> Result<&'static CpuProfile, ConfigError> {
-    cpuid::profile(name)
-        .ok_or_else(|| ConfigError::CpuProfile(name.into(), cpuid::profile_names().join(", ")))
+    cpu::profile(name)
+        .ok_or_else(|| ConfigError::CpuProfile(name.into(), cpu::profile_names().join(", ")))
 }
 
 fn check_file(what: &'static str, path: &PathBuf) -> Result<(), ConfigError> {

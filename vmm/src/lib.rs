@@ -8,6 +8,9 @@
 //! - [`console`], [`agent`]: the two UARTs (console and guest agent);
 //! - [`ghes_sources`]: the guest's APEI GHES error sources in guest memory;
 //!   [`kho_observer`]: the guest's own poison list, read from its KHO state;
+//! - [`machine`]: the machine of rasvmm's own architecture, assembled from
+//!   the arch crate and the devices (the one place an architecture is
+//!   chosen);
 //! - [`vcpu`]: vCPU threads and their handles;
 //! - [`ras_controller`]: every memory error reported to the guest, planned
 //!   by the ras crate and delivered to the vCPUs;
@@ -26,6 +29,7 @@ pub mod event;
 pub mod event_loop;
 pub mod ghes_sources;
 pub mod kho_observer;
+pub mod machine;
 pub mod outcome;
 pub mod ras_controller;
 pub mod report;

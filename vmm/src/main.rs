@@ -65,7 +65,7 @@ struct RunArgs {
     #[arg(long, default_value = "1", value_parser = count)]
     vcpus: u64,
     /// CPU profile: intel or amd.
-    #[arg(long, default_value = arch::x86_64::cpuid::DEFAULT_PROFILE)]
+    #[arg(long, default_value = arch::cpu::DEFAULT_PROFILE)]
     cpu: String,
     /// How a consumed poisoned page is reported: mce (SRAR), or through a
     /// GHES error source: ghes-nmi, ghes-gsiv, ghes-polled.

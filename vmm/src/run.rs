@@ -87,8 +87,7 @@ pub fn run_expecting(
     report.ras_events = std::mem::take(&mut session.ras_events);
     report.ledger = session.vm().ras().ledger();
     report.ghes = session.vm().ras().ghes_state();
-    report.mcg_cap = session.vm().ras().mca().mcg_cap;
-    report.mcg_cap_supplied = session.vm().ras().mca().mcg_cap_supplied;
+    (report.mcg_cap, report.mcg_cap_supplied) = session.vm().ras().mcg_cap();
     report.ras_limitation = session.vm().ras().ras_limitation();
     if let Some(s) = scenario {
         report.scenario = Some(s.name.clone());

@@ -1,6 +1,6 @@
-//! vCPU threads: run KVM_RUN, dispatch port I/O, serve requests that must
-//! run on the vCPU's own thread (machine-check injection, NMIs, a state
-//! dump), hand host memory errors to the VM's [`HostMemoryErrors`] handler
+//! vCPU threads: run KVM_RUN, dispatch port I/O and MMIO, serve requests
+//! that must run on the vCPU's own thread (a machine check, an SEA or an
+//! NMI for the RAS controller, a state dump), hand host memory errors to the VM's [`HostMemoryErrors`] handler
 //! (the RAS controller, which sits above this module), and report why a
 //! vCPU stopped.
 //!
@@ -23,7 +23,8 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
-use arch::x86_64::{mce, regs};
+use crate::event::{EventSender, RasEvent, VcpuStop, VmEvent};
+use crate::machine::{self, OnVcpu, VcpuArch};
 use devices::bus::{lock, Bus};
 use kvm_bindings::{
     kvm_run, KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION,
@@ -31,23 +32,13 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use ras::mce::MceRecord;
-
-use crate::event::{EventSender, RasEvent, VcpuStop, VmEvent};
 
 /// Work for a vCPU's own thread.
 pub enum VcpuRequest {
-    /// Check whether `record` can be injected now; inject it unless `check_only`.
-    Mce {
-        /// The record.
-        record: MceRecord,
-        /// Only check.
-        check_only: bool,
-        /// The answer.
-        reply: Sender<Result<(), mce::Error>>,
-    },
-    /// Queue an NMI (a GHES notification).
-    Nmi,
+    /// Run this on the vCPU's thread, between KVM_RUN calls (how the RAS
+    /// controller raises a machine check, an SEA or an NMI: those ioctls
+    /// act on the calling thread's vCPU).
+    OnThread(OnVcpu),
     /// Describe the vCPU's registers and pending events (for a run that
     /// timed out or failed: where was each vCPU?).
     State {
@@ -175,8 +166,8 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     /// Where stops and RAS events go.
     pub events: EventSender,
-    /// The vCPU's MCG_CAP, for the guest's filtered MCG_CAP reads.
-    pub mcg_cap: u64,
+    /// What the thread needs of the architecture.
+    pub arch: VcpuArch,
     /// Reports host memory errors.
     pub ras: Arc<dyn HostMemoryErrors>,
 }
@@ -327,14 +318,14 @@ fn run(mut vcpu: VcpuFd, requests: &Receiver<VcpuRequest>, kick: &KickTarget, ct
             Ok(VcpuExit::IoOut(port, data)) => ctx.pio.write(u64::from(port), data),
             Ok(VcpuExit::MmioRead(addr, data)) => ctx.mmio.read(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => ctx.mmio.write(addr, data),
-            Ok(VcpuExit::Shutdown) => break Some(VcpuStop::TripleFault(regs::describe(&vcpu))),
+            Ok(VcpuExit::Shutdown) => break Some(VcpuStop::TripleFault(machine::describe(&vcpu))),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => break Some(VcpuStop::SystemShutdown),
                 KVM_SYSTEM_EVENT_RESET => break Some(VcpuStop::SystemReset),
                 k => break Some(VcpuStop::Error(format!("unhandled KVM system event {k}"))),
             },
-            // Only MCG_CAP reads are filtered to user space (mce::serve_mcg_cap_reads).
-            Ok(VcpuExit::X86Rdmsr(exit)) => match mce::filtered_rdmsr(exit.index, ctx.mcg_cap) {
+            // Only the reads the machine asked KVM to filter come here.
+            Ok(VcpuExit::X86Rdmsr(exit)) => match machine::filtered_rdmsr(&ctx.arch, exit.index) {
                 Some(v) => {
                     *exit.data = v;
                     *exit.error = 0;
@@ -383,27 +374,13 @@ fn run(mut vcpu: VcpuFd, requests: &Receiver<VcpuRequest>, kick: &KickTarget, ct
 /// Serves one request; false for [`VcpuRequest::Finish`].
 fn serve(vcpu: &VcpuFd, ctx: &VcpuContext, req: VcpuRequest) -> bool {
     match req {
-        VcpuRequest::Mce {
-            record,
-            check_only,
-            reply,
-        } => {
-            let mut r = mce::check(vcpu, ctx.index, ctx.mcg_cap, &record);
-            if r.is_ok() && !check_only {
-                r = mce::inject(vcpu, ctx.index, &record);
+        VcpuRequest::OnThread(f) => {
+            if let Some(e) = f(vcpu) {
+                let _ = ctx.events.send(VmEvent::Ras(e));
             }
-            let _ = reply.send(r);
         }
         VcpuRequest::State { reply } => {
-            let _ = reply.send(regs::describe(vcpu));
-        }
-        VcpuRequest::Nmi => {
-            if let Err(e) = vcpu.nmi() {
-                let _ = ctx.events.send(VmEvent::Ras(RasEvent::NotifyFailed {
-                    vcpu: ctx.index,
-                    error: e.to_string(),
-                }));
-            }
+            let _ = reply.send(machine::describe(vcpu));
         }
         VcpuRequest::Finish => return false,
     }

@@ -7,28 +7,21 @@
 //! of the event channel the session consumes. Everything that depends on
 //! the guest's architecture comes from the arch crate.
 
-use std::fs::File;
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arch::x86_64::vm as arch_vm;
-use arch::x86_64::{acpi, board, cpuid, loader, mce as kvm_mce, regs};
-use devices::bus::Bus;
-use devices::legacy::{Cmos, FnTrigger, PowerPorts, SerialPort, I8042};
-use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use ras::mce::{self, Vendor};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::agent::AgentPort;
-use crate::config::{BootSource, ConsoleTarget, VmConfig};
-use crate::console::ConsoleOut;
-use crate::event::{EventQueue, EventSender, VmEvent};
+use crate::config::VmConfig;
+use crate::event::{EventQueue, EventSender};
 use crate::ghes_sources::{self, Ghes};
-use crate::ras_controller::{McaSetup, RasController};
+use crate::machine::{self, Irqchip};
+use crate::ras_controller::RasController;
 use crate::vcpu::{self, VcpuChannel, VcpuContext, VcpuHandle};
 
 /// Errors creating or starting a VM.
@@ -37,36 +30,27 @@ pub enum Error {
     /// /dev/kvm cannot be opened.
     #[error("Cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
     OpenKvm(#[source] kvm_ioctls::Error),
-    /// A KVM ioctl failed.
-    #[error("Failed to {0}")]
-    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// The machine cannot be assembled (its error says what).
+    #[error(transparent)]
+    Machine(#[from] machine::Error),
     /// Guest memory cannot be allocated.
     #[error("Cannot allocate {0} MiB of guest memory")]
     Memory(u64, #[source] vm_memory::mmap::FromRangesError),
-    /// The guest cannot be loaded (the loader's error says what).
-    #[error(transparent)]
-    Load(loader::Error),
-    /// A vCPU cannot be set up.
-    #[error("Cannot set up vCPU {0}")]
-    Vcpu(u8, #[source] regs::Error),
+    /// Guest memory cannot be registered with KVM.
+    #[error("Failed to register guest memory")]
+    RegisterMemory(#[source] kvm_ioctls::Error),
     /// An eventfd cannot be created.
     #[error("Failed to create an eventfd")]
     EventFd(#[source] std::io::Error),
-    /// A console file cannot be created.
-    #[error("Cannot create console file '{0}'")]
-    ConsoleFile(String, #[source] std::io::Error),
-    /// A device cannot be placed on the bus.
-    #[error("Cannot place a device")]
-    Bus(#[source] devices::bus::Error),
+    /// The GHES error interrupt cannot be wired.
+    #[error("Failed to register the GHES error interrupt")]
+    GhesIrq(#[source] kvm_ioctls::Error),
     /// A vCPU thread cannot be started.
     #[error("Failed to spawn a vCPU thread")]
     Spawn(#[source] std::io::Error),
     /// Signal handlers cannot be installed.
     #[error("Failed to install signal handlers")]
     Signals(#[source] std::io::Error),
-    /// Machine-check banks cannot be set up.
-    #[error("Cannot set up machine-check banks")]
-    Mce(#[source] kvm_mce::Error),
     /// The control API cannot start.
     #[error("Cannot start the control API")]
     Api(#[source] crate::api::Error),
@@ -90,6 +74,7 @@ pub struct Vm {
     agent: Arc<Mutex<AgentPort>>,
     started: Instant,
     config: VmConfig,
+    _irqchip: Irqchip,
     _vm: VmFd,
     _kvm: Kvm,
 }
@@ -100,154 +85,59 @@ impl Drop for Vm {
     }
 }
 
-/// A vCPU created and configured, its thread not started yet.
-struct Prepared {
-    fd: VcpuFd,
-    channel: VcpuChannel,
-    mcg_cap: u64,
-}
-
 impl Vm {
     /// Creates the VM, loads the guest, creates and configures every vCPU,
     /// then starts them all.
     pub fn start(config: &VmConfig) -> Result<Vm, Error> {
         let started = Instant::now();
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| Error::Kvm("create the VM", e))?;
-        arch_vm::setup(&vm).map_err(|(what, e)| Error::Kvm(what, e))?;
-
+        let vm = machine::create_vm(&kvm)?;
         let memory = create_memory(&vm, config.memory_mib)?;
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| Error::Kvm("get supported CPUID", e))?;
-        let cpu_signature = cpuid::apply(config.cpu, supported.as_slice(), 0, config.vcpus)
-            .into_iter()
-            .find(|e| e.function == 1)
-            .map_or((0, 0), |e| (e.eax, e.edx));
-        let image = match &config.boot {
-            BootSource::Payload { bytes, load_addr } => loader::Image::Payload {
-                bytes,
-                load_addr: *load_addr,
-            },
-            BootSource::Linux {
-                kernel,
-                initramfs,
-                cmdline,
-            } => loader::Image::Linux {
-                kernel,
-                initramfs: initramfs.as_deref(),
-                cmdline,
-            },
-        };
-        let machine = loader::Machine {
-            mem_size: config.memory_mib << 20,
-            vcpus: config.vcpus,
-            cpu_signature,
-        };
-        let loaded = loader::load(&memory, image, machine).map_err(Error::Load)?;
+        let loaded = machine::load(&kvm, &memory, config)?;
+        // Every vCPU is created and fully configured before any runs.
+        let (prepared, ras_setup) = machine::create_vcpus(&kvm, &vm, config, &loaded)?;
+        // The interrupt controller (arm64's GIC needs every vCPU first),
+        // then the devices and their interrupts.
+        let irqchip = machine::create_irqchip(&vm)?;
         let ghes = match &loaded.ghes_sources {
             Some(l) => {
                 let mut g = Ghes::new(memory.clone(), l).map_err(Error::Ghes)?;
                 let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-                vm.register_irqfd(&irq, board::GHES_GSI)
-                    .map_err(|e| Error::Kvm("register an irqfd", e))?;
+                vm.register_irqfd(&irq, machine::GHES_GSI)
+                    .map_err(Error::GhesIrq)?;
                 g.set_gsiv_irq(irq);
                 Some(g)
             }
             None => None,
         };
-
         let (tx, rx) = crate::event::queue().map_err(Error::EventFd)?;
-        let (pio, agent) = create_devices(&vm, config, &tx)?;
-        let pio = Arc::new(pio);
-        // This board places every device on port I/O; the MMIO bus is
-        // empty (reads float high, writes are dropped).
-        let mmio = Arc::new(Bus::new());
+        let devices = machine::create_devices(&vm, config, &tx)?;
+        let (pio, mmio) = (Arc::new(devices.pio), Arc::new(devices.mmio));
         vcpu::install_signal_handlers().map_err(Error::Signals)?;
 
-        let vendor = match config.cpu.vendor {
-            cpuid::Vendor::Intel => Vendor::Intel,
-            cpuid::Vendor::Amd => Vendor::Amd,
-        };
-        let wanted_cap = mce::mcg_cap(kvm_mce::cap_supported(&kvm), kvm_mce::max_banks(&kvm));
-        let mut mca = McaSetup {
-            mcg_cap: wanted_cap,
-            mcg_cap_supplied: 0,
-            supply_error: None,
-            vendor,
-        };
-        // Every vCPU is created and fully configured before any runs: a
-        // boot CPU that ran while an AP was still being configured could
-        // have its INIT/SIPI'd AP overwritten with the 64-bit entry state.
-        let mut prepared = Vec::with_capacity(usize::from(config.vcpus));
-        for i in 0..config.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(i))
-                .map_err(|e| Error::Kvm("create a vCPU", e))?;
-            let mut entries = cpuid::apply(config.cpu, supported.as_slice(), i, config.vcpus);
-            if wanted_cap == 0 {
-                // No banks: do not claim MCE/MCA in CPUID either.
-                cpuid::clear_mca(&mut entries);
-            }
-            let cpuid = CpuId::from_entries(&entries)
-                .map_err(|_| Error::Kvm("build CPUID", kvm_ioctls::Error::new(libc::E2BIG)))?;
-            fd.set_cpuid2(&cpuid)
-                .map_err(|e| Error::Kvm("set CPUID", e))?;
-            if wanted_cap != 0 {
-                kvm_mce::setup(&fd, i, wanted_cap).map_err(Error::Mce)?;
-                let effective = kvm_mce::effective_cap(&fd, i).map_err(Error::Mce)?;
-                if i == 0 {
-                    // Decided once: the filter is VM-wide. A KVM without it
-                    // leaves the guest without those bits, and
-                    // ras_limitation says why.
-                    mca.mcg_cap_supplied = mce::supplied_cap_bits(vendor, wanted_cap, effective);
-                    if mca.mcg_cap_supplied != 0 {
-                        let guest_cap = effective | mca.mcg_cap_supplied;
-                        if let Err(e) = kvm_mce::serve_mcg_cap_reads(&kvm, &vm, guest_cap) {
-                            mca.supply_error = Some(e.to_string());
-                            mca.mcg_cap_supplied = 0;
-                        }
-                    }
-                }
-                mca.mcg_cap = effective | mca.mcg_cap_supplied;
-            }
-            regs::setup_vcpu(&fd, loaded.entry).map_err(|e| Error::Vcpu(i, e))?;
-            prepared.push(Prepared {
-                fd,
-                channel: VcpuChannel::new(i),
-                mcg_cap: mca.mcg_cap,
-            });
-        }
-
+        let channels: Vec<VcpuChannel> = (0..config.vcpus).map(VcpuChannel::new).collect();
         let ras = Arc::new(RasController::new(
             memory.clone(),
-            mca,
+            ras_setup,
             ghes,
             config.poison_report,
             loaded.firmware.clone(),
             started,
         ));
-        ras.set_vcpus(
-            prepared
-                .iter()
-                .map(|p| p.channel.sender().clone())
-                .collect(),
-        );
+        ras.set_vcpus(channels.iter().map(|c| c.sender().clone()).collect());
         let mut vcpus = Vec::with_capacity(prepared.len());
-        for (i, p) in (0u8..).zip(prepared) {
+        for ((i, p), channel) in (0u8..).zip(prepared).zip(channels) {
             let ctx = VcpuContext {
                 index: i,
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 events: tx.clone(),
-                mcg_cap: p.mcg_cap,
+                arch: p.arch,
                 ras: ras.clone(),
             };
             // On failure `vcpus` drops: the threads already started are
             // finished and joined.
-            vcpus.push(VcpuHandle::spawn(p.fd, p.channel, ctx).map_err(Error::Spawn)?);
+            vcpus.push(VcpuHandle::spawn(p.fd, channel, ctx).map_err(Error::Spawn)?);
         }
 
         Ok(Vm {
@@ -256,9 +146,10 @@ impl Vm {
             memory,
             events: rx,
             events_tx: tx,
-            agent,
+            agent: devices.agent,
             started,
             config: config.clone(),
+            _irqchip: irqchip,
             _vm: vm,
             _kvm: kvm,
         })
@@ -337,7 +228,7 @@ impl Vm {
 }
 
 fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, Error> {
-    let ranges: Vec<(GuestAddress, usize)> = arch_vm::ram_regions(mib << 20)
+    let ranges: Vec<(GuestAddress, usize)> = machine::ram_regions(mib << 20)
         .into_iter()
         .map(|(s, l)| (GuestAddress(s), usize::try_from(l).unwrap_or(usize::MAX)))
         .collect();
@@ -352,67 +243,9 @@ fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, Error> {
         };
         // SAFETY: the region is a live mapping of `memory_size` bytes owned by
         // `memory`, which the returned value keeps alive for the VM's life.
-        unsafe { vm.set_user_memory_region(mr) }
-            .map_err(|e| Error::Kvm("register guest memory", e))?;
+        unsafe { vm.set_user_memory_region(mr) }.map_err(Error::RegisterMemory)?;
     }
     Ok(memory)
-}
-
-fn create_devices(
-    vm: &VmFd,
-    config: &VmConfig,
-    tx: &EventSender,
-) -> Result<(Bus, Arc<Mutex<AgentPort>>), Error> {
-    let irq = |gsi: u32| -> Result<EventFd, Error> {
-        let fd = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-        vm.register_irqfd(&fd, gsi)
-            .map_err(|e| Error::Kvm("register an irqfd", e))?;
-        Ok(fd)
-    };
-    let target: Option<Box<dyn Write + Send>> = match &config.console {
-        ConsoleTarget::Stdout => Some(Box::new(std::io::stdout())),
-        // Line-buffered: one write(2) per console line rather than per
-        // character the guest prints (every one a UART exit already).
-        ConsoleTarget::File(p) => Some(Box::new(std::io::LineWriter::new(
-            File::create(p).map_err(|e| Error::ConsoleFile(p.display().to_string(), e))?,
-        ))),
-        ConsoleTarget::Discard => None,
-    };
-    let mut bus = Bus::new();
-    let place = |bus: &mut Bus, slot: board::Slot, dev| {
-        bus.insert(slot.base, slot.len, dev).map_err(Error::Bus)
-    };
-    let console = SerialPort::new(
-        irq(board::CONSOLE_UART.gsi)?,
-        ConsoleOut::new(target, tx.clone()),
-    );
-    place(&mut bus, board::CONSOLE_UART, Arc::new(Mutex::new(console)))?;
-    let agent = Arc::new(Mutex::new(
-        AgentPort::new(irq(board::AGENT_UART.gsi)?, tx.clone()).map_err(Error::EventFd)?,
-    ));
-    place(&mut bus, board::AGENT_UART, agent.clone())?;
-    let reset_tx = tx.clone();
-    let i8042 = I8042::new(FnTrigger::new(move || {
-        let _ = reset_tx.send(VmEvent::Reset);
-    }));
-    place(&mut bus, board::I8042, Arc::new(Mutex::new(i8042)))?;
-    place(&mut bus, board::CMOS, Arc::new(Mutex::new(Cmos)))?;
-    let power_tx = tx.clone();
-    let power = PowerPorts::new(move |offset, value| {
-        let event = match acpi::power_request(offset, value) {
-            Some(acpi::PowerRequest::PowerOff) => VmEvent::PowerOff,
-            Some(acpi::PowerRequest::Reset) => VmEvent::Reset,
-            None => return,
-        };
-        let _ = power_tx.send(event);
-    });
-    bus.insert(
-        u64::from(acpi::POWER_PORT),
-        u64::from(acpi::POWER_PORT_LEN),
-        Arc::new(Mutex::new(power)),
-    )
-    .map_err(Error::Bus)?;
-    Ok((bus, agent))
 }
 
 /// Resident KiB of a mapping, by mincore(2).
@@ -429,12 +262,14 @@ fn resident_kib(ptr: *mut u8, len: usize) -> u64 {
     vec.iter().filter(|b| *b & 1 != 0).count() as u64 * (PAGE as u64 / 1024)
 }
 
-#[cfg(test)]
+// The payloads are x86 code.
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::event::VcpuStop;
+    use crate::config::{BootSource, ConsoleTarget};
+    use crate::event::{VcpuStop, VmEvent};
 
     /// A payload VM on this machine's /dev/kvm (any backend, PVM included).
     fn payload(bytes: Vec<u8>, vcpus: u8) -> VmConfig {
@@ -450,7 +285,7 @@ mod tests {
             poison_report: Default::default(),
             memory_mib: 64,
             vcpus,
-            cpu: cpuid::profile("amd").unwrap(),
+            cpu: arch::cpu::profile("amd").unwrap(),
             console: ConsoleTarget::Discard,
             timeout: Duration::from_secs(30),
         }

@@ -1,7 +1,8 @@
 //! Guest accesses to poisoned pages, reported from the accessing vCPU's own
-//! thread: a machine check planned by [`ras::mce::plan`], or, with
-//! `--poison-report ghes-*`, a GHES record first and a machine check only
-//! if the guest keeps touching the page.
+//! thread: the architecture's synchronous error (a machine check planned by
+//! [`ras::mce::plan`] on x86, an SEA with its CPER record on arm64), or,
+//! with `--poison-report ghes-*`, a GHES record first and the synchronous
+//! error only if the guest keeps touching the page.
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use kvm_ioctls::VcpuFd;
 use ras::cper::Severity;
 use ras::ghes::Submitted;
 use ras::ledger;
-use ras::mce::{self, MemoryError};
+use ras::mce::MemoryError;
 
 use super::RasController;
 use crate::config::PoisonReport;
@@ -59,28 +60,7 @@ impl RasController {
                 0
             }
         };
-        let (vendor, mcg_cap) = (self.mca.vendor, self.mca.mcg_cap);
-        let lmce = mcg_cap & mce::MCG_LMCE_P != 0;
-        let record = if mce::recoverable(vendor, mcg_cap) {
-            Some(mce::encode(error, vendor, page, lmce))
-        } else if error == MemoryError::Srar {
-            // What a CPU without SER reports; the guest panics, as it would on
-            // such hardware, instead of retrying the access forever.
-            Some(mce::encode_unrecoverable(page))
-        } else {
-            // Action-optional news a non-SER guest cannot take: the page
-            // stays poisoned and the next access reports it.
-            None
-        };
-        let result = match record {
-            Some(r) => {
-                let plan = mce::plan(r, vendor, index, self.vcpu_count().max(index + 1));
-                self.deliver(&plan, Some((index, fd)))
-                    .err()
-                    .map(|e| e.to_string())
-            }
-            None => Some("not reported: the guest has no SER_P".into()),
-        };
+        let result = self.report_consumption(index, fd, page, error);
         Some(RasEvent::Consumed {
             vcpu: index,
             gpa: page,

@@ -9,17 +9,15 @@
 //! session and the vCPU threads; its state sits behind short-held mutexes.
 
 use std::ops::Range;
-use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use arch::x86_64::mce as kvm;
 use devices::bus::lock;
 use kvm_ioctls::VcpuFd;
 use ras::cper::Severity;
 use ras::ghes::{Notification, Submitted};
 use ras::ledger::{self, Ledger};
-use ras::mce::{self, MceRecord, MemoryError, Planned, Vendor};
+use ras::mce::{self, MemoryError};
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -27,9 +25,14 @@ use crate::config::PoisonReport;
 use crate::event::RasEvent;
 use crate::ghes_sources::{self, Ghes};
 use crate::kho_observer::{self, KhoView};
+use crate::machine::{self, RasSetup};
 use crate::vcpu::{self, VcpuRequest, VcpuSender};
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 mod consumption;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
 
 /// Microseconds since `t`.
 fn micros(t: Instant) -> u64 {
@@ -61,9 +64,12 @@ pub enum RasError {
     /// A raw record that does not validate.
     #[error("Invalid machine-check record: {0}")]
     Record(#[from] mce::Error),
-    /// The guest state refuses it (CR4.MCE, MCIP, disabled banks).
+    /// The vCPU refuses it (x86: CR4.MCE, MCIP, disabled banks).
     #[error("{0}")]
-    Guest(#[from] kvm::Error),
+    Guest(#[from] machine::DeliveryError),
+    /// The request has no meaning on this architecture.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// A vCPU did not answer.
     #[error("vCPU {0} is not running")]
     VcpuGone(u8),
@@ -114,23 +120,10 @@ pub struct GhesInjection {
     pub vcpu: u8,
 }
 
-/// What the machine-check side of the VM is: fixed before any vCPU runs.
-#[derive(Debug, Clone)]
-pub struct McaSetup {
-    /// The vCPUs' MCG_CAP as the guest sees it (0 without machine checks).
-    pub mcg_cap: u64,
-    /// Bits of it rasvmm supplies by answering the guest's reads.
-    pub mcg_cap_supplied: u64,
-    /// Why rasvmm could not supply bits KVM dropped, if it could not.
-    pub supply_error: Option<String>,
-    /// The guest's CPU vendor, for encodings.
-    pub vendor: Vendor,
-}
-
 /// The RAS side of one VM.
 pub struct RasController {
     memory: GuestMemoryMmap,
-    mca: McaSetup,
+    setup: RasSetup,
     ledger: Mutex<Ledger>,
     ghes: Option<Mutex<Ghes>>,
     poison_report: PoisonReport,
@@ -144,7 +137,7 @@ impl RasController {
     /// rasvmm itself reads and writes (never poisoned).
     pub fn new(
         memory: GuestMemoryMmap,
-        mca: McaSetup,
+        setup: RasSetup,
         ghes: Option<Ghes>,
         poison_report: PoisonReport,
         firmware: Range<u64>,
@@ -152,7 +145,7 @@ impl RasController {
     ) -> Self {
         Self {
             memory,
-            mca,
+            setup,
             ledger: Mutex::new(Ledger::new()),
             ghes: ghes.map(Mutex::new),
             poison_report,
@@ -176,31 +169,9 @@ impl RasController {
         u8::try_from(self.senders().len()).unwrap_or(u8::MAX)
     }
 
-    /// The machine-check set-up.
-    pub fn mca(&self) -> &McaSetup {
-        &self.mca
-    }
-
     /// Milliseconds since the VMM started.
     pub fn now_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    /// Why this VM cannot report memory errors recoverably, if it cannot.
-    pub fn ras_limitation(&self) -> Option<String> {
-        if self.mca.mcg_cap == 0 {
-            return Some("KVM offers no machine-check banks".into());
-        }
-        (!mce::recoverable(self.mca.vendor, self.mca.mcg_cap)).then(|| {
-            let why = match &self.mca.supply_error {
-                Some(e) => format!("KVM dropped SER_P and {e}"),
-                None => "KVM does not offer SER_P".to_string(),
-            };
-            format!(
-                "the guest's MCG_CAP lacks SER_P ({why}), so an Intel-profile guest cannot \
-                 grade SRAR/SRAO; consumed poison is reported as unrecoverable (use --cpu amd)"
-            )
-        })
     }
 
     /// The poisoned pages.
@@ -225,118 +196,6 @@ impl RasController {
         let count = self.vcpu_count();
         if vcpu >= count {
             return Err(RasError::NoVcpu(vcpu, count));
-        }
-        Ok(())
-    }
-
-    /// Injects a named memory error, checking every target vCPU first.
-    pub fn inject(&self, inj: &Injection) -> Result<RasEvent, RasError> {
-        let received = Instant::now();
-        self.check_gpa(inj.gpa)?;
-        self.check_vcpu(inj.vcpu)?;
-        if self.mca.mcg_cap == 0 {
-            return Err(RasError::NoMce);
-        }
-        if inj.local && self.mca.mcg_cap & mce::MCG_LMCE_P == 0 {
-            return Err(RasError::NoLmce);
-        }
-        let record = mce::encode(inj.error, self.mca.vendor, inj.gpa, inj.local);
-        let broadcast = self.deliver_record(inj.vcpu, &record)?;
-        let vmm_us = micros(received);
-        self.reported(inj.gpa);
-        Ok(RasEvent::Injected {
-            error: inj.error,
-            gpa: inj.gpa,
-            vcpu: inj.vcpu,
-            broadcast,
-            at_ms: self.now_ms(),
-            vmm_us,
-            refused: None,
-        })
-    }
-
-    /// Injects a raw record on `vcpu` (and its broadcast companions, by the
-    /// one rule in [`mce::plan`]) after validating it against MCG_CAP.
-    pub fn inject_record(&self, vcpu: u8, record: &MceRecord) -> Result<RasEvent, RasError> {
-        let received = Instant::now();
-        let broadcast = self.deliver_record(vcpu, record)?;
-        Ok(RasEvent::InjectedRaw {
-            record: *record,
-            vcpu,
-            broadcast,
-            at_ms: self.now_ms(),
-            vmm_us: micros(received),
-        })
-    }
-
-    /// Validates, plans and delivers `record`; whether it was broadcast.
-    fn deliver_record(&self, vcpu: u8, record: &MceRecord) -> Result<bool, RasError> {
-        self.check_vcpu(vcpu)?;
-        if self.mca.mcg_cap == 0 {
-            return Err(RasError::NoMce);
-        }
-        mce::validate(record, self.mca.mcg_cap)?;
-        let plan = mce::plan(*record, self.mca.vendor, vcpu, self.vcpu_count());
-        self.deliver(&plan, None)?;
-        Ok(plan.len() > 1)
-    }
-
-    /// Delivers a plan's records.
-    ///
-    /// From any thread but a vCPU's (`own` is `None`), in two phases: every
-    /// target vCPU checks its record first (CR4.MCE, MCIP, enabled banks),
-    /// and only if all accept is anything injected, so a refusal leaves the
-    /// guest untouched; a single target checks and injects in one request.
-    /// From vCPU `own`'s own thread (a consumption), its record is checked
-    /// and injected right there, before the access is retried, and the
-    /// other vCPUs' records are sent without waiting: two vCPUs consuming
-    /// poison at once must not wait on each other. A refusal by a peer then
-    /// shows in the guest's own log (its rendezvous times out).
-    pub fn deliver(&self, plan: &[Planned], own: Option<(u8, &VcpuFd)>) -> Result<(), RasError> {
-        let mcg_cap = self.mca.mcg_cap;
-        if let Some((index, fd)) = own {
-            for p in plan.iter().filter(|p| p.vcpu == index) {
-                kvm::check(fd, index, mcg_cap, &p.record)?;
-                kvm::inject(fd, index, &p.record)?;
-            }
-            for p in plan.iter().filter(|p| p.vcpu != index) {
-                if let Some(s) = self.senders().get(usize::from(p.vcpu)) {
-                    let (reply, _) = channel();
-                    s.send(VcpuRequest::Mce {
-                        record: p.record,
-                        check_only: false,
-                        reply,
-                    });
-                }
-            }
-            return Ok(());
-        }
-        let phases: &[bool] = if plan.len() == 1 {
-            &[false]
-        } else {
-            &[true, false]
-        };
-        for &check_only in phases {
-            let mut replies: Vec<(u8, Receiver<Result<(), kvm::Error>>)> = Vec::new();
-            for p in plan {
-                let sender = self
-                    .senders()
-                    .get(usize::from(p.vcpu))
-                    .ok_or(RasError::NoVcpu(p.vcpu, self.vcpu_count()))?;
-                let (reply, rx) = channel();
-                if !sender.send(VcpuRequest::Mce {
-                    record: p.record,
-                    check_only,
-                    reply,
-                }) {
-                    return Err(RasError::VcpuGone(p.vcpu));
-                }
-                replies.push((p.vcpu, rx));
-            }
-            for (i, rx) in replies {
-                rx.recv_timeout(VCPU_ANSWER)
-                    .map_err(|_| RasError::VcpuGone(i))??;
-            }
         }
         Ok(())
     }
@@ -471,10 +330,14 @@ impl RasController {
     fn ghes_notify(&self, source: Notification, vcpu: u8, own: Option<&VcpuFd>) -> Option<String> {
         match source {
             Notification::Nmi => match own {
-                Some(fd) => fd.nmi().err().map(|e| e.to_string()),
+                Some(fd) => machine::nmi(fd).err(),
                 None => {
                     if let Some(s) = self.senders().get(usize::from(vcpu)) {
-                        s.send(VcpuRequest::Nmi);
+                        s.send(VcpuRequest::OnThread(Box::new(move |fd| {
+                            machine::nmi(fd)
+                                .err()
+                                .map(|error| RasEvent::NotifyFailed { vcpu, error })
+                        })));
                     }
                     None
                 }

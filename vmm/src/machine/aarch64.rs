@@ -1,0 +1,169 @@
+//! The arm64 machine: vCPUs initialised with PSCI 0.2 (KVM serves PSCI, so
+//! SYSTEM_OFF and SYSTEM_RESET arrive as system events), the in-kernel
+//! GICv3 created once every vCPU exists, two PL011 UARTs on MMIO, and the
+//! Image loaded with a device tree, EFI stub tables and ACPI tables
+//! (arch::aarch64::loader). Memory errors reach the guest as synchronous
+//! external aborts ([`arch::aarch64::sea`]) and GHES records.
+
+use std::sync::{Arc, Mutex};
+
+use arch::aarch64::{gic, layout, loader, regs, sea};
+use devices::bus::Bus;
+use devices::legacy::Pl011;
+use kvm_ioctls::{DeviceFd, Kvm, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use super::{console_target, irqfd, Devices, Error, Loaded, Prepared};
+use crate::agent::AgentPort;
+use crate::config::{BootSource, VmConfig};
+use crate::console::ConsoleOut;
+use crate::event::EventSender;
+
+pub use arch::aarch64::regs::describe;
+
+/// The loader's errors.
+pub type LoadError = loader::Error;
+/// A vCPU set-up error.
+pub type VcpuError = regs::Error;
+/// An interrupt-controller error.
+pub type IrqchipError = gic::Error;
+/// A set-up error of the memory-error plumbing.
+pub type RasSetupError = sea::Error;
+/// Why a vCPU could not take an SEA.
+pub type DeliveryError = sea::Error;
+
+/// The GSI (KVM irqfd numbering: SPI n) the GHES error interrupt is raised on.
+pub const GHES_GSI: u32 = layout::GHES_SPI;
+
+/// What a vCPU thread needs of the architecture: nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct VcpuArch;
+
+/// arm64 has no MSRs.
+pub fn filtered_rdmsr(_arch: &VcpuArch, _index: u32) -> Option<u64> {
+    None
+}
+
+/// arm64 has no NMI-notified GHES sources.
+pub fn nmi(_fd: &VcpuFd) -> Result<(), String> {
+    Err("arm64 has no NMIs".into())
+}
+
+/// The memory-error side of the machine, for the RAS controller.
+#[derive(Debug, Clone)]
+pub struct RasSetup {
+    /// Whether KVM can inject external data aborts (SEA).
+    pub sea: bool,
+}
+
+/// The GICv3, kept open for the VM's life.
+pub struct Irqchip(#[allow(dead_code)] DeviceFd);
+
+/// Creates the VM (KVM's default IPA size covers rasvmm's RAM).
+pub fn create_vm(kvm: &Kvm) -> Result<VmFd, Error> {
+    kvm.create_vm().map_err(|e| Error::Kvm("create the VM", e))
+}
+
+/// Guest RAM regions (start, length) for `mem_size` bytes.
+pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
+    layout::ram_regions(mem_size)
+}
+
+/// Loads the Image and its firmware tables.
+pub fn load(_kvm: &Kvm, memory: &GuestMemoryMmap, config: &VmConfig) -> Result<Loaded, Error> {
+    let BootSource::Linux {
+        kernel,
+        initramfs,
+        cmdline,
+    } = &config.boot
+    else {
+        return Err(Error::Load(loader::Error::NoPayloads));
+    };
+    let l = loader::load(
+        memory,
+        loader::Image {
+            kernel,
+            initramfs: initramfs.as_deref(),
+            cmdline,
+        },
+        loader::Machine {
+            mem_size: config.memory_mib << 20,
+            vcpus: config.vcpus,
+        },
+    )
+    .map_err(Error::Load)?;
+    Ok(Loaded {
+        entry: l.entry,
+        boot_arg: l.fdt,
+        ghes_sources: Some(l.ghes_sources),
+        firmware: l.firmware,
+    })
+}
+
+/// Creates and initialises every vCPU before any runs: the boot vCPU at
+/// the Image's entry with x0 = the device tree, the others powered off
+/// until the guest's PSCI CPU_ON.
+pub fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    config: &VmConfig,
+    loaded: &Loaded,
+) -> Result<(Vec<Prepared>, RasSetup), Error> {
+    let mut prepared = Vec::with_capacity(usize::from(config.vcpus));
+    for i in 0..config.vcpus {
+        let fd = vm
+            .create_vcpu(u64::from(i))
+            .map_err(|e| Error::Kvm("create a vCPU", e))?;
+        regs::init_vcpu(vm, &fd, i).map_err(|e| Error::Vcpu(i, e))?;
+        if i == 0 {
+            regs::setup_boot_vcpu(&fd, loaded.entry, loaded.boot_arg)
+                .map_err(|e| Error::Vcpu(i, e))?;
+        }
+        // The firmware tables name vCPU i by MPIDR affinity i.
+        let mpidr = regs::mpidr(&fd).map_err(|e| Error::Vcpu(i, e))?;
+        if mpidr != layout::mpidr(i) {
+            return Err(Error::Vcpu(i, regs::Error::Mpidr(mpidr, layout::mpidr(i))));
+        }
+        prepared.push(Prepared { fd, arch: VcpuArch });
+    }
+    Ok((
+        prepared,
+        RasSetup {
+            sea: sea::supported(kvm),
+        },
+    ))
+}
+
+/// The GICv3, once every vCPU exists.
+pub fn create_irqchip(vm: &VmFd) -> Result<Irqchip, Error> {
+    gic::create(vm).map(Irqchip).map_err(Error::Irqchip)
+}
+
+/// The devices, all on MMIO: the console and agent PL011s.
+pub fn create_devices(vm: &VmFd, config: &VmConfig, tx: &EventSender) -> Result<Devices, Error> {
+    let mut bus = Bus::new();
+    let console = Pl011::new(
+        irqfd(vm, layout::CONSOLE_UART.spi)?,
+        ConsoleOut::new(console_target(config)?, tx.clone()),
+    );
+    bus.insert(
+        layout::CONSOLE_UART.base,
+        layout::CONSOLE_UART.len,
+        Arc::new(Mutex::new(console)),
+    )
+    .map_err(Error::Bus)?;
+    let agent = Arc::new(Mutex::new(
+        AgentPort::new(irqfd(vm, layout::AGENT_UART.spi)?, tx.clone()).map_err(Error::EventFd)?,
+    ));
+    bus.insert(
+        layout::AGENT_UART.base,
+        layout::AGENT_UART.len,
+        agent.clone(),
+    )
+    .map_err(Error::Bus)?;
+    Ok(Devices {
+        pio: Bus::new(),
+        mmio: bus,
+        agent,
+    })
+}

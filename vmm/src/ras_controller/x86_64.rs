@@ -1,0 +1,198 @@
+//! Memory errors on x86: machine checks. A named error or a raw record is
+//! planned by [`ras::mce::plan`] (which vCPUs get which record) and
+//! delivered to the vCPUs, which check and inject it on their own threads
+//! (arch::x86_64::mce); a consumed sticky page becomes an SRAR on the
+//! accessing vCPU.
+
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::time::Instant;
+
+use arch::x86_64::mce as kvm;
+use kvm_ioctls::VcpuFd;
+use ras::mce::{self, MceRecord, MemoryError, Planned};
+
+use super::{micros, Injection, RasController, RasError, VCPU_ANSWER};
+use crate::event::RasEvent;
+use crate::vcpu::VcpuRequest;
+
+/// Checks `record` on the vCPU's own thread and injects it unless
+/// `check_only`; the answer goes to `reply`.
+fn on_vcpu(
+    index: u8,
+    mcg_cap: u64,
+    record: MceRecord,
+    check_only: bool,
+    reply: Sender<Result<(), kvm::Error>>,
+) -> VcpuRequest {
+    VcpuRequest::OnThread(Box::new(move |fd| {
+        let mut r = kvm::check(fd, index, mcg_cap, &record);
+        if r.is_ok() && !check_only {
+            r = kvm::inject(fd, index, &record);
+        }
+        let _ = reply.send(r);
+        None
+    }))
+}
+
+impl RasController {
+    /// The guest's MCG_CAP and the bits of it rasvmm supplies.
+    pub fn mcg_cap(&self) -> (u64, u64) {
+        (self.setup.mcg_cap, self.setup.mcg_cap_supplied)
+    }
+
+    /// Why this VM cannot report memory errors recoverably, if it cannot.
+    pub fn ras_limitation(&self) -> Option<String> {
+        if self.setup.mcg_cap == 0 {
+            return Some("KVM offers no machine-check banks".into());
+        }
+        (!mce::recoverable(self.setup.vendor, self.setup.mcg_cap)).then(|| {
+            let why = match &self.setup.supply_error {
+                Some(e) => format!("KVM dropped SER_P and {e}"),
+                None => "KVM does not offer SER_P".to_string(),
+            };
+            format!(
+                "the guest's MCG_CAP lacks SER_P ({why}), so an Intel-profile guest cannot \
+                 grade SRAR/SRAO; consumed poison is reported as unrecoverable (use --cpu amd)"
+            )
+        })
+    }
+
+    /// Injects a named memory error, checking every target vCPU first.
+    pub fn inject(&self, inj: &Injection) -> Result<RasEvent, RasError> {
+        let received = Instant::now();
+        self.check_gpa(inj.gpa)?;
+        self.check_vcpu(inj.vcpu)?;
+        if self.setup.mcg_cap == 0 {
+            return Err(RasError::NoMce);
+        }
+        if inj.local && self.setup.mcg_cap & mce::MCG_LMCE_P == 0 {
+            return Err(RasError::NoLmce);
+        }
+        let record = mce::encode(inj.error, self.setup.vendor, inj.gpa, inj.local);
+        let broadcast = self.deliver_record(inj.vcpu, &record)?;
+        let vmm_us = micros(received);
+        self.reported(inj.gpa);
+        Ok(RasEvent::Injected {
+            error: inj.error,
+            gpa: inj.gpa,
+            vcpu: inj.vcpu,
+            broadcast,
+            at_ms: self.now_ms(),
+            vmm_us,
+            refused: None,
+        })
+    }
+
+    /// Injects a raw record on `vcpu` (and its broadcast companions, by the
+    /// one rule in [`mce::plan`]) after validating it against MCG_CAP.
+    pub fn inject_record(&self, vcpu: u8, record: &MceRecord) -> Result<RasEvent, RasError> {
+        let received = Instant::now();
+        let broadcast = self.deliver_record(vcpu, record)?;
+        Ok(RasEvent::InjectedRaw {
+            record: *record,
+            vcpu,
+            broadcast,
+            at_ms: self.now_ms(),
+            vmm_us: micros(received),
+        })
+    }
+
+    /// Validates, plans and delivers `record`; whether it was broadcast.
+    fn deliver_record(&self, vcpu: u8, record: &MceRecord) -> Result<bool, RasError> {
+        self.check_vcpu(vcpu)?;
+        if self.setup.mcg_cap == 0 {
+            return Err(RasError::NoMce);
+        }
+        mce::validate(record, self.setup.mcg_cap)?;
+        let plan = mce::plan(*record, self.setup.vendor, vcpu, self.vcpu_count());
+        self.deliver(&plan, None)?;
+        Ok(plan.len() > 1)
+    }
+
+    /// Delivers a plan's records.
+    ///
+    /// From any thread but a vCPU's (`own` is `None`), in two phases: every
+    /// target vCPU checks its record first (CR4.MCE, MCIP, enabled banks),
+    /// and only if all accept is anything injected, so a refusal leaves the
+    /// guest untouched; a single target checks and injects in one request.
+    /// From vCPU `own`'s own thread (a consumption), its record is checked
+    /// and injected right there, before the access is retried, and the
+    /// other vCPUs' records are sent without waiting: two vCPUs consuming
+    /// poison at once must not wait on each other. A refusal by a peer then
+    /// shows in the guest's own log (its rendezvous times out).
+    pub fn deliver(&self, plan: &[Planned], own: Option<(u8, &VcpuFd)>) -> Result<(), RasError> {
+        let mcg_cap = self.setup.mcg_cap;
+        if let Some((index, fd)) = own {
+            for p in plan.iter().filter(|p| p.vcpu == index) {
+                kvm::check(fd, index, mcg_cap, &p.record)?;
+                kvm::inject(fd, index, &p.record)?;
+            }
+            for p in plan.iter().filter(|p| p.vcpu != index) {
+                if let Some(s) = self.senders().get(usize::from(p.vcpu)) {
+                    let (reply, _) = channel();
+                    s.send(on_vcpu(p.vcpu, mcg_cap, p.record, false, reply));
+                }
+            }
+            return Ok(());
+        }
+        let phases: &[bool] = if plan.len() == 1 {
+            &[false]
+        } else {
+            &[true, false]
+        };
+        for &check_only in phases {
+            let mut replies: Vec<(u8, Receiver<Result<(), kvm::Error>>)> = Vec::new();
+            for p in plan {
+                let sender = self
+                    .senders()
+                    .get(usize::from(p.vcpu))
+                    .ok_or(RasError::NoVcpu(p.vcpu, self.vcpu_count()))?;
+                let (reply, rx) = channel();
+                if !sender.send(on_vcpu(p.vcpu, mcg_cap, p.record, check_only, reply)) {
+                    return Err(RasError::VcpuGone(p.vcpu));
+                }
+                replies.push((p.vcpu, rx));
+            }
+            for (i, rx) in replies {
+                rx.recv_timeout(VCPU_ANSWER)
+                    .map_err(|_| RasError::VcpuGone(i))??;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the guest, from vCPU `index`'s own thread, that its access hit
+    /// the poisoned `page` (SRAR) or that the host found the page bad
+    /// (SRAO): a machine check, or nothing for a guest that cannot take it.
+    /// The error, if delivery failed.
+    pub(super) fn report_consumption(
+        &self,
+        index: u8,
+        fd: &VcpuFd,
+        page: u64,
+        error: MemoryError,
+    ) -> Option<String> {
+        let (vendor, mcg_cap) = (self.setup.vendor, self.setup.mcg_cap);
+        let lmce = mcg_cap & mce::MCG_LMCE_P != 0;
+        let record = if mce::recoverable(vendor, mcg_cap) {
+            Some(mce::encode(error, vendor, page, lmce))
+        } else if error == MemoryError::Srar {
+            // What a CPU without SER reports; the guest panics, as it would on
+            // such hardware, instead of retrying the access forever.
+            Some(mce::encode_unrecoverable(page))
+        } else {
+            // Action-optional news a non-SER guest cannot take: the page
+            // stays poisoned and the next access reports it.
+            None
+        };
+        match record {
+            Some(r) => {
+                let plan = mce::plan(r, vendor, index, self.vcpu_count().max(index + 1));
+                self.deliver(&plan, Some((index, fd)))
+                    .err()
+                    .map(|e| e.to_string())
+            }
+            None => Some("not reported: the guest has no SER_P".into()),
+        }
+    }
+}
