@@ -1,7 +1,7 @@
 //! rasvmm-agent: the guest side of the rasvmm agent protocol.
 //!
 //! Started by the guest initramfs's /init. It opens the agent UART
-//! (`/dev/ttyS1`, or the path in argv[1]) in raw mode, says hello, then
+//! ([`DEFAULT_PORT`], or the path in argv[1]) in raw mode, says hello, then
 //! serves requests one at a time while forwarding signals that its page
 //! holders receive. Page holders are child processes that each own one user
 //! page, so that a SIGBUS from memory-failure handling hits a process other
@@ -33,10 +33,17 @@ mod procfs;
 
 use procfs::{exec, kernel_pages, online_cpus, page_info, pfn_of, read_trimmed, sysctl};
 
+/// The agent's UART when none is named: the second UART rasvmm gives
+/// guests (COM2 on x86_64, the second PL011 on aarch64).
+#[cfg(target_arch = "x86_64")]
+const DEFAULT_PORT: &str = "/dev/ttyS1";
+#[cfg(target_arch = "aarch64")]
+const DEFAULT_PORT: &str = "/dev/ttyAMA1";
+
 fn main() {
     let path = std::env::args()
         .nth(1)
-        .unwrap_or_else(|| "/dev/ttyS1".into());
+        .unwrap_or_else(|| DEFAULT_PORT.into());
     if let Err(e) = run(&path) {
         eprintln!("rasvmm-agent: {e}");
         std::process::exit(1);
@@ -545,14 +552,24 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// The kernel the guest kexecs into, and the initramfs packed for it.
+/// The kernel the guest kexecs into (the image format kexec_file_load
+/// takes on each architecture), and the initramfs packed for it.
+#[cfg(target_arch = "x86_64")]
 const KEXEC_KERNEL: &str = "/boot/bzImage";
+#[cfg(target_arch = "aarch64")]
+const KEXEC_KERNEL: &str = "/boot/Image";
+/// kexec_file_load(2)'s number (libc's musl aarch64 table lacks it; 294 in
+/// include/uapi/asm-generic/unistd.h).
+#[cfg(target_arch = "x86_64")]
+const SYS_KEXEC_FILE_LOAD: libc::c_long = libc::SYS_kexec_file_load;
+#[cfg(target_arch = "aarch64")]
+const SYS_KEXEC_FILE_LOAD: libc::c_long = 294;
 const KEXEC_INITRAMFS: &str = "/tmp/kexec-initramfs.cpio";
 /// Top-level directories not packed into the kexec initramfs (kernel
 /// filesystems, and /tmp where the archive itself is written).
 const KEXEC_SKIP: [&str; 4] = ["proc", "sys", "dev", "tmp"];
 
-/// Loads the next kernel: /boot/bzImage, an initramfs packed from this
+/// Loads the next kernel: [`KEXEC_KERNEL`], an initramfs packed from this
 /// root (so the new kernel has the same agent and the same kernel image to
 /// kexec again), and this kernel's command line plus `append`.
 fn kexec_load(append: Option<&str>) -> Result<(), String> {
@@ -578,7 +595,7 @@ fn kexec_load(append: Option<&str>) -> Result<(), String> {
     // a NUL-terminated command line including its NUL, and no flags.
     let r = unsafe {
         libc::syscall(
-            libc::SYS_kexec_file_load,
+            SYS_KEXEC_FILE_LOAD,
             kernel.as_raw_fd(),
             initrd.as_raw_fd(),
             len,

@@ -55,7 +55,7 @@ pub enum ConfigError {
         reason: String,
     },
     /// An unknown --poison-report.
-    #[error("Unknown poison report '{0}' (mce, ghes-nmi, ghes-gsiv or ghes-polled)")]
+    #[error("Unknown poison report '{0}' ({sync}, or ghes-<source> for an asynchronous GHES source)", sync = arch::cpu::SYNCHRONOUS_ERROR)]
     PoisonReport(String),
 }
 
@@ -112,27 +112,45 @@ pub struct VmConfig {
 }
 
 /// How rasvmm tells the guest that it accessed a poisoned page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PoisonReport {
-    /// An action-required machine check (SRAR) on the accessing vCPU.
+    /// The architecture's synchronous error on the accessing vCPU: an
+    /// action-required machine check (SRAR) on x86_64, a synchronous
+    /// external abort with its CPER record on aarch64. Named by
+    /// [`arch::cpu::SYNCHRONOUS_ERROR`] (`mce`, `sea`).
     #[default]
-    Mce,
+    Synchronous,
     /// A recoverable CPER record through this GHES error source; an access
-    /// the guest does not resolve becomes a machine check (docs/ghes.md).
+    /// the guest does not resolve becomes the synchronous error
+    /// (docs/ghes.md).
     Ghes(ras::ghes::Notification),
 }
 
 impl PoisonReport {
-    /// Parses `mce`, `ghes-nmi`, `ghes-gsiv` or `ghes-polled`.
+    /// Parses the synchronous error's name (`mce` on x86_64, `sea` on
+    /// aarch64) or `ghes-<source>`.
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
-        if s == "mce" {
-            return Ok(PoisonReport::Mce);
+        if s == arch::cpu::SYNCHRONOUS_ERROR {
+            return Ok(PoisonReport::Synchronous);
         }
         s.strip_prefix("ghes-")
             .and_then(ras::ghes::Notification::parse)
             .map(PoisonReport::Ghes)
             .ok_or_else(|| ConfigError::PoisonReport(s.to_string()))
+    }
+
+    /// The name [`PoisonReport::parse`] takes.
+    pub fn name(self) -> String {
+        match self {
+            PoisonReport::Synchronous => arch::cpu::SYNCHRONOUS_ERROR.to_string(),
+            PoisonReport::Ghes(n) => format!("ghes-{}", n.as_str()),
+        }
+    }
+}
+
+impl serde::Serialize for PoisonReport {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name())
     }
 }
 

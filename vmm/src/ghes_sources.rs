@@ -162,6 +162,25 @@ impl Ghes {
         self.raw(source, record)
     }
 
+    /// Reports a memory error through `source` only if its block is free
+    /// now (the previous record acknowledged, none queued): a synchronous
+    /// report (an SEA) cannot wait in a queue for its record. `None` while
+    /// the block is busy.
+    pub fn memory_error_now(
+        &mut self,
+        source: Notification,
+        severity: Severity,
+        gpa: u64,
+    ) -> Result<Option<Report>, Error> {
+        let memory = self.memory.clone();
+        let s = self.source(source)?;
+        s.note_ack(&Memory(&memory))?;
+        if s.outstanding() || s.waiting() {
+            return Ok(None);
+        }
+        self.memory_error(source, severity, gpa, false).map(Some)
+    }
+
     /// Reports a raw record, validated first: nothing reaches guest memory
     /// unless it passes.
     pub fn raw(&mut self, source: Notification, record: Vec<u8>) -> Result<Report, Error> {

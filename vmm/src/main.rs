@@ -64,12 +64,14 @@ struct RunArgs {
     /// vCPUs.
     #[arg(long, default_value = "1", value_parser = count)]
     vcpus: u64,
-    /// CPU profile: intel or amd.
+    /// CPU profile: intel or amd on x86_64, host on aarch64.
     #[arg(long, default_value = arch::cpu::DEFAULT_PROFILE)]
     cpu: String,
-    /// How a consumed poisoned page is reported: mce (SRAR), or through a
-    /// GHES error source: ghes-nmi, ghes-gsiv, ghes-polled.
-    #[arg(long, default_value = "mce")]
+    /// How a consumed poisoned page is reported: synchronously (mce, an
+    /// SRAR machine check, on x86_64; sea, a synchronous external abort with
+    /// its CPER record, on aarch64), or first through a GHES error source:
+    /// ghes-nmi (x86_64), ghes-gsiv, ghes-polled.
+    #[arg(long, default_value = arch::cpu::SYNCHRONOUS_ERROR)]
     poison_report: String,
     /// Console: stdout, none, or a file path.
     #[arg(long, default_value = "stdout")]

@@ -208,7 +208,7 @@ fn connection<S: Submit>(
     hub: &Arc<Hub>,
     limits: &Limits,
     id: u64,
-    _slot: Slot,
+    slot: Slot,
 ) {
     let _ = conn.set_write_timeout(Some(limits.write_timeout));
     let outbox = Outbox::new(
@@ -236,6 +236,10 @@ fn connection<S: Submit>(
         subscribed: false,
     };
     c.serve();
+    // The slot goes back before the writer sends the last line and shuts
+    // the socket: a client that sees its connection end can connect again
+    // at once (it used to race the writer's join and be refused).
+    drop(slot);
     hub.unsubscribe(id);
     outbox.close(Closed::Finished);
     let _ = writer.join();

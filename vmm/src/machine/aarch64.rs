@@ -5,7 +5,9 @@
 //! (arch::aarch64::loader). Memory errors reach the guest as synchronous
 //! external aborts ([`arch::aarch64::sea`]) and GHES records.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use arch::aarch64::{gic, layout, loader, regs, sea};
 use devices::bus::Bus;
@@ -50,10 +52,13 @@ pub fn nmi(_fd: &VcpuFd) -> Result<(), String> {
 }
 
 /// The memory-error side of the machine, for the RAS controller.
-#[derive(Debug, Clone)]
+#[derive(Debug, Default)]
 pub struct RasSetup {
     /// Whether KVM can inject external data aborts (SEA).
     pub sea: bool,
+    /// When each page's consuming access first found the SEA error source
+    /// busy with another vCPU's record.
+    pub waits: Mutex<BTreeMap<u64, Instant>>,
 }
 
 /// The GICv3, kept open for the VM's life.
@@ -130,6 +135,7 @@ pub fn create_vcpus(
         prepared,
         RasSetup {
             sea: sea::supported(kvm),
+            waits: Mutex::default(),
         },
     ))
 }

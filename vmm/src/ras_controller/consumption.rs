@@ -19,6 +19,16 @@ use crate::event::RasEvent;
 use crate::ghes_sources::ConsumptionAction;
 use crate::vcpu::HostMemoryErrors;
 
+/// What a consuming access gets from the architecture's report.
+pub(super) enum Consumption {
+    /// Reported (the error, if delivery failed).
+    Reported(Option<String>),
+    /// Let the vCPU retry the access shortly: the report cannot be made yet
+    /// (arm64's SEA source holds another vCPU's record; x86 never waits).
+    #[allow(dead_code)]
+    Retry,
+}
+
 impl HostMemoryErrors for RasController {
     fn consumed(&self, index: u8, fd: &VcpuFd, code: i32, hva: usize) -> Option<RasEvent> {
         RasController::consumed(self, index, fd, code, hva)
@@ -51,6 +61,14 @@ impl RasController {
                 return reported;
             }
         }
+        let result = match self.report_consumption(index, fd, page, error) {
+            Consumption::Reported(r) => r,
+            Consumption::Retry => {
+                // Do not spin a host CPU on the retried access.
+                std::thread::sleep(Duration::from_millis(1));
+                return None;
+            }
+        };
         let consumptions = {
             let mut l = lock(&self.ledger);
             if error == MemoryError::Srar {
@@ -60,7 +78,6 @@ impl RasController {
                 0
             }
         };
-        let result = self.report_consumption(index, fd, page, error);
         Some(RasEvent::Consumed {
             vcpu: index,
             gpa: page,

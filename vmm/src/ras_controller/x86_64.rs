@@ -11,6 +11,7 @@ use arch::x86_64::mce as kvm;
 use kvm_ioctls::VcpuFd;
 use ras::mce::{self, MceRecord, MemoryError, Planned};
 
+use super::consumption::Consumption;
 use super::{micros, Injection, RasController, RasError, VCPU_ANSWER};
 use crate::event::RasEvent;
 use crate::vcpu::VcpuRequest;
@@ -164,14 +165,13 @@ impl RasController {
     /// Tells the guest, from vCPU `index`'s own thread, that its access hit
     /// the poisoned `page` (SRAR) or that the host found the page bad
     /// (SRAO): a machine check, or nothing for a guest that cannot take it.
-    /// The error, if delivery failed.
     pub(super) fn report_consumption(
         &self,
         index: u8,
         fd: &VcpuFd,
         page: u64,
         error: MemoryError,
-    ) -> Option<String> {
+    ) -> Consumption {
         let (vendor, mcg_cap) = (self.setup.vendor, self.setup.mcg_cap);
         let lmce = mcg_cap & mce::MCG_LMCE_P != 0;
         let record = if mce::recoverable(vendor, mcg_cap) {
@@ -185,7 +185,7 @@ impl RasController {
             // stays poisoned and the next access reports it.
             None
         };
-        match record {
+        Consumption::Reported(match record {
             Some(r) => {
                 let plan = mce::plan(r, vendor, index, self.vcpu_count().max(index + 1));
                 self.deliver(&plan, Some((index, fd)))
@@ -193,6 +193,6 @@ impl RasController {
                     .map(|e| e.to_string())
             }
             None => Some("not reported: the guest has no SER_P".into()),
-        }
+        })
     }
 }
