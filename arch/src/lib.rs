@@ -5,6 +5,12 @@
 //! the guest sees, and the initial register state. The pure parts (layouts,
 //! table encodings, CPUID filtering) are unit-tested without KVM; the parts
 //! that program a vCPU take a `kvm_ioctls::VcpuFd`.
+//!
+//! [`aarch64`] is pure (board layout, device tree, EFI and ACPI tables) and
+//! builds on every target, so its tests run on x86_64 CI hosts too;
+//! [`acpi`] holds the ACPI helpers both architectures share.
 
+pub mod aarch64;
+pub mod acpi;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;

@@ -486,6 +486,9 @@ impl RasController {
                 None
             }
             Notification::Polled => None,
+            // arm64's SEA is raised by the arm64 vCPU code; x86 guests have
+            // no SEA source (ras::ghes::Notification::X86_64).
+            Notification::Sea => Some("SEA notifications need an arm64 guest".to_string()),
         }
     }
 
