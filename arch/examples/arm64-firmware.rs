@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run -p arch --example arm64-firmware -- OUTDIR [--mem MIB] [--vcpus N]
 //!     [--cmdline TEXT] [--initrd START,END] [--dt] [--no-agent-uart]
+//!     [--cper-polled PA]
 //! ```
 //!
 //! OUTDIR gets `fdt.dtb` (the device tree; x0), `firmware.bin` (everything
@@ -12,9 +13,12 @@
 //! (each blob's address and length). It prints a QEMU command line.
 //! QEMU places a `-dtb` file itself (after the initrd) and adds a /memory
 //! node to it, so an ACPI boot under QEMU needs `acpi=on` in the command
-//! line; rasvmm's own stub DT needs nothing.
+//! line; rasvmm's own stub DT needs nothing. `--cper-polled PA` puts a
+//! recoverable CPER memory error record for physical address PA (hex) in
+//! the polled GHES source's block, for the guest to find at its first poll.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -37,6 +41,7 @@ fn run() -> Result<String, String> {
     let mut initrd = None;
     let mut mode = BootMode::Acpi;
     let mut agent_uart = true;
+    let mut cper_polled = None;
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
@@ -53,6 +58,7 @@ fn run() -> Result<String, String> {
             }
             "--dt" => mode = BootMode::DeviceTree,
             "--no-agent-uart" => agent_uart = false,
+            "--cper-polled" => cper_polled = Some(parse_hex(&val()?).ok_or("--cper-polled PA")?),
             _ => return Err(format!("unknown option {a}")),
         }
     }
@@ -102,6 +108,24 @@ fn run() -> Result<String, String> {
                 img[o..o + b.len()].copy_from_slice(b);
             }
         }
+        if let (Some(pa), Some(src)) = (
+            cper_polled,
+            fw.ghes
+                .iter()
+                .find(|s| s.notify == ras::ghes::Notification::Polled),
+        ) {
+            let rec = ras::cper::MemoryErrorRecord {
+                severity: ras::cper::Severity::Recoverable,
+                physical_addr: pa,
+                threshold_exceeded: false,
+            }
+            .encode();
+            let o = usize::try_from(src.block - rest_start).map_err(|e| e.to_string())?;
+            img[o..o + rec.len()].copy_from_slice(&rec);
+            // Written, not yet acknowledged: read-ack 0.
+            let o = usize::try_from(src.read_ack - rest_start).map_err(|e| e.to_string())?;
+            img[o..o + 8].fill(0);
+        }
         write("firmware.bin", &img)?;
         let _ = write!(
             cmd,
@@ -125,7 +149,8 @@ fn run() -> Result<String, String> {
 fn main() -> ExitCode {
     match run() {
         Ok(s) => {
-            println!("{s}");
+            // A closed stdout (`| head -1`) is not an error of the tool.
+            let _ = writeln!(std::io::stdout(), "{s}");
             ExitCode::SUCCESS
         }
         Err(e) => {

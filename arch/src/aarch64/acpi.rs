@@ -14,8 +14,10 @@
 //!   non-secure EL1 timer always-on);
 //! - SPCR (Microsoft's Serial Port Console Redirection, revision 2):
 //!   interface type 3 (ARM PL011) at the console UART, GSIV 33;
-//! - DSDT: the PL011s as ARMH0011 devices (without them there is no
-//!   ttyAMA0), and the GED + HED pair for the GHES GSIV source;
+//! - DSDT: a processor device (ACPI0007) per vCPU, the PL011s as ARMH0011
+//!   devices (without them there is no ttyAMA0; Linux binds them to its
+//!   SBSA flavour of the PL011 driver), and the GED + HED pair for the GHES
+//!   GSIV source;
 //! - HEST: the GHESv2 sources ([`ras::ghes::hest`]): SEA, GSIV, polled.
 
 use acpi_tables::aml;
@@ -110,10 +112,28 @@ fn uart_aml(u: &Uart) -> Vec<u8> {
     aml_bytes(&aml::Device::new(u.name.into(), vec![&hid, &uid, &crs]))
 }
 
-/// The DSDT: the UARTs, and the error event devices if there is an error
-/// interrupt.
-pub fn dsdt(uarts: &[Uart], error_intid: Option<u32>) -> Vec<u8> {
-    let mut sb = Vec::new();
+/// One processor device (`ACPI0007`) per vCPU, `_UID` = the GICC's ACPI
+/// processor UID, as QEMU virt has: with ACPI_HOTPLUG_CPU, arm64 Linux
+/// registers a CPU's device only once its processor object is found
+/// (arch/arm64/kernel/smp.c arch_register_cpu), and without them
+/// /sys/devices/system/cpu/cpuN is missing (a topology_add_dev WARNING).
+fn processors_aml(vcpus: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..vcpus {
+        let hid = aml::Name::new("_HID".into(), &"ACPI0007");
+        let uid = aml::Name::new("_UID".into(), &u32::from(i));
+        out.extend(aml_bytes(&aml::Device::new(
+            format!("C{i:03X}").as_str().into(),
+            vec![&hid, &uid],
+        )));
+    }
+    out
+}
+
+/// The DSDT: the processors, the UARTs, and the error event devices if
+/// there is an error interrupt.
+pub fn dsdt(vcpus: u8, uarts: &[Uart], error_intid: Option<u32>) -> Vec<u8> {
+    let mut sb = processors_aml(vcpus);
     for u in uarts {
         sb.extend(uart_aml(u));
     }
@@ -236,7 +256,7 @@ pub fn build(p: &Platform<'_>) -> Result<Tables, Error> {
     crate::acpi::place(
         layout::ACPI_START,
         layout::ACPI_SIZE,
-        dsdt(p.uarts, p.error_intid),
+        dsdt(p.vcpus, p.uarts, p.error_intid),
         fadt,
         others,
     )
@@ -385,7 +405,7 @@ mod tests {
 
     #[test]
     fn dsdt_has_the_uarts_and_the_error_event() {
-        let d = dsdt(&UARTS, Some(35));
+        let d = dsdt(2, &UARTS, Some(35));
         let has = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"ARMH0011") && has(b"COM0") && has(b"COM1"));
         // Memory32Fixed: 0x86, length 9, read-write, base, length.
@@ -394,7 +414,8 @@ mod tests {
         assert!(has(&[0x89, 6, 0, 0x3, 1, 33, 0, 0, 0]));
         assert!(has(b"ACPI0013") && has(b"HED_") && has(&[0x89, 6, 0, 0x3, 1, 35, 0, 0, 0]));
         assert!(checksum_ok(&d));
-        assert!(!dsdt(&UARTS, None).windows(4).any(|w| w == b"GED0"));
+        assert!(!dsdt(2, &UARTS, None).windows(4).any(|w| w == b"GED0"));
+        assert!(has(b"ACPI0007") && has(b"C000") && has(b"C001"));
     }
 
     #[test]
