@@ -1,17 +1,18 @@
-//! The VMM end of the guest agent channel (COM2).
+//! The VMM end of the guest agent channel (COM2 on x86_64, the second
+//! PL011 on aarch64).
 //!
 //! [`AgentPort`] is the UART the agent talks through: bytes the agent sends
 //! become [`VmEvent::Agent`] lines; requests are queued and fed into the
-//! 64-byte receive FIFO as the guest drains it. The UART raises its
-//! interrupt whenever its line goes high (devices/src/legacy/serial.rs), so
-//! a refill never needs a nudge from the VMM. The typed request/response
+//! UART's receive FIFO as the guest drains it. Both UART models raise their
+//! interrupt whenever the line goes high (devices/src/legacy), so a refill
+//! never needs a nudge from the VMM. The typed request/response
 //! logic is in the session (`Session::call`).
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
 
 use devices::bus::BusDevice;
-use devices::legacy::SerialPort;
+use devices::legacy::Uart;
 use guest_agent::LineBuffer;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
@@ -49,23 +50,27 @@ impl Write for AgentOut {
     }
 }
 
-/// COM2, the agent's UART.
+/// The agent's UART (COM2 on x86_64, the second PL011 on aarch64).
 pub struct AgentPort {
-    uart: SerialPort<AgentOut>,
+    uart: Box<dyn Uart<AgentOut>>,
     pending: VecDeque<u8>,
     /// Guest reads of the receive buffer, to tell a stalled reader.
     reads: u64,
 }
 
 impl AgentPort {
-    /// A port raising `irq` and reporting agent lines to `events`.
-    pub fn new(irq: EventFd, events: EventSender) -> std::io::Result<Self> {
+    /// A port of UART model `U` raising `irq` and reporting agent lines to
+    /// `events`.
+    pub fn new<U: Uart<AgentOut> + 'static>(
+        irq: EventFd,
+        events: EventSender,
+    ) -> std::io::Result<Self> {
         let out = AgentOut {
             lines: LineBuffer::new(),
             events,
         };
         Ok(Self {
-            uart: SerialPort::new(irq, out),
+            uart: Box::new(U::new(irq, out)),
             pending: VecDeque::new(),
             reads: 0,
         })
@@ -119,11 +124,15 @@ impl BusDevice for AgentPort {
 mod tests {
     use super::*;
 
+    /// x86's agent UART, whose driver model (devices' linux8250) these
+    /// tests drive.
+    type Serial = devices::legacy::SerialPort<AgentOut>;
+
     #[test]
     fn long_requests_are_paced_through_the_fifo() {
         let (tx, _rx) = crate::event::queue().unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut p = AgentPort::new(irq, tx).unwrap();
+        let mut p = AgentPort::new::<Serial>(irq, tx).unwrap();
         let msg: Vec<u8> = (0..200u8).collect();
         p.send(&msg).unwrap();
         let mut got = Vec::new();
@@ -157,7 +166,7 @@ mod tests {
         use devices::legacy::linux8250::Linux8250;
         let (tx, rx) = crate::event::queue().unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut p = AgentPort::new(irq.try_clone().unwrap(), tx).unwrap();
+        let mut p = AgentPort::new::<Serial>(irq.try_clone().unwrap(), tx).unwrap();
         let mut guest = Linux8250::new();
         guest.startup(&mut p);
         guest.serve(&mut p, &irq);
@@ -181,7 +190,7 @@ mod tests {
     fn agent_output_becomes_lines() {
         let (tx, rx) = crate::event::queue().unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut p = AgentPort::new(irq, tx).unwrap();
+        let mut p = AgentPort::new::<Serial>(irq, tx).unwrap();
         for b in b"{\"a\":1}\n" {
             p.write(0, &[*b]);
         }
@@ -195,7 +204,7 @@ mod tests {
     fn a_guest_that_never_reads_fills_up() {
         let (tx, _rx) = crate::event::queue().unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut p = AgentPort::new(irq, tx).unwrap();
+        let mut p = AgentPort::new::<Serial>(irq, tx).unwrap();
         let chunk = vec![b'x'; 4096];
         let mut err = None;
         for _ in 0..(MAX_PENDING / 4096 + 2) {

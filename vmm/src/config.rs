@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use arch::cpu::{self, CpuProfile};
+use arch::guest::{self, CpuProfile};
 use thiserror::Error;
 
 /// Smallest guest RAM a Linux 7.3 tinyconfig guest with our initramfs boots in.
@@ -14,17 +14,13 @@ pub const MIN_MEMORY_MIB: u64 = 64;
 /// Largest guest RAM rasvmm accepts (64 GiB); the host must also have it.
 pub const MAX_MEMORY_MIB: u64 = 64 << 10;
 /// Most vCPUs.
-pub const MAX_VCPUS: u8 = cpu::MAX_VCPUS;
+pub const MAX_VCPUS: u8 = guest::MAX_VCPUS;
 /// Longest run rasvmm allows.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
-/// The default guest command line. `reboot=k` resets through the i8042 so a
-/// triple fault stays a distinct outcome; `panic=-1` reboots at once after a
-/// panic. The guest has ACPI tables (hardware-reduced, with a HEST) but no
-/// PCI host bridge, so it is told not to look for one, and the i8042 is only
-/// a reset line (the options Firecracker passes too).
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet pci=off \
-     i8042.noaux i8042.nomux i8042.dumbkbd";
+/// The default guest command line (this architecture's; see
+/// [`arch::guest::DEFAULT_CMDLINE`]).
+pub const DEFAULT_CMDLINE: &str = guest::DEFAULT_CMDLINE;
 
 /// Errors in the VM configuration.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -54,8 +50,13 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
+    /// An unknown --tables.
+    #[error(
+        "Unknown firmware tables '{0}' (acpi, or dt for a device tree without ACPI on aarch64)"
+    )]
+    Tables(String),
     /// An unknown --poison-report.
-    #[error("Unknown poison report '{0}' ({sync}, or ghes-<source> for an asynchronous GHES source)", sync = arch::cpu::SYNCHRONOUS_ERROR)]
+    #[error("Unknown poison report '{0}' ({sync}, or ghes-<source> for one of this architecture's asynchronous GHES sources)", sync = arch::ras::SYNCHRONOUS_ERROR)]
     PoisonReport(String),
 }
 
@@ -92,6 +93,29 @@ pub enum BootSource {
     },
 }
 
+/// Which firmware tables describe the machine to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootTables {
+    /// ACPI, with the HEST and its GHESv2 error sources (APEI).
+    #[default]
+    Acpi,
+    /// A device tree only (aarch64): no APEI, so no GHES reports and no
+    /// SEA records; for guests that do not need them.
+    DeviceTree,
+}
+
+impl BootTables {
+    /// Parses `acpi` or `dt`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "acpi" => Ok(BootTables::Acpi),
+            "dt" => Ok(BootTables::DeviceTree),
+            _ => Err(ConfigError::Tables(s.to_string())),
+        }
+    }
+}
+
 /// A validated VM configuration.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -99,6 +123,8 @@ pub struct VmConfig {
     pub boot: BootSource,
     /// How a consumed sticky-poison page is reported to the guest.
     pub poison_report: PoisonReport,
+    /// The firmware tables the guest gets.
+    pub tables: BootTables,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
     /// vCPU count.
@@ -117,7 +143,7 @@ pub enum PoisonReport {
     /// The architecture's synchronous error on the accessing vCPU: an
     /// action-required machine check (SRAR) on x86_64, a synchronous
     /// external abort with its CPER record on aarch64. Named by
-    /// [`arch::cpu::SYNCHRONOUS_ERROR`] (`mce`, `sea`).
+    /// [`arch::ras::SYNCHRONOUS_ERROR`] (`mce`, `sea`).
     #[default]
     Synchronous,
     /// A recoverable CPER record through this GHES error source; an access
@@ -130,11 +156,12 @@ impl PoisonReport {
     /// Parses the synchronous error's name (`mce` on x86_64, `sea` on
     /// aarch64) or `ghes-<source>`.
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
-        if s == arch::cpu::SYNCHRONOUS_ERROR {
+        if s == arch::ras::SYNCHRONOUS_ERROR {
             return Ok(PoisonReport::Synchronous);
         }
         s.strip_prefix("ghes-")
             .and_then(ras::ghes::Notification::parse)
+            .filter(|n| arch::ras::has_source(*n) && *n != ras::ghes::Notification::Sea)
             .map(PoisonReport::Ghes)
             .ok_or_else(|| ConfigError::PoisonReport(s.to_string()))
     }
@@ -142,7 +169,7 @@ impl PoisonReport {
     /// The name [`PoisonReport::parse`] takes.
     pub fn name(self) -> String {
         match self {
-            PoisonReport::Synchronous => arch::cpu::SYNCHRONOUS_ERROR.to_string(),
+            PoisonReport::Synchronous => arch::ras::SYNCHRONOUS_ERROR.to_string(),
             PoisonReport::Ghes(n) => format!("ghes-{}", n.as_str()),
         }
     }
@@ -216,8 +243,8 @@ pub fn check_timeout(t: Duration) -> Result<(), ConfigError> {
 
 /// Looks up a CPU profile by name.
 pub fn cpu_profile(name: &str) -> Result<&'static CpuProfile, ConfigError> {
-    cpu::profile(name)
-        .ok_or_else(|| ConfigError::CpuProfile(name.into(), cpu::profile_names().join(", ")))
+    guest::profile(name)
+        .ok_or_else(|| ConfigError::CpuProfile(name.into(), guest::profile_names().join(", ")))
 }
 
 fn check_file(what: &'static str, path: &PathBuf) -> Result<(), ConfigError> {

@@ -65,14 +65,18 @@ struct RunArgs {
     #[arg(long, default_value = "1", value_parser = count)]
     vcpus: u64,
     /// CPU profile: intel or amd on x86_64, host on aarch64.
-    #[arg(long, default_value = arch::cpu::DEFAULT_PROFILE)]
+    #[arg(long, default_value = arch::guest::DEFAULT_PROFILE)]
     cpu: String,
     /// How a consumed poisoned page is reported: synchronously (mce, an
     /// SRAR machine check, on x86_64; sea, a synchronous external abort with
     /// its CPER record, on aarch64), or first through a GHES error source:
     /// ghes-nmi (x86_64), ghes-gsiv, ghes-polled.
-    #[arg(long, default_value = arch::cpu::SYNCHRONOUS_ERROR)]
+    #[arg(long, default_value = arch::ras::SYNCHRONOUS_ERROR)]
     poison_report: String,
+    /// Firmware tables: acpi (with APEI's error sources), or dt (aarch64: a
+    /// device tree only, no APEI).
+    #[arg(long, default_value = "acpi")]
+    tables: String,
     /// Console: stdout, none, or a file path.
     #[arg(long, default_value = "stdout")]
     console: String,
@@ -210,6 +214,9 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         if let Some(p) = &g.poison_report {
             a.poison_report = p.clone();
         }
+        if let Some(t) = &g.tables {
+            a.tables = t.clone();
+        }
         if let Some(extra) = &g.append {
             a.append = Some(match a.append.take() {
                 Some(x) => format!("{x} {extra}"),
@@ -222,6 +229,7 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
     let vcpus = config::check_vcpus(a.vcpus).map_err(|e| e.to_string())?;
     let cpu = config::cpu_profile(&a.cpu).map_err(|e| e.to_string())?;
     let poison_report = config::PoisonReport::parse(&a.poison_report).map_err(|e| e.to_string())?;
+    let tables = config::BootTables::parse(&a.tables).map_err(|e| e.to_string())?;
     let timeout = config::parse_timeout(a.timeout).map_err(|e| e.to_string())?;
     let expect_name = a.expect.as_deref().unwrap_or("poweroff");
     let expect = OutcomeKind::parse(expect_name).ok_or_else(|| {
@@ -252,6 +260,7 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
             cmdline,
         },
         poison_report,
+        tables,
         memory_mib,
         vcpus,
         cpu,

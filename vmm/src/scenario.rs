@@ -66,8 +66,11 @@ pub struct Guest {
     pub append: Option<String>,
     /// Deadline in seconds.
     pub timeout_s: Option<f64>,
-    /// How consumed poison is reported: mce, ghes-nmi, ghes-gsiv, ghes-polled.
+    /// How consumed poison is reported: mce (x86_64) or sea (aarch64), or
+    /// ghes-<source>.
     pub poison_report: Option<String>,
+    /// Firmware tables: acpi or dt.
+    pub tables: Option<String>,
 }
 
 /// A signal the guest's page holder must have received.
@@ -237,6 +240,9 @@ impl Scenario {
         }
         if let Some(p) = &s.guest.poison_report {
             crate::config::PoisonReport::parse(p).map_err(|e| e.to_string())?;
+        }
+        if let Some(t) = &s.guest.tables {
+            crate::config::BootTables::parse(t).map_err(|e| e.to_string())?;
         }
         for e in std::iter::once(&s.expect).chain(&s.expect_without_ser) {
             for sig in e.signals.iter().flatten() {

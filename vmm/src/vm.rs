@@ -283,9 +283,10 @@ mod tests {
                 load_addr: 0x10_0000,
             },
             poison_report: Default::default(),
+            tables: Default::default(),
             memory_mib: 64,
             vcpus,
-            cpu: arch::cpu::profile("amd").unwrap(),
+            cpu: arch::guest::profile("amd").unwrap(),
             console: ConsoleTarget::Discard,
             timeout: Duration::from_secs(30),
         }

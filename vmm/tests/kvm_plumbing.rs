@@ -25,6 +25,7 @@ fn config(bytes: Vec<u8>, vcpus: u8) -> VmConfig {
             load_addr: LOAD,
         },
         poison_report: Default::default(),
+        tables: Default::default(),
         memory_mib: 64,
         vcpus,
         cpu: arch::x86_64::cpuid::profile("intel").unwrap(),

@@ -27,6 +27,9 @@ pub enum Error {
     /// A register cannot be set.
     #[error("Cannot set register {0}")]
     SetReg(&'static str, #[source] kvm_ioctls::Error),
+    /// KVM gave the vCPU another MPIDR than the firmware tables name it by.
+    #[error("MPIDR_EL1 affinity is {0:#x}; the firmware tables say {1:#x}")]
+    Mpidr(u64, u64),
     /// A register cannot be read.
     #[error("Cannot read register {0}")]
     GetReg(&'static str, #[source] kvm_ioctls::Error),

@@ -16,24 +16,20 @@
 //! Tables live from [`ACPI_START`]; the RSDP comes first, 16-byte aligned,
 //! inside the BIOS area Linux scans, and the zero page points at it too.
 //! The generic tables use the `acpi_tables` crate; all are checksummed.
+//! The architecture-neutral parts (the error event AML, table placement)
+//! are shared with arm64 in [`crate::acpi`].
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
-use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
-use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
-use thiserror::Error;
 
 use super::layout::{ACPI_SIZE, ACPI_START, APIC_START, IOAPIC_START};
-
-/// OEM id in every table.
-pub const OEM_ID: [u8; 6] = *b"RASVMM";
-/// OEM table id in every table.
-pub const OEM_TABLE_ID: [u8; 8] = *b"RASVMM  ";
+use crate::acpi::{aml_bytes as bytes, edge_interrupt, error_event_aml};
+pub use crate::acpi::{Error, Tables, OEM_ID, OEM_TABLE_ID};
 /// The power device: sleep control (+0), sleep status (+1), reset (+2).
 pub const POWER_PORT: u16 = 0x600;
 /// Ports the power device decodes.
@@ -80,35 +76,10 @@ pub struct Platform<'a> {
     pub error_gsi: Option<u32>,
 }
 
-/// Errors building the tables.
-#[derive(Debug, Clone, Error, PartialEq, Eq)]
-pub enum Error {
-    /// The tables outgrow their area.
-    #[error("ACPI tables need {0} bytes; {ACPI_SIZE} are reserved for them")]
-    TooLarge(u64),
-}
-
-/// The tables, placed: write each blob at its address.
-#[derive(Debug)]
-pub struct Tables {
-    /// (guest address, bytes).
-    pub blobs: Vec<(u64, Vec<u8>)>,
-    /// The RSDP's address (for the zero page).
-    pub rsdp: u64,
-    /// Bytes used from [`ACPI_START`].
-    pub size: u64,
-}
-
-fn bytes(a: &dyn Aml) -> Vec<u8> {
-    let mut v = Vec::new();
-    a.to_aml_bytes(&mut v);
-    v
-}
-
 /// One device: `_HID`, `_UID` and a `_CRS` of one I/O range and maybe an IRQ.
 fn device_aml(name: &str, hid: &str, uid: u8, port: u16, len: u8, irq: Option<u32>) -> Vec<u8> {
     let io = aml::IO::new(port, port, 1, len);
-    let irq = irq.map(|n| aml::Interrupt::new(true, true, false, false, n));
+    let irq = irq.map(edge_interrupt);
     let mut res: Vec<&dyn Aml> = vec![&io];
     if let Some(i) = &irq {
         res.push(i);
@@ -119,33 +90,6 @@ fn device_aml(name: &str, hid: &str, uid: u8, port: u16, len: u8, irq: Option<u3
     let uid = aml::Name::new("_UID".into(), &uid);
     let crs = aml::Name::new("_CRS".into(), &crs);
     bytes(&aml::Device::new(name.into(), vec![&hid, &uid, &crs]))
-}
-
-/// The Generic Event Device on `gsi` and the Hardware Error Device it
-/// notifies: `Method (_EVT, 1) { If (Arg0 == gsi) { Notify (HED_, 0x80) } }`.
-fn error_event_aml(gsi: u32) -> Vec<u8> {
-    let irq = aml::Interrupt::new(true, true, false, false, gsi);
-    let crs = aml::ResourceTemplate::new(vec![&irq]);
-    let hid = aml::Name::new("_HID".into(), &"ACPI0013");
-    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
-    let crs = aml::Name::new("_CRS".into(), &crs);
-    let hed_path: aml::Path = "\\_SB_.HED_".into();
-    let notify = aml::Notify::new(&hed_path, &0x80u8);
-    let is_ours = aml::Equal::new(&aml::Arg(0), &gsi);
-    let when = aml::If::new(&is_ours, vec![&notify]);
-    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&when]);
-    let mut out = bytes(&aml::Device::new(
-        "GED0".into(),
-        vec![&hid, &uid, &crs, &evt],
-    ));
-    let hed_hid = aml::EISAName::new("PNP0C33");
-    let hed_hid = aml::Name::new("_HID".into(), &hed_hid);
-    let hed_uid = aml::Name::new("_UID".into(), &aml::ZERO);
-    out.extend(bytes(&aml::Device::new(
-        "HED_".into(),
-        vec![&hed_hid, &hed_uid],
-    )));
-    out
 }
 
 /// The DSDT: the ISA devices, the power device, `_S5`, and the error event
@@ -217,34 +161,15 @@ fn madt(vcpus: u8, ioapic_id: u8) -> Vec<u8> {
 
 /// Builds and places every table.
 pub fn build(p: &Platform<'_>) -> Result<Tables, Error> {
-    let align = |a: u64| a.next_multiple_of(16);
-    let rsdp_addr = ACPI_START;
-    let mut cursor = align(rsdp_addr + Rsdp::len() as u64);
-    let mut blobs = Vec::new();
-    let mut place = |b: Vec<u8>, blobs: &mut Vec<(u64, Vec<u8>)>| -> u64 {
-        let at = cursor;
-        cursor = align(cursor + b.len() as u64);
-        blobs.push((at, b));
-        at
-    };
-    let dsdt_addr = place(dsdt(p.devices, p.error_gsi).as_slice().to_vec(), &mut blobs);
-    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, 1);
-    xsdt.add_entry(place(fadt(dsdt_addr), &mut blobs));
-    xsdt.add_entry(place(madt(p.vcpus, p.ioapic_id), &mut blobs));
-    for t in p.extra {
-        xsdt.add_entry(place(t.as_slice().to_vec(), &mut blobs));
-    }
-    let xsdt_addr = place(bytes(&xsdt), &mut blobs);
-    blobs.push((rsdp_addr, bytes(&Rsdp::new(OEM_ID, xsdt_addr))));
-    let size = cursor - ACPI_START;
-    if size > ACPI_SIZE {
-        return Err(Error::TooLarge(size));
-    }
-    Ok(Tables {
-        blobs,
-        rsdp: rsdp_addr,
-        size,
-    })
+    let mut others = vec![madt(p.vcpus, p.ioapic_id)];
+    others.extend(p.extra.iter().map(|t| t.as_slice().to_vec()));
+    crate::acpi::place(
+        ACPI_START,
+        ACPI_SIZE,
+        dsdt(p.devices, p.error_gsi).as_slice().to_vec(),
+        fadt,
+        others,
+    )
 }
 
 /// What a write to the power device asks for.

@@ -41,30 +41,48 @@ pub const READ_ACK_WRITE: u64 = 1;
 pub const POLL_INTERVAL_MS: u32 = 100;
 
 /// How the OS learns of a new record (ACPI 6.5 table 18.14; the ones Linux
-/// accepts on x86).
+/// 7.3 accepts on x86 and arm64, drivers/acpi/apei/ghes.c ghes_new).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Notification {
-    /// Non-maskable interrupt (type 4).
+    /// Non-maskable interrupt (type 4; x86 only).
     Nmi,
-    /// Global system interrupt (type 10): an edge on an IOAPIC pin that the
-    /// DSDT's Generic Event Device turns into a notification of the
-    /// Hardware Error Device (how Linux handles GSIV sources).
+    /// Synchronous External Abort (type 8; arm64 only): the VMM makes the
+    /// faulting access take an external data abort, and Linux's SEA handler
+    /// (ghes_notify_sea) reads the block before it decides the fault's fate.
+    Sea,
+    /// Global system interrupt (type 10): an edge on an interrupt line
+    /// (an IOAPIC pin on x86, a GIC SPI on arm64) that the DSDT's Generic
+    /// Event Device turns into a notification of the Hardware Error Device
+    /// (how Linux handles GSIV sources).
     Gsiv,
     /// The OS polls the block every [`POLL_INTERVAL_MS`] (type 0).
     Polled,
 }
 
 impl Notification {
-    /// Every notification rasvmm offers, in source-id order.
-    pub const ALL: [Notification; 3] =
+    /// Every notification type rasvmm knows, on any architecture.
+    pub const ALL: [Notification; 4] = [
+        Notification::Nmi,
+        Notification::Sea,
+        Notification::Gsiv,
+        Notification::Polled,
+    ];
+
+    /// The sources of an x86_64 guest, in source-id order.
+    pub const X86_64: [Notification; 3] =
         [Notification::Nmi, Notification::Gsiv, Notification::Polled];
+
+    /// The sources of an arm64 guest, in source-id order.
+    pub const AARCH64: [Notification; 3] =
+        [Notification::Sea, Notification::Gsiv, Notification::Polled];
 
     /// The HEST notification type value.
     pub fn hest_type(self) -> u8 {
         match self {
             Notification::Polled => 0,
             Notification::Nmi => 4,
+            Notification::Sea => 8,
             Notification::Gsiv => 10,
         }
     }
@@ -73,6 +91,7 @@ impl Notification {
     pub fn as_str(self) -> &'static str {
         match self {
             Notification::Nmi => "nmi",
+            Notification::Sea => "sea",
             Notification::Gsiv => "gsiv",
             Notification::Polled => "polled",
         }
@@ -101,12 +120,18 @@ pub struct SourceLayout {
     pub block: u64,
 }
 
-/// Lays out one source per notification type from `base`: the registers in
-/// the first page, one [`BLOCK_LEN`] block per source after it. Returns the
-/// sources and the bytes used.
+/// Lays out the x86_64 sources ([`Notification::X86_64`]) from `base`; see
+/// [`layout_for`].
 pub fn layout(base: u64, gsi: u32) -> (Vec<SourceLayout>, u64) {
+    layout_for(&Notification::X86_64, base, gsi)
+}
+
+/// Lays out one source per entry of `notifications` (source id = index)
+/// from `base`: the registers in the first page, one [`BLOCK_LEN`] block per
+/// source after it. Returns the sources and the bytes used.
+pub fn layout_for(notifications: &[Notification], base: u64, gsi: u32) -> (Vec<SourceLayout>, u64) {
     let sources: Vec<SourceLayout> = (0u16..)
-        .zip(Notification::ALL)
+        .zip(notifications.iter().copied())
         .map(|(id, notify)| {
             let i = u64::from(id);
             SourceLayout {
@@ -440,6 +465,36 @@ mod tests {
             u32::from_le_bytes(p[36..40].try_into().unwrap()),
             POLL_INTERVAL_MS
         );
+    }
+
+    #[test]
+    fn sources_per_architecture() {
+        let (x86, _) = layout(0xf_0000, 5);
+        let kinds: Vec<_> = x86.iter().map(|s| s.notify).collect();
+        assert_eq!(kinds, Notification::X86_64);
+        let (arm, used) = layout_for(&Notification::AARCH64, 0x4004_0000, 35);
+        assert_eq!(used, 0x4000);
+        assert_eq!(arm[0].notify, Notification::Sea);
+        assert_eq!(arm[0].block, 0x4004_1000);
+        let t = hest(&arm, *b"RASVMM", *b"RASVMM  ");
+        let b = t.as_slice();
+        // SEA: notification type 8 at +32 of the first GHESv2, no vector.
+        assert_eq!(b[40 + 32], 8);
+        assert_eq!(
+            u32::from_le_bytes(b[40 + 40..40 + 44].try_into().unwrap()),
+            0
+        );
+        // GSIV: type 10, vector = the GSI (an arm64 INTID).
+        assert_eq!(b[40 + 92 + 32], 10);
+        assert_eq!(
+            u32::from_le_bytes(b[40 + 92 + 40..40 + 92 + 44].try_into().unwrap()),
+            35
+        );
+        assert_eq!(Notification::parse("sea"), Some(Notification::Sea));
+        assert_eq!(Notification::Sea.hest_type(), 8);
+        for n in Notification::ALL {
+            assert_eq!(Notification::parse(n.as_str()), Some(n));
+        }
     }
 
     #[test]

@@ -315,6 +315,24 @@ impl<W: Write + Send> BusDevice for SerialPort<W> {
     }
 }
 
+impl<W: Write + Send> super::Uart<W> for SerialPort<W> {
+    fn new(irq: EventFd, out: W) -> Self {
+        SerialPort::new(irq, out)
+    }
+    fn enqueue(&mut self, bytes: &[u8]) -> usize {
+        SerialPort::enqueue(self, bytes)
+    }
+    fn rx_waiting(&self) -> bool {
+        SerialPort::rx_waiting(self)
+    }
+    fn irq_asserted(&self) -> bool {
+        SerialPort::irq_asserted(self)
+    }
+    fn writer_mut(&mut self) -> &mut W {
+        SerialPort::writer_mut(self)
+    }
+}
+
 /// The i8042 controller, here for its CPU-reset command (0xfe to port 0x64),
 /// which Linux uses with `reboot=k`, together with system control port B
 /// (0x61) that sits inside its port range. Put it at 0x60 with length 5.

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use arch::aarch64::firmware::BootMode;
 use arch::aarch64::{gic, layout, loader, regs, sea};
 use devices::bus::Bus;
 use devices::legacy::Pl011;
@@ -16,8 +17,8 @@ use kvm_ioctls::{DeviceFd, Kvm, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 
 use super::{console_target, irqfd, Devices, Error, Loaded, Prepared};
-use crate::agent::AgentPort;
-use crate::config::{BootSource, VmConfig};
+use crate::agent::{AgentOut, AgentPort};
+use crate::config::{BootSource, BootTables, VmConfig};
 use crate::console::ConsoleOut;
 use crate::event::EventSender;
 
@@ -47,8 +48,14 @@ pub fn filtered_rdmsr(_arch: &VcpuArch, _index: u32) -> Option<u64> {
 }
 
 /// arm64 has no NMI-notified GHES sources.
-pub fn nmi(_fd: &VcpuFd) -> Result<(), String> {
+pub fn nmi(_fd: &VcpuFd, _index: u8) -> Result<(), String> {
     Err("arm64 has no NMIs".into())
+}
+
+/// Makes vCPU `index` (the calling thread's) take a synchronous external
+/// abort when it next runs.
+pub fn sea(fd: &VcpuFd, index: u8) -> Result<(), String> {
+    sea::inject(fd, index).map_err(|e| e.to_string())
 }
 
 /// The memory-error side of the machine, for the RAS controller.
@@ -94,13 +101,18 @@ pub fn load(_kvm: &Kvm, memory: &GuestMemoryMmap, config: &VmConfig) -> Result<L
         loader::Machine {
             mem_size: config.memory_mib << 20,
             vcpus: config.vcpus,
+            mode: match config.tables {
+                BootTables::Acpi => BootMode::Acpi,
+                BootTables::DeviceTree => BootMode::DeviceTree,
+            },
         },
     )
     .map_err(Error::Load)?;
     Ok(Loaded {
         entry: l.entry,
         boot_arg: l.fdt,
-        ghes_sources: Some(l.ghes_sources),
+        // A device-tree guest has no APEI: no sources to report through.
+        ghes_sources: (!l.ghes_sources.is_empty()).then_some(l.ghes_sources),
         firmware: l.firmware,
     })
 }
@@ -159,7 +171,8 @@ pub fn create_devices(vm: &VmFd, config: &VmConfig, tx: &EventSender) -> Result<
     )
     .map_err(Error::Bus)?;
     let agent = Arc::new(Mutex::new(
-        AgentPort::new(irqfd(vm, layout::AGENT_UART.spi)?, tx.clone()).map_err(Error::EventFd)?,
+        AgentPort::new::<Pl011<AgentOut>>(irqfd(vm, layout::AGENT_UART.spi)?, tx.clone())
+            .map_err(Error::EventFd)?,
     ));
     bus.insert(
         layout::AGENT_UART.base,

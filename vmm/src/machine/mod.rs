@@ -48,6 +48,9 @@ pub enum Error {
     /// A console file cannot be created.
     #[error("Cannot create console file '{0}'")]
     ConsoleFile(String, #[source] std::io::Error),
+    /// The configuration asks for something this architecture has not.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// A device cannot be placed on the bus.
     #[error("Cannot place a device")]
     Bus(#[source] devices::bus::Error),

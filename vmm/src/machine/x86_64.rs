@@ -15,8 +15,8 @@ use ras::mce::{self, Vendor};
 use vm_memory::GuestMemoryMmap;
 
 use super::{console_target, irqfd, Devices, Error, Loaded, Prepared};
-use crate::agent::AgentPort;
-use crate::config::{BootSource, VmConfig};
+use crate::agent::{AgentOut, AgentPort};
+use crate::config::{BootSource, BootTables, VmConfig};
 use crate::console::ConsoleOut;
 use crate::event::{EventSender, VmEvent};
 
@@ -49,9 +49,15 @@ pub fn filtered_rdmsr(arch: &VcpuArch, index: u32) -> Option<u64> {
     kvm_mce::filtered_rdmsr(index, arch.mcg_cap)
 }
 
-/// Queues an NMI on the calling vCPU (the NMI-notified GHES source).
-pub fn nmi(fd: &VcpuFd) -> Result<(), String> {
+/// Queues an NMI on the calling vCPU `_index` (the NMI-notified GHES
+/// source).
+pub fn nmi(fd: &VcpuFd, _index: u8) -> Result<(), String> {
     fd.nmi().map_err(|e| e.to_string())
+}
+
+/// x86 has no synchronous external aborts (nor an SEA-notified source).
+pub fn sea(_fd: &VcpuFd, _index: u8) -> Result<(), String> {
+    Err("SEA is an arm64 notification".into())
 }
 
 /// What the machine-check side of the VM is: fixed before any vCPU runs.
@@ -94,6 +100,11 @@ fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, Error> {
 
 /// Loads the guest and its boot tables.
 pub fn load(kvm: &Kvm, memory: &GuestMemoryMmap, config: &VmConfig) -> Result<Loaded, Error> {
+    if config.tables != BootTables::Acpi {
+        return Err(Error::Unsupported(
+            "x86_64 guests boot with ACPI tables (--tables dt is for aarch64)",
+        ));
+    }
     let supported = supported_cpuid(kvm)?;
     let cpu_signature = cpuid::apply(config.cpu, supported.as_slice(), 0, config.vcpus)
         .into_iter()
@@ -211,7 +222,8 @@ pub fn create_devices(vm: &VmFd, config: &VmConfig, tx: &EventSender) -> Result<
     );
     place(&mut bus, board::CONSOLE_UART, Arc::new(Mutex::new(console)))?;
     let agent = Arc::new(Mutex::new(
-        AgentPort::new(irqfd(vm, board::AGENT_UART.gsi)?, tx.clone()).map_err(Error::EventFd)?,
+        AgentPort::new::<SerialPort<AgentOut>>(irqfd(vm, board::AGENT_UART.gsi)?, tx.clone())
+            .map_err(Error::EventFd)?,
     ));
     place(&mut bus, board::AGENT_UART, agent.clone())?;
     let reset_tx = tx.clone();

@@ -18,6 +18,7 @@ use ras::mce::{MceRecord, MemoryError};
 use super::consumption::Consumption;
 use super::{micros, GhesInjection, Injection, RasController, RasError, VCPU_ANSWER};
 use crate::event::RasEvent;
+use crate::machine;
 use crate::vcpu::VcpuRequest;
 
 /// How long a consuming vCPU retries its access while the SEA source still
@@ -172,7 +173,7 @@ impl RasController {
             }
             Err(e) => Some(e.to_string()),
         };
-        let raised = sea::inject(fd, index).err().map(|e| e.to_string());
+        let raised = machine::sea(fd, index).err();
         Consumption::Reported(raised.or(note))
     }
 }

@@ -329,19 +329,9 @@ impl RasController {
     /// calling vCPU's own thread (`own`) is raised right there.
     fn ghes_notify(&self, source: Notification, vcpu: u8, own: Option<&VcpuFd>) -> Option<String> {
         match source {
-            Notification::Nmi => match own {
-                Some(fd) => machine::nmi(fd).err(),
-                None => {
-                    if let Some(s) = self.senders().get(usize::from(vcpu)) {
-                        s.send(VcpuRequest::OnThread(Box::new(move |fd| {
-                            machine::nmi(fd)
-                                .err()
-                                .map(|error| RasEvent::NotifyFailed { vcpu, error })
-                        })));
-                    }
-                    None
-                }
-            },
+            Notification::Nmi => self.on_vcpu_notify(vcpu, own, machine::nmi),
+            // An SEA with a record of its own: arm64's synchronous source.
+            Notification::Sea => self.on_vcpu_notify(vcpu, own, machine::sea),
             Notification::Gsiv => {
                 if let Some(g) = &self.ghes {
                     lock(g).notify_gsiv();
@@ -350,6 +340,28 @@ impl RasController {
             }
             Notification::Polled => None,
         }
+    }
+
+    /// Raises `notify` (an NMI, an SEA) on `vcpu`: right here if this is
+    /// that vCPU's own thread (`own`), else on its thread, reporting a
+    /// failure as an event.
+    fn on_vcpu_notify(
+        &self,
+        vcpu: u8,
+        own: Option<&VcpuFd>,
+        notify: fn(&VcpuFd, u8) -> Result<(), String>,
+    ) -> Option<String> {
+        if let Some(fd) = own {
+            return notify(fd, vcpu).err();
+        }
+        if let Some(s) = self.senders().get(usize::from(vcpu)) {
+            s.send(VcpuRequest::OnThread(Box::new(move |fd| {
+                notify(fd, vcpu)
+                    .err()
+                    .map(|error| RasEvent::NotifyFailed { vcpu, error })
+            })));
+        }
+        None
     }
 
     /// The guest's own poison list, from its KHO state, against the ledger.

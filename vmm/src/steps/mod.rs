@@ -17,7 +17,7 @@
 //! | `kexec[:<append>]` | kexec the guest into /boot/bzImage (same command line, plus `append`); later steps wait for the new kernel's agent |
 //! | `inject:<srar\|srao\|ucna>:<gpa\|ref>[:vcpu=<n>][:local]` | report a memory error |
 //! | `poison:<gpa\|ref>` | make a page bad: every later access raises SRAR |
-//! | `ghes-memory:<recoverable\|corrected\|fatal>:<gpa\|ref>[:source=<nmi\|gsiv\|polled>][:threshold][:vcpu=<n>]` | report a CPER memory error through a GHES error source (default NMI) |
+//! | `ghes-memory:<recoverable\|corrected\|fatal>:<gpa\|ref>[:source=<nmi\|gsiv\|polled>][:threshold][:vcpu=<n>]` | report a CPER memory error through a GHES error source (default: NMI on x86_64, GSIV on aarch64; `sea` too on aarch64) |
 //! | `ghes-raw:<nmi\|gsiv\|polled>:<hex>` | report a raw CPER record (validated first) |
 //! | `kho-scan` | read the guest's own poison list from its KHO state and compare it with the ledger |
 //! | `wait:<ms>` | let the guest run |
@@ -238,7 +238,7 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
                 .next()
                 .and_then(target)
                 .ok_or_else(|| bad("expected an address or a reference"))?;
-            let (mut source, mut threshold, mut vcpu) = (Notification::Nmi, false, 0);
+            let (mut source, mut threshold, mut vcpu) = (arch::ras::DEFAULT_GHES_SOURCE, false, 0);
             for opt in parts {
                 match opt.split_once('=') {
                     Some(("source", n)) => {
