@@ -137,12 +137,16 @@ pub enum RasEvent {
         /// When.
         at_ms: u64,
         /// rasvmm's own share, microseconds: from the request reaching the
-        /// RAS controller to the last vCPU's KVM_X86_SET_MCE returning.
+        /// RAS controller to the last vCPU's injection ioctl returning.
         #[serde(default)]
         vmm_us: u64,
         /// The refusal or failure, if any.
         #[serde(skip_serializing_if = "Option::is_none")]
         refused: Option<String>,
+        /// The GHES source that carried its CPER record (arm64 reports
+        /// every memory error with one); none for an x86 machine check.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ghes: Option<ras::ghes::Notification>,
     },
     /// A raw record injected through the control API.
     InjectedRaw {

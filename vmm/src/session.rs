@@ -191,12 +191,23 @@ impl Session {
         }
     }
 
-    /// Records a GHES report and remembers its address for checking the
-    /// guest's decode.
-    fn record_ghes(&mut self, e: RasEvent) {
-        if let RasEvent::GhesReported { gpa: Some(a), .. } = &e {
+    /// Records an event, remembering the address of every CPER record it
+    /// says rasvmm wrote (a GHES report, an injection or a consumption
+    /// reported with a record), for checking the guest's decode.
+    pub(crate) fn record_ghes(&mut self, e: RasEvent) {
+        let written = match &e {
+            RasEvent::GhesReported { gpa: Some(a), .. } => Some(*a),
+            RasEvent::Consumed {
+                gpa, ghes: Some(_), ..
+            }
+            | RasEvent::Injected {
+                gpa, ghes: Some(_), ..
+            } => Some(*gpa),
+            _ => None,
+        };
+        if let Some(a) = written {
             if self.ghes_addresses.len() < MAX_RAS_EVENTS {
-                self.ghes_addresses.insert(*a);
+                self.ghes_addresses.insert(a);
             }
         }
         self.record(e);
@@ -213,7 +224,7 @@ impl Session {
     /// Injects a memory error (see [`RasController::inject`]).
     pub fn inject(&mut self, inj: &Injection) -> Result<(), RasError> {
         let e = self.vm.ras().inject(inj)?;
-        self.record(e);
+        self.record_ghes(e);
         Ok(())
     }
 
@@ -409,19 +420,7 @@ impl Session {
                 let o = self.classifier.power_off("ACPI S5");
                 self.finish(o);
             }
-            VmEvent::Ras(e) => {
-                if let RasEvent::Consumed {
-                    gpa, ghes: Some(_), ..
-                } = &e
-                {
-                    // A consumption reported through GHES: the guest will
-                    // decode this address.
-                    if self.ghes_addresses.len() < MAX_RAS_EVENTS {
-                        self.ghes_addresses.insert(*gpa);
-                    }
-                }
-                self.record(e);
-            }
+            VmEvent::Ras(e) => self.record_ghes(e),
             VmEvent::Api(call) => self.serve_api(call),
             VmEvent::Stopped { vcpu, stop } => {
                 let o = match stop {

@@ -69,7 +69,7 @@ impl RasController {
         let received = Instant::now();
         self.check_gpa(inj.gpa)?;
         self.check_vcpu(inj.vcpu)?;
-        match inj.error {
+        let source = match inj.error {
             MemoryError::Srar => {
                 if !self.setup.sea {
                     return Err(RasError::Guest(sea::Error::Unsupported));
@@ -90,6 +90,7 @@ impl RasController {
                 }
                 rx.recv_timeout(VCPU_ANSWER)
                     .map_err(|_| RasError::VcpuGone(inj.vcpu))??;
+                Notification::Sea
             }
             MemoryError::Srao => {
                 self.ghes_memory_error(&GhesInjection {
@@ -99,6 +100,7 @@ impl RasController {
                     threshold_exceeded: false,
                     vcpu: inj.vcpu,
                 })?;
+                Notification::Gsiv
             }
             MemoryError::Ucna => {
                 return Err(RasError::Unsupported(
@@ -106,7 +108,7 @@ impl RasController {
                      recoverable record with ghes:<source>",
                 ))
             }
-        }
+        };
         let vmm_us = micros(received);
         self.reported(inj.gpa);
         Ok(RasEvent::Injected {
@@ -117,6 +119,7 @@ impl RasController {
             at_ms: self.now_ms(),
             vmm_us,
             refused: None,
+            ghes: Some(source),
         })
     }
 
@@ -146,13 +149,21 @@ impl RasController {
                 threshold_exceeded: false,
                 vcpu: index,
             });
-            return Consumption::Reported(r.err().map(|e| e.to_string()));
+            return Consumption::Reported {
+                error: r.err().map(|e| e.to_string()),
+                ghes: Some(Notification::Gsiv),
+            };
         }
         if !self.setup.sea {
-            return Consumption::Reported(Some(sea::Error::Unsupported.to_string()));
+            return Consumption::Reported {
+                error: Some(sea::Error::Unsupported.to_string()),
+                ghes: None,
+            };
         }
+        let mut ghes = None;
         let note = match self.sea_record(page) {
             Ok(true) => {
+                ghes = Some(Notification::Sea);
                 lock(&self.setup.waits).remove(&page);
                 None
             }
@@ -174,6 +185,9 @@ impl RasController {
             Err(e) => Some(e.to_string()),
         };
         let raised = machine::sea(fd, index).err();
-        Consumption::Reported(raised.or(note))
+        Consumption::Reported {
+            error: raised.or(note),
+            ghes,
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use devices::bus::lock;
 use kvm_ioctls::VcpuFd;
 use ras::cper::Severity;
-use ras::ghes::Submitted;
+use ras::ghes::{Notification, Submitted};
 use ras::ledger;
 use ras::mce::MemoryError;
 
@@ -21,8 +21,13 @@ use crate::vcpu::HostMemoryErrors;
 
 /// What a consuming access gets from the architecture's report.
 pub(super) enum Consumption {
-    /// Reported (the error, if delivery failed).
-    Reported(Option<String>),
+    /// Reported.
+    Reported {
+        /// Why delivery failed, if it did.
+        error: Option<String>,
+        /// The GHES source that carried a record of it, if one did.
+        ghes: Option<Notification>,
+    },
     /// Let the vCPU retry the access shortly: the report cannot be made yet
     /// (arm64's SEA source holds another vCPU's record; x86 never waits).
     #[allow(dead_code)]
@@ -61,8 +66,8 @@ impl RasController {
                 return reported;
             }
         }
-        let result = match self.report_consumption(index, fd, page, error) {
-            Consumption::Reported(r) => r,
+        let (result, ghes) = match self.report_consumption(index, fd, page, error) {
+            Consumption::Reported { error, ghes } => (error, ghes),
             Consumption::Retry => {
                 // Do not spin a host CPU on the retried access.
                 std::thread::sleep(Duration::from_millis(1));
@@ -85,7 +90,7 @@ impl RasController {
             consumptions,
             at_ms: now,
             result,
-            ghes: None,
+            ghes,
         })
     }
 

@@ -81,6 +81,7 @@ impl RasController {
             at_ms: self.now_ms(),
             vmm_us,
             refused: None,
+            ghes: None,
         })
     }
 
@@ -185,7 +186,7 @@ impl RasController {
             // stays poisoned and the next access reports it.
             None
         };
-        Consumption::Reported(match record {
+        let error = match record {
             Some(r) => {
                 let plan = mce::plan(r, vendor, index, self.vcpu_count().max(index + 1));
                 self.deliver(&plan, Some((index, fd)))
@@ -193,6 +194,7 @@ impl RasController {
                     .map(|e| e.to_string())
             }
             None => Some("not reported: the guest has no SER_P".into()),
-        })
+        };
+        Consumption::Reported { error, ghes: None }
     }
 }
