@@ -1,7 +1,8 @@
 //! The rasvmm guest agent protocol, version 1.
 //!
 //! The agent runs in the guest and talks to the VMM over its own UART
-//! (COM2, `/dev/ttyS1` in the guest), never the console. Each message is one
+//! (COM2, `/dev/ttyS1`, on x86_64; the second PL011, `/dev/ttyAMA1`, on
+//! aarch64), never the console. Each message is one
 //! line of JSON, at most [`MAX_LINE`] bytes:
 //!
 //! ```text

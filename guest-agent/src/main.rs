@@ -1,7 +1,8 @@
 //! rasvmm-agent: the guest side of the rasvmm agent protocol.
 //!
 //! Started by the guest initramfs's /init. It opens the agent UART
-//! (`/dev/ttyS1`, or the path in argv[1]) in raw mode, says hello, then
+//! (`/dev/ttyS1` on x86_64, `/dev/ttyAMA1` on aarch64, or the path in
+//! argv[1]) in raw mode, says hello, then
 //! serves requests one at a time while forwarding signals that its page
 //! holders receive. Page holders are child processes that each own one user
 //! page, so that a SIGBUS from memory-failure handling hits a process other
@@ -18,6 +19,13 @@ use guest_agent::{
     decode, encode, AgentMessage, Command, Hello, LineBuffer, PageRecord, Payload, Reply, Request,
     SignalReport, TouchResult, PROTOCOL_VERSION,
 };
+
+/// The agent's UART when /init names none: the second serial port.
+#[cfg(not(target_arch = "aarch64"))]
+const DEFAULT_UART: &str = "/dev/ttyS1";
+/// The agent's UART when /init names none: the second PL011.
+#[cfg(target_arch = "aarch64")]
+const DEFAULT_UART: &str = "/dev/ttyAMA1";
 
 const PAGE_SIZE: usize = 4096;
 /// Page holders one agent keeps at most.
@@ -36,7 +44,7 @@ use procfs::{exec, kernel_pages, online_cpus, page_info, pfn_of, read_trimmed, s
 fn main() {
     let path = std::env::args()
         .nth(1)
-        .unwrap_or_else(|| "/dev/ttyS1".into());
+        .unwrap_or_else(|| DEFAULT_UART.into());
     if let Err(e) = run(&path) {
         eprintln!("rasvmm-agent: {e}");
         std::process::exit(1);
@@ -546,7 +554,17 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
 }
 
 /// The kernel the guest kexecs into, and the initramfs packed for it.
+#[cfg(not(target_arch = "aarch64"))]
 const KEXEC_KERNEL: &str = "/boot/bzImage";
+#[cfg(target_arch = "aarch64")]
+const KEXEC_KERNEL: &str = "/boot/Image";
+/// kexec_file_load(2)'s number: the libc crate names it for x86_64 but not
+/// for aarch64 musl, where it is the generic table's 294
+/// (include/uapi/asm-generic/unistd.h).
+#[cfg(not(target_arch = "aarch64"))]
+const SYS_KEXEC_FILE_LOAD: libc::c_long = libc::SYS_kexec_file_load;
+#[cfg(target_arch = "aarch64")]
+const SYS_KEXEC_FILE_LOAD: libc::c_long = 294;
 const KEXEC_INITRAMFS: &str = "/tmp/kexec-initramfs.cpio";
 /// Top-level directories not packed into the kexec initramfs (kernel
 /// filesystems, and /tmp where the archive itself is written).
@@ -578,7 +596,7 @@ fn kexec_load(append: Option<&str>) -> Result<(), String> {
     // a NUL-terminated command line including its NUL, and no flags.
     let r = unsafe {
         libc::syscall(
-            libc::SYS_kexec_file_load,
+            SYS_KEXEC_FILE_LOAD,
             kernel.as_raw_fd(),
             initrd.as_raw_fd(),
             len,
