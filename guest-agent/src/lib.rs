@@ -131,9 +131,10 @@ pub enum Command {
         /// What is wrong with the forged subtree.
         defect: KhoDefect,
     },
-    /// Load /boot/bzImage with kexec_file_load (the current command line,
-    /// plus `append`; an initramfs packed from the current root), reply,
-    /// then reboot into it. The new kernel's agent says hello again.
+    /// Load /boot/bzImage (aarch64: /boot/Image) with kexec_file_load (the
+    /// current command line, plus `append`; an initramfs packed from the
+    /// current root), reply, then reboot into it. The new kernel's agent
+    /// says hello again.
     Kexec {
         /// Appended to the current kernel command line.
         #[serde(default, skip_serializing_if = "Option::is_none")]
