@@ -7,7 +7,7 @@
 # Record the figures in docs/benchmarks.md. Arguments: [--runs N].
 source "$(dirname "$0")/lib.sh"
 "$RASVMM_ROOT/scripts/install-deps.sh"
-"$RASVMM_ROOT/scripts/build-images.sh" --bench >/dev/null
+"$RASVMM_ROOT/scripts/build-images.sh" --bench x86_64 >/dev/null
 cd "$RASVMM_ROOT"
 cargo build --quiet --release -p lab
 RASVMM_BACKEND=lab "$RASVMM_ROOT/target/release/rasvmm-lab" bench-boot "$@"

@@ -1,36 +1,31 @@
 #!/usr/bin/env bash
-# Builds everything a run needs and writes target/images/manifest:
-#   - the kernel (scripts/build-kernel.sh, cached);
-#   - static (musl) rasvmm and rasvmm-agent;
+# Builds everything a run needs, per architecture (x86_64, aarch64; both
+# unless named: build-images.sh [--bench] [ARCH...]), and writes a manifest
+# per architecture: target/images/manifest (x86_64) and
+# target/images/aarch64/manifest:
+#   - the kernel (scripts/build-kernel.sh ARCH, cached);
+#   - static (musl) rasvmm and rasvmm-agent for ARCH;
 #   - the guest initramfs: busybox-static + rasvmm-agent + images/guest-init
-#     + the guest kernel as /boot/bzImage (for kexec);
+#     + the guest kernel as /boot/bzImage (aarch64: /boot/Image) for kexec;
 #   - the lab-host initramfs: busybox-static + rasvmm + guest kernel and
 #     initramfs + images/lab-init.
-#   - with --bench, also the bench lab-host initramfs: the lab image plus
-#     QEMU (its libraries and firmware) and lab-timer, so QEMU can be
+#   - with --bench (x86_64), also the bench lab-host initramfs: the lab image
+#     plus QEMU (its libraries and firmware) and lab-timer, so QEMU can be
 #     measured beside rasvmm in the same lab host.
 # The images take seconds; the kernel is the slow part and is cached.
 source "$(dirname "$0")/lib.sh"
 bench=""
-[ "${1:-}" = --bench ] && bench=1
+arches=()
+for a in "$@"; do
+	case "$a" in
+	--bench) bench=1 ;;
+	x86_64 | aarch64) arches+=("$a") ;;
+	*) die "unknown argument '$a' (build-images.sh [--bench] [x86_64] [aarch64])" ;;
+	esac
+done
+[ ${#arches[@]} -gt 0 ] || arches=(x86_64 aarch64)
 
-out="$RASVMM_ROOT/target/images"
-mkdir -p "$out"
-kernel_dir=$("$RASVMM_ROOT/scripts/build-kernel.sh" x86_64)
-
-target=x86_64-unknown-linux-musl
-log "building static rasvmm and rasvmm-agent ($target)"
-# Two builds: `--bin lab-timer` in the same command would narrow it to that
-# binary alone and leave rasvmm and rasvmm-agent stale.
-(cd "$RASVMM_ROOT" && cargo build --quiet --release --target "$target" -p vmm -p guest-agent)
-if [ -n "$bench" ]; then
-	(cd "$RASVMM_ROOT" && cargo build --quiet --release --target "$target" -p lab --bin lab-timer)
-fi
-bin="$RASVMM_ROOT/target/$target/release"
-busybox=$(command -v busybox || true)
-[ -n "$busybox" ] && file -L "$busybox" 2>/dev/null | grep -q 'statically linked' ||
-	busybox=/bin/busybox
-[ -x "$busybox" ] || die "busybox-static is missing: run scripts/install-deps.sh"
+images="$RASVMM_ROOT/target/images"
 
 # pack <root dir> <output .cpio or .cpio.gz>
 pack() {
@@ -50,55 +45,91 @@ base_root() {
 	cp "$busybox" "$1/bin/busybox"
 }
 
-stage="$out/stage"
-base_root "$stage/guest"
-install -m 0755 "$bin/rasvmm-agent" "$stage/guest/sbin/rasvmm-agent"
-install -m 0755 "$RASVMM_ROOT/images/guest-init" "$stage/guest/init"
-# The kernel itself, for the agent's kexec (kexec_file_load needs a file).
-mkdir -p "$stage/guest/boot"
-cp "$kernel_dir/bzImage" "$stage/guest/boot/bzImage"
-pack "$stage/guest" "$out/guest-initramfs.cpio"
+# build_arch <arch>: the kernel, the static binaries and both initramfs of one
+# architecture, and its manifest (printed).
+build_arch() {
+	local arch=$1 out target image bin busybox kernel_dir stage
+	case "$arch" in
+	x86_64)
+		out=$images
+		image=bzImage
+		;;
+	aarch64)
+		out=$images/aarch64
+		image=Image
+		;;
+	esac
+	mkdir -p "$out"
+	kernel_dir=$("$RASVMM_ROOT/scripts/build-kernel.sh" "$arch")
+	target=$arch-unknown-linux-musl
+	log "building static rasvmm and rasvmm-agent ($target)"
+	# Two builds: `--bin lab-timer` in the same command would narrow it to that
+	# binary alone and leave rasvmm and rasvmm-agent stale.
+	(cd "$RASVMM_ROOT" && cargo build --quiet --release --target "$target" -p vmm -p guest-agent) ||
+		die "cargo build --release --target $target -p vmm -p guest-agent failed"
+	if [ -n "$bench" ] && [ "$arch" = x86_64 ]; then
+		(cd "$RASVMM_ROOT" && cargo build --quiet --release --target "$target" -p lab --bin lab-timer)
+	fi
+	bin="$RASVMM_ROOT/target/$target/release"
+	busybox=$("$RASVMM_ROOT/scripts/fetch-busybox.sh" "$arch")
 
-base_root "$stage/lab"
-mkdir -p "$stage/lab/guest"
-install -m 0755 "$bin/rasvmm" "$stage/lab/bin/rasvmm"
-cp "$kernel_dir/bzImage" "$stage/lab/guest/bzImage"
-# The same kernel as an ELF vmlinux, for the ELF boot path (symbols stripped).
-objcopy --strip-all "$kernel_dir/vmlinux" "$stage/lab/guest/vmlinux"
-cp "$out/guest-initramfs.cpio" "$stage/lab/guest/initramfs.cpio"
-install -m 0755 "$RASVMM_ROOT/images/lab-init" "$stage/lab/init"
-pack "$stage/lab" "$out/lab-initramfs.cpio.gz"
+	stage="$out/stage"
+	base_root "$stage/guest"
+	install -m 0755 "$bin/rasvmm-agent" "$stage/guest/sbin/rasvmm-agent"
+	install -m 0755 "$RASVMM_ROOT/images/guest-init" "$stage/guest/init"
+	# The kernel itself, for the agent's kexec (kexec_file_load needs a file).
+	mkdir -p "$stage/guest/boot"
+	cp "$kernel_dir/$image" "$stage/guest/boot/$image"
+	pack "$stage/guest" "$out/guest-initramfs.cpio"
 
-if [ -n "$bench" ]; then
-	qemu=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 is missing: run scripts/install-deps.sh"
-	install -m 0755 "$bin/lab-timer" "$stage/lab/bin/lab-timer"
-	install -m 0755 "$qemu" "$stage/lab/bin/qemu-system-x86_64"
-	# QEMU's shared libraries, at the paths the dynamic loader expects.
-	ldd "$qemu" | awk '/=> \// {print $3} /^\t\/lib/ {print $1}' | while read -r lib; do
-		mkdir -p "$stage/lab$(dirname "$lib")"
-		cp -L "$lib" "$stage/lab$lib"
-	done
-	interp=$(readelf -l "$qemu" | sed -n 's/.*interpreter: \(.*\)]/\1/p')
-	mkdir -p "$stage/lab$(dirname "$interp")"
-	cp -L "$interp" "$stage/lab$interp"
-	# Firmware for direct kernel boot (pc: SeaBIOS + linuxboot option ROM).
-	mkdir -p "$stage/lab/usr/share/qemu"
-	for f in /usr/share/seabios/bios-256k.bin /usr/share/qemu/linuxboot_dma.bin \
-		/usr/share/qemu/kvmvapic.bin /usr/share/qemu/qboot.rom; do
-		cp -L "$f" "$stage/lab/usr/share/qemu/"
-	done
-	pack "$stage/lab" "$out/lab-bench-initramfs.cpio.gz"
-fi
-rm -rf "$stage"
+	base_root "$stage/lab"
+	mkdir -p "$stage/lab/guest"
+	install -m 0755 "$bin/rasvmm" "$stage/lab/bin/rasvmm"
+	cp "$kernel_dir/$image" "$stage/lab/guest/$image"
+	# The same kernel as an ELF vmlinux, for the ELF boot path (symbols
+	# stripped); x86_64 only: linux-loader boots an arm64 kernel as an Image.
+	if [ "$arch" = x86_64 ]; then
+		objcopy --strip-all "$kernel_dir/vmlinux" "$stage/lab/guest/vmlinux"
+	fi
+	cp "$out/guest-initramfs.cpio" "$stage/lab/guest/initramfs.cpio"
+	install -m 0755 "$RASVMM_ROOT/images/lab-init" "$stage/lab/init"
+	pack "$stage/lab" "$out/lab-initramfs.cpio.gz"
 
-cat >"$out/manifest" <<MANIFEST
-kernel=$kernel_dir/bzImage
-vmlinux=$kernel_dir/vmlinux
-kernel_version=$(head -n1 "$kernel_dir/VERSION")
-guest_initramfs=$out/guest-initramfs.cpio
-lab_initramfs=$out/lab-initramfs.cpio.gz
-rasvmm=$bin/rasvmm
-${bench:+lab_bench_initramfs=$out/lab-bench-initramfs.cpio.gz}
-MANIFEST
-log "images in $out ($(du -h "$out/lab-initramfs.cpio.gz" | cut -f1) lab initramfs)"
-echo "$out/manifest"
+	if [ -n "$bench" ] && [ "$arch" = x86_64 ]; then
+		qemu=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 is missing: run scripts/install-deps.sh"
+		install -m 0755 "$bin/lab-timer" "$stage/lab/bin/lab-timer"
+		install -m 0755 "$qemu" "$stage/lab/bin/qemu-system-x86_64"
+		# QEMU's shared libraries, at the paths the dynamic loader expects.
+		ldd "$qemu" | awk '/=> \// {print $3} /^\t\/lib/ {print $1}' | while read -r lib; do
+			mkdir -p "$stage/lab$(dirname "$lib")"
+			cp -L "$lib" "$stage/lab$lib"
+		done
+		interp=$(readelf -l "$qemu" | sed -n 's/.*interpreter: \(.*\)]/\1/p')
+		mkdir -p "$stage/lab$(dirname "$interp")"
+		cp -L "$interp" "$stage/lab$interp"
+		# Firmware for direct kernel boot (pc: SeaBIOS + linuxboot option ROM).
+		mkdir -p "$stage/lab/usr/share/qemu"
+		for f in /usr/share/seabios/bios-256k.bin /usr/share/qemu/linuxboot_dma.bin \
+			/usr/share/qemu/kvmvapic.bin /usr/share/qemu/qboot.rom; do
+			cp -L "$f" "$stage/lab/usr/share/qemu/"
+		done
+		pack "$stage/lab" "$out/lab-bench-initramfs.cpio.gz"
+	fi
+	rm -rf "$stage"
+
+	cat >"$out/manifest" <<-MANIFEST
+	kernel=$kernel_dir/$image
+	vmlinux=$kernel_dir/vmlinux
+	kernel_version=$(head -n1 "$kernel_dir/VERSION")
+	guest_initramfs=$out/guest-initramfs.cpio
+	lab_initramfs=$out/lab-initramfs.cpio.gz
+	rasvmm=$bin/rasvmm
+	$([ "$arch" = x86_64 ] && [ -n "$bench" ] && echo "lab_bench_initramfs=$out/lab-bench-initramfs.cpio.gz")
+	MANIFEST
+	log "$arch images in $out ($(du -h "$out/lab-initramfs.cpio.gz" | cut -f1) lab initramfs)"
+	echo "$out/manifest"
+}
+
+for arch in "${arches[@]}"; do
+	build_arch "$arch"
+done

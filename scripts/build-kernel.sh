@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds the rasvmm Linux 7.3 kernel for an architecture (x86_64 now) from
-# Debian's linux-source-7.3, tinyconfig + guest-kernel-patches/<arch>/rasvmm.config,
-# with guest-kernel-patches/series applied. Prints the output directory
-# (bzImage, vmlinux, config, VERSION).
+# Builds the rasvmm Linux 7.3 kernel for an architecture (x86_64, aarch64)
+# from Debian's linux-source-7.3, tinyconfig + guest-kernel-patches/<arch>/rasvmm.config,
+# with guest-kernel-patches/series applied. Prints the output directory: the
+# boot image (x86_64: bzImage; aarch64: Image, cross-built with
+# aarch64-linux-gnu-gcc), vmlinux, config, VERSION.
 #
 # Builds are cached in $RASVMM_CACHE/kernels/<arch>-<key>, the key hashing the
 # source version, every patch in the series, the fragment and this script, so
@@ -10,7 +11,19 @@
 source "$(dirname "$0")/lib.sh"
 
 arch=${1:-x86_64}
-[ "$arch" = x86_64 ] || die "unsupported kernel arch '$arch' (supported: x86_64)"
+case "$arch" in
+x86_64)
+	karch=x86
+	image=bzImage
+	cross=()
+	;;
+aarch64)
+	karch=arm64
+	image=Image
+	cross=(CROSS_COMPILE=aarch64-linux-gnu-)
+	;;
+*) die "unsupported kernel arch '$arch' (supported: x86_64, aarch64)" ;;
+esac
 patches="$RASVMM_ROOT/guest-kernel-patches"
 fragment="$patches/$arch/rasvmm.config"
 series="$patches/series/series"
@@ -26,15 +39,19 @@ key=$({
 	for p in "${series_files[@]}"; do cat "$patches/series/$p"; done
 } | sha256sum | cut -c1-16)
 out="$RASVMM_CACHE/kernels/$arch-$key"
-if [ -e "$out/bzImage" ]; then
+if [ -e "$out/$image" ]; then
 	echo "$out"
 	exit 0
 fi
 
 exec 9>"$RASVMM_CACHE/kernel-build.lock"
 flock 9
-[ -e "$out/bzImage" ] && { echo "$out"; exit 0; }
+[ -e "$out/$image" ] && { echo "$out"; exit 0; }
 
+if [ ${#cross[@]} -gt 0 ]; then
+	command -v "${cross[0]#CROSS_COMPILE=}gcc" >/dev/null ||
+		die "${cross[0]#CROSS_COMPILE=}gcc is missing: run scripts/install-deps.sh"
+fi
 build="$RASVMM_CACHE/build/$arch-$key"
 rm -rf "$build"
 mkdir -p "$build"
@@ -47,9 +64,10 @@ for p in "${series_files[@]}"; do
 done
 
 log "configuring (tinyconfig + $(basename "$fragment"))"
-make -C "$src" -s ARCH=x86 tinyconfig >/dev/null
-(cd "$src" && ./scripts/kconfig/merge_config.sh -m .config "$fragment" >/dev/null)
-make -C "$src" -s ARCH=x86 olddefconfig >/dev/null
+kmake=(make -C "$src" -s ARCH="$karch" "${cross[@]}")
+"${kmake[@]}" tinyconfig >/dev/null
+(cd "$src" && ARCH="$karch" ./scripts/kconfig/merge_config.sh -m .config "$fragment" >/dev/null)
+"${kmake[@]}" olddefconfig >/dev/null
 missing=""
 while IFS= read -r line; do
 	case "$line" in
@@ -63,19 +81,19 @@ while IFS= read -r line; do
 done <"$fragment"
 [ -z "$missing" ] || die "kernel config did not take:$missing (check dependencies in $fragment)"
 
-log "building bzImage with $(nproc) jobs (about 5-6 minutes on 2 cores)"
+log "building $image with $(nproc) jobs (about 5-7 minutes on 2 cores)"
 start=$(date +%s)
-make -C "$src" -s ARCH=x86 -j"$(nproc)" bzImage >"$build/build.log" 2>&1 ||
+"${kmake[@]}" -j"$(nproc)" "$image" >"$build/build.log" 2>&1 ||
 	{ tail -n 30 "$build/build.log" >&2; die "kernel build failed; log: $build/build.log"; }
 log "built in $(($(date +%s) - start)) s"
 
 tmp="$out.tmp"
 rm -rf "$tmp"
 mkdir -p "$tmp"
-cp "$src/arch/x86/boot/bzImage" "$src/vmlinux" "$src/System.map" "$tmp/"
+cp "$src/arch/$karch/boot/$image" "$src/vmlinux" "$src/System.map" "$tmp/"
 cp "$src/.config" "$tmp/config"
 printf 'linux-source-7.3 %s\nkernelrelease %s\nkey %s\npatches %s\n' "$version" \
-	"$(make -C "$src" -s kernelrelease)" "$key" "${series_files[*]:-none}" >"$tmp/VERSION"
+	"$("${kmake[@]}" kernelrelease)" "$key" "${series_files[*]:-none}" >"$tmp/VERSION"
 mv "$tmp" "$out"
 rm -rf "$build"
 echo "$out"

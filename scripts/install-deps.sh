@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what rasvmm's builds and tests need on a Debian machine, only what
-# is missing: QEMU (the lab host), busybox-static (initramfs), the kernel
-# build tools, Rust's x86_64-unknown-linux-musl target (static binaries), and
-# cargo-fuzz (the parsers' fuzz targets).
+# is missing: QEMU (the x86_64 and aarch64 lab hosts), busybox-static
+# (initramfs; the arm64 one fetched into the cache by fetch-busybox.sh), the
+# kernel build tools and the aarch64 cross compiler, Rust's
+# x86_64-unknown-linux-musl and aarch64-unknown-linux-musl targets (static
+# binaries), and cargo-fuzz (the parsers' fuzz targets).
 source "$(dirname "$0")/lib.sh"
 
-packages=(qemu-system-x86 busybox-static flex bison bc libelf-dev libssl-dev cpio xz-utils
-	gzip file make gcc binutils debian-archive-keyring)
+packages=(qemu-system-x86 qemu-system-arm busybox-static flex bison bc libelf-dev libssl-dev cpio xz-utils
+	gzip file make gcc binutils gcc-aarch64-linux-gnu debian-archive-keyring)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -26,8 +28,13 @@ if ! command -v cargo-fuzz >/dev/null; then
 	log "installing cargo-fuzz (about a minute)"
 	cargo install --quiet --locked cargo-fuzz || die "cargo install cargo-fuzz failed"
 fi
-if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
-	log "adding Rust target x86_64-unknown-linux-musl"
-	rustup target add x86_64-unknown-linux-musl >/dev/null ||
-		die "rustup target add x86_64-unknown-linux-musl failed"
-fi
+# aarch64 links with aarch64-linux-gnu-gcc (.cargo/config.toml).
+for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+	if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
+		log "adding Rust target $target"
+		rustup target add "$target" >/dev/null || die "rustup target add $target failed"
+	fi
+done
+
+# The arm64 busybox-static for the aarch64 images (cached; seconds when cold).
+"$RASVMM_ROOT/scripts/fetch-busybox.sh" aarch64 >/dev/null

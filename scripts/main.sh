@@ -7,7 +7,8 @@
 # (a scenario directory, --junit FILE, --json FILE).
 source "$(dirname "$0")/lib.sh"
 "$RASVMM_ROOT/scripts/install-deps.sh"
-"$RASVMM_ROOT/scripts/build-images.sh" >/dev/null
+# The suite is x86_64's: only its images (test.sh builds both architectures').
+"$RASVMM_ROOT/scripts/build-images.sh" x86_64 >/dev/null
 cd "$RASVMM_ROOT"
 cargo build --quiet --release -p lab
 exec "$RASVMM_ROOT/target/release/rasvmm-lab" suite "$@"

@@ -1,7 +1,8 @@
 //! The rasvmm guest agent protocol, version 1.
 //!
 //! The agent runs in the guest and talks to the VMM over its own UART
-//! (COM2, `/dev/ttyS1` in the guest), never the console. Each message is one
+//! (COM2, `/dev/ttyS1`, on x86_64; the second PL011, `/dev/ttyAMA1`, on
+//! aarch64), never the console. Each message is one
 //! line of JSON, at most [`MAX_LINE`] bytes:
 //!
 //! ```text
@@ -130,9 +131,10 @@ pub enum Command {
         /// What is wrong with the forged subtree.
         defect: KhoDefect,
     },
-    /// Load /boot/bzImage with kexec_file_load (the current command line,
-    /// plus `append`; an initramfs packed from the current root), reply,
-    /// then reboot into it. The new kernel's agent says hello again.
+    /// Load /boot/bzImage (aarch64: /boot/Image) with kexec_file_load (the
+    /// current command line, plus `append`; an initramfs packed from the
+    /// current root), reply, then reboot into it. The new kernel's agent
+    /// says hello again.
     Kexec {
         /// Appended to the current kernel command line.
         #[serde(default, skip_serializing_if = "Option::is_none")]

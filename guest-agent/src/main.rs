@@ -1,7 +1,8 @@
 //! rasvmm-agent: the guest side of the rasvmm agent protocol.
 //!
 //! Started by the guest initramfs's /init. It opens the agent UART
-//! ([`DEFAULT_PORT`], or the path in argv[1]) in raw mode, says hello, then
+//! (`/dev/ttyS1` on x86_64, `/dev/ttyAMA1` on aarch64, or the path in
+//! argv[1]) in raw mode, says hello, then
 //! serves requests one at a time while forwarding signals that its page
 //! holders receive. Page holders are child processes that each own one user
 //! page, so that a SIGBUS from memory-failure handling hits a process other
@@ -19,6 +20,13 @@ use guest_agent::{
     SignalReport, TouchResult, PROTOCOL_VERSION,
 };
 
+/// The agent's UART when /init names none: the second serial port.
+#[cfg(not(target_arch = "aarch64"))]
+const DEFAULT_UART: &str = "/dev/ttyS1";
+/// The agent's UART when /init names none: the second PL011.
+#[cfg(target_arch = "aarch64")]
+const DEFAULT_UART: &str = "/dev/ttyAMA1";
+
 const PAGE_SIZE: usize = 4096;
 /// Page holders one agent keeps at most.
 const MAX_HOLDERS: usize = 256;
@@ -33,17 +41,10 @@ mod procfs;
 
 use procfs::{exec, kernel_pages, online_cpus, page_info, pfn_of, read_trimmed, sysctl};
 
-/// The agent's UART when none is named: the second UART rasvmm gives
-/// guests (COM2 on x86_64, the second PL011 on aarch64).
-#[cfg(target_arch = "x86_64")]
-const DEFAULT_PORT: &str = "/dev/ttyS1";
-#[cfg(target_arch = "aarch64")]
-const DEFAULT_PORT: &str = "/dev/ttyAMA1";
-
 fn main() {
     let path = std::env::args()
         .nth(1)
-        .unwrap_or_else(|| DEFAULT_PORT.into());
+        .unwrap_or_else(|| DEFAULT_UART.into());
     if let Err(e) = run(&path) {
         eprintln!("rasvmm-agent: {e}");
         std::process::exit(1);
@@ -552,15 +553,15 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// The kernel the guest kexecs into (the image format kexec_file_load
-/// takes on each architecture), and the initramfs packed for it.
-#[cfg(target_arch = "x86_64")]
+/// The kernel the guest kexecs into, and the initramfs packed for it.
+#[cfg(not(target_arch = "aarch64"))]
 const KEXEC_KERNEL: &str = "/boot/bzImage";
 #[cfg(target_arch = "aarch64")]
 const KEXEC_KERNEL: &str = "/boot/Image";
-/// kexec_file_load(2)'s number (libc's musl aarch64 table lacks it; 294 in
-/// include/uapi/asm-generic/unistd.h).
-#[cfg(target_arch = "x86_64")]
+/// kexec_file_load(2)'s number: the libc crate names it for x86_64 but not
+/// for aarch64 musl, where it is the generic table's 294
+/// (include/uapi/asm-generic/unistd.h).
+#[cfg(not(target_arch = "aarch64"))]
 const SYS_KEXEC_FILE_LOAD: libc::c_long = libc::SYS_kexec_file_load;
 #[cfg(target_arch = "aarch64")]
 const SYS_KEXEC_FILE_LOAD: libc::c_long = 294;

@@ -8,10 +8,16 @@
 //! and finds SVM in the emulated CPU. The lab host's initramfs carries the
 //! static rasvmm, the guest kernel and the guest initramfs; the harness
 //! appends the job as one more cpio archive. The job's stdout comes back on
-//! the lab's second UART as framed files (see images/lab-init).
+//! the lab's results channel as framed files (see images/lab-init).
+//!
+//! A lab is for one guest architecture ([`Arch`]): x86_64 guests run in
+//! `qemu-system-x86_64 -cpu max`, aarch64 guests in `qemu-system-aarch64 -M
+//! virt,virtualization=on,gic-version=3 -cpu max` (KVM with VHE), whose
+//! results channel is a virtio console, the virt board having one PL011.
+//! Only guests of the host's own architecture can run directly.
 //!
 //! Everything needed is named by the manifest that scripts/build-images.sh
-//! writes; a missing piece is an error that says what to run.
+//! writes per architecture; a missing piece is an error that says what to run.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -27,12 +33,13 @@ mod framing;
 mod host;
 pub mod scenarios;
 
-pub use backend::{detect_backend, host_kvm, Backend, Manifest};
+pub use backend::{detect_backend, detect_backend_for, host_kvm, Arch, Backend, Manifest};
 use framing::newc_archive;
 pub use framing::{parse_results, LabOutput};
-use host::{lab_cmdline, lab_setting};
+use host::{lab_cmdline, lab_setting, machine_args, output_args};
 
-/// The guest kernel's path inside the lab host (see scripts/build-images.sh).
+/// The x86_64 guest kernel's path inside the lab host (see
+/// scripts/build-images.sh; [`Arch::lab_guest_kernel`] for every arch).
 pub const LAB_GUEST_KERNEL: &str = "/guest/bzImage";
 /// The same kernel as an ELF vmlinux, inside the lab host.
 pub const LAB_GUEST_VMLINUX: &str = "/guest/vmlinux";
@@ -70,6 +77,17 @@ pub enum Error {
     /// Backend override not understood.
     #[error("RASVMM_BACKEND must be 'lab' or 'direct', got '{0}'")]
     BackendName(String),
+    /// Architecture name not understood.
+    #[error("Unknown architecture '{0}' (x86_64 or aarch64)")]
+    ArchName(String),
+    /// The direct backend was asked for guests of another architecture.
+    #[error("The direct backend runs {host} guests on this {host} host, not {guest} guests: use the lab host (RASVMM_BACKEND=lab)")]
+    DirectArch {
+        /// The host's architecture.
+        host: String,
+        /// The guests' architecture.
+        guest: String,
+    },
 }
 
 /// In a job's arguments, stands for the guest kernel as an ELF vmlinux
@@ -202,8 +220,10 @@ impl JobResult {
     }
 }
 
-/// Runs jobs on a backend.
+/// Runs jobs on a backend, for one guest architecture.
 pub struct Lab {
+    /// The guests' (and rasvmm's, and the lab host's) architecture.
+    pub arch: Arch,
     /// Where jobs run.
     pub backend: Backend,
     /// The images.
@@ -212,19 +232,34 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// A lab on the detected backend with the default manifest.
+    /// An x86_64 lab on the detected backend with the default manifest.
     pub fn new() -> Result<Lab, Error> {
-        let backend = detect_backend()?;
-        Lab::with(backend, &Manifest::default_path())
+        Lab::for_arch(Arch::X86_64)
     }
 
-    /// A lab on `backend` with the manifest at `manifest`.
+    /// A lab for `arch`'s guests on the backend detected for them, with
+    /// that architecture's default manifest.
+    pub fn for_arch(arch: Arch) -> Result<Lab, Error> {
+        let backend = detect_backend_for(arch)?;
+        Lab::with_arch(arch, backend, &Manifest::default_path_for(arch))
+    }
+
+    /// An x86_64 lab on `backend` with the manifest at `manifest`.
     pub fn with(backend: Backend, manifest: &Path) -> Result<Lab, Error> {
+        Lab::with_arch(Arch::X86_64, backend, manifest)
+    }
+
+    /// A lab for `arch`'s guests on `backend` with the manifest at
+    /// `manifest`; the direct backend only for the host's architecture.
+    pub fn with_arch(arch: Arch, backend: Backend, manifest: &Path) -> Result<Lab, Error> {
+        let backend = backend::check_direct(backend, arch)?;
         let manifest = Manifest::load(manifest)?;
-        if backend == Backend::Lab && which("qemu-system-x86_64").is_none() {
-            return Err(Error::Lab(
-                "qemu-system-x86_64 is not installed: run scripts/install-deps.sh".into(),
-            ));
+        if backend == Backend::Lab && which(arch.qemu()).is_none() {
+            return Err(Error::Lab(format!(
+                "{} is not installed (Debian package {}): run scripts/install-deps.sh",
+                arch.qemu(),
+                arch.qemu_package()
+            )));
         }
         // One directory per Lab: a Lab removes its own when dropped, and
         // tests in one process use several at once.
@@ -233,6 +268,7 @@ impl Lab {
         let work = std::env::temp_dir().join(format!("rasvmm-lab-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&work).map_err(|e| Error::Io(work.display().to_string(), e))?;
         Ok(Lab {
+            arch,
             backend,
             manifest,
             work,
@@ -274,7 +310,8 @@ impl Lab {
         match self.backend {
             Backend::Lab => {
                 let prelude = format!(
-                    "RASVMM=rasvmm; KERNEL={LAB_GUEST_KERNEL}; INITRAMFS={LAB_GUEST_INITRAMFS}; WORK=/tmp; JOB=/job\n"
+                    "RASVMM=rasvmm; KERNEL={}; INITRAMFS={LAB_GUEST_INITRAMFS}; WORK=/tmp; JOB=/job\n",
+                    self.arch.lab_guest_kernel()
                 );
                 let job = Job {
                     runs: vec![],
@@ -446,11 +483,21 @@ impl Lab {
         let root = dir.join("root");
         std::fs::create_dir_all(&root).map_err(|e| Error::Io(root.display().to_string(), e))?;
         let mut sh = String::new();
+        let vmlinux = match self.arch.lab_guest_vmlinux() {
+            Some(v) => v,
+            None if job.runs.iter().flatten().any(|a| a == VMLINUX_PLACEHOLDER) => {
+                return Err(Error::Lab(format!(
+                    "the {} images carry no ELF vmlinux ({VMLINUX_PLACEHOLDER})",
+                    self.arch
+                )))
+            }
+            None => "",
+        };
         for (i, args) in job.runs.iter().enumerate() {
             let kernel = if args.iter().any(|a| a == "--kernel") {
                 String::new()
             } else {
-                format!("--kernel {LAB_GUEST_KERNEL}")
+                format!("--kernel {}", self.arch.lab_guest_kernel())
             };
             sh += &format!(
                 "rasvmm run {kernel} --initramfs {LAB_GUEST_INITRAMFS} \
@@ -460,7 +507,7 @@ impl Lab {
                  lab_emit console-{i} /tmp/console-{i}.log\n\
                  lab_emit stderr-{i} /tmp/stderr-{i}.log\n",
                 args.iter()
-                    .map(|a| shell_quote(&map_arg(a, LAB_GUEST_VMLINUX, "/job")))
+                    .map(|a| shell_quote(&map_arg(a, vmlinux, "/job")))
                     .collect::<Vec<_>>()
                     .join(" ")
             );
@@ -493,13 +540,11 @@ impl Lab {
         let qemu_stderr = dir.join("qemu-stderr.log");
         let results = dir.join("results.txt");
         let limit = job.timeout + LAB_MARGIN;
-        let mut child = Command::new("qemu-system-x86_64")
+        let qemu = self.arch.qemu();
+        let mut child = Command::new(qemu)
+            .args(["-accel", &lab_setting("RASVMM_LAB_ACCEL", "tcg")])
+            .args(machine_args(self.arch))
             .args([
-                "-accel",
-                &lab_setting("RASVMM_LAB_ACCEL", "tcg"),
-                "-cpu",
-                // TCG's `max` offers SVM, which the lab host's KVM needs.
-                &lab_setting("RASVMM_LAB_CPU_MODEL", "max"),
                 "-m",
                 LAB_MEMORY,
                 "-smp",
@@ -517,11 +562,8 @@ impl Lab {
             .arg("-initrd")
             .arg(&initrd)
             .arg("-append")
-            .arg(lab_cmdline())
-            .arg("-serial")
-            .arg(format!("file:{}", lab_console.display()))
-            .arg("-serial")
-            .arg(format!("file:{}", results.display()))
+            .arg(lab_cmdline(self.arch))
+            .args(output_args(self.arch, &lab_console, &results))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(
@@ -529,13 +571,8 @@ impl Lab {
                     .map_err(|e| Error::Io(qemu_stderr.display().to_string(), e))?,
             )
             .spawn()
-            .map_err(|e| Error::Spawn("qemu-system-x86_64".into(), e))?;
-        let waited = wait_child(
-            &mut child,
-            start + limit,
-            "qemu-system-x86_64",
-            &lab_console,
-        );
+            .map_err(|e| Error::Spawn(qemu.into(), e))?;
+        let waited = wait_child(&mut child, start + limit, qemu, &lab_console);
         let text = std::fs::read_to_string(&results).unwrap_or_default();
         let parsed = parse_results(&text);
         if let Some(e) = parsed.lab_error {

@@ -14,7 +14,14 @@ use crate::{Error, Job, JobResult, Lab, RunResult, JOB_FILE_PREFIX};
 const PER_SCENARIO_MARGIN: f64 = 30.0;
 /// The built-in x86_64 suite.
 pub fn default_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/x86_64");
+    default_dir_for(crate::Arch::X86_64)
+}
+
+/// The built-in suite of `arch`: scenarios/<arch>.
+pub fn default_dir_for(arch: crate::Arch) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scenarios")
+        .join(arch.name());
     std::fs::canonicalize(&dir).unwrap_or(dir)
 }
 

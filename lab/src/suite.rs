@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use lab::scenarios;
+use lab::{scenarios, Arch};
 use serde_json::Value;
 
 use crate::{chain, describe, open_lab};
@@ -15,13 +15,13 @@ struct Options {
     json: PathBuf,
 }
 
-fn options(args: &[String]) -> Result<Options, String> {
+fn options(arch: Arch, args: &[String]) -> Result<Options, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = std::fs::canonicalize(&root)
         .unwrap_or(root)
         .join("target/scenario-results");
     let mut o = Options {
-        dir: scenarios::default_dir(),
+        dir: scenarios::default_dir_for(arch),
         junit: out.join("junit.xml"),
         json: out.join("results.json"),
     };
@@ -46,11 +46,11 @@ fn options(args: &[String]) -> Result<Options, String> {
     Ok(o)
 }
 
-/// Runs the suite.
-pub fn run(args: &[String]) -> Result<ExitCode, String> {
-    let o = options(args)?;
+/// Runs the suite for `arch`'s guests.
+pub fn run(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
+    let o = options(arch, args)?;
     let all = scenarios::load_dir(&o.dir)?;
-    let lab = open_lab()?;
+    let lab = open_lab(arch)?;
     println!("{}", describe(&lab));
     println!("running {} scenarios from {}\n", all.len(), o.dir.display());
     let (results, wall) = scenarios::run(&lab, &all).map_err(|e| chain(&e))?;
@@ -84,10 +84,16 @@ mod tests {
 
     #[test]
     fn options_parse() {
-        let o = options(&["dir".into(), "--junit".into(), "j.xml".into()]).unwrap();
+        let o = options(
+            Arch::X86_64,
+            &["dir".into(), "--junit".into(), "j.xml".into()],
+        )
+        .unwrap();
         assert_eq!(o.dir, PathBuf::from("dir"));
         assert_eq!(o.junit, PathBuf::from("j.xml"));
-        assert!(options(&["--junit".into()]).is_err());
-        assert!(options(&["--frob".into()]).is_err());
+        assert!(options(Arch::X86_64, &["--junit".into()]).is_err());
+        assert!(options(Arch::X86_64, &["--frob".into()]).is_err());
+        let a = options(Arch::Aarch64, &[]).unwrap();
+        assert!(a.dir.ends_with("scenarios/aarch64"), "{}", a.dir.display());
     }
 }
