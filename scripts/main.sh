@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
 # The main job: set up whatever is missing (Debian packages, the Linux 7.3
-# kernel build, the initramfs images), then run the built-in x86_64 scenario
-# suite (scenarios/x86_64) and print its verdict table; JUnit XML and JSON go
-# to target/scenario-results/. On a host without hardware KVM the guests run
-# inside the emulated lab host. Extra arguments go to `rasvmm-lab suite`
-# (a scenario directory, --junit FILE, --json FILE).
+# kernels, the initramfs images of both architectures), then run the
+# built-in scenario suites, x86_64 (scenarios/x86_64) and aarch64
+# (scenarios/aarch64), and print each one's verdict table; JUnit XML and
+# JSON go to target/scenario-results/<arch>/. On a host without hardware KVM
+# the guests run inside the emulated lab host of their architecture. The
+# exit status is non-zero if any scenario of either suite failed.
+#
+# With arguments, runs one suite: they go to `rasvmm-lab suite`
+# ([--arch ARCH] [DIR] [--junit FILE] [--json FILE]).
 source "$(dirname "$0")/lib.sh"
 "$RASVMM_ROOT/scripts/install-deps.sh"
-# The suite is x86_64's: only its images (test.sh builds both architectures').
-"$RASVMM_ROOT/scripts/build-images.sh" x86_64 >/dev/null
+"$RASVMM_ROOT/scripts/build-images.sh" >/dev/null
 cd "$RASVMM_ROOT"
 cargo build --quiet --release -p lab
-exec "$RASVMM_ROOT/target/release/rasvmm-lab" suite "$@"
+lab="$RASVMM_ROOT/target/release/rasvmm-lab"
+[ $# -eq 0 ] || exec "$lab" suite "$@"
+status=0
+for arch in x86_64 aarch64; do
+	echo "=== $arch suite"
+	"$lab" suite --arch "$arch" || status=1
+	echo
+done
+exit $status

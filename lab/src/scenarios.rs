@@ -356,16 +356,18 @@ pub fn table(results: &[ScenarioResult]) -> String {
     s
 }
 
-/// JUnit XML for CI.
-pub fn junit(results: &[ScenarioResult], wall: f64) -> String {
+/// JUnit XML for CI: suite `rasvmm.<arch>`, one test case per scenario,
+/// classed by CPU profile.
+pub fn junit(results: &[ScenarioResult], wall: f64, arch: crate::Arch) -> String {
     let failed = results.iter().filter(|r| !r.passed).count();
+    let arch = arch.name();
     let mut x = format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"rasvmm.x86_64\" tests=\"{}\" failures=\"{failed}\" time=\"{wall:.1}\">\n",
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"rasvmm.{arch}\" tests=\"{}\" failures=\"{failed}\" time=\"{wall:.1}\">\n",
         results.len()
     );
     for r in results {
         x += &format!(
-            "  <testcase classname=\"rasvmm.x86_64.{}\" name=\"{}\" time=\"{:.1}\">\n",
+            "  <testcase classname=\"rasvmm.{arch}.{}\" name=\"{}\" time=\"{:.1}\">\n",
             xml(&r.cpu),
             xml(&r.name),
             r.seconds
@@ -451,7 +453,7 @@ mod tests {
             1,
             "{t}"
         );
-        let x = junit(&[result(false)], 1.0);
+        let x = junit(&[result(false)], 1.0, crate::Arch::X86_64);
         assert!(x.contains("vCPU 1 when it stopped"), "{x}");
         let log = ["a", "b", "rasvmm: vCPU 0 at the deadline: rip 0x2"].map(String::from);
         let d = diagnosis(&log, "line1\n\nerror: boom\n");
@@ -465,7 +467,8 @@ mod tests {
 
     #[test]
     fn junit_counts_failures() {
-        let x = junit(&[result(true), result(false)], 9.0);
+        let x = junit(&[result(true), result(false)], 9.0, crate::Arch::Aarch64);
+        assert!(x.contains("<testsuite name=\"rasvmm.aarch64\""), "{x}");
         assert!(x.contains("tests=\"2\" failures=\"1\""), "{x}");
         assert!(x.contains("name=\"a&lt;b\""));
         assert_eq!(x.matches("<failure").count(), 1);
@@ -487,6 +490,16 @@ mod tests {
         // (scenarios/x86_64-nondeterministic/README.md).
         let placement = default_dir().join("../x86_64-nondeterministic");
         assert_eq!(load_dir(&placement).unwrap().len(), 1);
+        // The aarch64 suite: its own files and x86's where the meaning is
+        // the same (symlinks).
+        let arm = load_dir(&default_dir_for(crate::Arch::Aarch64)).unwrap();
+        assert!(arm.len() >= 10, "{}", arm.len());
+        let names: std::collections::BTreeSet<&str> =
+            arm.iter().map(|(_, s)| s.name.as_str()).collect();
+        assert_eq!(names.len(), arm.len(), "aarch64 scenario names are unique");
+        for (_, s) in &arm {
+            assert!(s.guest.cpu.is_none(), "{}: arm64 has one CPU model", s.name);
+        }
     }
 
     #[test]
@@ -584,7 +597,8 @@ mod tests {
         assert_eq!(retried, vec![false, true, false, false, false]);
         assert!(results[1].retried.as_deref().unwrap().contains("died"));
         assert!(table(&results).contains("~ retried once: the lab host stopped"));
-        assert!(junit(&results, 2.0).contains("<flakyFailure message=\"the lab host stopped"));
+        assert!(junit(&results, 2.0, crate::Arch::X86_64)
+            .contains("<flakyFailure message=\"the lab host stopped"));
 
         // Dying twice in the same scenario fails it, with both reasons; the
         // rest still run.

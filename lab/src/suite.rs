@@ -19,7 +19,8 @@ fn options(arch: Arch, args: &[String]) -> Result<Options, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = std::fs::canonicalize(&root)
         .unwrap_or(root)
-        .join("target/scenario-results");
+        .join("target/scenario-results")
+        .join(arch.name());
     let mut o = Options {
         dir: scenarios::default_dir_for(arch),
         junit: out.join("junit.xml"),
@@ -52,7 +53,12 @@ pub fn run(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
     let all = scenarios::load_dir(&o.dir)?;
     let lab = open_lab(arch)?;
     println!("{}", describe(&lab));
-    println!("running {} scenarios from {}\n", all.len(), o.dir.display());
+    println!(
+        "running {} {} scenarios from {}\n",
+        all.len(),
+        arch.name(),
+        o.dir.display()
+    );
     let (results, wall) = scenarios::run(&lab, &all).map_err(|e| chain(&e))?;
     print!("{}", scenarios::table(&results));
     for p in [&o.junit, &o.json] {
@@ -61,7 +67,7 @@ pub fn run(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
                 .map_err(|e| format!("cannot create '{}': {e}", d.display()))?;
         }
     }
-    std::fs::write(&o.junit, scenarios::junit(&results, wall))
+    std::fs::write(&o.junit, scenarios::junit(&results, wall, arch))
         .map_err(|e| format!("cannot write '{}': {e}", o.junit.display()))?;
     let reports: Vec<&Value> = results.iter().map(|r| &r.report).collect();
     let json = serde_json::to_string_pretty(&reports).unwrap_or_default();
@@ -70,7 +76,7 @@ pub fn run(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
     let passed = results.iter().filter(|r| r.passed).count();
     let failed = results.len() - passed;
     println!("\nresults: {} and {}", o.junit.display(), o.json.display());
-    println!("{passed} passed, {failed} failed");
+    println!("{}: {passed} passed, {failed} failed", arch.name());
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
