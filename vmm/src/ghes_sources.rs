@@ -1,11 +1,12 @@
 //! Firmware-first memory-error reporting: rasvmm as the platform firmware
 //! behind the guest's APEI GHESv2 error sources.
 //!
-//! One source per notification Linux accepts on x86 (NMI, GSIV, polled; see
-//! [`ras::ghes`]) lives in guest memory the e820 map reserves. A report is a
-//! validated CPER record ([`ras::cper`]) written into the source's error
-//! status block under the read-ack rule, followed by the notification: an
-//! NMI on a vCPU, a pulse on [`GHES_GSI`], or nothing (the guest polls).
+//! One source per notification of the architecture ([`arch::ras::GHES_SOURCES`]:
+//! NMI, GSIV, polled on x86; SEA, GSIV, polled on arm64) lives in guest
+//! memory the firmware tables reserve. A report is a validated CPER record
+//! ([`ras::cper`]) written into the source's error status block under the
+//! read-ack rule, followed by the notification: an NMI or an SEA on a vCPU,
+//! a pulse on the machine's GHES interrupt, or nothing (the guest polls).
 //! Records that arrive while the previous one is unacknowledged wait in the
 //! source's queue; the session pumps the queues while any record waits.
 //!
@@ -22,10 +23,6 @@ use ras::ghes::{self as hest, ErrorSource, Notification, SourceLayout, StatusMem
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
-
-/// The IOAPIC pin (an ISA GSI, so Linux maps it edge-triggered, active high)
-/// the GSIV source raises.
-pub const GHES_GSI: u32 = 5;
 
 /// Guest memory, as the error sources read and write it.
 struct Memory<'a>(&'a GuestMemoryMmap);
@@ -78,7 +75,8 @@ const MAX_TRACKED: usize = ras::ledger::MAX_PAGES;
 pub struct Ghes {
     memory: GuestMemoryMmap,
     sources: Vec<ErrorSource>,
-    /// Signals the GSIV source's interrupt (an irqfd on [`GHES_GSI`]).
+    /// Signals the GSIV source's interrupt (an irqfd on the machine's GHES
+    /// interrupt).
     gsiv: Option<EventFd>,
     /// Poisoned pages reported through GHES on access: when first reported.
     reported: BTreeMap<u64, Instant>,
@@ -111,7 +109,8 @@ impl Ghes {
         })
     }
 
-    /// Uses `irq` (an irqfd on [`GHES_GSI`]) to notify the GSIV source.
+    /// Uses `irq` (an irqfd on the machine's GHES interrupt) to notify the
+    /// GSIV source.
     pub fn set_gsiv_irq(&mut self, irq: EventFd) {
         self.gsiv = Some(irq);
     }
@@ -323,7 +322,7 @@ mod tests {
 
     fn guest() -> (GuestMemoryMmap, Vec<SourceLayout>) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let (layouts, _) = hest::layout(0xf_0000, GHES_GSI);
+        let (layouts, _) = hest::layout(0xf_0000, 5);
         (mem, layouts)
     }
 
