@@ -9,9 +9,10 @@
 #     + the guest kernel as /boot/bzImage (aarch64: /boot/Image) for kexec;
 #   - the lab-host initramfs: busybox-static + rasvmm + guest kernel and
 #     initramfs + images/lab-init.
-#   - with --bench (x86_64), also the bench lab-host initramfs: the lab image
-#     plus QEMU (its libraries and firmware) and lab-timer, so QEMU can be
-#     measured beside rasvmm in the same lab host.
+#   - with --bench, also the bench lab-host initramfs: the lab image plus
+#     QEMU for ARCH (its libraries; x86_64: the host's QEMU and its firmware;
+#     aarch64: Debian's arm64 QEMU from scripts/fetch-qemu.sh) and lab-timer,
+#     so QEMU can be measured beside rasvmm in the same lab host.
 # The images take seconds; the kernel is the slow part and is cached.
 source "$(dirname "$0")/lib.sh"
 bench=""
@@ -45,6 +46,36 @@ base_root() {
 	cp "$busybox" "$1/bin/busybox"
 }
 
+# bench_qemu <arch> <root>: QEMU for <arch>'s lab host into <root>, with its
+# shared libraries and dynamic loader at the paths the loader expects.
+bench_qemu() {
+	local qemu interp lib
+	case "$1" in
+	x86_64)
+		qemu=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 is missing: run scripts/install-deps.sh"
+		install -m 0755 "$qemu" "$2/bin/qemu-system-x86_64"
+		ldd "$qemu" | awk '/=> \// {print $3} /^\t\/lib/ {print $1}' | while read -r lib; do
+			mkdir -p "$2$(dirname "$lib")"
+			cp -L "$lib" "$2$lib"
+		done
+		interp=$(readelf -l "$qemu" | sed -n 's/.*interpreter: \(.*\)]/\1/p')
+		mkdir -p "$2$(dirname "$interp")"
+		cp -L "$interp" "$2$interp"
+		# Firmware for direct kernel boot (pc: SeaBIOS + linuxboot option ROM).
+		mkdir -p "$2/usr/share/qemu"
+		for f in /usr/share/seabios/bios-256k.bin /usr/share/qemu/linuxboot_dma.bin \
+			/usr/share/qemu/kvmvapic.bin /usr/share/qemu/qboot.rom; do
+			cp -L "$f" "$2/usr/share/qemu/"
+		done
+		;;
+	aarch64)
+		# The host's qemu-system-aarch64 is an x86_64 binary: Debian's arm64
+		# one, its loader and libraries (-M virt -kernel needs no firmware).
+		cp -a "$("$RASVMM_ROOT/scripts/fetch-qemu.sh" aarch64)/." "$2/"
+		;;
+	esac
+}
+
 # build_arch <arch>: the kernel, the static binaries and both initramfs of one
 # architecture, and its manifest (printed).
 build_arch() {
@@ -67,8 +98,9 @@ build_arch() {
 	# binary alone and leave rasvmm and rasvmm-agent stale.
 	(cd "$RASVMM_ROOT" && cargo build --quiet --release --target "$target" -p vmm -p guest-agent) ||
 		die "cargo build --release --target $target -p vmm -p guest-agent failed"
-	if [ -n "$bench" ] && [ "$arch" = x86_64 ]; then
-		(cd "$RASVMM_ROOT" && cargo build --quiet --release --target "$target" -p lab --bin lab-timer)
+	if [ -n "$bench" ]; then
+		(cd "$RASVMM_ROOT" && cargo build --quiet --release --target "$target" -p lab --bin lab-timer) ||
+			die "cargo build --release --target $target -p lab --bin lab-timer failed"
 	fi
 	bin="$RASVMM_ROOT/target/$target/release"
 	busybox=$("$RASVMM_ROOT/scripts/fetch-busybox.sh" "$arch")
@@ -95,24 +127,9 @@ build_arch() {
 	install -m 0755 "$RASVMM_ROOT/images/lab-init" "$stage/lab/init"
 	pack "$stage/lab" "$out/lab-initramfs.cpio.gz"
 
-	if [ -n "$bench" ] && [ "$arch" = x86_64 ]; then
-		qemu=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 is missing: run scripts/install-deps.sh"
+	if [ -n "$bench" ]; then
 		install -m 0755 "$bin/lab-timer" "$stage/lab/bin/lab-timer"
-		install -m 0755 "$qemu" "$stage/lab/bin/qemu-system-x86_64"
-		# QEMU's shared libraries, at the paths the dynamic loader expects.
-		ldd "$qemu" | awk '/=> \// {print $3} /^\t\/lib/ {print $1}' | while read -r lib; do
-			mkdir -p "$stage/lab$(dirname "$lib")"
-			cp -L "$lib" "$stage/lab$lib"
-		done
-		interp=$(readelf -l "$qemu" | sed -n 's/.*interpreter: \(.*\)]/\1/p')
-		mkdir -p "$stage/lab$(dirname "$interp")"
-		cp -L "$interp" "$stage/lab$interp"
-		# Firmware for direct kernel boot (pc: SeaBIOS + linuxboot option ROM).
-		mkdir -p "$stage/lab/usr/share/qemu"
-		for f in /usr/share/seabios/bios-256k.bin /usr/share/qemu/linuxboot_dma.bin \
-			/usr/share/qemu/kvmvapic.bin /usr/share/qemu/qboot.rom; do
-			cp -L "$f" "$stage/lab/usr/share/qemu/"
-		done
+		bench_qemu "$arch" "$stage/lab"
 		pack "$stage/lab" "$out/lab-bench-initramfs.cpio.gz"
 	fi
 	rm -rf "$stage"
@@ -124,7 +141,7 @@ build_arch() {
 	guest_initramfs=$out/guest-initramfs.cpio
 	lab_initramfs=$out/lab-initramfs.cpio.gz
 	rasvmm=$bin/rasvmm
-	$([ "$arch" = x86_64 ] && [ -n "$bench" ] && echo "lab_bench_initramfs=$out/lab-bench-initramfs.cpio.gz")
+	$([ -n "$bench" ] && echo "lab_bench_initramfs=$out/lab-bench-initramfs.cpio.gz")
 	MANIFEST
 	log "$arch images in $out ($(du -h "$out/lab-initramfs.cpio.gz" | cut -f1) lab initramfs)"
 	echo "$out/manifest"

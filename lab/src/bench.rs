@@ -4,39 +4,105 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use lab::{Backend, Job, Lab};
+use lab::{Arch, Backend, Job, Lab, LAB_GUEST_INITRAMFS};
 use serde_json::Value;
 
 use crate::chain;
 
-/// CPU model QEMU is given: the closest named model to rasvmm's "intel"
-/// profile (family 6, no XSAVE/AVX), with the Intel vendor.
-const QEMU_CPU: &str = "qemu64,vendor=GenuineIntel";
+/// How one architecture's benchmarks run the same guest in rasvmm and in
+/// its peer, `qemu-system-<arch> -enable-kvm`, inside that architecture's
+/// lab host.
+struct Peer {
+    arch: Arch,
+    /// rasvmm's default guest command line for `arch`; QEMU's guest gets
+    /// it too, plus [`Peer::qemu_agent_arg`].
+    cmdline: &'static str,
+    /// Appended to QEMU's guest command line: where images/guest-init starts
+    /// the agent, when QEMU's board cannot put it where rasvmm's does.
+    qemu_agent_arg: &'static str,
+    /// QEMU's binary and machine options, before the CPU model.
+    qemu_machine: &'static str,
+    /// The devices that carry QEMU's chardevs `console` and `agent`.
+    qemu_devices: &'static str,
+    /// rasvmm's `--cpu` and QEMU's `-cpu` for the boot benchmark.
+    boot_cpu: (&'static str, &'static str),
+    /// rasvmm's `--cpu` and QEMU's `-cpu` for the injection benchmark.
+    inject_cpu: (&'static str, &'static str),
+}
 
-/// Boot to agent ready, rasvmm vs `qemu-system-x86_64 -enable-kvm` with the
+impl Peer {
+    fn of(arch: Arch) -> Peer {
+        match arch {
+            // pc: SeaBIOS + linuxboot_dma option ROM, QEMU's usual direct
+            // kernel boot; the agent on COM2 as in rasvmm. qemu64 with the
+            // Intel vendor is the closest named model to rasvmm's "intel"
+            // profile (family 6, no XSAVE/AVX); the injection compares AMD
+            // guests (QEMU cannot give an Intel guest SER_P on the lab
+            // host's SVM).
+            Arch::X86_64 => Peer {
+                arch,
+                cmdline: arch::guest::X86_64_CMDLINE,
+                qemu_agent_arg: "",
+                qemu_machine: "qemu-system-x86_64 -enable-kvm -L /usr/share/qemu",
+                qemu_devices: "-serial chardev:console -serial chardev:agent",
+                boot_cpu: ("intel", "qemu64,vendor=GenuineIntel"),
+                inject_cpu: ("amd", "qemu64"),
+            },
+            // virt: QEMU's firmware-less direct boot with a device tree. It
+            // has one PL011 (the console), so the agent talks on a virtio
+            // console (virtio-mmio), /dev/hvc0 in the guest.
+            Arch::Aarch64 => Peer {
+                arch,
+                cmdline: arch::guest::AARCH64_CMDLINE,
+                qemu_agent_arg: " rasvmm.agent=/dev/hvc0",
+                qemu_machine: "qemu-system-aarch64 -enable-kvm -M virt,gic-version=3",
+                qemu_devices: "-serial chardev:console -device virtio-serial-device \
+                               -device virtconsole,chardev=agent",
+                boot_cpu: ("host", "host"),
+                inject_cpu: ("host", "host"),
+            },
+        }
+    }
+
+    /// The QEMU command (for the lab host's shell, which has `$CMDLINE`):
+    /// the guest kernel and initramfs, 256 MiB, one vCPU, CPU model `cpu`,
+    /// the console and the agent's device on chardev backends `console`
+    /// and `agent` (e.g. `null`, `file,path=F`, `pipe,path=P`).
+    fn qemu(&self, cpu: &str, console: &str, agent: &str) -> String {
+        format!(
+            "{machine} -cpu {cpu} -m 256 -smp 1 -nodefaults -no-user-config -display none \
+             -no-reboot -kernel {kernel} -initrd {LAB_GUEST_INITRAMFS} -append \"$CMDLINE{extra}\" \
+             -chardev {console},id=console -chardev {agent},id=agent {devices}",
+            machine = self.qemu_machine,
+            kernel = self.arch.lab_guest_kernel(),
+            extra = self.qemu_agent_arg,
+            devices = self.qemu_devices,
+        )
+    }
+}
+
+/// Boot to agent ready, rasvmm vs `qemu-system-<arch> -enable-kvm` with the
 /// same kernel, initramfs, command line, memory and one vCPU, interleaved
 /// run by run in one lab host.
-pub fn boot(args: &[String]) -> Result<ExitCode, String> {
-    let (runs, lab, image) = setup("bench-boot", args)?;
-    let cmdline = vmm::config::DEFAULT_CMDLINE;
+pub fn boot(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
+    let (runs, lab, image) = setup("bench-boot", arch, args)?;
+    let peer = Peer::of(arch);
     let script = format!(
         r#"CMDLINE={cmdline}
 for i in $(seq 1 {runs}); do
-	rasvmm run --kernel {kernel} --initramfs {initramfs} --cmdline "$CMDLINE" \
-		--memory 256 --vcpus 1 --cpu intel --console none --json /tmp/r-$i.json --agent poweroff 2>/dev/null
+	rasvmm run --kernel {kernel} --initramfs {LAB_GUEST_INITRAMFS} --cmdline "$CMDLINE" \
+		--memory 256 --vcpus 1 --cpu {rasvmm_cpu} --console none --json /tmp/r-$i.json --agent poweroff 2>/dev/null
 	lab_emit rasvmm-$i /tmp/r-$i.json
-	lab-timer /tmp/agent-$i.log '{{"hello"' 60 -- qemu-system-x86_64 -enable-kvm -cpu {QEMU_CPU} \
-		-m 256 -smp 1 -nodefaults -no-user-config -display none -no-reboot -L /usr/share/qemu \
-		-kernel {kernel} -initrd {initramfs} -append "$CMDLINE" \
-		-serial null -serial file:/tmp/agent-$i.log >/tmp/q-$i.txt 2>&1
+	lab-timer /tmp/agent-$i.log '{{"hello"' 60 -- {qemu} >/tmp/q-$i.txt 2>&1
 	lab_emit qemu-$i /tmp/q-$i.txt
 done
 "#,
-        cmdline = lab::shell_quote(cmdline),
-        kernel = lab::LAB_GUEST_KERNEL,
-        initramfs = lab::LAB_GUEST_INITRAMFS,
+        cmdline = lab::shell_quote(peer.cmdline),
+        kernel = arch.lab_guest_kernel(),
+        rasvmm_cpu = peer.boot_cpu.0,
+        qemu = peer.qemu(peer.boot_cpu.1, "null", "file,path=/tmp/agent-$i.log"),
     );
-    eprintln!("bench-boot: {runs} runs each of rasvmm and QEMU in one lab host...");
+    eprintln!("bench-boot: {runs} runs each of rasvmm and QEMU in one {arch} lab host...");
     let res = lab
         .run_script(
             &script,
@@ -72,7 +138,7 @@ done
         qemu_rss.push(timer_field(&q, "maxrss_kib").unwrap_or(0.0));
     }
     println!(
-        "boot to agent ready, {runs} runs each, one lab host ({}), guest {}:",
+        "boot to agent ready, {runs} runs each, one {arch} lab host ({}), guest {}:",
         res.backend, lab.manifest.kernel_version
     );
     let rm = report_ms("rasvmm", &mut rasvmm_ms);
@@ -86,24 +152,32 @@ done
     Ok(ExitCode::SUCCESS)
 }
 
-/// Parses `[--runs N]` and opens the lab with its bench image; benchmarks
-/// measure rasvmm and QEMU in the same lab host, so only the lab backend will do.
-fn setup(name: &str, args: &[String]) -> Result<(u32, Lab, std::path::PathBuf), String> {
-    setup_lab(name, parse_runs(name, args)?)
+/// Parses `[--runs N]` and opens `arch`'s lab with its bench image;
+/// benchmarks measure rasvmm and QEMU in the same lab host, so only the lab
+/// backend will do.
+fn setup(
+    name: &str,
+    arch: Arch,
+    args: &[String],
+) -> Result<(u32, Lab, std::path::PathBuf), String> {
+    setup_lab(name, arch, parse_runs(name, args)?)
 }
 
-/// Opens the lab with its bench image for measurement `name` of `runs` runs.
-pub fn setup_lab(name: &str, runs: u32) -> Result<(u32, Lab, std::path::PathBuf), String> {
-    let lab = Lab::new().map_err(|e| chain(&e))?;
+/// Opens `arch`'s lab with its bench image for measurement `name` of `runs` runs.
+pub fn setup_lab(
+    name: &str,
+    arch: Arch,
+    runs: u32,
+) -> Result<(u32, Lab, std::path::PathBuf), String> {
+    let lab = Lab::for_arch(arch).map_err(|e| chain(&e))?;
     if lab.backend != Backend::Lab {
         return Err(format!(
             "{name} measures inside the lab host; set RASVMM_BACKEND=lab"
         ));
     }
-    let image =
-        lab.manifest.lab_bench_initramfs.clone().ok_or(
-            "no bench lab image: run scripts/build-images.sh --bench (scripts/bench.sh does)",
-        )?;
+    let image = lab.manifest.lab_bench_initramfs.clone().ok_or(format!(
+        "no {arch} bench lab image: run scripts/build-images.sh --bench {arch} (scripts/bench.sh does)"
+    ))?;
     Ok((runs, lab, image))
 }
 
@@ -116,7 +190,7 @@ fn parse_runs(name: &str, args: &[String]) -> Result<u32, String> {
             .ok()
             .filter(|n| (1..=50).contains(n))
             .ok_or_else(|| "--runs takes 1 to 50".to_string()),
-        _ => Err(format!("usage: rasvmm-lab {name} [--runs N]")),
+        _ => Err(format!("usage: rasvmm-lab {name} [--arch A] [--runs N]")),
     }
 }
 
@@ -157,23 +231,38 @@ fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(0.0, f64::max)
 }
 
-/// Injection to verdict, both through a VMM's own interface, alternating
-/// run by run in one lab host with the same AMD guest (QEMU cannot give an
-/// Intel guest SER_P on the lab host's SVM, so only AMD compares):
+/// Injection to verdict, both VMMs driven through their own interfaces,
+/// alternating run by run in one lab host with the same guest:
 ///
-/// - user context: the page a process reads without pause goes bad, until
-///   the agent's SIGBUS BUS_MCEERR_AR report arrives on the VMM's event
-///   stream. rasvmm poisons the page (sticky: the next read raises the
-///   SRAR, in user context by construction); QEMU gets the same SRAR record
-///   at the page through HMP `mce` while the process spins. QEMU 7.2 cannot
-///   reach this verdict here: its CPU models lack SUCCOR, so its guest
-///   grades the record as unrecoverable and panics; the bench checks and
-///   prints that instead of a ratio.
-/// - kernel context: the same record delivered to the idle guest, until its
-///   panic line appears on the console; rasvmm through its control API,
-///   QEMU through HMP `mce`.
-pub fn inject(args: &[String]) -> Result<ExitCode, String> {
-    let (runs, lab, image) = setup("bench-inject", args)?;
+/// - user context (both architectures): the page a process reads without
+///   pause goes bad, until the agent's SIGBUS BUS_MCEERR_AR report arrives
+///   on the VMM's event stream. rasvmm poisons the page (sticky: the next
+///   read is the consumption, in user context by construction: an SRAR on
+///   x86_64, an SEA with a CPER record in the SEA-notified GHES source on
+///   aarch64). QEMU 7.2 cannot reach this verdict; the bench prints what it
+///   did instead, and how long that took:
+///   - x86_64: QEMU gets the same SRAR record at the page through HMP `mce`
+///     while the process spins; its CPU models lack SUCCOR, so its AMD guest
+///     grades the record as unrecoverable and panics (the same AMD guest in
+///     both: QEMU cannot give an Intel guest SER_P on the lab host's SVM).
+///   - aarch64: QEMU has no injection command, so the lab host does what
+///     hardware would: it poisons the host page behind the guest page
+///     (HMP `gpa2hva`, QEMU's /proc/PID/pagemap, the lab kernel's
+///     hwpoison/corrupt-pfn). The guest's next read stops in KVM, QEMU gets
+///     SIGBUS BUS_MCEERR_AR on the vCPU thread, and without the GHES tables
+///     only firmware would set up it has no SEA to inject: it exits.
+/// - kernel context (x86_64 only: HMP `mce` is x86's): the same SRAR record
+///   delivered to the idle guest, until its panic line appears on the
+///   console; rasvmm through its control API, QEMU through HMP `mce`.
+pub fn inject(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
+    let (runs, lab, image) = setup("bench-inject", arch, args)?;
+    let peer = Peer::of(arch);
+    let qemu = peer.qemu(
+        peer.inject_cpu.1,
+        "file,path=/tmp/$1-console.log",
+        "pipe,path=/tmp/$1-ag",
+    );
+    let x86 = arch == Arch::X86_64;
     // The AMD SRAR record: VAL EN MISCV ADDRV UC POISON, MCG_STATUS MCIP EIPV RIPV.
     let amd_srar = ras::mce::encode(
         ras::mce::MemoryError::Srar,
@@ -181,32 +270,81 @@ pub fn inject(args: &[String]) -> Result<ExitCode, String> {
         GPA,
         false,
     );
+    let hmp_mce = format!(
+        "hmp_mce() {{ echo \"echo 'mce 0 {} {:#x} {:#x} $2 {:#x}' > /tmp/$1-mon.in\"; }}",
+        amd_srar.bank, amd_srar.status, amd_srar.mcg_status, amd_srar.misc
+    );
+    // host_pfn <tag> <gpa>: the lab host's PFN behind QEMU's guest page.
+    let host_pfn = r#"mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+host_pfn() {
+	echo "gpa2hva $2" >/tmp/$1-mon.in
+	wait_for "grep -q 'Host virtual address for $2' /tmp/$1-mon.log"
+	hva=$(sed -n "s/.*Host virtual address for $2 .* is \(0x[0-9a-fA-F]*\).*/\1/p" /tmp/$1-mon.log | tail -n 1)
+	# (An arithmetic error would end the lab host's job: check each step.)
+	[ -n "$hva" ] || { echo none; return; }
+	ent=$(dd if=/proc/$q/pagemap bs=8 count=1 skip=$((hva / 4096)) 2>/dev/null | od -An -tx8 | tr -d ' ')
+	[ -n "$ent" ] || { echo none; return; }
+	echo $((0x$ent & 0x7fffffffffffff))
+}"#;
+    // What each architecture's QEMU is made to do to the spinning page
+    // ($gpa), timed to `pattern` in `file` by lab-timer.
+    let (helpers, qemu_poison, rasvmm_then, expect) = if x86 {
+        (
+            hmp_mce,
+            r#"lab-timer --trigger /tmp/qu-console.log 'Kernel panic' 30 -- sh -c "$(hmp_mce qu $gpa)" >/tmp/qs-$i.txt 2>&1"#.to_string(),
+            format!(
+                "lab-timer --trigger /tmp/rc-$i.log 'Kernel panic' 30 -- rasvmm api --socket $S inject:srar:{GPA:#x} >/tmp/rt-$i.txt 2>&1"
+            ),
+            "panic",
+        )
+    } else {
+        (
+            host_pfn.to_string(),
+            r#"hpfn=$(host_pfn qu $gpa)
+	lab-timer --trigger /tmp/qu-stderr.log 'Hardware memory error' 30 -- sh -c "echo $hpfn > /sys/kernel/debug/hwpoison/corrupt-pfn" >/tmp/qs-$i.txt 2>&1"#.to_string(),
+            "rasvmm api --socket $S poweroff >/dev/null 2>&1".to_string(),
+            "poweroff",
+        )
+    };
+    let verdict_grep: String = verdict_patterns(arch)
+        .iter()
+        .map(|p| format!(" -e {}", lab::shell_quote(p)))
+        .collect();
+    let kernel_context = if x86 {
+        "qemu_start qk
+	lab-timer --trigger /tmp/qk-console.log 'Kernel panic' 30 -- sh -c \"$(hmp_mce qk $GPA)\" >/tmp/qt-$i.txt 2>&1
+	usleep 300000
+	qemu_stop
+	lab_emit qemu-$i /tmp/qt-$i.txt
+	lab_emit qemu-console-$i /tmp/qk-console.log"
+    } else {
+        ""
+    };
     let script = format!(
         r#"CMDLINE={cmdline}
+GPA={GPA:#x}
 wait_for() {{ n=0; until eval "$1"; do usleep 20000; n=$((n+1)); [ $n -gt 1500 ] && return 1; done; }}
-# qemu_start <tag>: QEMU with the agent UART on a pipe and HMP on another; the
-# shell holds both input FIFOs open read-write, so no write ever blocks.
+# qemu_start <tag>: QEMU with the agent's device on a pipe and HMP on
+# another; the shell holds both input FIFOs open read-write, so no write
+# ever blocks.
 qemu_start() {{
 	rm -f /tmp/$1-*
 	mkfifo /tmp/$1-mon.in /tmp/$1-mon.out /tmp/$1-ag.in /tmp/$1-ag.out
 	exec 8<>/tmp/$1-mon.in 9<>/tmp/$1-ag.in
-	qemu-system-x86_64 -enable-kvm -cpu qemu64 -m 256 -smp 1 -nodefaults -no-user-config \
-		-display none -no-reboot -L /usr/share/qemu -kernel {kernel} -initrd {initramfs} \
-		-append "$CMDLINE" -serial file:/tmp/$1-console.log -serial pipe:/tmp/$1-ag \
-		-monitor pipe:/tmp/$1-mon >/dev/null 2>&1 &
+	{qemu} -monitor pipe:/tmp/$1-mon >/dev/null 2>/tmp/$1-stderr.log &
 	q=$!
-	cat /tmp/$1-mon.out >/dev/null &
+	cat /tmp/$1-mon.out >/tmp/$1-mon.log &
 	cat /tmp/$1-ag.out >/tmp/$1-agent.log &
 	wait_for "grep -q hello /tmp/$1-agent.log 2>/dev/null"
 	usleep 500000
 }}
 qemu_stop() {{ kill $q 2>/dev/null; exec 8>&- 9>&-; wait; }}
-hmp_mce() {{ echo "echo 'mce 0 {bank} {status:#x} {mcg:#x} $2 {misc:#x}' > /tmp/$1-mon.in"; }}
+{helpers}
 for i in $(seq 1 {runs}); do
 	S=/tmp/api-$i
-	rasvmm run --kernel {kernel} --initramfs {initramfs} --cmdline "$CMDLINE" --memory 256 --vcpus 1 \
-		--cpu amd --console /tmp/rc-$i.log --json /tmp/rr-$i.json --api-socket $S --timeout 90 \
-		--expect panic 2>/tmp/rerr-$i.txt &
+	rasvmm run --kernel {kernel} --initramfs {LAB_GUEST_INITRAMFS} --cmdline "$CMDLINE" --memory 256 --vcpus 1 \
+		--cpu {rasvmm_cpu} --console /tmp/rc-$i.log --json /tmp/rr-$i.json --api-socket $S --timeout 90 \
+		--expect {expect} 2>/tmp/rerr-$i.txt &
 	wait_for "[ -S $S ] && rasvmm api --socket $S state 2>/dev/null | grep -q '\"agent_ready_ms\": [0-9]'"
 	rasvmm api --socket $S alloc-page >/dev/null
 	rasvmm api --socket $S events >/tmp/re-$i.log 2>&1 &
@@ -216,7 +354,7 @@ for i in $(seq 1 {runs}); do
 	lab_emit rasvmm-sigbus-$i /tmp/rs-$i.txt
 	lab_emit rasvmm-stderr-$i /tmp/rerr-$i.txt
 	usleep 500000
-	lab-timer --trigger /tmp/rc-$i.log 'Kernel panic' 30 -- rasvmm api --socket $S inject:srar:{gpa:#x} >/tmp/rt-$i.txt 2>&1
+	{rasvmm_then}
 	wait
 	lab_emit rasvmm-$i /tmp/rt-$i.txt
 	lab_emit rasvmm-console-$i /tmp/rc-$i.log
@@ -225,32 +363,23 @@ for i in $(seq 1 {runs}); do
 	echo '{{"id":1,"cmd":"alloc-page"}}' >/tmp/qu-ag.in
 	wait_for "grep -q '\"pfn\"' /tmp/qu-agent.log"
 	pfn=$(sed -n 's/.*"pfn":\([0-9]*\).*/\1/p' /tmp/qu-agent.log | head -n 1)
+	gpa=$(printf '0x%x' $((pfn * 4096)))
 	echo '{{"id":2,"cmd":{{"spin-page":{{"page":0}}}}}}' >/tmp/qu-ag.in
 	wait_for "grep -q '\"id\":2' /tmp/qu-agent.log"
 	usleep 500000
-	lab-timer --trigger /tmp/qu-console.log 'Kernel panic' 30 -- sh -c "$(hmp_mce qu $(printf '0x%x' $((pfn * 4096))))" >/tmp/qs-$i.txt 2>&1
+	{qemu_poison}
 	usleep 300000
 	qemu_stop
-	grep -h -e 'Machine check:' -e 'Kernel panic' -e '"signal"' /tmp/qu-console.log /tmp/qu-agent.log >>/tmp/qs-$i.txt
+	grep -h{verdict_grep} -e '"signal"' /tmp/qu-console.log /tmp/qu-stderr.log /tmp/qu-agent.log >>/tmp/qs-$i.txt
 	lab_emit qemu-user-$i /tmp/qs-$i.txt
-	qemu_start qk
-	lab-timer --trigger /tmp/qk-console.log 'Kernel panic' 30 -- sh -c "$(hmp_mce qk {gpa:#x})" >/tmp/qt-$i.txt 2>&1
-	usleep 300000
-	qemu_stop
-	lab_emit qemu-$i /tmp/qt-$i.txt
-	lab_emit qemu-console-$i /tmp/qk-console.log
+	{kernel_context}
 done
 "#,
-        cmdline = lab::shell_quote(vmm::config::DEFAULT_CMDLINE),
-        kernel = lab::LAB_GUEST_KERNEL,
-        initramfs = lab::LAB_GUEST_INITRAMFS,
-        gpa = GPA,
-        bank = amd_srar.bank,
-        status = amd_srar.status,
-        mcg = amd_srar.mcg_status,
-        misc = amd_srar.misc,
+        cmdline = lab::shell_quote(peer.cmdline),
+        kernel = arch.lab_guest_kernel(),
+        rasvmm_cpu = peer.inject_cpu.0,
     );
-    eprintln!("bench-inject: {runs} runs each of rasvmm and QEMU in one lab host...");
+    eprintln!("bench-inject: {runs} runs each of rasvmm and QEMU in one {arch} lab host...");
     let res = lab
         .run_script(
             &script,
@@ -273,56 +402,105 @@ done
     let (mut rs, mut r, mut q) = (Vec::new(), Vec::new(), Vec::new());
     let (mut r_guest, mut q_guest) = (Vec::new(), Vec::new());
     let mut r_own_user = Vec::new();
+    let mut q_user_ms = Vec::new();
     let mut qemu_user = std::collections::BTreeSet::new();
     for i in 1..=runs {
         rs.push(ms(&format!("rasvmm-sigbus-{i}"))?);
-        r.push(ms(&format!("rasvmm-{i}"))?);
-        q.push(ms(&format!("qemu-{i}"))?);
-        r_guest.extend(guest_mce_to_panic_ms(&file(&format!("rasvmm-console-{i}"))));
         if let Ok(report) = serde_json::from_str::<Value>(&file(&format!("rasvmm-report-{i}"))) {
             r_own_user.extend(event_to_signal_ms(&report, &["poisoned"]));
         }
-        q_guest.extend(guest_mce_to_panic_ms(&file(&format!("qemu-console-{i}"))));
-        // QEMU's guest, told the same user-context SRAR: what it did.
+        if x86 {
+            r.push(ms(&format!("rasvmm-{i}"))?);
+            q.push(ms(&format!("qemu-{i}"))?);
+            r_guest.extend(guest_mce_to_panic_ms(&file(&format!("rasvmm-console-{i}"))));
+            q_guest.extend(guest_mce_to_panic_ms(&file(&format!("qemu-console-{i}"))));
+        }
+        // QEMU, its page gone bad under the same spinning process: what it did.
         let u = file(&format!("qemu-user-{i}"));
-        let verdict = if u.contains("\"signal\"") {
-            "the agent's SIGBUS".to_string()
-        } else {
-            u.lines()
-                .filter(|l| l.contains("Machine check:") || l.contains("Kernel panic"))
-                .map(|l| l.split_once("] ").map_or(l, |(_, t)| t).trim().to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        };
-        qemu_user.insert(if verdict.is_empty() {
-            format!("nothing within 30 s ({})", u.trim())
-        } else {
-            verdict
-        });
+        q_user_ms.extend(timer_field(&u, "ready_ms"));
+        qemu_user.insert(qemu_verdict(arch, &u));
     }
     println!(
-        "injection (SRAR, AMD guest) to verdict, {runs} runs each, one lab host ({}):",
-        res.backend
+        "injection to verdict, {runs} runs each, one {arch} lab host ({}), guest {}:",
+        res.backend, lab.manifest.kernel_version
     );
     println!(" user context, API call to the agent's SIGBUS BUS_MCEERR_AR on the event stream:");
-    report_ms("rasvmm (control API poison)", &mut rs);
+    report_ms(
+        if x86 {
+            "rasvmm (control API poison, SRAR)"
+        } else {
+            "rasvmm (control API poison, SEA + GHES)"
+        },
+        &mut rs,
+    );
     println!(
         "  of which rasvmm's own clock, poisoning to the SIGBUS report: median {:.0} ms",
         median(&mut r_own_user)
     );
+    let how = if x86 {
+        "QEMU (HMP mce)"
+    } else {
+        "QEMU (host page hwpoisoned in the lab host)"
+    };
     for v in &qemu_user {
-        println!("  QEMU (HMP mce): no SIGBUS; its guest: {v}");
+        println!("  {how}: no SIGBUS; {v}");
     }
-    println!(" kernel context, to the panic line:");
-    let rm = report_ms("rasvmm (control API)", &mut r);
-    let qm = report_ms("QEMU (HMP mce)      ", &mut q);
-    println!("  ratio rasvmm/QEMU: {:.2}x (target <= 0.5x)", rm / qm);
-    println!(
-        "  of which the guest's own work, its first machine-check line to its panic line (printk clock): rasvmm median {:.0} ms, QEMU median {:.0} ms",
-        median(&mut r_guest),
-        median(&mut q_guest)
-    );
+    if !q_user_ms.is_empty() {
+        println!(
+            "  {how}, to that verdict: median {:.0} ms (min {:.0}, max {:.0})",
+            median(&mut q_user_ms),
+            min(&q_user_ms),
+            max(&q_user_ms)
+        );
+    }
+    if x86 {
+        println!(" kernel context, to the panic line:");
+        let rm = report_ms("rasvmm (control API)", &mut r);
+        let qm = report_ms("QEMU (HMP mce)      ", &mut q);
+        println!("  ratio rasvmm/QEMU: {:.2}x (target <= 0.5x)", rm / qm);
+        println!(
+            "  of which the guest's own work, its first machine-check line to its panic line (printk clock): rasvmm median {:.0} ms, QEMU median {:.0} ms",
+            median(&mut r_guest),
+            median(&mut q_guest)
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The lines of QEMU's guest console, QEMU's stderr and the agent's
+/// output that tell what became of the spinning process's page in
+/// `arch`'s QEMU (besides the agent's `"signal"` report).
+fn verdict_patterns(arch: Arch) -> &'static [&'static str] {
+    match arch {
+        Arch::X86_64 => &["Machine check:", "Kernel panic"],
+        Arch::Aarch64 => &[
+            "Hardware memory error",
+            "SEA",
+            "External Abort",
+            "Internal error",
+            "Kernel panic",
+            "Memory failure",
+        ],
+    }
+}
+
+/// What QEMU did when its guest's page went bad, from the benchmark's
+/// `qemu-user-N` file (lab-timer's line and the [`verdict_patterns`] lines).
+fn qemu_verdict(arch: Arch, output: &str) -> String {
+    if output.contains("\"signal\"") {
+        return "the agent's SIGBUS".to_string();
+    }
+    let verdict = output
+        .lines()
+        .filter(|l| verdict_patterns(arch).iter().any(|p| l.contains(p)))
+        .map(|l| l.split_once("] ").map_or(l, |(_, t)| t).trim().to_string())
+        .collect::<Vec<_>>()
+        .join("; ");
+    match (arch, verdict.is_empty()) {
+        (_, true) => format!("nothing within 30 s ({})", output.trim()),
+        (Arch::X86_64, false) => format!("its guest: {verdict}"),
+        (Arch::Aarch64, false) => format!("QEMU: {verdict}"),
+    }
 }
 
 /// The guest's own time from the last "Machine Check Exception" console
@@ -343,18 +521,55 @@ fn guest_mce_to_panic_ms(console: &str) -> Option<f64> {
 }
 
 /// Injection to verdict through the ways rasvmm reports an action-optional
-/// memory error on a user page with early kill: a GHES recoverable record
-/// notified by NMI; an Intel MCE SRAO, signalled as a machine check (SER_P,
-/// which rasvmm supplies where KVM drops it); and an AMD MCE SRAO, a
-/// deferred error the guest finds by its bank poll (every second here). The
-/// verdict is the page owner's SIGBUS BUS_MCEERR_AO reaching rasvmm; the
-/// runs alternate in one lab host (or run directly on hardware KVM).
-pub fn ghes(args: &[String]) -> Result<ExitCode, String> {
+/// memory error on a user page with early kill, per architecture:
+///
+/// - x86_64: a GHES recoverable record notified by NMI; an Intel MCE SRAO,
+///   signalled as a machine check (SER_P, which rasvmm supplies where KVM
+///   drops it); and an AMD MCE SRAO, a deferred error the guest finds by its
+///   bank poll (every second here);
+/// - aarch64: a GHES recoverable record in the GSIV-notified source (an
+///   interrupt) and the same record in the polled source (the guest reads
+///   it every 100 ms).
+///
+/// The verdict is the page owner's SIGBUS BUS_MCEERR_AO reaching rasvmm;
+/// the runs alternate in one lab host (or run directly on hardware KVM).
+/// The first arm is compared with each of the others.
+pub fn ghes(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
     let runs = parse_runs("bench-ghes", args)?;
-    let lab = Lab::new().map_err(|e| chain(&e))?;
+    let lab = Lab::for_arch(arch).map_err(|e| chain(&e))?;
+    // (label, rasvmm --cpu, the injection step)
+    let arms: &[(&str, &str, &str)] = match arch {
+        Arch::X86_64 => &[
+            (
+                "GHES recoverable, NMI    ",
+                "intel",
+                "ghes-memory:recoverable:page0:source=nmi",
+            ),
+            ("MCE SRAO, Intel (#MC)    ", "intel", "inject:srao:page0"),
+            ("MCE SRAO, AMD (bank poll)", "amd", "inject:srao:page0"),
+        ],
+        Arch::Aarch64 => &[
+            (
+                "GHES recoverable, GSIV  ",
+                "host",
+                "ghes-memory:recoverable:page0:source=gsiv",
+            ),
+            (
+                "GHES recoverable, polled",
+                "host",
+                "ghes-memory:recoverable:page0:source=polled",
+            ),
+        ],
+    };
+    // x86_64's SRAO on AMD waits for the bank poll: poll at the minimum.
+    let poll: &[&str] = match arch {
+        Arch::X86_64 => &[
+            "--step",
+            "exec:echo 1 > /sys/devices/system/machinecheck/machinecheck0/check_interval",
+        ],
+        Arch::Aarch64 => &[],
+    };
     let common = [
-        "--step",
-        "exec:echo 1 > /sys/devices/system/machinecheck/machinecheck0/check_interval",
         "--step",
         "sysctl:vm.memory_failure_early_kill=1",
         "--step",
@@ -364,24 +579,16 @@ pub fn ghes(args: &[String]) -> Result<ExitCode, String> {
     let arm = |cpu: &str, inject: &str| -> Vec<String> {
         ["--cpu", cpu]
             .iter()
+            .chain(poll)
             .chain(&common)
             .chain(&["--step", inject])
             .chain(&tail)
             .map(|s| s.to_string())
             .collect()
     };
-    const ARMS: [(&str, &str, &str); 3] = [
-        (
-            "GHES recoverable, NMI    ",
-            "intel",
-            "ghes-memory:recoverable:page0:source=nmi",
-        ),
-        ("MCE SRAO, Intel (#MC)    ", "intel", "inject:srao:page0"),
-        ("MCE SRAO, AMD (bank poll)", "amd", "inject:srao:page0"),
-    ];
     let mut job_runs = Vec::new();
     for _ in 0..runs {
-        for (_, cpu, inject) in ARMS {
+        for (_, cpu, inject) in arms {
             job_runs.push(arm(cpu, inject));
         }
     }
@@ -390,9 +597,13 @@ pub fn ghes(args: &[String]) -> Result<ExitCode, String> {
         timeout: Duration::from_secs(60 + 45 * u64::from(runs)),
         files: Vec::new(),
     };
-    eprintln!("bench-ghes: {runs} runs each of GHES-NMI, Intel MCE SRAO and AMD MCE SRAO...");
+    let names: Vec<&str> = arms.iter().map(|(name, ..)| name.trim()).collect();
+    eprintln!(
+        "bench-ghes: {runs} runs each of {} ({arch})...",
+        names.join(", ")
+    );
     let res = lab.run(&job).map_err(|e| chain(&e))?;
-    let mut latency: [Vec<f64>; 3] = Default::default();
+    let mut latency: Vec<Vec<f64>> = vec![Vec::new(); arms.len()];
     for (i, r) in res.runs.iter().enumerate() {
         let report = r.report.as_ref().ok_or(format!(
             "run {} wrote no report: {}",
@@ -404,22 +615,24 @@ pub fn ghes(args: &[String]) -> Result<ExitCode, String> {
             i + 1,
             report["detail"]
         ))?;
-        latency[i % ARMS.len()].push(ms);
+        latency[i % arms.len()].push(ms);
     }
     println!(
-        "injection to the owner's SIGBUS BUS_MCEERR_AO (user page, early kill), {runs} runs each, {}:",
+        "injection to the owner's SIGBUS BUS_MCEERR_AO (user page, early kill), {runs} runs each, {arch}, {}:",
         res.backend
     );
-    let medians: Vec<f64> = ARMS
+    let medians: Vec<f64> = arms
         .iter()
         .zip(latency.iter_mut())
         .map(|((name, ..), l)| report_ms(name, l))
         .collect();
-    println!(
-        "  ratio GHES-NMI/Intel MCE SRAO: {:.2}x; GHES-NMI/AMD MCE SRAO: {:.2}x",
-        medians[0] / medians[1],
-        medians[0] / medians[2]
-    );
+    let ratios: Vec<String> = names
+        .iter()
+        .zip(&medians)
+        .skip(1)
+        .map(|(name, m)| format!("{}/{name}: {:.2}x", names[0], medians[0] / m))
+        .collect();
+    println!("  ratio {}", ratios.join("; "));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -578,6 +791,48 @@ mod tests {
             event_to_signal_ms(&serde_json::json!({"ras_events": []}), &["injected"]),
             None
         );
+    }
+
+    #[test]
+    fn qemu_verdicts_name_what_happened() {
+        let arm = "ready_ms=62\nqemu-system-aarch64: Hardware memory error!\n";
+        assert_eq!(
+            qemu_verdict(Arch::Aarch64, arm),
+            "QEMU: qemu-system-aarch64: Hardware memory error!"
+        );
+        let x86 = "ready_ms=40\n[    9.1] mce: [Hardware Error]: Machine check: Uncorrected error without MCA Recovery\n\
+                   [    9.2] Kernel panic - not syncing: Fatal machine check\n";
+        assert_eq!(
+            qemu_verdict(Arch::X86_64, x86),
+            "its guest: mce: [Hardware Error]: Machine check: Uncorrected error without MCA Recovery; \
+             Kernel panic - not syncing: Fatal machine check"
+        );
+        assert_eq!(
+            qemu_verdict(Arch::Aarch64, "{\"signal\":{\"code\":\"BUS_MCEERR_AR\"}}"),
+            "the agent's SIGBUS"
+        );
+        assert!(qemu_verdict(Arch::Aarch64, "lab-timer: never").starts_with("nothing within 30 s"));
+    }
+
+    #[test]
+    fn both_vmms_boot_the_same_guest() {
+        for arch in Arch::ALL {
+            let peer = Peer::of(arch);
+            let q = peer.qemu("host", "null", "file,path=/tmp/a");
+            assert!(q.contains(arch.lab_guest_kernel()), "{q}");
+            assert!(
+                q.contains(LAB_GUEST_INITRAMFS) && q.contains("-m 256 -smp 1"),
+                "{q}"
+            );
+            assert!(q.contains(&format!("-append \"$CMDLINE{}\"", peer.qemu_agent_arg)));
+            assert!(q.contains("-chardev file,path=/tmp/a,id=agent"), "{q}");
+        }
+        // The arm64 virt board has one PL011: the agent is on a virtio console there.
+        let arm = Peer::of(Arch::Aarch64);
+        assert_eq!(arm.cmdline, "console=ttyAMA0 panic=-1 quiet");
+        assert!(arm
+            .qemu("host", "null", "null")
+            .contains("virtconsole,chardev=agent"));
     }
 
     #[test]

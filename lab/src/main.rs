@@ -6,13 +6,15 @@
 //! rasvmm-lab demo [--arch A]            boot the default guest, print outcome and boot time
 //! rasvmm-lab shell [--arch A] [--timeout S] SCRIPT  run a shell script where rasvmm runs
 //!                                       (in the lab host: $RASVMM, $KERNEL, $INITRAMFS set)
-//! rasvmm-lab bench-boot [--runs N]      rasvmm vs QEMU boot-to-agent-ready (lab backend)
-//! rasvmm-lab bench-inject [--runs N]    rasvmm vs QEMU injection-to-panic (lab backend)
+//! rasvmm-lab bench-boot [--arch A] [--runs N]    rasvmm vs QEMU boot-to-agent-ready (lab backend)
+//! rasvmm-lab bench-inject [--arch A] [--runs N]  rasvmm vs QEMU injection to verdict (lab backend)
+//! rasvmm-lab bench-ghes [--arch A] [--runs N]    rasvmm's action-optional paths to the AO SIGBUS
+//! rasvmm-lab bench-kho [--gib N]        the KHO observer's scan speed (this host)
 //! rasvmm-lab smp-boots [--runs N]       2-vCPU boot failures, rasvmm vs QEMU (lab backend)
 //! ```
 //!
 //! `--arch` (x86_64, the default, or aarch64) chooses the guests'
-//! architecture; the benchmarks and smp-boots are x86_64 only.
+//! architecture; bench-kho and smp-boots are x86_64 only.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -44,14 +46,14 @@ fn main() -> ExitCode {
         Some("demo") => demo(arch),
         Some("suite") => suite::run(arch, &rest),
         Some("shell") => shell(arch, &rest),
-        Some("bench-boot") => x86_only("bench-boot").and_then(|()| bench::boot(&rest)),
-        Some("bench-inject") => x86_only("bench-inject").and_then(|()| bench::inject(&rest)),
-        Some("bench-ghes") => x86_only("bench-ghes").and_then(|()| bench::ghes(&rest)),
+        Some("bench-boot") => bench::boot(arch, &rest),
+        Some("bench-inject") => bench::inject(arch, &rest),
+        Some("bench-ghes") => bench::ghes(arch, &rest),
         Some("bench-kho") => x86_only("bench-kho").and_then(|()| bench::kho(&rest)),
         Some("smp-boots") => x86_only("smp-boots").and_then(|()| smp::boots(&rest)),
         Some("-h" | "--help") | None => {
             eprintln!(
-                "usage: rasvmm-lab run [--arch A] [rasvmm run args...] | suite [--arch A] [DIR] [--junit F] [--json F] | demo [--arch A] | shell [--arch A] [--timeout S] SCRIPT | bench-boot [--runs N] | bench-inject [--runs N] | bench-ghes [--runs N] | bench-kho [--gib N] | smp-boots [--runs N]  (A: x86_64 or aarch64)"
+                "usage: rasvmm-lab run [--arch A] [rasvmm run args...] | suite [--arch A] [DIR] [--junit F] [--json F] | demo [--arch A] | shell [--arch A] [--timeout S] SCRIPT | bench-boot [--arch A] [--runs N] | bench-inject [--arch A] [--runs N] | bench-ghes [--arch A] [--runs N] | bench-kho [--gib N] | smp-boots [--runs N]  (A: x86_64 or aarch64)"
             );
             return if args.is_empty() {
                 ExitCode::from(2)

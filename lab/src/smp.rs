@@ -29,7 +29,7 @@ pub fn boots(args: &[String]) -> Result<ExitCode, String> {
             .ok_or(format!("--runs takes 1 to {MAX_RUNS}"))?,
         _ => return Err("usage: rasvmm-lab smp-boots [--runs N]".into()),
     };
-    let (runs_checked, lab, image) = crate::bench::setup_lab("smp-boots", runs)?;
+    let (runs_checked, lab, image) = crate::bench::setup_lab("smp-boots", lab::Arch::X86_64, runs)?;
     let cmdline = vmm::config::DEFAULT_CMDLINE;
     let script = format!(
         r#"CMDLINE={cmdline}
