@@ -18,7 +18,6 @@ use ras::mce::{MceRecord, MemoryError};
 use super::consumption::Consumption;
 use super::{micros, GhesInjection, Injection, RasController, RasError, VCPU_ANSWER};
 use crate::event::RasEvent;
-use crate::machine;
 use crate::vcpu::VcpuRequest;
 
 /// How long a consuming vCPU retries its access while the SEA source still
@@ -43,7 +42,9 @@ impl RasController {
     /// Why this VM cannot report memory errors recoverably, if it cannot.
     pub fn ras_limitation(&self) -> Option<String> {
         if self.ghes.is_none() {
-            return Some("the guest has no APEI error sources (not a Linux boot)".into());
+            return Some(
+                "the guest has no APEI error sources (a device-tree boot: --tables dt)".into(),
+            );
         }
         (!self.setup.sea).then(|| {
             "KVM cannot inject external data aborts (no KVM_CAP_ARM_INJECT_EXT_DABT): \
@@ -184,7 +185,7 @@ impl RasController {
             }
             Err(e) => Some(e.to_string()),
         };
-        let raised = machine::sea(fd, index).err();
+        let raised = sea::inject(fd, index).err().map(|e| e.to_string());
         Consumption::Reported {
             error: raised.or(note),
             ghes,
