@@ -18,7 +18,8 @@ log "cargo clippy (aarch64 target: the arm64 machine, SEA and GIC code)"
 cargo clippy --quiet --target aarch64-unknown-linux-musl -p vmm -p arch -p devices -p ras \
 	-p guest-agent -- -D warnings
 log "cargo test (unit, KVM plumbing, CLI, integration)"
-cargo test --workspace --all-targets
+# --no-fail-fast: one failing test binary must not hide the others' results.
+cargo test --workspace --all-targets --no-fail-fast
 log "fuzzing the untrusted-input parsers (bounded)"
 "$RASVMM_ROOT/scripts/fuzz.sh"
 log "all tests passed"

@@ -11,7 +11,7 @@ use vmm::scenario::Scenario;
 
 /// rasvmm: a KVM VMM for RAS validation of Linux.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "rasvmm", version, about)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -155,3 +155,14 @@ fn unwritable_report_path_fails_before_the_guest_runs() {
     ]);
     assert_one_line_error(c, &e, "cannot write report '/nonexistent/dir/report.json'");
 }
+
+#[test]
+fn version_names_the_command() {
+    let out = Command::new(env!("CARGO_BIN_EXE_rasvmm"))
+        .arg("--version")
+        .output()
+        .expect("rasvmm runs");
+    assert!(out.status.success());
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert!(v.starts_with("rasvmm "), "{v}");
+}
