@@ -20,7 +20,6 @@
 //! writes per architecture; a missing piece is an error that says what to run.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -31,12 +30,15 @@ use thiserror::Error;
 mod backend;
 mod framing;
 mod host;
+mod job;
 pub mod scenarios;
 
 pub use backend::{detect_backend, detect_backend_for, host_kvm, Arch, Backend, Manifest};
 use framing::newc_archive;
 pub use framing::{parse_results, LabOutput};
 use host::{lab_cmdline, lab_setting, machine_args, output_args};
+use job::{job_file_name, map_arg};
+pub use job::{Job, JobResult, RunResult, JOB_FILE_PREFIX, VMLINUX_PLACEHOLDER};
 
 /// The x86_64 guest kernel's path inside the lab host (see
 /// scripts/build-images.sh; [`Arch::lab_guest_kernel`] for every arch).
@@ -88,136 +90,6 @@ pub enum Error {
         /// The guests' architecture.
         guest: String,
     },
-}
-
-/// In a job's arguments, stands for the guest kernel as an ELF vmlinux
-/// (`--kernel @vmlinux`), wherever the backend keeps it.
-pub const VMLINUX_PLACEHOLDER: &str = "@vmlinux";
-
-/// In a job's arguments, `@job/<name>` names file `<name>` of [`Job::files`]
-/// wherever the backend puts it.
-pub const JOB_FILE_PREFIX: &str = "@job/";
-
-/// A job: one or more rasvmm runs, each with its own arguments.
-#[derive(Debug, Clone, Default)]
-pub struct Job {
-    /// Arguments after `rasvmm run --kernel K --initramfs I`, per run.
-    pub runs: Vec<Vec<String>>,
-    /// Longest the whole job may take (the lab host's own boot is added).
-    pub timeout: Duration,
-    /// Files the runs need (name, source path), named `@job/<name>` in arguments.
-    pub files: Vec<(String, PathBuf)>,
-}
-
-impl Job {
-    /// A job of one run.
-    pub fn one(args: &[&str], timeout: Duration) -> Job {
-        Job {
-            runs: vec![args.iter().map(|s| s.to_string()).collect()],
-            timeout,
-            files: Vec::new(),
-        }
-    }
-}
-
-/// Replaces the placeholders in one argument: `@vmlinux` and `@job/<name>`.
-fn map_arg(arg: &str, vmlinux: &str, job_dir: &str) -> String {
-    if arg == VMLINUX_PLACEHOLDER {
-        vmlinux.to_string()
-    } else if let Some(name) = arg.strip_prefix(JOB_FILE_PREFIX) {
-        format!("{job_dir}/{name}")
-    } else {
-        arg.to_string()
-    }
-}
-
-/// Checks a job file name: one path component, no surprises.
-fn job_file_name(name: &str) -> Result<&str, Error> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(name)
-    } else {
-        Err(Error::Lab(format!(
-            "job file name '{name}' must be one plain file name"
-        )))
-    }
-}
-
-/// What one rasvmm run produced.
-#[derive(Debug, Clone)]
-pub struct RunResult {
-    /// rasvmm's exit status.
-    pub exit: i32,
-    /// The JSON report, if rasvmm wrote one.
-    pub report: Option<serde_json::Value>,
-    /// Guest console.
-    pub console: String,
-    /// rasvmm's standard error (its human summary or error line).
-    pub stderr: String,
-}
-
-impl RunResult {
-    /// The report's outcome, or "none".
-    pub fn outcome(&self) -> &str {
-        self.report
-            .as_ref()
-            .and_then(|r| r["outcome"].as_str())
-            .unwrap_or("none")
-    }
-}
-
-impl fmt::Display for RunResult {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "exit {}; rasvmm said:\n{}", self.exit, self.stderr)?;
-        if let Some(r) = &self.report {
-            writeln!(f, "outcome: {} ({})", r["outcome"], r["detail"])?;
-            // Where each vCPU was, when rasvmm recorded it (a deadline, a
-            // triple fault, a VMM error).
-            let log = r["log"].as_array().map(Vec::as_slice).unwrap_or_default();
-            for l in log.iter().filter_map(|l| l.as_str()) {
-                if l.starts_with("rasvmm: ") {
-                    writeln!(f, "  {l}")?;
-                }
-            }
-        }
-        let tail: Vec<&str> = self.console.lines().rev().take(40).collect();
-        writeln!(f, "guest console (last {} lines):", tail.len())?;
-        for l in tail.iter().rev() {
-            writeln!(f, "  {l}")?;
-        }
-        Ok(())
-    }
-}
-
-/// What a job produced.
-#[derive(Debug, Clone)]
-pub struct JobResult {
-    /// Where it ran.
-    pub backend: Backend,
-    /// One per run, in order.
-    pub runs: Vec<RunResult>,
-    /// Wall time of the whole job, lab boot included.
-    pub wall: Duration,
-    /// Named files the job emitted beyond the runs' (lab jobs only).
-    pub files: BTreeMap<String, String>,
-    /// Why the job ended before all its runs did (the lab host died or ran
-    /// out of time); `runs` then holds only the runs that finished.
-    pub incomplete: Option<String>,
-}
-
-impl JobResult {
-    /// This result, or the reason it is incomplete as an error.
-    fn complete(self) -> Result<Self, Error> {
-        match self.incomplete {
-            Some(why) => Err(Error::Lab(why)),
-            None => Ok(self),
-        }
-    }
 }
 
 /// Runs jobs on a backend, for one guest architecture.

@@ -95,6 +95,40 @@ pub fn run(
     run_with(scenarios, |job| lab.run_partial(job))
 }
 
+/// Runs `arch`'s built-in suite on that architecture's backend and prints
+/// its table; the names of the scenarios that failed (empty if all passed)
+/// and the table. An error if the suite cannot load or the lab cannot run.
+pub fn run_built_in(arch: crate::Arch) -> Result<(Vec<String>, String), String> {
+    let all = load_dir(&default_dir_for(arch))?;
+    let chain = |e: &Error| {
+        let cause = std::error::Error::source(e).map(|c| format!(": {c}"));
+        format!("{e}{}", cause.unwrap_or_default())
+    };
+    let lab = Lab::for_arch(arch).map_err(|e| chain(&e))?;
+    crate::progress(&format!(
+        "{} {} scenarios on {}",
+        all.len(),
+        arch.name(),
+        lab.backend
+    ));
+    let (results, _) = run(&lab, &all).map_err(|e| chain(&e))?;
+    let t = table(&results);
+    crate::progress(&t);
+    if results.len() != all.len() {
+        return Err(format!(
+            "{} of {} scenarios ran\n{t}",
+            results.len(),
+            all.len()
+        ));
+    }
+    let failed = results
+        .iter()
+        .filter(|r| !r.passed)
+        .map(|r| r.name.clone())
+        .collect();
+    Ok((failed, t))
+}
+
 /// [`run`] with the job runner given (tests give a fake lab).
 fn run_with(
     scenarios: &[(PathBuf, Scenario)],

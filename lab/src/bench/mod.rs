@@ -1,0 +1,360 @@
+//! Benchmarks that print rasvmm's figures as ratios against QEMU measured in
+//! the same lab-host run (never timed assertions).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use lab::{Arch, Backend, Lab, LAB_GUEST_INITRAMFS};
+use serde_json::Value;
+
+use crate::chain;
+
+mod inject;
+mod records;
+
+pub use inject::inject;
+pub use records::{ghes, kho};
+
+/// How one architecture's benchmarks run the same guest in rasvmm and in
+/// its peer, `qemu-system-<arch> -enable-kvm`, inside that architecture's
+/// lab host.
+struct Peer {
+    arch: Arch,
+    /// rasvmm's default guest command line for `arch`; QEMU's guest gets
+    /// it too, plus [`Peer::qemu_agent_arg`].
+    cmdline: &'static str,
+    /// Appended to QEMU's guest command line: where images/guest-init starts
+    /// the agent, when QEMU's board cannot put it where rasvmm's does.
+    qemu_agent_arg: &'static str,
+    /// QEMU's binary and machine options, before the CPU model.
+    qemu_machine: &'static str,
+    /// The devices that carry QEMU's chardevs `console` and `agent`.
+    qemu_devices: &'static str,
+    /// rasvmm's `--cpu` and QEMU's `-cpu` for the boot benchmark.
+    boot_cpu: (&'static str, &'static str),
+    /// rasvmm's `--cpu` and QEMU's `-cpu` for the injection benchmark.
+    inject_cpu: (&'static str, &'static str),
+}
+
+impl Peer {
+    fn of(arch: Arch) -> Peer {
+        match arch {
+            // pc: SeaBIOS + linuxboot_dma option ROM, QEMU's usual direct
+            // kernel boot; the agent on COM2 as in rasvmm. qemu64 with the
+            // Intel vendor is the closest named model to rasvmm's "intel"
+            // profile (family 6, no XSAVE/AVX); the injection compares AMD
+            // guests (QEMU cannot give an Intel guest SER_P on the lab
+            // host's SVM).
+            Arch::X86_64 => Peer {
+                arch,
+                cmdline: arch::guest::X86_64_CMDLINE,
+                qemu_agent_arg: "",
+                qemu_machine: "qemu-system-x86_64 -enable-kvm -L /usr/share/qemu",
+                qemu_devices: "-serial chardev:console -serial chardev:agent",
+                boot_cpu: ("intel", "qemu64,vendor=GenuineIntel"),
+                inject_cpu: ("amd", "qemu64"),
+            },
+            // virt: QEMU's firmware-less direct boot with a device tree. It
+            // has one PL011 (the console), so the agent talks on a virtio
+            // console (virtio-mmio), /dev/hvc0 in the guest.
+            Arch::Aarch64 => Peer {
+                arch,
+                cmdline: arch::guest::AARCH64_CMDLINE,
+                qemu_agent_arg: " rasvmm.agent=/dev/hvc0",
+                qemu_machine: "qemu-system-aarch64 -enable-kvm -M virt,gic-version=3",
+                qemu_devices: "-serial chardev:console -device virtio-serial-device \
+                               -device virtconsole,chardev=agent",
+                boot_cpu: ("host", "host"),
+                inject_cpu: ("host", "host"),
+            },
+        }
+    }
+
+    /// The QEMU command (for the lab host's shell, which has `$CMDLINE`):
+    /// the guest kernel and initramfs, 256 MiB, one vCPU, CPU model `cpu`,
+    /// the console and the agent's device on chardev backends `console`
+    /// and `agent` (e.g. `null`, `file,path=F`, `pipe,path=P`).
+    fn qemu(&self, cpu: &str, console: &str, agent: &str) -> String {
+        format!(
+            "{machine} -cpu {cpu} -m 256 -smp 1 -nodefaults -no-user-config -display none \
+             -no-reboot -kernel {kernel} -initrd {LAB_GUEST_INITRAMFS} -append \"$CMDLINE{extra}\" \
+             -chardev {console},id=console -chardev {agent},id=agent {devices}",
+            machine = self.qemu_machine,
+            kernel = self.arch.lab_guest_kernel(),
+            extra = self.qemu_agent_arg,
+            devices = self.qemu_devices,
+        )
+    }
+}
+
+/// Boot to agent ready, rasvmm vs `qemu-system-<arch> -enable-kvm` with the
+/// same kernel, initramfs, command line, memory and one vCPU, interleaved
+/// run by run in one lab host.
+pub fn boot(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
+    let (runs, lab, image) = setup("bench-boot", arch, args)?;
+    let peer = Peer::of(arch);
+    let script = format!(
+        r#"CMDLINE={cmdline}
+for i in $(seq 1 {runs}); do
+	rasvmm run --kernel {kernel} --initramfs {LAB_GUEST_INITRAMFS} --cmdline "$CMDLINE" \
+		--memory 256 --vcpus 1 --cpu {rasvmm_cpu} --console none --json /tmp/r-$i.json --agent poweroff 2>/dev/null
+	lab_emit rasvmm-$i /tmp/r-$i.json
+	lab-timer /tmp/agent-$i.log '{{"hello"' 60 -- {qemu} >/tmp/q-$i.txt 2>&1
+	lab_emit qemu-$i /tmp/q-$i.txt
+done
+"#,
+        cmdline = lab::shell_quote(peer.cmdline),
+        kernel = arch.lab_guest_kernel(),
+        rasvmm_cpu = peer.boot_cpu.0,
+        qemu = peer.qemu(peer.boot_cpu.1, "null", "file,path=/tmp/agent-$i.log"),
+    );
+    eprintln!("bench-boot: {runs} runs each of rasvmm and QEMU in one {arch} lab host...");
+    let res = lab
+        .run_script(
+            &script,
+            &image,
+            Duration::from_secs(60 + 40 * u64::from(runs)),
+        )
+        .map_err(|e| chain(&e))?;
+
+    let mut rasvmm_ms = Vec::new();
+    let mut rasvmm_overhead = Vec::new();
+    let mut qemu_ms = Vec::new();
+    let mut qemu_rss = Vec::new();
+    for i in 1..=runs {
+        let r: Value = res
+            .files
+            .get(&format!("rasvmm-{i}"))
+            .and_then(|t| serde_json::from_str(t).ok())
+            .ok_or(format!("rasvmm run {i} wrote no report"))?;
+        let ready = r["agent_ready_ms"].as_u64().ok_or(format!(
+            "rasvmm run {i} never reached agent ready: {}",
+            r["detail"]
+        ))?;
+        rasvmm_ms.push(ready as f64);
+        rasvmm_overhead.push(r["memory_use"]["vmm_overhead_kib"].as_u64().unwrap_or(0) as f64);
+        let q = res
+            .files
+            .get(&format!("qemu-{i}"))
+            .cloned()
+            .unwrap_or_default();
+        let ready =
+            timer_field(&q, "ready_ms").ok_or(format!("QEMU run {i} failed: {}", q.trim()))?;
+        qemu_ms.push(ready);
+        qemu_rss.push(timer_field(&q, "maxrss_kib").unwrap_or(0.0));
+    }
+    println!(
+        "boot to agent ready, {runs} runs each, one {arch} lab host ({}), guest {}:",
+        res.backend, lab.manifest.kernel_version
+    );
+    let rm = report_ms("rasvmm", &mut rasvmm_ms);
+    let qm = report_ms("QEMU  ", &mut qemu_ms);
+    println!("  ratio rasvmm/QEMU: {:.2}x (target <= 0.5x)", rm / qm);
+    println!(
+        "  rasvmm RSS beyond guest RAM: median {:.0} KiB (target <= 8192 KiB); QEMU peak RSS incl. guest RAM: median {:.0} KiB",
+        median(&mut rasvmm_overhead),
+        median(&mut qemu_rss)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses `[--runs N]` and opens `arch`'s lab with its bench image;
+/// benchmarks measure rasvmm and QEMU in the same lab host, so only the lab
+/// backend will do.
+fn setup(
+    name: &str,
+    arch: Arch,
+    args: &[String],
+) -> Result<(u32, Lab, std::path::PathBuf), String> {
+    setup_lab(name, arch, parse_runs(name, args)?)
+}
+
+/// Opens `arch`'s lab with its bench image for measurement `name` of `runs` runs.
+pub fn setup_lab(
+    name: &str,
+    arch: Arch,
+    runs: u32,
+) -> Result<(u32, Lab, std::path::PathBuf), String> {
+    let lab = Lab::for_arch(arch).map_err(|e| chain(&e))?;
+    if lab.backend != Backend::Lab {
+        return Err(format!(
+            "{name} measures inside the lab host; set RASVMM_BACKEND=lab"
+        ));
+    }
+    let image = lab.manifest.lab_bench_initramfs.clone().ok_or(format!(
+        "no {arch} bench lab image: run scripts/build-images.sh --bench {arch} (scripts/bench.sh does)"
+    ))?;
+    Ok((runs, lab, image))
+}
+
+/// `[--runs N]` (1 to 50, default 5) for benchmark `name`.
+fn parse_runs(name: &str, args: &[String]) -> Result<u32, String> {
+    match args {
+        [] => Ok(5),
+        [flag, n] if flag == "--runs" => n
+            .parse()
+            .ok()
+            .filter(|n| (1..=50).contains(n))
+            .ok_or_else(|| "--runs takes 1 to 50".to_string()),
+        _ => Err(format!("usage: rasvmm-lab {name} [--arch A] [--runs N]")),
+    }
+}
+
+/// Prints `label: median X ms (min, max)` for `v` and returns the median.
+fn report_ms(label: &str, v: &mut [f64]) -> f64 {
+    let m = median(v);
+    println!(
+        "  {label}: median {m:.0} ms (min {:.0}, max {:.0})",
+        min(v),
+        max(v)
+    );
+    m
+}
+
+/// A `key=value` figure from lab-timer's output.
+fn timer_field(output: &str, key: &str) -> Option<f64> {
+    output
+        .split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(0.0, f64::max)
+}
+
+/// From a rasvmm report, by the VMM's own clock: the first RAS event of
+/// one of `kinds` (an injection, a GHES report, a poisoning) to the first
+/// signal the agent reported.
+fn event_to_signal_ms(report: &Value, kinds: &[&str]) -> Option<f64> {
+    let at = report["ras_events"]
+        .as_array()?
+        .iter()
+        .find(|e| kinds.iter().any(|k| e["event"] == *k))?["at_ms"]
+        .as_u64()?;
+    let signal = report["signal_ms"].as_array()?.first()?.as_u64()?;
+    Some(signal.checked_sub(at)? as f64)
+}
+
+/// Where the benchmark's machine check points: 32 MiB, guest RAM in both VMMs.
+const GPA: u64 = 0x200_0000;
+
+#[cfg(test)]
+mod tests {
+    use super::inject::{guest_mce_to_panic_ms, qemu_verdict};
+    use super::*;
+
+    #[test]
+    fn poison_to_signal_reads_the_report() {
+        let r = serde_json::json!({
+            "ras_events": [{"event": "poisoned", "at_ms": 100}, {"event": "consumed", "at_ms": 101}],
+            "signal_ms": [160]
+        });
+        assert_eq!(event_to_signal_ms(&r, &["poisoned"]), Some(60.0));
+        assert_eq!(
+            event_to_signal_ms(&serde_json::json!({}), &["poisoned"]),
+            None
+        );
+    }
+
+    #[test]
+    fn guest_span_is_last_mce_line_to_panic_line() {
+        let console = "[    1.000000] mce: [Hardware Error]: CPU 0: Machine Check Exception: 7 Bank 9\n\
+                       [    1.500000] Memory failure: 0x1: recovered\n\
+                       [    2.000000] mce: [Hardware Error]: CPU 0: Machine Check Exception: 5 Bank 9\n\
+                       [    2.001000] mce: [Hardware Error]: RIP 10:<ffffffff81000000>\n\
+                       [    2.042500] Kernel panic - not syncing: Fatal local machine check\n";
+        let ms = guest_mce_to_panic_ms(console).unwrap();
+        assert!((ms - 42.5).abs() < 1e-6, "{ms}");
+        assert_eq!(
+            guest_mce_to_panic_ms("[ 1.0] Kernel panic - not syncing: x"),
+            None
+        );
+        assert_eq!(guest_mce_to_panic_ms(""), None);
+    }
+
+    #[test]
+    fn latency_is_injection_to_first_signal() {
+        let r = serde_json::json!({
+            "ras_events": [{"event": "poisoned", "at_ms": 1}, {"event": "ghes-reported", "at_ms": 2000}],
+            "signal_ms": [2042, 3000]
+        });
+        assert_eq!(
+            event_to_signal_ms(&r, &["ghes-reported", "injected"]),
+            Some(42.0)
+        );
+        assert_eq!(
+            event_to_signal_ms(&serde_json::json!({"ras_events": []}), &["injected"]),
+            None
+        );
+    }
+
+    #[test]
+    fn qemu_verdicts_name_what_happened() {
+        let arm = "ready_ms=62\nqemu-system-aarch64: Hardware memory error!\n";
+        assert_eq!(
+            qemu_verdict(Arch::Aarch64, arm),
+            "QEMU: qemu-system-aarch64: Hardware memory error!"
+        );
+        let x86 = "ready_ms=40\n[    9.1] mce: [Hardware Error]: Machine check: Uncorrected error without MCA Recovery\n\
+                   [    9.2] Kernel panic - not syncing: Fatal machine check\n";
+        assert_eq!(
+            qemu_verdict(Arch::X86_64, x86),
+            "its guest: mce: [Hardware Error]: Machine check: Uncorrected error without MCA Recovery; \
+             Kernel panic - not syncing: Fatal machine check"
+        );
+        assert_eq!(
+            qemu_verdict(Arch::Aarch64, "{\"signal\":{\"code\":\"BUS_MCEERR_AR\"}}"),
+            "the agent's SIGBUS"
+        );
+        assert!(qemu_verdict(Arch::Aarch64, "lab-timer: never").starts_with("nothing within 30 s"));
+    }
+
+    #[test]
+    fn both_vmms_boot_the_same_guest() {
+        for arch in Arch::ALL {
+            let peer = Peer::of(arch);
+            let q = peer.qemu("host", "null", "file,path=/tmp/a");
+            assert!(q.contains(arch.lab_guest_kernel()), "{q}");
+            assert!(
+                q.contains(LAB_GUEST_INITRAMFS) && q.contains("-m 256 -smp 1"),
+                "{q}"
+            );
+            assert!(q.contains(&format!("-append \"$CMDLINE{}\"", peer.qemu_agent_arg)));
+            assert!(q.contains("-chardev file,path=/tmp/a,id=agent"), "{q}");
+        }
+        // The arm64 virt board has one PL011: the agent is on a virtio console there.
+        let arm = Peer::of(Arch::Aarch64);
+        assert_eq!(arm.cmdline, "console=ttyAMA0 panic=-1 quiet");
+        assert!(arm
+            .qemu("host", "null", "null")
+            .contains("virtconsole,chardev=agent"));
+    }
+
+    #[test]
+    fn lab_timer_figures_are_read_by_name() {
+        let out = "ready_ms=116 maxrss_kib=68132\n";
+        assert_eq!(timer_field(out, "ready_ms"), Some(116.0));
+        assert_eq!(timer_field(out, "maxrss_kib"), Some(68132.0));
+        assert_eq!(
+            timer_field("lab-timer: 'x' did not appear", "ready_ms"),
+            None
+        );
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
