@@ -107,6 +107,19 @@ pub enum Command {
         kind: KernelPageKind,
         /// How many (at most [`MAX_KERNEL_PAGES`]).
         count: u32,
+        /// Least distance between two PFNs returned (0 and 1: any).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        stride: u32,
+    },
+    /// Test only: poison (`corrupt`) or unpoison free or user pages from
+    /// inside the guest with the kernel's hwpoison-inject
+    /// (/sys/kernel/debug/hwpoison/{corrupt,unpoison}-pfn): memory failure
+    /// handling as for a software injection (`MF_SW_SIMULATED`).
+    GuestPoison {
+        /// What to do.
+        op: GuestPoisonOp,
+        /// The pages (at most [`MAX_KERNEL_PAGES`]).
+        pfns: Vec<u64>,
     },
     /// Read /proc/kpageflags for `pfn` and HardwareCorrupted.
     PageInfo {
@@ -140,6 +153,30 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         append: Option<String>,
     },
+}
+
+/// What a `guest-poison` request does to each page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuestPoisonOp {
+    /// Write the PFN to hwpoison-inject's corrupt-pfn.
+    Corrupt,
+    /// Write the PFN to hwpoison-inject's unpoison-pfn.
+    Unpoison,
+}
+
+impl GuestPoisonOp {
+    /// The hwpoison-inject file.
+    pub fn debugfs_file(self) -> &'static str {
+        match self {
+            GuestPoisonOp::Corrupt => "/sys/kernel/debug/hwpoison/corrupt-pfn",
+            GuestPoisonOp::Unpoison => "/sys/kernel/debug/hwpoison/unpoison-pfn",
+        }
+    }
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// How a forged hwpoison subtree is broken.

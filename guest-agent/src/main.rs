@@ -39,7 +39,9 @@ const REPORT_SIGNAL: u32 = 3;
 mod cpio;
 mod procfs;
 
-use procfs::{exec, kernel_pages, online_cpus, page_info, pfn_of, read_trimmed, sysctl};
+use procfs::{
+    exec, guest_poison, kernel_pages, online_cpus, page_info, pfn_of, read_trimmed, sysctl,
+};
 
 fn main() {
     let path = std::env::args()
@@ -162,9 +164,12 @@ impl Agent {
             Command::AllocPage => self.alloc_page().map(Payload::Page),
             Command::TouchPage { page, write } => self.touch_page(page, write).map(Payload::Touch),
             Command::SpinPage { page } => self.spin_page(page).map(|()| Payload::Done),
-            Command::KernelPages { kind, count } => {
-                kernel_pages(kind, count).map(Payload::KernelPages)
-            }
+            Command::KernelPages {
+                kind,
+                count,
+                stride,
+            } => kernel_pages(kind, count, stride).map(Payload::KernelPages),
+            Command::GuestPoison { op, pfns } => guest_poison(op, &pfns).map(|()| Payload::Done),
             Command::PageInfo { pfn } => page_info(pfn).map(Payload::PageInfo),
             Command::Sysctl { name, value } => sysctl(&name, value.as_deref()).map(Payload::Sysctl),
             Command::Poweroff => {

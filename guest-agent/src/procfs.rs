@@ -3,12 +3,12 @@
 //! HardwareCorrupted counter, sysctls, online CPUs; and shell commands.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::process::{Command as ProcCommand, Stdio};
 
 use guest_agent::{
-    ExecResult, KernelPageKind, PageInfo, SysctlValue, KPF_HWPOISON, MAX_EXEC_OUTPUT,
-    MAX_KERNEL_PAGES,
+    ExecResult, GuestPoisonOp, KernelPageKind, PageInfo, SysctlValue, KPF_HWPOISON,
+    MAX_EXEC_OUTPUT, MAX_KERNEL_PAGES,
 };
 
 use super::PAGE_SIZE;
@@ -47,7 +47,49 @@ pub(crate) fn exec(sh: &str) -> Result<ExecResult, String> {
     })
 }
 
-pub(crate) fn kernel_pages(kind: KernelPageKind, count: u32) -> Result<Vec<u64>, String> {
+/// Poisons or unpoisons each page with hwpoison-inject; every page is
+/// tried, and the failures are named.
+pub(crate) fn guest_poison(op: GuestPoisonOp, pfns: &[u64]) -> Result<(), String> {
+    if pfns.is_empty() || pfns.len() > MAX_KERNEL_PAGES as usize {
+        return Err(format!("1..={MAX_KERNEL_PAGES} pages at a time"));
+    }
+    let path = op.debugfs_file();
+    let mut failed = Vec::new();
+    for pfn in pfns {
+        // One write per PFN: the file takes one number.
+        let r = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(format!("{pfn:#x}\n").as_bytes()));
+        if let Err(e) = r {
+            if e.kind() == std::io::ErrorKind::NotFound && failed.is_empty() {
+                return Err(format!(
+                    "{path}: {e} (needs CONFIG_HWPOISON_INJECT and debugfs)"
+                ));
+            }
+            failed.push(format!("{pfn:#x}: {e}"));
+        }
+    }
+    match failed.len() {
+        0 => Ok(()),
+        n => Err(format!(
+            "{n} of {} pages failed ({path}): {}",
+            pfns.len(),
+            failed
+                .iter()
+                .take(4)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
+    }
+}
+
+pub(crate) fn kernel_pages(
+    kind: KernelPageKind,
+    count: u32,
+    stride: u32,
+) -> Result<Vec<u64>, String> {
     if count == 0 || count > MAX_KERNEL_PAGES {
         return Err(format!("count must be 1..={MAX_KERNEL_PAGES}"));
     }
@@ -64,7 +106,10 @@ pub(crate) fn kernel_pages(kind: KernelPageKind, count: u32) -> Result<Vec<u64>,
         for w in buf[..n - n % 8].chunks_exact(8) {
             let flags = u64::from_ne_bytes(std::array::from_fn(|i| w[i]));
             // Skip pages already poisoned: they are not candidates.
-            if flags & bit != 0 && flags & (1 << KPF_HWPOISON) == 0 {
+            let spaced = out
+                .last()
+                .is_none_or(|last: &u64| pfn >= last + u64::from(stride.max(1)));
+            if flags & bit != 0 && flags & (1 << KPF_HWPOISON) == 0 && spaced {
                 out.push(pfn);
                 if out.len() == count as usize {
                     return Ok(out);

@@ -181,6 +181,25 @@ impl Session {
                 self.record_ghes(e);
                 Ok(None)
             }
+            Step::GuestPoison { op, pages } => {
+                let pfns = self.refs.pages(pages).map_err(StepError::Failed)?;
+                if pfns.len() > guest_agent::MAX_KERNEL_PAGES as usize {
+                    return Err(StepError::Failed(format!(
+                        "{} pages named; at most {} at a time",
+                        pfns.len(),
+                        guest_agent::MAX_KERNEL_PAGES
+                    )));
+                }
+                let reply = self.call(Command::GuestPoison {
+                    op: *op,
+                    pfns: pfns.clone(),
+                })?;
+                self.vm
+                    .ras()
+                    .note_guest_poison(*op, &pfns)
+                    .map_err(failed)?;
+                Ok(Some(StepReply::Agent(reply)))
+            }
             Step::KhoScan => Ok(Some(StepReply::Kho {
                 kho: Box::new(self.vm.ras().kho_view()),
             })),

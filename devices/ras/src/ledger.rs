@@ -31,12 +31,15 @@ pub enum Source {
     /// Reported to the guest (machine check, GHES record) but not made
     /// sticky: the page still works.
     Reported,
+    /// Poisoned by the guest itself at rasvmm's request (hwpoison-inject):
+    /// not sticky, the guest may unpoison it.
+    Guest,
 }
 
 impl Source {
     /// Whether accesses to the page fault (the backing page is poisoned).
     pub fn is_sticky(self) -> bool {
-        self != Source::Reported
+        matches!(self, Source::Injected | Source::Host)
     }
 }
 
@@ -129,6 +132,17 @@ impl Ledger {
     /// All entries by address.
     pub fn entries(&self) -> Vec<Entry> {
         self.pages.values().copied().collect()
+    }
+
+    /// Removes the page containing `gpa` if it is not sticky (the guest
+    /// unpoisoned a page it had been told of, or poisoned itself); returns
+    /// whether it was removed. Sticky pages stay: the memory is still bad.
+    pub fn forget(&mut self, gpa: u64) -> bool {
+        let page = page_of(gpa);
+        match self.pages.get(&page) {
+            Some(e) if !e.source.is_sticky() => self.pages.remove(&page).is_some(),
+            _ => false,
+        }
     }
 
     /// Number of poisoned pages.

@@ -13,6 +13,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use devices::bus::lock;
+use guest_agent::GuestPoisonOp;
 use kvm_ioctls::VcpuFd;
 use ras::cper::Severity;
 use ras::ghes::{Notification, Submitted};
@@ -253,6 +254,24 @@ impl RasController {
         }
         lock(&self.ledger).poison(gpa, ledger::Source::Injected, self.now_ms())?;
         Ok(poisoned)
+    }
+
+    /// Notes in the ledger what the guest did to its own pages (PFNs) with
+    /// hwpoison-inject at rasvmm's request.
+    pub fn note_guest_poison(&self, op: GuestPoisonOp, pfns: &[u64]) -> Result<(), RasError> {
+        let now = self.now_ms();
+        let mut l = lock(&self.ledger);
+        for gpa in pfns.iter().filter_map(|p| p.checked_mul(ledger::PAGE_SIZE)) {
+            match op {
+                GuestPoisonOp::Corrupt => {
+                    l.poison(gpa, ledger::Source::Guest, now)?;
+                }
+                GuestPoisonOp::Unpoison => {
+                    l.forget(gpa);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Notes in the ledger that the guest was told the page at `gpa` is bad.

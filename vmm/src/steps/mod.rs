@@ -9,7 +9,8 @@
 //! | `alloc-page` | start page holder N; its PFN becomes `pageN` |
 //! | `touch-page:<n>[:write]` | page holder n reads (writes) its page |
 //! | `spin-page:<n>` | page holder n reads its page without pause until a SIGBUS (at most a minute); returns at once |
-//! | `kernel-pages:<slab\|reserved\|page-table\|free>:<count>` | find kernel (or free) pages; they become `slab0`, `slab1`, ... |
+//! | `kernel-pages:<slab\|reserved\|page-table\|free>:<count>[:stride=<n>]` | find kernel (or free) pages, at least `n` PFNs apart; they become `slab0`, `slab1`, ... |
+//! | `guest-poison:<corrupt\|unpoison>:<page>[,<page>...]` | the guest poisons (unpoisons) pages itself with hwpoison-inject; a page is a PFN, a reference or `<name>*` (every `<name><i>`); the ledger follows |
 //! | `page-info:<pfn\|ref>` | kpageflags and HardwareCorrupted for a page |
 //! | `sysctl:<name>[=<value>]` | read or set a sysctl |
 //! | `poweroff` | power the guest off |
@@ -33,7 +34,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use guest_agent::{Command, KernelPageKind, Payload};
+use guest_agent::{Command, GuestPoisonOp, KernelPageKind, Payload};
 use ras::cper::Severity;
 use ras::ghes::Notification;
 use ras::mce::MemoryError;
@@ -61,6 +62,15 @@ pub enum Target {
     Gpa(u64),
     /// A name bound by an earlier step (`page0`, `slab1`).
     Ref(String),
+}
+
+/// Pages named in a step that takes several.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pages {
+    /// One page.
+    One(Target),
+    /// Every reference whose name is this prefix and a number (`free*`).
+    Prefixed(String),
 }
 
 /// One step.
@@ -105,6 +115,13 @@ pub enum Step {
         source: Notification,
         /// The record.
         record: Vec<u8>,
+    },
+    /// Poison or unpoison pages from inside the guest (hwpoison-inject).
+    GuestPoison {
+        /// What to do.
+        op: GuestPoisonOp,
+        /// Which pages.
+        pages: Vec<Pages>,
     },
     /// Read the guest's KHO state.
     KhoScan,
@@ -153,15 +170,54 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             agent(Command::SpinPage { page })
         }
         ("kernel-pages", Some(a)) => {
-            let (kind, count) = a
-                .split_once(':')
-                .ok_or_else(|| bad("expected kernel-pages:<kind>:<count>"))?;
+            let usage = "expected kernel-pages:<kind>:<count>[:stride=<n>]";
+            let mut parts = a.split(':');
+            let (Some(kind), Some(count)) = (parts.next(), parts.next()) else {
+                return Err(bad(usage));
+            };
             let kind =
                 kind_of(kind).ok_or_else(|| bad("kind is slab, reserved, page-table or free"))?;
             let count = number(count)
                 .and_then(|c| u32::try_from(c).ok())
                 .ok_or_else(|| bad("expected a count"))?;
-            agent(Command::KernelPages { kind, count })
+            let stride = match parts.next().map(|o| o.split_once('=')) {
+                None => 0,
+                Some(Some(("stride", n))) => number(n)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| bad("expected stride=<n>"))?,
+                Some(_) => return Err(bad(usage)),
+            };
+            if parts.next().is_some() {
+                return Err(bad(usage));
+            }
+            agent(Command::KernelPages {
+                kind,
+                count,
+                stride,
+            })
+        }
+        ("guest-poison", Some(a)) => {
+            let (op, list) = a
+                .split_once(':')
+                .ok_or_else(|| bad("expected guest-poison:<corrupt|unpoison>:<pages>"))?;
+            let op = match op {
+                "corrupt" => GuestPoisonOp::Corrupt,
+                "unpoison" => GuestPoisonOp::Unpoison,
+                _ => return Err(bad("the operation is corrupt or unpoison")),
+            };
+            let pages = list
+                .split(',')
+                .map(|p| match p.strip_suffix('*') {
+                    Some(prefix) => target(prefix)
+                        .filter(|t| matches!(t, Target::Ref(_)))
+                        .map(|_| Pages::Prefixed(prefix.to_string())),
+                    None => target(p).map(Pages::One),
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    bad("pages are PFNs, references or <name>* (every reference starting so)")
+                })?;
+            Ok(Step::GuestPoison { op, pages })
         }
         ("page-info", Some(a)) => {
             match target(a).ok_or_else(|| bad("expected a PFN or a reference"))? {
@@ -418,6 +474,45 @@ impl Refs {
     /// The virtual address of page holder `name` (`page0`) in its process.
     pub fn vaddr(&self, name: &str) -> Option<u64> {
         self.vaddrs.get(name).copied()
+    }
+
+    /// The PFNs of every reference named `prefix` and a number, in
+    /// numeric order.
+    pub fn prefixed(&self, prefix: &str) -> Vec<u64> {
+        let mut found: Vec<(u64, u64)> = self
+            .pfns
+            .iter()
+            .filter_map(|(name, pfn)| {
+                let i = name.strip_prefix(prefix)?;
+                (!i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| i.parse().ok().map(|i: u64| (i, *pfn)))
+                    .flatten()
+            })
+            .collect();
+        found.sort_unstable();
+        found.into_iter().map(|(_, pfn)| pfn).collect()
+    }
+
+    /// The PFNs `pages` names, each once, in the order given.
+    pub fn pages(&self, pages: &[Pages]) -> Result<Vec<u64>, String> {
+        let mut out: Vec<u64> = Vec::new();
+        for p in pages {
+            let pfns = match p {
+                Pages::One(t) => vec![self.pfn(t)?],
+                Pages::Prefixed(prefix) => match self.prefixed(prefix) {
+                    v if v.is_empty() => {
+                        return Err(format!("no earlier step reported '{prefix}0'"))
+                    }
+                    v => v,
+                },
+            };
+            for pfn in pfns {
+                if !out.contains(&pfn) {
+                    out.push(pfn);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The PFN bound to `name`.

@@ -33,7 +33,8 @@ fn agent_steps() {
         parse("kernel-pages:slab:4"),
         Ok(agent(Command::KernelPages {
             kind: KernelPageKind::Slab,
-            count: 4
+            count: 4,
+            stride: 0,
         }))
     );
     assert_eq!(
@@ -129,7 +130,8 @@ fn ras_steps() {
         parse("kernel-pages:free:2"),
         Ok(agent(Command::KernelPages {
             kind: KernelPageKind::Free,
-            count: 2
+            count: 2,
+            stride: 0,
         }))
     );
     assert_eq!(
@@ -200,6 +202,7 @@ fn references_resolve_from_replies() {
         &Command::KernelPages {
             kind: KernelPageKind::PageTable,
             count: 2,
+            stride: 0,
         },
         &Payload::KernelPages(vec![7, 8]),
     );
@@ -207,4 +210,58 @@ fn references_resolve_from_replies() {
     assert_eq!(refs.pfn(&Target::Ref("page-table1".into())), Ok(8));
     assert_eq!(refs.gpa(&Target::Gpa(0x5000)), Ok(0x5000));
     assert!(refs.pfn(&Target::Ref("slab0".into())).is_err());
+}
+
+#[test]
+fn guest_poison_names_many_pages() {
+    use guest_agent::GuestPoisonOp;
+
+    assert_eq!(
+        parse("kernel-pages:free:300:stride=3"),
+        Ok(agent(Command::KernelPages {
+            kind: KernelPageKind::Free,
+            count: 300,
+            stride: 3,
+        }))
+    );
+    for bad in [
+        "kernel-pages:free:3:step=3",
+        "kernel-pages:free:3:stride=3:x",
+        "guest-poison:burn:free*",
+        "guest-poison:corrupt:",
+        "guest-poison:corrupt:0x12*",
+    ] {
+        assert!(parse(bad).is_err(), "{bad}");
+    }
+    assert_eq!(
+        parse("guest-poison:corrupt:free*,page0,0x99"),
+        Ok(Step::GuestPoison {
+            op: GuestPoisonOp::Corrupt,
+            pages: vec![
+                Pages::Prefixed("free".into()),
+                Pages::One(Target::Ref("page0".into())),
+                Pages::One(Target::Gpa(0x99)),
+            ],
+        })
+    );
+    let mut refs = Refs::default();
+    refs.learn(
+        &Command::KernelPages {
+            kind: KernelPageKind::Free,
+            count: 12,
+            stride: 3,
+        },
+        &Payload::KernelPages((0..12).map(|i| 0x100 + 3 * i).collect()),
+    );
+    // Numeric order (free10 after free9), each page once.
+    let pfns = refs
+        .pages(&[
+            Pages::Prefixed("free".into()),
+            Pages::One(Target::Ref("free0".into())),
+        ])
+        .unwrap();
+    assert_eq!(pfns, (0..12).map(|i| 0x100 + 3 * i).collect::<Vec<u64>>());
+    assert!(refs.pages(&[Pages::Prefixed("slab".into())]).is_err());
+    // `free1*` is every `free1<i>`: free10 and free11, not free1.
+    assert_eq!(refs.prefixed("free1"), vec![0x100 + 3 * 10, 0x100 + 3 * 11]);
 }

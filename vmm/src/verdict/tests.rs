@@ -38,6 +38,7 @@ fn refs() -> Refs {
         &Command::KernelPages {
             kind: KernelPageKind::Slab,
             count: 1,
+            stride: 0,
         },
         &Payload::KernelPages(vec![0x141]),
     );
