@@ -24,8 +24,8 @@ pub struct KhoCorrupted {
     pub size: u64,
     /// The edits applied and the header as written.
     pub applied: Applied,
-    /// Bytes of the blob written into guest RAM (less than `size` when a
-    /// move runs off the end of RAM).
+    /// Bytes written into guest RAM: in place, the span the edits changed;
+    /// moved, the blob (less than `size` when it runs off the end of RAM).
     pub written: u64,
 }
 
@@ -44,6 +44,12 @@ fn ram_from(memory: &GuestMemoryMmap, gpa: u64, len: u64) -> u64 {
         .iter()
         .find(|r| gpa >= r.start_addr().0 && gpa - r.start_addr().0 < r.len())
         .map_or(0, |r| (r.len() - (gpa - r.start_addr().0)).min(len))
+}
+
+fn write(memory: &GuestMemoryMmap, gpa: u64, bytes: &[u8]) -> Result<(), String> {
+    memory
+        .write_slice(bytes, GuestAddress(gpa))
+        .map_err(|e| format!("writing {} bytes at {gpa:#x}: {e}", bytes.len()))
 }
 
 /// Applies `edits` to the pinned root's hwpoison blob. One-line errors.
@@ -72,24 +78,41 @@ pub fn corrupt(
         .ok_or_else(|| {
             format!("the hwpoison blob ({size} bytes at {blob_at:#x}) is not readable")
         })?;
+    let before = blob.clone();
     let applied = corrupt::apply(&mut blob, edits, ram_end(memory))?;
-    let target = applied.moved_to.unwrap_or(blob_at);
-    let end = target.checked_add(size).ok_or("the target address wraps")?;
-    if sticky.range(target & !0xfff..end).next().is_some() {
-        return Err(format!("{target:#x} lies in a sticky-poisoned page"));
-    }
-    let written = ram_from(memory, target, size);
-    let n = usize::try_from(written).map_err(|_| "too large")?;
-    memory
-        .write_slice(&blob[..n], GuestAddress(target))
-        .map_err(|e| format!("writing the blob at {target:#x}: {e}"))?;
+    let written = match applied.moved_to {
+        Some(to) => {
+            let end = to.checked_add(size).ok_or("the target address wraps")?;
+            if sticky.range(to & !0xfff..end).next().is_some() {
+                return Err(format!("{to:#x} lies in a sticky-poisoned page"));
+            }
+            let n = ram_from(memory, to, size);
+            write(
+                memory,
+                to,
+                &blob[..usize::try_from(n).map_err(|_| "too large")?],
+            )?;
+            n
+        }
+        None => {
+            // Only the bytes the edits changed: the kernel may be updating
+            // other entries of its list right now.
+            let first = before.iter().zip(&blob).position(|(a, b)| a != b);
+            let last = before.iter().zip(&blob).rposition(|(a, b)| a != b);
+            match (first, last) {
+                (Some(i), Some(j)) => {
+                    write(memory, blob_at + i as u64, &blob[i..=j])?;
+                    (j + 1 - i) as u64
+                }
+                _ => 0,
+            }
+        }
+    };
     if let Some(to) = applied.moved_to {
         let off = ras::kho::subtree_prop_offset(&fdt, ras::kho::HWPOISON_NODE, "preserved-data")
             .ok_or("the root has no preserved-data to repoint")?;
         fdt[off..off + 8].copy_from_slice(&to.to_le_bytes());
-        memory
-            .write_slice(&fdt[off..off + 8], GuestAddress(root + off as u64))
-            .map_err(|e| format!("repointing preserved-data: {e}"))?;
+        write(memory, root + off as u64, &fdt[off..off + 8])?;
     }
     Ok(KhoCorrupted {
         root,

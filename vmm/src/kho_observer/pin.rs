@@ -67,7 +67,7 @@ pub enum Pin {
 /// After a kexec, the previous kernel's root (the incoming one) stays
 /// reserved in the new kernel: is it still there?
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "handoff")]
+#[serde(rename_all = "kebab-case", tag = "state")]
 pub enum Handoff {
     /// No earlier root was pinned (the boot rasvmm started, or an earlier
     /// pin failed).

@@ -419,10 +419,7 @@ fn corrupting_the_pinned_blob() {
         ],
     )
     .unwrap();
-    assert_eq!(
-        (c.applied.nr_entries, c.applied.seq, c.written),
-        (5, 4, 4824)
-    );
+    assert_eq!((c.applied.nr_entries, c.applied.seq, c.written), (5, 4, 56));
     let v = observe_all(&m, &t, &[0x77_000]);
     match &v.hwpoison {
         Hwpoison::Valid { rejected, .. } => assert_eq!(rejected.len(), 4),
