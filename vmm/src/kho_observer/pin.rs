@@ -5,8 +5,8 @@
 //! and never moves it; a guest process can write only its own user pages.
 //! So at every agent hello (each boot, including after a kexec) rasvmm
 //! scans guest RAM and pins the root that is new (its address and the keyed
-//! hash of its bytes are not among the roots present right before the last
-//! kexec request) and whose kexec count is the previous pinned count plus
+//! hash of its bytes and of its kexec-metadata blob are not among the roots
+//! present right before the last kexec request) and whose kexec count is the previous pinned count plus
 //! one (1 on the boot rasvmm started: the kernel publishes its incoming
 //! count plus one, and a cold boot has none). Right before rasvmm asks the
 //! agent to kexec, it snapshots the roots present, so stale and forged ones
@@ -148,12 +148,13 @@ impl KhoTracker {
         let before = &self.before_kexec;
         let handed_over = self.handed_over;
         scan::each_fdt_page(memory, sticky, |gpa, page| {
-            let f = scan::found(page, keys);
-            let Ok(root) = &f.root else {
+            let Ok(root) = ras::kho::parse_root(page) else {
                 return;
             };
             roots += 1;
-            let count = scan::kexec_count(memory, sticky, root);
+            let meta = scan::metadata(memory, sticky, &root);
+            let id = scan::identity(keys, page, &root, meta.as_ref().ok().map(|(_, b)| &b[..]));
+            let count = meta.map(|(c, _)| c);
             if let Some((previous, c)) = handed_over.filter(|(a, _)| *a == gpa) {
                 handoff = match &count {
                     Ok(n) if *n == c => Handoff::Kept { previous },
@@ -167,7 +168,7 @@ impl KhoTracker {
                     },
                 };
             }
-            if count == Ok(expected) && !before.contains(&(gpa, f.hash)) {
+            if count == Ok(expected) && !before.contains(&(gpa, id)) {
                 qualifying += 1;
                 if listed.len() < MAX_LISTED {
                     listed.push(gpa);
@@ -207,9 +208,10 @@ impl KhoTracker {
         let mut seen = BTreeSet::new();
         let keys = &self.keys;
         scan::each_fdt_page(memory, sticky, |gpa, page| {
-            let f = scan::found(page, keys);
-            if f.root.is_ok() {
-                seen.insert((gpa, f.hash));
+            if let Ok(root) = ras::kho::parse_root(page) {
+                let meta = scan::metadata(memory, sticky, &root).ok();
+                let id = scan::identity(keys, page, &root, meta.as_ref().map(|(_, b)| &b[..]));
+                seen.insert((gpa, id));
             }
         });
         self.before_kexec = seen;

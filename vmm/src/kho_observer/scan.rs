@@ -44,26 +44,18 @@ pub(super) fn read_page(
     read(memory, sticky, gpa, n, n)
 }
 
-/// A page's FDT parsed as a KHO root, with a keyed hash of its FDT bytes
-/// (the page's identity for "is this the page that was there before").
-pub(super) struct Found {
-    /// The root, or why it is not one.
-    pub root: Result<KhoRoot, kho::Error>,
-    /// Hash of the FDT's bytes (the whole page if it is no FDT).
-    pub hash: u64,
-}
-
-/// Parses a page copied out of guest RAM.
-pub(super) fn found(page: &[u8], keys: &impl BuildHasher) -> Found {
-    let root = kho::parse_root(page);
-    let len = match &root {
-        Ok(r) => (r.total_size as usize).min(page.len()),
-        Err(_) => page.len(),
-    };
-    Found {
-        root,
-        hash: keys.hash_one(&page[..len]),
-    }
+/// A KHO root's identity for "is this the page that was there before": a
+/// keyed hash of its FDT bytes and of its kexec-metadata blob (a new kernel
+/// can allocate its root where an old one was, with the same FDT bytes; its
+/// metadata, with the next kexec count, differs).
+pub(super) fn identity(
+    keys: &impl BuildHasher,
+    page: &[u8],
+    root: &KhoRoot,
+    metadata: Option<&[u8]>,
+) -> u64 {
+    let len = (root.total_size as usize).min(page.len());
+    keys.hash_one((&page[..len], metadata))
 }
 
 /// Calls `f` with every guest page that starts with the FDT magic, in
@@ -113,6 +105,16 @@ pub(super) fn kexec_count(
     sticky: &BTreeSet<u64>,
     root: &KhoRoot,
 ) -> Result<u32, String> {
+    metadata(memory, sticky, root).map(|(count, _)| count)
+}
+
+/// A root's `kexec-metadata` blob: its kexec count and its bytes, or why
+/// none.
+pub(super) fn metadata(
+    memory: &GuestMemoryMmap,
+    sticky: &BTreeSet<u64>,
+    root: &KhoRoot,
+) -> Result<(u32, Vec<u8>), String> {
     let Some(s) = root.subtree(kho::METADATA_NODE) else {
         return Err(if root.subtrees.is_empty() {
             "bare root without kexec-metadata".into()
@@ -134,7 +136,8 @@ pub(super) fn kexec_count(
             kho::METADATA_LEN
         )
     })?;
-    kho::kexec_count(&blob).map_err(|e| e.to_string())
+    let count = kho::kexec_count(&blob).map_err(|e| e.to_string())?;
+    Ok((count, blob))
 }
 
 /// Whether the page of `pfn` is guest RAM.

@@ -441,3 +441,30 @@ fn corrupting_the_pinned_blob() {
     // Nothing pinned: a one-line error.
     assert!(corrupt::corrupt(&m, &BTreeSet::new(), &KhoTracker::new(), &[Edit::Wrap]).is_err());
 }
+
+#[test]
+fn a_new_root_where_an_old_one_was_is_new() {
+    // Two kexecs on: the third kernel's root lands where the first one's
+    // was, with the same FDT bytes (same blob addresses); only its
+    // metadata (the next count) differs.
+    let m = guest();
+    let hw = build::hwpoison(2, 4, &[0x77]);
+    put_kho(&m, 0x10_0000, 0x11_0000, 1, 0x12_0000, &hw);
+    let mut t = pinned(&m);
+    t.before_kexec(&m, &BTreeSet::new());
+    put_kho(&m, 0x20_0000, 0x21_0000, 2, 0x22_0000, &hw);
+    t.at_hello(&m, &BTreeSet::new(), 1);
+    t.before_kexec(&m, &BTreeSet::new());
+    put_kho(&m, 0x10_0000, 0x11_0000, 3, 0x12_0000, &hw);
+    t.at_hello(&m, &BTreeSet::new(), 2);
+    assert!(matches!(
+        t.pin(),
+        Pin::Pinned {
+            root: 0x10_0000,
+            kexec_count: 3,
+            handoff: Handoff::Kept {
+                previous: 0x20_0000
+            }
+        }
+    ));
+}
