@@ -286,6 +286,13 @@ pub fn observe(
         } => Some((*root, *kexec_count)),
         _ => None,
     };
+    // The pinned root's own subtree blobs that are FDTs themselves
+    // (memblock's, LUO's) are candidates too: say what they are.
+    let subtree_blobs: Vec<(u64, String)> = pinned
+        .and_then(|(root, _)| scan::read_page(memory, sticky, root))
+        .and_then(|p| ras::kho::parse_root(&p).ok())
+        .map(|r| r.subtrees.into_iter().map(|s| (s.blob, s.name)).collect())
+        .unwrap_or_default();
     let (mut candidates, mut roots_found, mut rejected_total) = (0u32, 0u32, 0u32);
     let mut kho_roots: Vec<(u64, KhoRoot)> = Vec::new();
     let mut others: Vec<Rejected> = Vec::new();
@@ -305,7 +312,12 @@ pub fn observe(
             Err(e) if others.len() < MAX_REJECTED => others.push(Rejected {
                 root: gpa,
                 kexec_count: None,
-                reason: e.to_string(),
+                reason: match subtree_blobs.iter().find(|(b, _)| *b == gpa) {
+                    Some((_, name)) => {
+                        format!("the running kernel's '{name}' subtree blob, not a root ({e})")
+                    }
+                    None => e.to_string(),
+                },
             }),
             Err(_) => {}
         }

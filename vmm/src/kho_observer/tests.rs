@@ -143,6 +143,15 @@ fn reads_the_pinned_root_and_its_typed_list() {
         &build::fdt(&[("compatible", b"x\0".to_vec())], &[]),
     );
     let t = pinned(&m);
+    // A subtree whose blob is an FDT (memblock's), added after the hello.
+    let subtrees = [
+        ("kexec-metadata", 0x30_0000, 73),
+        ("hwpoison", 0x50_0000, hw.len() as u64),
+        ("memblock", 0x70_0000, 64),
+    ];
+    put(&m, 0x40_0000, &build::kho_root(0, &subtrees));
+    let memblock = build::fdt(&[("compatible", b"memblock-v1\0".to_vec())], &[]);
+    put(&m, 0x70_0000, &memblock);
     assert!(matches!(
         t.pin(),
         Pin::Pinned {
@@ -153,8 +162,9 @@ fn reads_the_pinned_root_and_its_typed_list() {
     ));
     let v = observe_all(&m, &t, &[0x123_000, 0x345_000]);
     assert_eq!((v.root, v.kexec_count), (Some(0x40_0000), Some(1)));
-    assert_eq!((v.roots_found, v.candidates, v.rejected_total), (1, 2, 1));
+    assert_eq!((v.roots_found, v.candidates, v.rejected_total), (1, 3, 2));
     assert!(v.rejected[0].reason.contains("not a KHO root"));
+    assert!(v.rejected[1].reason.contains("'memblock' subtree blob"));
     assert_eq!(v.scanned_bytes, 16 << 20);
     assert_eq!(
         hw_entries(&v),
