@@ -136,13 +136,20 @@ pub enum Command {
     },
     /// Sync and power the guest off.
     Poweroff,
-    /// Test only, a hostile guest: write a forged KHO root FDT (kexec count
-    /// 1000, so it looks newest) into the agent's own memory, with a
-    /// hwpoison subtree broken as `defect` says. Nothing in the kernel uses
-    /// it; it is there for the VMM's KHO observer to find and refuse.
+    /// Test only, a hostile guest: write forged KHO root FDTs into the
+    /// agent's own memory, as `defect` says: one root claiming to be newer
+    /// (kexec count 1000) with a broken hwpoison subtree, one consistent
+    /// root (kexec count u32::MAX, a valid v2 list), or `count` bare roots
+    /// (no subtrees) in the lowest-addressed pages the agent can get.
+    /// Nothing in the kernel uses them; they are there for the VMM's KHO
+    /// observer to find and refuse.
     ForgeKho {
-        /// What is wrong with the forged subtree.
+        /// What to forge.
         defect: KhoDefect,
+        /// How many bare roots (`bare-roots` only; default 16, at most
+        /// [`MAX_FORGED_ROOTS`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        count: Option<u32>,
     },
     /// Load /boot/bzImage (aarch64: /boot/Image) with kexec_file_load (the
     /// current command line, plus `append`; an initramfs packed from the
@@ -179,7 +186,7 @@ fn is_zero(v: &u32) -> bool {
     *v == 0
 }
 
-/// How a forged hwpoison subtree is broken.
+/// What `forge-kho` forges (how a forged hwpoison subtree is broken).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum KhoDefect {
@@ -191,7 +198,15 @@ pub enum KhoDefect {
     HugeBlob,
     /// The blob address is outside guest RAM.
     WildPointer,
+    /// Nothing: a consistent root (valid kexec-metadata with kexec count
+    /// u32::MAX, a valid v2 hwpoison blob listing PFN 0x1234 as hardware).
+    Consistent,
+    /// Bare roots (no subtrees) at the lowest addresses the agent gets.
+    BareRoots,
 }
+
+/// Most bare roots one `forge-kho` writes.
+pub const MAX_FORGED_ROOTS: u32 = 256;
 
 /// Longest `append` a kexec request carries.
 pub const MAX_KEXEC_APPEND: usize = 1024;

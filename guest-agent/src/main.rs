@@ -37,6 +37,7 @@ const REPORT_TOUCHED: u32 = 2;
 const REPORT_SIGNAL: u32 = 3;
 
 mod cpio;
+mod forge;
 mod procfs;
 
 use procfs::{
@@ -178,62 +179,10 @@ impl Agent {
                 Ok(Payload::Done)
             }
             Command::Kexec { append } => kexec_load(append.as_deref()).map(|()| Payload::Done),
-            Command::ForgeKho { defect } => self.forge_kho(defect).map(|()| Payload::Done),
+            Command::ForgeKho { defect, count } => {
+                forge::forge_kho(defect, count).map(|()| Payload::Done)
+            }
         }
-    }
-
-    /// Writes a forged KHO root, its kexec-metadata blob and a broken
-    /// hwpoison blob into three locked pages of the agent's own memory.
-    fn forge_kho(&mut self, defect: guest_agent::KhoDefect) -> Result<(), String> {
-        use guest_agent::KhoDefect;
-        use ras::kho::build;
-        // SAFETY: anonymous private mapping of three pages; result checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                3 * PAGE_SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | libc::MAP_LOCKED,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(format!("mmap: {}", std::io::Error::last_os_error()));
-        }
-        let base = p.cast::<u8>();
-        let pid = std::process::id() as i32;
-        let phys = |i: usize| -> Result<u64, String> {
-            Ok(pfn_of(pid, base as u64 + (i * PAGE_SIZE) as u64)? * PAGE_SIZE as u64)
-        };
-        let (meta_at, blob_at) = (phys(1)?, phys(2)?);
-        let mut blob = build::hwpoison(0, 4, &[0x1234]);
-        let (mut addr, mut size) = (blob_at, blob.len() as u64);
-        match defect {
-            KhoDefect::BadMagic => blob[0] = b'X',
-            KhoDefect::Overfull => blob[8] = 9,
-            KhoDefect::HugeBlob => size = 1 << 40,
-            KhoDefect::WildPointer => addr = 0xdead_0000_0000,
-        }
-        let root = build::kho_root(
-            0,
-            &[("kexec-metadata", meta_at, 73), ("hwpoison", addr, size)],
-        );
-        let pages: [&[u8]; 3] = [&root, &build::metadata(1000), &blob];
-        for (i, bytes) in pages.iter().enumerate() {
-            // SAFETY: each write stays within page i of the three-page
-            // mapping (every forged structure is smaller than a page).
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    bytes.as_ptr(),
-                    base.add(i * PAGE_SIZE),
-                    bytes.len().min(PAGE_SIZE),
-                )
-            };
-        }
-        // The pages stay mapped for the agent's life: the forgery is there
-        // for the VMM to find.
-        Ok(())
     }
 
     fn alloc_page(&mut self) -> Result<PageRecord, String> {

@@ -4,6 +4,7 @@ use guest_agent::{Payload, SignalReport};
 use ras::ledger::Entry;
 use serde::{Deserialize, Serialize};
 
+use crate::kho_observer::corrupt::KhoCorrupted;
 use crate::kho_observer::KhoView;
 
 use crate::event::RasEvent;
@@ -11,7 +12,7 @@ use crate::outcome::{Outcome, OutcomeKind};
 
 /// What a step that succeeded returned, kept typed for the verdict and
 /// written as the agent's payload (`{"page-info": {...}}`) or as
-/// `{"kho": {...}}`.
+/// `{"kho": {...}}` or `{"kho-corrupt": {...}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum StepReply {
@@ -21,6 +22,12 @@ pub enum StepReply {
     Kho {
         /// What the KHO observer read.
         kho: Box<KhoView>,
+    },
+    /// What a `kho-corrupt` step wrote.
+    KhoCorrupt {
+        /// The blob and the edits.
+        #[serde(rename = "kho-corrupt")]
+        kho_corrupt: Box<KhoCorrupted>,
     },
 }
 
@@ -278,16 +285,36 @@ mod tests {
         let view = KhoView {
             root: Some(0x1000),
             kexec_count: Some(2),
+            pin: crate::kho_observer::Pin::Pinned {
+                root: 0x1000,
+                kexec_count: 2,
+                handoff: crate::kho_observer::Handoff::Kept { previous: 0x5000 },
+            },
             roots_found: 3,
+            candidates: 3,
+            rejected_total: 2,
             rejected: vec![],
             hwpoison: Hwpoison::Valid {
-                pfns: vec![0x77],
+                entries: vec![ras::kho::Entry {
+                    pfn: 0x77,
+                    kind: ras::kho::EntryType::SoftOffline,
+                }],
+                incomplete: true,
+                version: ras::kho::HWPOISON_VERSION,
+                flags: 1,
                 duplicates: 0,
+                rejected: vec![ras::kho::RejectedEntry {
+                    index: 1,
+                    raw: 1 << 52,
+                    pfn: 1 << 52,
+                    problem: ras::kho::EntryProblem::AddressWraps,
+                }],
                 seq: 4,
             },
-            comparison: Comparison::Differ {
+            comparison: Comparison::Incomplete {
                 guest_missing: vec![],
                 guest_extra: vec![0x77000],
+                unplaceable: vec![1 << 52],
             },
             scanned_bytes: 4096,
             scan_us: 3,

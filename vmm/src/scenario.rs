@@ -101,6 +101,49 @@ pub struct ExpectKho {
     /// The last view rejected roots for each of these reasons (substrings).
     #[serde(default)]
     pub rejected: Vec<String>,
+    /// The last view rejected at least this many candidate roots (all
+    /// counted, not only the ones listed in detail).
+    pub min_rejected: Option<u32>,
+    /// The last view's list rejected entries for each of these problems
+    /// (substrings: "invalid type", "physical address wraps", "duplicate
+    /// PFN", "outside guest RAM").
+    #[serde(default)]
+    pub rejected_entries: Vec<String>,
+    /// Pages (references) the last valid view lists, each with this type.
+    #[serde(default)]
+    pub types: BTreeMap<String, ras::kho::EntryType>,
+    /// How the last view's root was pinned.
+    pub pin: Option<KhoPin>,
+    /// The last view's handoff check (pinned views only).
+    pub handoff: Option<KhoHandoff>,
+}
+
+/// How a KHO view's root was pinned, as an expectation names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KhoPin {
+    /// No agent hello yet.
+    NotYet,
+    /// No KHO root in guest RAM at the hello.
+    NoRoot,
+    /// The running kernel's root.
+    Pinned,
+    /// Several new roots qualified.
+    Ambiguous,
+    /// None qualified.
+    Failed,
+}
+
+/// A pinned view's handoff check, as an expectation names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KhoHandoff {
+    /// No earlier root was pinned.
+    FirstBoot,
+    /// The previous kernel's root is still there.
+    Kept,
+    /// It is gone or changed.
+    Missing,
 }
 
 /// A KHO view's hwpoison subtree, as an expectation names it.
@@ -109,10 +152,14 @@ pub struct ExpectKho {
 pub enum KhoState {
     /// No subtree (an unpatched kernel, or kho=off).
     Absent,
-    /// A list that validated.
+    /// A list that validated, complete (INCOMPLETE clear).
     Valid,
+    /// A list that validated, with the INCOMPLETE flag set.
+    Incomplete,
     /// A malformed subtree.
     Invalid,
+    /// No root pinned (no hello yet, or the pin was ambiguous or failed).
+    Unpinned,
 }
 
 /// A KHO view's comparison with the ledger, as an expectation names it.
@@ -121,8 +168,10 @@ pub enum KhoState {
 pub enum KhoVerdict {
     /// The same pages.
     Agree,
-    /// They differ.
+    /// They differ (or an entry cannot be placed in guest RAM).
     Differ,
+    /// The list says it is incomplete.
+    Incomplete,
     /// No valid list to compare.
     Unknown,
 }
@@ -324,5 +373,24 @@ outcome = "panic"
             assert!(e.contains(want), "{e}");
             assert!(!e.contains('\n'), "{e:?}");
         }
+    }
+
+    #[test]
+    fn every_scenario_in_the_repository_parses() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        let mut dirs = vec![root];
+        let mut n = 0;
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.extension().is_some_and(|x| x == "toml") {
+                    Scenario::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                    n += 1;
+                }
+            }
+        }
+        assert!(n > 20, "{n} scenario files");
     }
 }

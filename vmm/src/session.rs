@@ -17,6 +17,7 @@ use guest_agent::{
 use crate::event::{RasEvent, VcpuStop, VmEvent};
 use crate::event_loop::{EventLoop, Woke};
 use crate::ghes_sources;
+use crate::kho_observer::KhoTracker;
 use crate::outcome::{Classifier, Outcome, OutcomeKind};
 #[allow(unused_imports)] // named in docs
 use crate::ras_controller::RasController;
@@ -57,6 +58,8 @@ pub struct Session {
     pub(crate) api_pending: BTreeMap<u64, (Command, u64, crate::api::Reply)>,
     /// Addresses reported through GHES, to check the guest's decode against.
     pub(crate) ghes_addresses: BTreeSet<u64>,
+    /// The running kernel's KHO root, pinned at each agent hello.
+    pub(crate) kho: KhoTracker,
 }
 
 /// How often records waiting for a GHES acknowledgement are looked at.
@@ -88,6 +91,7 @@ impl Session {
             subscribers: Vec::new(),
             api_pending: BTreeMap::new(),
             ghes_addresses: BTreeSet::new(),
+            kho: KhoTracker::new(),
         })
     }
 
@@ -201,8 +205,18 @@ impl Session {
                 Ok(Some(StepReply::Agent(reply)))
             }
             Step::KhoScan => Ok(Some(StepReply::Kho {
-                kho: Box::new(self.vm.ras().kho_view()),
+                kho: Box::new(self.vm.ras().kho_view(&self.kho)),
             })),
+            Step::KhoCorrupt(edits) => {
+                let c = self
+                    .vm
+                    .ras()
+                    .kho_corrupt(&self.kho, edits)
+                    .map_err(StepError::Failed)?;
+                Ok(Some(StepReply::KhoCorrupt {
+                    kho_corrupt: Box::new(c),
+                }))
+            }
             Step::Wait(d) => {
                 self.wait(*d);
                 Ok(None)
@@ -310,6 +324,11 @@ impl Session {
         let id = self.next_id;
         self.next_id += 1;
         let kexec = matches!(cmd, Command::Kexec { .. });
+        if kexec {
+            // The roots present now are the old kernel's and its
+            // processes': none of them is the next kernel's.
+            self.vm.ras().kho_before_kexec(&mut self.kho);
+        }
         let line = encode(&Request { id, cmd });
         if let Err(e) = lock(self.vm.agent()).send(&line) {
             return Err(StepError::Agent(e.to_string()));
@@ -467,10 +486,15 @@ impl Session {
                     if self.hello.is_none() {
                         self.hello = Some((h, self.elapsed()));
                     }
+                    if !self.agent_up {
+                        // A kernel is up, before any process the agent
+                        // starts: pin the KHO root it published.
+                        self.vm.ras().kho_hello(&mut self.kho, self.kexecs);
+                    }
                     if !self.agent_up && self.kexecs > 0 {
                         // The kernel after a kexec is up: what does it
                         // believe is poisoned?
-                        let view = self.vm.ras().kho_view();
+                        let view = self.vm.ras().kho_view(&self.kho);
                         self.record(RasEvent::KhoScanned {
                             after_kexec: self.kexecs,
                             view: Box::new(view),

@@ -28,6 +28,9 @@ impl Session {
                 Ok(Step::Agent { cmd, pfn }) => match self.resolve(&cmd, pfn.as_ref()) {
                     Err(e) => Answer::err(id, e),
                     Ok(cmd) => {
+                        if matches!(cmd, guest_agent::Command::Kexec { .. }) {
+                            self.vm.ras().kho_before_kexec(&mut self.kho);
+                        }
                         let agent_id = self.next_id;
                         self.next_id += 1;
                         let l = encode(&guest_agent::Request {
@@ -70,7 +73,7 @@ impl Session {
             ),
             Request::Kho => Answer::ok(
                 id,
-                serde_json::to_value(self.vm.ras().kho_view()).unwrap_or_default(),
+                serde_json::to_value(self.vm.ras().kho_view(&self.kho)).unwrap_or_default(),
             ),
             Request::State => Answer::ok(
                 id,

@@ -174,9 +174,12 @@ pub fn kho(args: &[String]) -> Result<ExitCode, String> {
     let rss_before = vmm::report::process_rss_kib();
     let (mut scan, mut floor) = (Vec::new(), Vec::new());
     let mut found = true;
+    // The kernel's root, pinned as at the agent's hello.
+    let mut tracker = vmm::kho_observer::KhoTracker::new();
+    tracker.at_hello(&mem, &BTreeSet::new(), 0);
     for _ in 0..7 {
         let t = Instant::now();
-        let v = vmm::kho_observer::observe(&mem, &ledger, &BTreeSet::new());
+        let v = vmm::kho_observer::observe(&mem, &ledger, &BTreeSet::new(), &tracker);
         scan.push(t.elapsed().as_secs_f64());
         found &= v.comparison == vmm::kho_observer::Comparison::Agree;
         let t = Instant::now();

@@ -25,7 +25,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use crate::config::PoisonReport;
 use crate::event::RasEvent;
 use crate::ghes_sources::{self, Ghes};
-use crate::kho_observer::{self, KhoView};
+use crate::kho_observer::corrupt::KhoCorrupted;
+use crate::kho_observer::{self, KhoTracker, KhoView};
 use crate::machine::{self, RasSetup};
 use crate::vcpu::{self, VcpuRequest, VcpuSender};
 
@@ -383,17 +384,46 @@ impl RasController {
         None
     }
 
-    /// The guest's own poison list, from its KHO state, against the ledger.
-    pub fn kho_view(&self) -> KhoView {
+    /// The ledger's pages, and the sticky ones (never read: their backing
+    /// is hwpoisoned, and any access, the VMM's own included, faults).
+    fn kho_inputs(&self) -> (Vec<u64>, std::collections::BTreeSet<u64>) {
         let entries = self.ledger();
         let ledger: Vec<u64> = entries.iter().map(|e| e.gpa).collect();
-        // Sticky pages fault on any access, the VMM's own included.
-        let sticky: std::collections::BTreeSet<u64> = entries
+        let sticky = entries
             .iter()
             .filter(|e| e.source.is_sticky())
             .map(|e| e.gpa)
             .collect();
-        kho_observer::observe(&self.memory, &ledger, &sticky)
+        (ledger, sticky)
+    }
+
+    /// The guest's own poison list, from the KHO root `kho` pinned, against
+    /// the ledger.
+    pub fn kho_view(&self, kho: &KhoTracker) -> KhoView {
+        let (ledger, sticky) = self.kho_inputs();
+        kho_observer::observe(&self.memory, &ledger, &sticky, kho)
+    }
+
+    /// The agent said hello: pin the running kernel's KHO root.
+    pub fn kho_hello(&self, kho: &mut KhoTracker, kexecs: u32) {
+        let (_, sticky) = self.kho_inputs();
+        kho.at_hello(&self.memory, &sticky, kexecs);
+    }
+
+    /// rasvmm is about to ask the agent to kexec: snapshot the KHO roots.
+    pub fn kho_before_kexec(&self, kho: &mut KhoTracker) {
+        let (_, sticky) = self.kho_inputs();
+        kho.before_kexec(&self.memory, &sticky);
+    }
+
+    /// Corrupts the pinned root's hwpoison blob (the `kho-corrupt` step).
+    pub fn kho_corrupt(
+        &self,
+        kho: &KhoTracker,
+        edits: &[ras::kho::corrupt::Edit],
+    ) -> Result<KhoCorrupted, String> {
+        let (_, sticky) = self.kho_inputs();
+        kho_observer::corrupt::corrupt(&self.memory, &sticky, kho, edits)
     }
 
     /// The guest-physical address backed by host address `hva`.

@@ -14,7 +14,9 @@
 //! | `page-info:<pfn\|ref>` | kpageflags and HardwareCorrupted for a page |
 //! | `sysctl:<name>[=<value>]` | read or set a sysctl |
 //! | `poweroff` | power the guest off |
-//! | `forge-kho:<bad-magic\|overfull\|huge-blob\|wild-pointer>` | test only: the agent writes a forged KHO root with a broken hwpoison subtree into its own memory |
+//! | `forge-kho:<bad-magic\|overfull\|huge-blob\|wild-pointer\|consistent>` | test only: the agent writes a forged KHO root into its own memory: kexec count 1000 with a broken hwpoison subtree, or (`consistent`) a valid one with kexec count u32::MAX listing PFN 0x1234 |
+//! | `forge-kho:bare-roots[:<n>]` | test only: the agent writes n (default 16, at most 256) bare KHO roots into the lowest-addressed pages it can get |
+//! | `kho-corrupt:<edit>[:<edit>...]` | rewrite the running kernel's real (pinned) hwpoison blob in guest memory; edits: `append=<u64>[,<u64>...]` (raw entries), `beyond-ram`, `wrap`, `duplicate`, `bad-type[=<t>]`, `version=<n>`, `flags=<n>`, `nr=<n>`, `seq=<n>`, `move-to=<gpa\|last-page>` |
 //! | `kexec[:<append>]` | kexec the guest into /boot/bzImage (same command line, plus `append`); later steps wait for the new kernel's agent |
 //! | `inject:<srar\|srao\|ucna>:<gpa\|ref>[:vcpu=<n>][:local]` | report a memory error |
 //! | `poison:<gpa\|ref>` | make a page bad: every later access raises SRAR |
@@ -37,6 +39,7 @@ use std::time::Duration;
 use guest_agent::{Command, GuestPoisonOp, KernelPageKind, Payload};
 use ras::cper::Severity;
 use ras::ghes::Notification;
+use ras::kho::corrupt::{Edit, Place};
 use ras::mce::MemoryError;
 use serde::Serialize;
 use thiserror::Error;
@@ -125,6 +128,8 @@ pub enum Step {
     },
     /// Read the guest's KHO state.
     KhoScan,
+    /// Rewrite the running kernel's hwpoison blob.
+    KhoCorrupt(Vec<Edit>),
     /// Let the guest run.
     Wait(Duration),
 }
@@ -242,11 +247,26 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             })
         }
         ("poweroff", None) => agent(Command::Poweroff),
-        ("forge-kho", Some(d)) => {
+        ("forge-kho", Some(a)) => {
+            let (d, count) = match a.split_once(':') {
+                Some((d, n)) => (
+                    d,
+                    Some(
+                        number(n)
+                            .and_then(|n| u32::try_from(n).ok())
+                            .filter(|n| (1..=guest_agent::MAX_FORGED_ROOTS).contains(n))
+                            .ok_or_else(|| bad("count is 1 to 256"))?,
+                    ),
+                ),
+                None => (a, None),
+            };
             let defect = serde_json::from_value(serde_json::Value::String(d.into())).map_err(|_| {
-                bad("defect is bad-magic, overfull, huge-blob or wild-pointer")
+                bad("defect is bad-magic, overfull, huge-blob, wild-pointer, consistent or bare-roots")
             })?;
-            agent(Command::ForgeKho { defect })
+            if count.is_some() && defect != guest_agent::KhoDefect::BareRoots {
+                return Err(bad("only bare-roots takes a count"));
+            }
+            agent(Command::ForgeKho { defect, count })
         }
         ("kexec", None) => agent(Command::Kexec { append: None }),
         ("kexec", Some(a)) if !a.trim().is_empty() && a.len() <= guest_agent::MAX_KEXEC_APPEND => {
@@ -348,6 +368,17 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             })?))
         }
         ("kho-scan", None) => Ok(Step::KhoScan),
+        ("kho-corrupt", Some(a)) => {
+            let edits = a
+                .split(':')
+                .map(edit)
+                .collect::<Result<Vec<Edit>, String>>()
+                .map_err(|e| bad(&e))?;
+            if edits.len() > MAX_EDITS {
+                return Err(bad("at most 16 edits"));
+            }
+            Ok(Step::KhoCorrupt(edits))
+        }
         ("wait", Some(ms)) => {
             let d = number(ms)
                 .map(Duration::from_millis)
@@ -357,7 +388,7 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
         }
         _ => Err(bad(
             "expected exec, alloc-page, touch-page, spin-page, kernel-pages, page-info, sysctl, poweroff, kexec, \
-             inject, poison, ghes-memory, ghes-raw, kho-scan, wait, or JSON",
+             inject, poison, ghes-memory, ghes-raw, forge-kho, kho-scan, kho-corrupt, wait, or JSON",
         )),
     }
 }
@@ -380,6 +411,64 @@ pub fn number(v: &str) -> Option<u64> {
         return None;
     }
     u64::from_str_radix(digits, radix).ok()
+}
+
+/// Most edits one `kho-corrupt` step makes, and raw entries one `append`
+/// adds.
+const MAX_EDITS: usize = 16;
+
+/// One `kho-corrupt` edit.
+fn edit(e: &str) -> Result<Edit, String> {
+    let (name, value) = match e.split_once('=') {
+        Some((n, v)) => (n, Some(v)),
+        None => (e, None),
+    };
+    let num = |what: &str| {
+        value
+            .and_then(number)
+            .ok_or_else(|| format!("{name} takes {what}"))
+    };
+    let small = |max: u64, what: &str| {
+        num(what).and_then(|n| {
+            if n <= max {
+                Ok(n)
+            } else {
+                Err(format!("{name} takes {what}"))
+            }
+        })
+    };
+    Ok(match (name, value) {
+        ("append", Some(list)) => {
+            let raw = list
+                .split(',')
+                .map(number)
+                .collect::<Option<Vec<u64>>>()
+                .filter(|r| !r.is_empty() && r.len() <= MAX_EDITS)
+                .ok_or("append takes 1 to 16 numbers, comma-separated")?;
+            Edit::Append(raw)
+        }
+        ("beyond-ram", None) => Edit::BeyondRam,
+        ("wrap", None) => Edit::Wrap,
+        ("duplicate", None) => Edit::Duplicate,
+        ("bad-type", None) => Edit::BadType(0),
+        ("bad-type", Some(_)) => {
+            Edit::BadType(u8::try_from(small(0xff, "a type byte")?).unwrap_or(0))
+        }
+        ("version", Some(_)) => Edit::Version(u16::try_from(small(0xffff, "a u16")?).unwrap_or(0)),
+        ("flags", Some(_)) => Edit::Flags(u16::try_from(small(0xffff, "a u16")?).unwrap_or(0)),
+        ("nr", Some(_)) => {
+            Edit::NrEntries(u32::try_from(small(u64::from(u32::MAX), "a u32")?).unwrap_or(0))
+        }
+        ("seq", Some(_)) => Edit::Seq(num("a u64")?),
+        ("move-to", Some("last-page")) => Edit::MoveTo(Place::LastPage),
+        ("move-to", Some(_)) => Edit::MoveTo(Place::Gpa(num("an address or last-page")?)),
+        _ => {
+            return Err(format!(
+                "unknown edit '{e}' (append=, beyond-ram, wrap, duplicate, bad-type[=], version=, \
+                 flags=, nr=, seq=, move-to=)"
+            ))
+        }
+    })
 }
 
 /// Whether a JSON value holds a control character in any string or key.

@@ -123,9 +123,46 @@ fn ras_steps() {
     assert_eq!(
         parse("forge-kho:huge-blob"),
         Ok(agent(Command::ForgeKho {
-            defect: guest_agent::KhoDefect::HugeBlob
+            defect: guest_agent::KhoDefect::HugeBlob,
+            count: None
         }))
     );
+    assert_eq!(
+        parse("forge-kho:bare-roots:40"),
+        Ok(agent(Command::ForgeKho {
+            defect: guest_agent::KhoDefect::BareRoots,
+            count: Some(40)
+        }))
+    );
+    assert_eq!(
+        parse("forge-kho:consistent"),
+        Ok(agent(Command::ForgeKho {
+            defect: guest_agent::KhoDefect::Consistent,
+            count: None
+        }))
+    );
+    {
+        use ras::kho::corrupt::{Edit, Place};
+        assert_eq!(
+            parse("kho-corrupt:beyond-ram:wrap:duplicate:bad-type=9:append=0x1,2:version=1:flags=0x8000:nr=9:seq=3:move-to=last-page"),
+            Ok(Step::KhoCorrupt(vec![
+                Edit::BeyondRam,
+                Edit::Wrap,
+                Edit::Duplicate,
+                Edit::BadType(9),
+                Edit::Append(vec![1, 2]),
+                Edit::Version(1),
+                Edit::Flags(0x8000),
+                Edit::NrEntries(9),
+                Edit::Seq(3),
+                Edit::MoveTo(Place::LastPage),
+            ]))
+        );
+        assert_eq!(
+            parse("kho-corrupt:move-to=0xff000"),
+            Ok(Step::KhoCorrupt(vec![Edit::MoveTo(Place::Gpa(0xff000))]))
+        );
+    }
     assert_eq!(
         parse("kernel-pages:free:2"),
         Ok(agent(Command::KernelPages {
@@ -176,6 +213,19 @@ fn bad_steps() {
         "kexec:",
         "forge-kho",
         "forge-kho:nice",
+        "forge-kho:bare-roots:0",
+        "forge-kho:bare-roots:257",
+        "forge-kho:consistent:2",
+        "kho-corrupt",
+        "kho-corrupt:",
+        "kho-corrupt:wrap:",
+        "kho-corrupt:bad-type=256",
+        "kho-corrupt:version=0x10000",
+        "kho-corrupt:append=",
+        "kho-corrupt:append=1,,2",
+        "kho-corrupt:move-to=",
+        "kho-corrupt:wrap=1",
+        "kho-corrupt:explode",
         "wait:forever",
         "wait:99999999999",
     ] {

@@ -9,9 +9,9 @@
 use guest_agent::{PageInfo, Payload, TouchResult};
 
 use crate::event::RasEvent;
-use crate::kho_observer::{Comparison, Hwpoison, KhoView};
+use crate::kho_observer::{Comparison, Handoff, Hwpoison, KhoView, Pin};
 use crate::report::{RunReport, StepReply, Verdict};
-use crate::scenario::{signal_code, Expect, ExpectKho, KhoState, KhoVerdict};
+use crate::scenario::{signal_code, Expect, ExpectKho, KhoHandoff, KhoPin, KhoState, KhoVerdict};
 use crate::steps::{Refs, Target};
 
 /// SIGBUS.
@@ -28,8 +28,14 @@ fn payloads_rev(report: &RunReport) -> impl Iterator<Item = &Payload> {
 fn state_of(h: &Hwpoison) -> KhoState {
     match h {
         Hwpoison::Absent => KhoState::Absent,
-        Hwpoison::Valid { .. } => KhoState::Valid,
+        Hwpoison::Valid {
+            incomplete: false, ..
+        } => KhoState::Valid,
+        Hwpoison::Valid {
+            incomplete: true, ..
+        } => KhoState::Incomplete,
         Hwpoison::Invalid { .. } => KhoState::Invalid,
+        Hwpoison::Unpinned { .. } => KhoState::Unpinned,
     }
 }
 
@@ -37,7 +43,25 @@ fn verdict_of(c: &Comparison) -> KhoVerdict {
     match c {
         Comparison::Agree => KhoVerdict::Agree,
         Comparison::Differ { .. } => KhoVerdict::Differ,
+        Comparison::Incomplete { .. } => KhoVerdict::Incomplete,
         Comparison::Unknown => KhoVerdict::Unknown,
+    }
+}
+
+fn pin_of(p: &Pin) -> (KhoPin, Option<KhoHandoff>) {
+    match p {
+        Pin::NotYet => (KhoPin::NotYet, None),
+        Pin::NoRoot => (KhoPin::NoRoot, None),
+        Pin::Ambiguous { .. } => (KhoPin::Ambiguous, None),
+        Pin::Failed { .. } => (KhoPin::Failed, None),
+        Pin::Pinned { handoff, .. } => (
+            KhoPin::Pinned,
+            Some(match handoff {
+                Handoff::FirstBoot => KhoHandoff::FirstBoot,
+                Handoff::Kept { .. } => KhoHandoff::Kept,
+                Handoff::Missing { .. } => KhoHandoff::Missing,
+            }),
+        ),
     }
 }
 
@@ -276,7 +300,14 @@ fn check_kho(k: &ExpectKho, report: &RunReport, refs: &Refs, f: &mut Vec<String>
                 ));
             }
         }
-    } else if !k.rejected.is_empty() {
+        check_last_kho(k, last, refs, f);
+    } else if !k.rejected.is_empty()
+        || !k.rejected_entries.is_empty()
+        || !k.types.is_empty()
+        || k.min_rejected.is_some()
+        || k.pin.is_some()
+        || k.handoff.is_some()
+    {
         f.push("no KHO view was recorded".into());
     }
     let want_pfns: Option<Result<Vec<u64>, String>> = k.pfns.as_ref().map(|names| {
@@ -309,13 +340,73 @@ fn check_kho(k: &ExpectKho, report: &RunReport, refs: &Refs, f: &mut Vec<String>
         }
         match (&want_pfns, &v.hwpoison) {
             (Some(Err(e)), _) => f.push(e.clone()),
-            (Some(Ok(want)), Hwpoison::Valid { pfns: got, .. }) if got != want => {
-                f.push(format!(
-                    "KHO view {}: the guest lists PFNs {got:x?}, expected {want:x?}",
-                    i + 1
-                ));
+            (Some(Ok(want)), h @ Hwpoison::Valid { .. }) => {
+                let got = h.pfns().unwrap_or_default();
+                if &got != want {
+                    f.push(format!(
+                        "KHO view {}: the guest lists PFNs {got:x?}, expected {want:x?}",
+                        i + 1
+                    ));
+                }
             }
             _ => {}
+        }
+    }
+}
+
+/// The expectations on the last KHO view: candidates rejected, entries
+/// rejected, entry types, pin and handoff.
+fn check_last_kho(k: &ExpectKho, last: &KhoView, refs: &Refs, f: &mut Vec<String>) {
+    if let Some(min) = k.min_rejected {
+        if last.rejected_total < min {
+            f.push(format!(
+                "the last KHO view rejected {} roots, expected at least {min}",
+                last.rejected_total
+            ));
+        }
+    }
+    let (entries, rejected) = match &last.hwpoison {
+        Hwpoison::Valid {
+            entries, rejected, ..
+        } => (&entries[..], &rejected[..]),
+        _ => (&[][..], &[][..]),
+    };
+    let problems: Vec<String> = rejected.iter().map(|r| r.problem.to_string()).collect();
+    for want in &k.rejected_entries {
+        if !problems.iter().any(|p| p.contains(want.as_str())) {
+            f.push(format!(
+                "the last KHO view rejected no entry for '{want}' (it rejected: {problems:?})"
+            ));
+        }
+    }
+    for (name, want) in &k.types {
+        match refs.pfn(&Target::Ref(name.clone())) {
+            Err(e) => f.push(e),
+            Ok(pfn) => match entries.iter().find(|e| e.pfn == pfn) {
+                Some(e) if e.kind == *want => {}
+                Some(e) => f.push(format!(
+                    "the last KHO view lists {name} ({pfn:#x}) as {:?}, expected {want:?}",
+                    e.kind
+                )),
+                None => f.push(format!("the last KHO view does not list {name} ({pfn:#x})")),
+            },
+        }
+    }
+    let (pin, handoff) = pin_of(&last.pin);
+    if let Some(want) = k.pin {
+        if pin != want {
+            f.push(format!(
+                "the last KHO view's pin is {:?}, expected {want:?}",
+                last.pin
+            ));
+        }
+    }
+    if let Some(want) = k.handoff {
+        if handoff != Some(want) {
+            f.push(format!(
+                "the last KHO view's handoff is {handoff:?} ({:?}), expected {want:?}",
+                last.pin
+            ));
         }
     }
 }

@@ -151,6 +151,10 @@ state = "valid"
 verdict = "agree"
 pfns = ["page0"]
 rejected = ["bad magic"]
+min_rejected = 1
+types = { page0 = "simulated" }
+pin = "pinned"
+handoff = "first-boot"
 "#;
     let s = Scenario::parse(text).unwrap();
     let mut r = report(OutcomeKind::Poweroff, "");
@@ -158,11 +162,28 @@ rejected = ["bad magic"]
         kho: Box::new(KhoView {
             root: Some(0x2000),
             kexec_count: Some(1),
+            pin: crate::kho_observer::Pin::Pinned {
+                root: 0x2000,
+                kexec_count: 1,
+                handoff: crate::kho_observer::Handoff::FirstBoot,
+            },
             roots_found: 2,
+            candidates: 2,
+            rejected_total: 1,
             rejected,
             hwpoison: Hwpoison::Valid {
-                pfns,
+                entries: pfns
+                    .into_iter()
+                    .map(|pfn| ras::kho::Entry {
+                        pfn,
+                        kind: ras::kho::EntryType::Simulated,
+                    })
+                    .collect(),
+                incomplete: false,
+                version: ras::kho::HWPOISON_VERSION,
+                flags: 0,
                 duplicates: 0,
+                rejected: vec![],
                 seq: 2,
             },
             comparison,
@@ -189,10 +210,11 @@ rejected = ["bad magic"]
     let differ = Comparison::Differ {
         guest_missing: vec![0x1234000],
         guest_extra: vec![0x99000],
+        unplaceable: vec![],
     };
     r.steps[1].reply = Some(view(vec![0x99], differ, vec![]));
     let v = evaluate(&s.expect, &r, &refs());
-    assert_eq!(v.failures.len(), 3, "{v:?}");
+    assert_eq!(v.failures.len(), 4, "{v:?}");
 }
 
 #[test]
