@@ -110,11 +110,19 @@ pub enum Command {
         /// Least distance between two PFNs returned (0 and 1: any).
         #[serde(default, skip_serializing_if = "is_zero")]
         stride: u32,
+        /// Poison each page with hwpoison-inject as it is found (free pages
+        /// go fast: one found free may be allocated before it is poisoned,
+        /// and is then passed over); only pages now poisoned are returned.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        poison: bool,
     },
-    /// Test only: poison (`corrupt`) or unpoison free or user pages from
-    /// inside the guest with the kernel's hwpoison-inject
+    /// Test only: poison (`corrupt`) or unpoison pages from inside the guest
+    /// with the kernel's hwpoison-inject
     /// (/sys/kernel/debug/hwpoison/{corrupt,unpoison}-pfn): memory failure
-    /// handling as for a software injection (`MF_SW_SIMULATED`).
+    /// handling as for a software injection (`MF_SW_SIMULATED`). Done when
+    /// every page's KPF_HWPOISON says so afterwards, whatever the write
+    /// returned (memory failure handling can poison a page and still answer
+    /// EBUSY because it could not isolate it).
     GuestPoison {
         /// What to do.
         op: GuestPoisonOp,

@@ -47,34 +47,53 @@ pub(crate) fn exec(sh: &str) -> Result<ExecResult, String> {
     })
 }
 
+/// Writes `pfn` to hwpoison-inject's file for `op`; whether the page is
+/// now poisoned (`Corrupt`) or not (`Unpoison`), as its KPF_HWPOISON says,
+/// with the write's error if it failed.
+fn hwpoison_inject(op: GuestPoisonOp, pfn: u64) -> Result<(bool, Option<String>), String> {
+    let path = op.debugfs_file();
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(format!("{pfn:#x}\n").as_bytes()));
+    let err = match written {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "{path}: {e} (needs CONFIG_HWPOISON_INJECT and debugfs)"
+            ))
+        }
+        Err(e) => Some(e.to_string()),
+        Ok(()) => None,
+    };
+    Ok((is_hwpoisoned(pfn)? == (op == GuestPoisonOp::Corrupt), err))
+}
+
 /// Poisons or unpoisons each page with hwpoison-inject; every page is
-/// tried, and the failures are named.
+/// tried, and the pages that did not end up so are named.
 pub(crate) fn guest_poison(op: GuestPoisonOp, pfns: &[u64]) -> Result<(), String> {
     if pfns.is_empty() || pfns.len() > MAX_KERNEL_PAGES as usize {
         return Err(format!("1..={MAX_KERNEL_PAGES} pages at a time"));
     }
-    let path = op.debugfs_file();
     let mut failed = Vec::new();
-    for pfn in pfns {
-        // One write per PFN: the file takes one number.
-        let r = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .and_then(|mut f| f.write_all(format!("{pfn:#x}\n").as_bytes()));
-        if let Err(e) = r {
-            if e.kind() == std::io::ErrorKind::NotFound && failed.is_empty() {
-                return Err(format!(
-                    "{path}: {e} (needs CONFIG_HWPOISON_INJECT and debugfs)"
-                ));
-            }
-            failed.push(format!("{pfn:#x}: {e}"));
+    for &pfn in pfns {
+        match hwpoison_inject(op, pfn)? {
+            (true, _) => {}
+            (false, e) => failed.push(format!(
+                "{pfn:#x}: {}",
+                e.unwrap_or_else(|| "written, but the kernel left it as it was".into())
+            )),
         }
     }
     match failed.len() {
         0 => Ok(()),
         n => Err(format!(
-            "{n} of {} pages failed ({path}): {}",
+            "{n} of {} pages are not {} ({}): {}",
             pfns.len(),
+            match op {
+                GuestPoisonOp::Corrupt => "poisoned",
+                GuestPoisonOp::Unpoison => "unpoisoned",
+            },
+            op.debugfs_file(),
             failed
                 .iter()
                 .take(4)
@@ -85,11 +104,53 @@ pub(crate) fn guest_poison(op: GuestPoisonOp, pfns: &[u64]) -> Result<(), String
     }
 }
 
+/// Most pages `kernel_pages` may try to poison without success before it
+/// gives up.
+const MAX_POISON_MISSES: usize = 256;
+
+/// hwpoison-inject's filter, set to "free pages only" while it lives: a
+/// page found free may be allocated (to this agent, even) before it is
+/// poisoned, and memory failure handling applies the filter under the page
+/// lock, so only a page still free is ever poisoned.
+struct FreePagesOnly;
+
+const FILTER: &str = "/sys/kernel/debug/hwpoison/corrupt-filter";
+/// KPF_BUDDY, as hwpoison-inject's flag filter takes it.
+const KPF_BUDDY_MASK: u64 = 1 << 10;
+
+impl FreePagesOnly {
+    fn set() -> Result<Self, String> {
+        let w = |file: &str, v: u64| {
+            std::fs::write(format!("{FILTER}-{file}"), v.to_string())
+                .map_err(|e| format!("{FILTER}-{file}: {e}"))
+        };
+        w("flags-mask", KPF_BUDDY_MASK)?;
+        w("flags-value", KPF_BUDDY_MASK)?;
+        w("enable", 1)?;
+        Ok(FreePagesOnly)
+    }
+}
+
+impl Drop for FreePagesOnly {
+    fn drop(&mut self) {
+        for (file, v) in [("enable", 0), ("flags-mask", 0), ("flags-value", 0)] {
+            let _ = std::fs::write(format!("{FILTER}-{file}"), v.to_string());
+        }
+    }
+}
+
 pub(crate) fn kernel_pages(
     kind: KernelPageKind,
     count: u32,
     stride: u32,
+    poison: bool,
 ) -> Result<Vec<u64>, String> {
+    let mut misses = 0;
+    let _filter = if poison {
+        Some(FreePagesOnly::set()?)
+    } else {
+        None
+    };
     if count == 0 || count > MAX_KERNEL_PAGES {
         return Err(format!("count must be 1..={MAX_KERNEL_PAGES}"));
     }
@@ -110,6 +171,16 @@ pub(crate) fn kernel_pages(
                 .last()
                 .is_none_or(|last: &u64| pfn >= last + u64::from(stride.max(1)));
             if flags & bit != 0 && flags & (1 << KPF_HWPOISON) == 0 && spaced {
+                if poison && !hwpoison_inject(GuestPoisonOp::Corrupt, pfn)?.0 {
+                    misses += 1;
+                    if misses == MAX_POISON_MISSES {
+                        return Err(format!(
+                            "{MAX_POISON_MISSES} pages found could not be poisoned"
+                        ));
+                    }
+                    pfn += 1;
+                    continue;
+                }
                 out.push(pfn);
                 if out.len() == count as usize {
                     return Ok(out);
@@ -121,7 +192,11 @@ pub(crate) fn kernel_pages(
     Ok(out)
 }
 
-pub(crate) fn page_info(pfn: u64) -> Result<PageInfo, String> {
+fn is_hwpoisoned(pfn: u64) -> Result<bool, String> {
+    Ok(kpageflags(pfn)? & (1 << KPF_HWPOISON) != 0)
+}
+
+fn kpageflags(pfn: u64) -> Result<u64, String> {
     let mut f = File::open("/proc/kpageflags").map_err(|e| format!("kpageflags: {e}"))?;
     let off = pfn.checked_mul(8).ok_or("pfn out of range")?;
     f.seek(SeekFrom::Start(off))
@@ -129,7 +204,11 @@ pub(crate) fn page_info(pfn: u64) -> Result<PageInfo, String> {
     let mut b = [0u8; 8];
     f.read_exact(&mut b)
         .map_err(|_| format!("pfn {pfn:#x} is beyond the guest's memory map"))?;
-    let flags = u64::from_ne_bytes(b);
+    Ok(u64::from_ne_bytes(b))
+}
+
+pub(crate) fn page_info(pfn: u64) -> Result<PageInfo, String> {
+    let flags = kpageflags(pfn)?;
     Ok(PageInfo {
         pfn,
         kpageflags: flags,

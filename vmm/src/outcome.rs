@@ -74,6 +74,37 @@ pub struct Outcome {
 
 /// Console lines kept as context.
 const TAIL_LINES: usize = 60;
+
+/// Most console bytes a run keeps for its verdict (`log_contains`).
+const MAX_HISTORY_BYTES: usize = 8 << 20;
+
+/// Every console line of a run, up to [`MAX_HISTORY_BYTES`], for checks
+/// that look beyond the outcome's context (a line printed early in a
+/// kexec'd kernel's boot). Not part of the serialized report.
+#[derive(Debug, Default)]
+pub struct ConsoleHistory {
+    lines: Vec<String>,
+    bytes: usize,
+    /// Lines that did not fit.
+    pub dropped: u64,
+}
+
+impl ConsoleHistory {
+    /// Keeps `line` if there is room.
+    pub fn push(&mut self, line: &str) {
+        if self.bytes + line.len() > MAX_HISTORY_BYTES {
+            self.dropped += 1;
+            return;
+        }
+        self.bytes += line.len();
+        self.lines.push(line.to_string());
+    }
+
+    /// The lines kept.
+    pub fn into_lines(self) -> Vec<String> {
+        self.lines
+    }
+}
 /// Lines kept after a panic line (the panic's own report and backtrace).
 const AFTER_PANIC_LINES: usize = 80;
 

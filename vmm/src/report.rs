@@ -81,6 +81,13 @@ pub struct RunReport {
     pub detail: String,
     /// Console lines around the event.
     pub log: Vec<String>,
+    /// Every console line of the run (bounded), for the verdict; not
+    /// serialized: `log` is the report's context.
+    #[serde(skip)]
+    pub console: Vec<String>,
+    /// Console lines the run did not keep in `console`.
+    #[serde(skip)]
+    pub console_dropped: u64,
     /// Milliseconds from VMM start to the agent's hello.
     pub agent_ready_ms: Option<u64>,
     /// Guest kernel release, from the agent.
@@ -198,6 +205,8 @@ impl RunReport {
             outcome: outcome.kind,
             detail: outcome.detail,
             log: outcome.log,
+            console: Vec::new(),
+            console_dropped: 0,
             agent_ready_ms: None,
             guest_kernel: None,
             guest_cpus: None,

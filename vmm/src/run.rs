@@ -81,6 +81,9 @@ pub fn run_expecting(
         report.guest_cpus = Some(hello.cpus);
     }
     report.steps = records;
+    let console = std::mem::take(&mut session.console);
+    report.console_dropped = console.dropped;
+    report.console = console.into_lines();
     report.signals = std::mem::take(&mut session.signals);
     report.signal_ms = std::mem::take(&mut session.signal_ms);
     report.agent_errors = std::mem::take(&mut session.agent_errors);

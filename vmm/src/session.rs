@@ -11,14 +11,15 @@ use std::time::{Duration, Instant};
 
 use devices::bus::lock;
 use guest_agent::{
-    decode_agent_message, encode, AgentMessage, Command, Hello, Payload, Request, SignalReport,
+    decode_agent_message, encode, AgentMessage, Command, GuestPoisonOp, Hello, Payload, Request,
+    SignalReport,
 };
 
 use crate::event::{RasEvent, VcpuStop, VmEvent};
 use crate::event_loop::{EventLoop, Woke};
 use crate::ghes_sources;
 use crate::kho_observer::KhoTracker;
-use crate::outcome::{Classifier, Outcome, OutcomeKind};
+use crate::outcome::{Classifier, ConsoleHistory, Outcome, OutcomeKind};
 #[allow(unused_imports)] // named in docs
 use crate::ras_controller::RasController;
 use crate::ras_controller::{GhesInjection, Injection, RasError};
@@ -33,6 +34,8 @@ pub struct Session {
     event_loop: EventLoop,
     pub(crate) vm: Vm,
     pub(crate) classifier: Classifier,
+    /// Every console line, bounded, for the verdict.
+    pub(crate) console: ConsoleHistory,
     pub(crate) deadline: Instant,
     pub(crate) outcome: Option<Outcome>,
     pub(crate) hello: Option<(Hello, Duration)>,
@@ -55,7 +58,7 @@ pub struct Session {
     /// API connections that subscribed to events.
     pub(crate) subscribers: Vec<crate::api::Reply>,
     /// Agent requests made for API clients: agent id -> (command, API id, connection).
-    pub(crate) api_pending: BTreeMap<u64, (Command, u64, crate::api::Reply)>,
+    pub(crate) api_pending: BTreeMap<u64, (Command, Option<String>, u64, crate::api::Reply)>,
     /// Addresses reported through GHES, to check the guest's decode against.
     pub(crate) ghes_addresses: BTreeSet<u64>,
     /// The running kernel's KHO root, pinned at each agent hello.
@@ -77,6 +80,7 @@ impl Session {
             vm,
             event_loop,
             classifier: Classifier::new(),
+            console: ConsoleHistory::default(),
             deadline,
             outcome: None,
             hello: None,
@@ -132,10 +136,11 @@ impl Session {
     pub fn perform(&mut self, step: &Step) -> Result<Option<StepReply>, StepError> {
         let failed = |e: RasError| StepError::Failed(e.to_string());
         match step {
-            Step::Agent { cmd, pfn } => {
+            Step::Agent { cmd, pfn, bind } => {
                 let cmd = self.resolve(cmd, pfn.as_ref()).map_err(StepError::Failed)?;
                 let reply = self.call(cmd.clone())?;
-                self.refs.learn(&cmd, &reply);
+                self.replied(&cmd, &reply, bind.as_deref())
+                    .map_err(StepError::Failed)?;
                 Ok(Some(StepReply::Agent(reply)))
             }
             Step::Inject {
@@ -244,6 +249,25 @@ impl Session {
             }
         }
         self.record(e);
+    }
+
+    /// What an agent reply teaches: names for the pages it reports, and
+    /// pages the guest poisoned itself for the ledger.
+    fn replied(
+        &mut self,
+        cmd: &Command,
+        reply: &Payload,
+        bind: Option<&str>,
+    ) -> Result<(), String> {
+        self.refs.learn(cmd, reply, bind);
+        match (cmd, reply) {
+            (Command::KernelPages { poison: true, .. }, Payload::KernelPages(pfns)) => self
+                .vm
+                .ras()
+                .note_guest_poison(GuestPoisonOp::Corrupt, pfns)
+                .map_err(|e| e.to_string()),
+            _ => Ok(()),
+        }
     }
 
     pub(crate) fn resolve(&self, cmd: &Command, pfn: Option<&Target>) -> Result<Command, String> {
@@ -446,6 +470,7 @@ impl Session {
                         matches_report,
                     });
                 }
+                self.console.push(&line);
                 if let Some(o) = self.classifier.console_line(&line) {
                     self.finish(o);
                 }
@@ -510,17 +535,19 @@ impl Session {
                     }
                 }
                 Ok(AgentMessage::Reply(r)) if self.api_pending.contains_key(&r.id) => {
-                    if let Some((cmd, api_id, conn)) = self.api_pending.remove(&r.id) {
+                    if let Some((cmd, bind, api_id, conn)) = self.api_pending.remove(&r.id) {
                         let answer = match (r.ok, r.error) {
                             (Some(p), _) => {
                                 if matches!(cmd, Command::Kexec { .. }) {
                                     self.guest_kexecs();
                                 }
-                                self.refs.learn(&cmd, &p);
-                                crate::api::Answer::ok(
-                                    api_id,
-                                    serde_json::to_value(&p).unwrap_or_default(),
-                                )
+                                match self.replied(&cmd, &p, bind.as_deref()) {
+                                    Ok(()) => crate::api::Answer::ok(
+                                        api_id,
+                                        serde_json::to_value(&p).unwrap_or_default(),
+                                    ),
+                                    Err(e) => crate::api::Answer::err(api_id, e),
+                                }
                             }
                             (None, e) => crate::api::Answer::err(
                                 api_id,

@@ -25,7 +25,7 @@ impl Session {
                     id,
                     "the guest agent is not ready yet (see state's agent_ready_ms)",
                 ),
-                Ok(Step::Agent { cmd, pfn }) => match self.resolve(&cmd, pfn.as_ref()) {
+                Ok(Step::Agent { cmd, pfn, bind }) => match self.resolve(&cmd, pfn.as_ref()) {
                     Err(e) => Answer::err(id, e),
                     Ok(cmd) => {
                         if matches!(cmd, guest_agent::Command::Kexec { .. }) {
@@ -40,7 +40,7 @@ impl Session {
                         match lock(self.vm.agent()).send(&l) {
                             Err(e) => Answer::err(id, e),
                             Ok(()) => {
-                                self.api_pending.insert(agent_id, (cmd, id, reply));
+                                self.api_pending.insert(agent_id, (cmd, bind, id, reply));
                                 return;
                             }
                         }

@@ -110,7 +110,45 @@ pub enum Hwpoison {
     },
 }
 
+/// At most this many PFNs or addresses in a one-line summary.
+const BRIEF_ITEMS: usize = 6;
+
+/// `v` as `[a, b, ...] (n)`, at most [`BRIEF_ITEMS`] shown, in hex.
+pub(crate) fn brief_list(v: &[u64]) -> String {
+    let shown: Vec<String> = v
+        .iter()
+        .take(BRIEF_ITEMS)
+        .map(|x| format!("{x:#x}"))
+        .collect();
+    match v.len() {
+        n if n > BRIEF_ITEMS => format!("[{}, ...] ({n})", shown.join(", ")),
+        _ => format!("[{}]", shown.join(", ")),
+    }
+}
+
 impl Hwpoison {
+    /// One bounded line for a verdict message (a list can hold thousands).
+    pub fn brief(&self) -> String {
+        match self {
+            Hwpoison::Valid {
+                entries,
+                incomplete,
+                rejected,
+                ..
+            } => {
+                let pfns: Vec<u64> = entries.iter().map(|e| e.pfn).collect();
+                format!(
+                    "valid, {} entries {}{}, {} rejected",
+                    entries.len(),
+                    brief_list(&pfns),
+                    if *incomplete { ", incomplete" } else { "" },
+                    rejected.len()
+                )
+            }
+            other => format!("{other:?}"),
+        }
+    }
+
     /// The valid PFNs, if the list is valid.
     pub fn pfns(&self) -> Option<Vec<u64>> {
         match self {
@@ -149,6 +187,34 @@ pub enum Comparison {
     },
     /// No valid guest list to compare.
     Unknown,
+}
+
+impl Comparison {
+    /// One bounded line for a verdict message.
+    pub fn brief(&self) -> String {
+        let fields = |kind: &str, m: &[u64], e: &[u64], u: &[u64]| {
+            format!(
+                "{kind}: guest missing {}, guest extra {}, unplaceable {}",
+                brief_list(m),
+                brief_list(e),
+                brief_list(u)
+            )
+        };
+        match self {
+            Comparison::Agree => "agree".into(),
+            Comparison::Unknown => "unknown".into(),
+            Comparison::Differ {
+                guest_missing,
+                guest_extra,
+                unplaceable,
+            } => fields("differ", guest_missing, guest_extra, unplaceable),
+            Comparison::Incomplete {
+                guest_missing,
+                guest_extra,
+                unplaceable,
+            } => fields("incomplete", guest_missing, guest_extra, unplaceable),
+        }
+    }
 }
 
 /// Compares the guest's list with the ledger's pages (guest-physical

@@ -9,7 +9,7 @@
 //! | `alloc-page` | start page holder N; its PFN becomes `pageN` |
 //! | `touch-page:<n>[:write]` | page holder n reads (writes) its page |
 //! | `spin-page:<n>` | page holder n reads its page without pause until a SIGBUS (at most a minute); returns at once |
-//! | `kernel-pages:<slab\|reserved\|page-table\|free>:<count>[:stride=<n>]` | find kernel (or free) pages, at least `n` PFNs apart; they become `slab0`, `slab1`, ... |
+//! | `kernel-pages:<slab\|reserved\|page-table\|free>:<count>[:stride=<n>][:as=<name>][:poison]` | find kernel (or free) pages, at least `n` PFNs apart; they become `slab0`, `slab1`, ... (`<name>0`, ...); `poison` (free pages): the guest poisons each with hwpoison-inject as it finds it, and the ledger follows |
 //! | `guest-poison:<corrupt\|unpoison>:<page>[,<page>...]` | the guest poisons (unpoisons) pages itself with hwpoison-inject; a page is a PFN, a reference or `<name>*` (every `<name><i>`); the ledger follows |
 //! | `page-info:<pfn\|ref>` | kpageflags and HardwareCorrupted for a page |
 //! | `sysctl:<name>[=<value>]` | read or set a sysctl |
@@ -85,6 +85,9 @@ pub enum Step {
         cmd: Command,
         /// A reference to resolve into the PFN, for `page-info`.
         pfn: Option<Target>,
+        /// The name the reply's pages are bound under, for `kernel-pages`
+        /// (default: the kind's name).
+        bind: Option<String>,
     },
     /// A machine-check injection.
     Inject {
@@ -149,13 +152,23 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             return Err(bad("control character in a JSON string"));
         }
         let cmd: Command = serde_json::from_value(value).map_err(|e| bad(&e.to_string()))?;
-        return Ok(Step::Agent { cmd, pfn: None });
+        return Ok(Step::Agent {
+            cmd,
+            pfn: None,
+            bind: None,
+        });
     }
     let (verb, arg) = match s.split_once(':') {
         Some((v, a)) => (v, Some(a)),
         None => (s, None),
     };
-    let agent = |cmd| Ok(Step::Agent { cmd, pfn: None });
+    let agent = |cmd| {
+        Ok(Step::Agent {
+            cmd,
+            pfn: None,
+            bind: None,
+        })
+    };
     match (verb, arg) {
         ("exec", Some(sh)) if !sh.trim().is_empty() => agent(Command::Exec { sh: sh.into() }),
         ("alloc-page", None) => agent(Command::AllocPage),
@@ -175,7 +188,7 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             agent(Command::SpinPage { page })
         }
         ("kernel-pages", Some(a)) => {
-            let usage = "expected kernel-pages:<kind>:<count>[:stride=<n>]";
+            let usage = "expected kernel-pages:<kind>:<count>[:stride=<n>][:as=<name>][:poison (free pages only)]";
             let mut parts = a.split(':');
             let (Some(kind), Some(count)) = (parts.next(), parts.next()) else {
                 return Err(bad(usage));
@@ -185,20 +198,36 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             let count = number(count)
                 .and_then(|c| u32::try_from(c).ok())
                 .ok_or_else(|| bad("expected a count"))?;
-            let stride = match parts.next().map(|o| o.split_once('=')) {
-                None => 0,
-                Some(Some(("stride", n))) => number(n)
-                    .and_then(|n| u32::try_from(n).ok())
-                    .ok_or_else(|| bad("expected stride=<n>"))?,
-                Some(_) => return Err(bad(usage)),
-            };
-            if parts.next().is_some() {
-                return Err(bad(usage));
+            let (mut stride, mut bind, mut poison) = (0, None, false);
+            for opt in parts {
+                if opt == "poison" && kind == KernelPageKind::Free {
+                    poison = true;
+                    continue;
+                }
+                match opt.split_once('=') {
+                    Some(("stride", n)) => {
+                        stride = number(n)
+                            .and_then(|n| u32::try_from(n).ok())
+                            .ok_or_else(|| bad("expected stride=<n>"))?
+                    }
+                    Some(("as", name)) => match target(name) {
+                        Some(Target::Ref(_)) if !name.ends_with(|c: char| c.is_ascii_digit()) => {
+                            bind = Some(name.to_string())
+                        }
+                        _ => return Err(bad("as=<name>: a lowercase name not ending in a digit")),
+                    },
+                    _ => return Err(bad(usage)),
+                }
             }
-            agent(Command::KernelPages {
-                kind,
-                count,
-                stride,
+            Ok(Step::Agent {
+                cmd: Command::KernelPages {
+                    kind,
+                    count,
+                    stride,
+                    poison,
+                },
+                pfn: None,
+                bind,
             })
         }
         ("guest-poison", Some(a)) => {
@@ -230,6 +259,7 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
                 r => Ok(Step::Agent {
                     cmd: Command::PageInfo { pfn: 0 },
                     pfn: Some(r),
+                    bind: None,
                 }),
             }
         }
@@ -520,12 +550,12 @@ pub struct Refs {
 }
 
 /// Most names a run binds.
-const MAX_REFS: usize = 4096;
+const MAX_REFS: usize = 8192;
 
 impl Refs {
-    /// Binds names from a reply: `pageN` for a page holder, `<kind><i>` for
-    /// kernel pages.
-    pub fn learn(&mut self, cmd: &Command, reply: &Payload) {
+    /// Binds names from a reply: `pageN` for a page holder, `<kind><i>` (or
+    /// `<bind><i>`) for kernel pages.
+    pub fn learn(&mut self, cmd: &Command, reply: &Payload, bind: Option<&str>) {
         match (cmd, reply) {
             (_, Payload::Page(p)) => {
                 self.bind(format!("page{}", p.page), p.pfn);
@@ -534,8 +564,9 @@ impl Refs {
                 }
             }
             (Command::KernelPages { kind, .. }, Payload::KernelPages(pfns)) => {
+                let name = bind.unwrap_or(kind_name(*kind));
                 for (i, pfn) in pfns.iter().enumerate() {
-                    self.bind(format!("{}{i}", kind_name(*kind)), *pfn);
+                    self.bind(format!("{name}{i}"), *pfn);
                 }
             }
             _ => {}

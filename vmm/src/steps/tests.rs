@@ -5,7 +5,11 @@ use guest_agent::PageRecord;
 use super::*;
 
 fn agent(cmd: Command) -> Step {
-    Step::Agent { cmd, pfn: None }
+    Step::Agent {
+        cmd,
+        pfn: None,
+        bind: None,
+    }
 }
 
 #[test]
@@ -35,6 +39,7 @@ fn agent_steps() {
             kind: KernelPageKind::Slab,
             count: 4,
             stride: 0,
+            poison: false,
         }))
     );
     assert_eq!(
@@ -45,7 +50,8 @@ fn agent_steps() {
         parse("page-info:page0"),
         Ok(Step::Agent {
             cmd: Command::PageInfo { pfn: 0 },
-            pfn: Some(Target::Ref("page0".into()))
+            pfn: Some(Target::Ref("page0".into())),
+            bind: None,
         })
     );
     assert_eq!(
@@ -169,6 +175,7 @@ fn ras_steps() {
             kind: KernelPageKind::Free,
             count: 2,
             stride: 0,
+            poison: false,
         }))
     );
     assert_eq!(
@@ -247,14 +254,16 @@ fn references_resolve_from_replies() {
         pfn: 0x1234,
         cpu: 0,
     });
-    refs.learn(&Command::AllocPage, &page);
+    refs.learn(&Command::AllocPage, &page, None);
     refs.learn(
         &Command::KernelPages {
             kind: KernelPageKind::PageTable,
             count: 2,
             stride: 0,
+            poison: false,
         },
         &Payload::KernelPages(vec![7, 8]),
+        None,
     );
     assert_eq!(refs.gpa(&Target::Ref("page0".into())), Ok(0x123_4000));
     assert_eq!(refs.pfn(&Target::Ref("page-table1".into())), Ok(8));
@@ -272,6 +281,7 @@ fn guest_poison_names_many_pages() {
             kind: KernelPageKind::Free,
             count: 300,
             stride: 3,
+            poison: false,
         }))
     );
     for bad in [
@@ -300,8 +310,10 @@ fn guest_poison_names_many_pages() {
             kind: KernelPageKind::Free,
             count: 12,
             stride: 3,
+            poison: false,
         },
         &Payload::KernelPages((0..12).map(|i| 0x100 + 3 * i).collect()),
+        None,
     );
     // Numeric order (free10 after free9), each page once.
     let pfns = refs
@@ -314,4 +326,39 @@ fn guest_poison_names_many_pages() {
     assert!(refs.pages(&[Pages::Prefixed("slab".into())]).is_err());
     // `free1*` is every `free1<i>`: free10 and free11, not free1.
     assert_eq!(refs.prefixed("free1"), vec![0x100 + 3 * 10, 0x100 + 3 * 11]);
+}
+
+#[test]
+fn kernel_pages_bind_under_a_name() {
+    assert_eq!(
+        parse("kernel-pages:free:4:as=batch:stride=2"),
+        Ok(Step::Agent {
+            cmd: Command::KernelPages {
+                kind: KernelPageKind::Free,
+                count: 4,
+                stride: 2,
+                poison: false,
+            },
+            pfn: None,
+            bind: Some("batch".into()),
+        })
+    );
+    for bad in [
+        "kernel-pages:free:4:as=b2",
+        "kernel-pages:free:4:as=0x12",
+        "kernel-pages:free:4:as=",
+    ] {
+        assert!(parse(bad).is_err(), "{bad}");
+    }
+    let mut refs = Refs::default();
+    let cmd = Command::KernelPages {
+        kind: KernelPageKind::Free,
+        count: 2,
+        stride: 0,
+        poison: false,
+    };
+    refs.learn(&cmd, &Payload::KernelPages(vec![5, 9]), Some("b"));
+    refs.learn(&cmd, &Payload::KernelPages(vec![20, 30]), None);
+    assert_eq!(refs.prefixed("b"), vec![5, 9]);
+    assert_eq!(refs.prefixed("free"), vec![20, 30]);
 }

@@ -117,8 +117,20 @@ pub fn evaluate(expect: &Expect, report: &RunReport, refs: &Refs) -> Verdict {
     }
     for want in &expect.log_contains {
         match substitute(want, refs) {
-            Ok(want) if !report.log.iter().any(|l| l.contains(want.as_str())) => {
-                f.push(format!("no captured log line contains '{want}'"))
+            Ok(want)
+                if !report
+                    .console
+                    .iter()
+                    .chain(&report.log)
+                    .any(|l| l.contains(want.as_str())) =>
+            {
+                f.push(format!(
+                    "no console line contains '{want}'{}",
+                    match report.console_dropped {
+                        0 => String::new(),
+                        n => format!(" ({n} late lines were not kept)"),
+                    }
+                ))
             }
             Ok(_) => {}
             Err(e) => f.push(e),
@@ -323,18 +335,18 @@ fn check_kho(k: &ExpectKho, report: &RunReport, refs: &Refs, f: &mut Vec<String>
         if let Some(want) = k.state {
             if state != want {
                 f.push(format!(
-                    "KHO view {}: hwpoison is {:?}, expected {want:?}",
+                    "KHO view {}: hwpoison is {}, expected {want:?}",
                     i + 1,
-                    v.hwpoison
+                    v.hwpoison.brief()
                 ));
             }
         }
         if let Some(want) = k.verdict {
             if verdict_of(&v.comparison) != want {
                 f.push(format!(
-                    "KHO view {}: comparison is {:?}, expected {want:?}",
+                    "KHO view {}: comparison is {}, expected {want:?}",
                     i + 1,
-                    v.comparison
+                    v.comparison.brief()
                 ));
             }
         }
@@ -344,8 +356,10 @@ fn check_kho(k: &ExpectKho, report: &RunReport, refs: &Refs, f: &mut Vec<String>
                 let got = h.pfns().unwrap_or_default();
                 if &got != want {
                     f.push(format!(
-                        "KHO view {}: the guest lists PFNs {got:x?}, expected {want:x?}",
-                        i + 1
+                        "KHO view {}: the guest lists PFNs {}, expected {}",
+                        i + 1,
+                        crate::kho_observer::brief_list(&got),
+                        crate::kho_observer::brief_list(want)
                     ));
                 }
             }

@@ -33,14 +33,16 @@ fn refs() -> Refs {
         pfn: 0x1234,
         cpu: 0,
     };
-    r.learn(&Command::AllocPage, &Payload::Page(page));
+    r.learn(&Command::AllocPage, &Payload::Page(page), None);
     r.learn(
         &Command::KernelPages {
             kind: KernelPageKind::Slab,
             count: 1,
             stride: 0,
+            poison: false,
         },
         &Payload::KernelPages(vec![0x141]),
+        None,
     );
     r
 }
