@@ -33,10 +33,9 @@
 //! hex digits, nothing else (no sign, no underscore, no whitespace). Steps
 //! refuse control characters (NUL included) anywhere, JSON escapes too.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use guest_agent::{Command, GuestPoisonOp, KernelPageKind, Payload};
+use guest_agent::{Command, GuestPoisonOp, KernelPageKind};
 use ras::cper::Severity;
 use ras::ghes::Notification;
 use ras::kho::corrupt::{Edit, Place};
@@ -542,116 +541,6 @@ fn target(s: &str) -> Option<Target> {
     valid.then(|| Target::Ref(s.to_string()))
 }
 
-/// PFNs the guest reported, by name, and page holders' virtual addresses.
-#[derive(Debug, Default)]
-pub struct Refs {
-    pfns: BTreeMap<String, u64>,
-    vaddrs: BTreeMap<String, u64>,
-}
-
-/// Most names a run binds.
-const MAX_REFS: usize = 8192;
-
-impl Refs {
-    /// Binds names from a reply: `pageN` for a page holder, `<kind><i>` (or
-    /// `<bind><i>`) for kernel pages.
-    pub fn learn(&mut self, cmd: &Command, reply: &Payload, bind: Option<&str>) {
-        match (cmd, reply) {
-            (_, Payload::Page(p)) => {
-                self.bind(format!("page{}", p.page), p.pfn);
-                if self.vaddrs.len() < MAX_REFS {
-                    self.vaddrs.insert(format!("page{}", p.page), p.vaddr);
-                }
-            }
-            (Command::KernelPages { kind, .. }, Payload::KernelPages(pfns)) => {
-                let name = bind.unwrap_or(kind_name(*kind));
-                for (i, pfn) in pfns.iter().enumerate() {
-                    self.bind(format!("{name}{i}"), *pfn);
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn bind(&mut self, name: String, pfn: u64) {
-        if self.pfns.len() < MAX_REFS || self.pfns.contains_key(&name) {
-            self.pfns.insert(name, pfn);
-        }
-    }
-
-    /// The PFN a reference names.
-    pub fn pfn(&self, t: &Target) -> Result<u64, String> {
-        match t {
-            Target::Gpa(v) => Ok(*v),
-            Target::Ref(name) => self
-                .pfns
-                .get(name)
-                .copied()
-                .ok_or_else(|| format!("no earlier step reported '{name}'")),
-        }
-    }
-
-    /// The virtual address of page holder `name` (`page0`) in its process.
-    pub fn vaddr(&self, name: &str) -> Option<u64> {
-        self.vaddrs.get(name).copied()
-    }
-
-    /// The PFNs of every reference named `prefix` and a number, in
-    /// numeric order.
-    pub fn prefixed(&self, prefix: &str) -> Vec<u64> {
-        let mut found: Vec<(u64, u64)> = self
-            .pfns
-            .iter()
-            .filter_map(|(name, pfn)| {
-                let i = name.strip_prefix(prefix)?;
-                (!i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
-                    .then(|| i.parse().ok().map(|i: u64| (i, *pfn)))
-                    .flatten()
-            })
-            .collect();
-        found.sort_unstable();
-        found.into_iter().map(|(_, pfn)| pfn).collect()
-    }
-
-    /// The PFNs `pages` names, each once, in the order given.
-    pub fn pages(&self, pages: &[Pages]) -> Result<Vec<u64>, String> {
-        let mut out: Vec<u64> = Vec::new();
-        for p in pages {
-            let pfns = match p {
-                Pages::One(t) => vec![self.pfn(t)?],
-                Pages::Prefixed(prefix) => match self.prefixed(prefix) {
-                    v if v.is_empty() => {
-                        return Err(format!("no earlier step reported '{prefix}0'"))
-                    }
-                    v => v,
-                },
-            };
-            for pfn in pfns {
-                if !out.contains(&pfn) {
-                    out.push(pfn);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// The PFN bound to `name`.
-    pub fn named_pfn(&self, name: &str) -> Option<u64> {
-        self.pfns.get(name).copied()
-    }
-
-    /// The guest-physical address a target means (a reference: its page).
-    pub fn gpa(&self, t: &Target) -> Result<u64, String> {
-        match t {
-            Target::Gpa(v) => Ok(*v),
-            r => self
-                .pfn(r)?
-                .checked_mul(4096)
-                .ok_or_else(|| "PFN out of range".to_string()),
-        }
-    }
-}
-
 /// Why a step did not do what it was to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepError {
@@ -672,6 +561,10 @@ impl std::fmt::Display for StepError {
         }
     }
 }
+
+mod refs;
+
+pub use refs::Refs;
 
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,6 @@
 //! The step grammar's unit tests.
 
-use guest_agent::PageRecord;
+use guest_agent::{PageRecord, Payload};
 
 use super::*;
 
