@@ -58,6 +58,9 @@ pub enum ConfigError {
     /// An unknown --poison-report.
     #[error("Unknown poison report '{0}' ({sync}, or ghes-<source> for one of this architecture's asynchronous GHES sources)", sync = arch::ras::SYNCHRONOUS_ERROR)]
     PoisonReport(String),
+    /// An unknown --host-mce-kill.
+    #[error("Unknown host memory-error reporting '{0}' (early or late)")]
+    HostMceKill(String),
 }
 
 /// Where the guest console (COM1) goes.
@@ -135,6 +138,33 @@ pub struct VmConfig {
     pub console: ConsoleTarget,
     /// Deadline for the whole run, from VMM start.
     pub timeout: Duration,
+    /// Whether the host kernel reports failed memory early.
+    pub host_mce_kill: HostMceKill,
+}
+
+/// Whether rasvmm asks the host kernel for early memory-failure reports
+/// (the host_errors module).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostMceKill {
+    /// PR_MCE_KILL_EARLY on the early-report thread: a failed page is
+    /// reported (BUS_MCEERR_AO) as soon as the host finds it.
+    #[default]
+    Early,
+    /// No thread asks: the host reports a failed page only when a vCPU's
+    /// access hits it (BUS_MCEERR_AR).
+    Late,
+}
+
+impl HostMceKill {
+    /// Parses `early` or `late`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "early" => Ok(HostMceKill::Early),
+            "late" => Ok(HostMceKill::Late),
+            _ => Err(ConfigError::HostMceKill(s.to_string())),
+        }
+    }
 }
 
 /// How rasvmm tells the guest that it accessed a poisoned page.
@@ -292,6 +322,16 @@ mod tests {
         assert_eq!(
             check_memory(2048, Some(1024)),
             Err(ConfigError::MemoryHost(2048, 1024))
+        );
+    }
+
+    #[test]
+    fn host_mce_kill_names() {
+        assert_eq!(HostMceKill::parse("early"), Ok(HostMceKill::Early));
+        assert_eq!(HostMceKill::parse("late"), Ok(HostMceKill::Late));
+        assert_eq!(
+            HostMceKill::parse("EARLY").unwrap_err().to_string(),
+            "Unknown host memory-error reporting 'EARLY' (early or late)"
         );
     }
 

@@ -88,6 +88,15 @@ pub enum VmEvent {
     PowerOff,
     /// A RAS event a vCPU thread saw (a poisoned page consumed).
     Ras(RasEvent),
+    /// The host kernel reported a memory failure early (BUS_MCEERR_AO to
+    /// rasvmm's early-report thread): `hva` is the failed page's host
+    /// address.
+    HostMemoryError {
+        /// SIGBUS si_code.
+        code: i32,
+        /// Host address.
+        hva: u64,
+    },
     /// A control API request.
     Api(crate::api::ApiCall),
     /// A vCPU stopped running.
@@ -109,6 +118,9 @@ pub enum VcpuStop {
     SystemShutdown,
     /// KVM_SYSTEM_EVENT_RESET.
     SystemReset,
+    /// A machine check the vCPU could not take (CR4.MCE clear, or MCIP
+    /// set): hardware shuts the CPU down. Says which access and where.
+    MachineCheckShutdown(String),
     /// An exit rasvmm does not handle, or a KVM_RUN failure.
     Error(String),
 }
@@ -225,13 +237,71 @@ pub enum RasEvent {
         /// What rasvmm read.
         view: Box<crate::kho_observer::KhoView>,
     },
-    /// The host reported a memory error outside guest memory.
-    HostErrorOutsideGuest {
-        /// Thread's vCPU.
-        vcpu: u8,
-        /// si_code.
-        code: i32,
-        /// Host address.
+    /// A helper outside rasvmm poisoned a host frame under rasvmm (the
+    /// `host-poison` step).
+    HostPoisoned {
+        /// rasvmm's host address of the page.
         hva: u64,
+        /// The guest page; none for a page of rasvmm's own.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        gpa: Option<u64>,
+        /// The host frame poisoned.
+        host_pfn: u64,
+        /// When the helper was done.
+        at_ms: u64,
     },
+    /// The host kernel reported a memory failure in rasvmm's memory: early
+    /// (BUS_MCEERR_AO, to rasvmm's early-report thread), or when a vCPU's
+    /// access hit it (BUS_MCEERR_AR; the synchronous error the guest got
+    /// follows as a `consumed` event).
+    HostMemoryError {
+        /// What the host reported.
+        code: HostErrorCode,
+        /// The host address.
+        hva: u64,
+        /// The guest page behind it; none outside guest RAM.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        gpa: Option<u64>,
+        /// The vCPU whose access hit it; none for an early report.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        vcpu: Option<u8>,
+        /// When rasvmm got it.
+        at_ms: u64,
+        /// What the guest was told, for an early report.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        told: Option<ras::ledger::Told>,
+        /// Why the guest could not be told, if it could not.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        result: Option<String>,
+    },
+}
+
+/// The two host memory-error reports (siginfo si_code of SIGBUS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum HostErrorCode {
+    /// BUS_MCEERR_AR: an access hit the failed memory.
+    #[serde(rename = "BUS_MCEERR_AR")]
+    ActionRequired,
+    /// BUS_MCEERR_AO: the host found it before anyone touched it.
+    #[serde(rename = "BUS_MCEERR_AO")]
+    ActionOptional,
+}
+
+impl HostErrorCode {
+    /// The report a SIGBUS si_code stands for, if it is one.
+    pub fn from_si_code(code: i32) -> Option<Self> {
+        match code {
+            libc::BUS_MCEERR_AR => Some(HostErrorCode::ActionRequired),
+            libc::BUS_MCEERR_AO => Some(HostErrorCode::ActionOptional),
+            _ => None,
+        }
+    }
+
+    /// Its name (`BUS_MCEERR_AR`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostErrorCode::ActionRequired => "BUS_MCEERR_AR",
+            HostErrorCode::ActionOptional => "BUS_MCEERR_AO",
+        }
+    }
 }

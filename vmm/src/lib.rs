@@ -11,12 +11,16 @@
 //! - [`machine`]: the machine of rasvmm's own architecture, assembled from
 //!   the arch crate and the devices (the one place an architecture is
 //!   chosen);
-//! - [`vcpu`]: vCPU threads and their handles;
+//! - [`vcpu`]: vCPU threads and their handles; [`host_errors`]: the thread
+//!   that receives the host kernel's early memory-failure reports;
 //! - [`ras_controller`]: every memory error reported to the guest, planned
 //!   by the ras crate and delivered to the vCPUs;
 //! - [`vm`]: building a VM (memory, guest, devices, vCPUs);
-//! - [`api`]: the control API socket; [`session`] and [`session_api`]: the
-//!   event loop that drives a VM and serves the API;
+//! - [`host_poison`]: making host memory under rasvmm fail from outside it
+//!   (tests);
+//! - [`api`]: the control API socket; [`session`], [`session_api`] and
+//!   [`session_host`]: the event loop that drives a VM, serves the API and
+//!   handles host memory failures;
 //! - [`report`], [`scenario`], [`verdict`]: what a run produced, what a
 //!   scenario expects, and the verdict (pure, typed);
 //! - [`run`]: a whole run from configuration to report.
@@ -28,6 +32,8 @@ pub mod console;
 pub mod event;
 pub mod event_loop;
 pub mod ghes_sources;
+pub mod host_errors;
+pub mod host_poison;
 pub mod kho_observer;
 pub mod machine;
 pub mod outcome;
@@ -37,6 +43,7 @@ pub mod run;
 pub mod scenario;
 pub mod session;
 pub mod session_api;
+pub mod session_host;
 pub mod steps;
 pub mod vcpu;
 pub mod verdict;

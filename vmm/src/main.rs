@@ -24,6 +24,20 @@ enum Cmd {
     /// Send one request to a running rasvmm's control API and print the answer
     /// (`events` streams events until the run ends).
     Api(ApiArgs),
+    /// Test tool (root): make the host memory behind addresses of a process
+    /// (a running rasvmm) fail, through the host kernel's hwpoison-inject,
+    /// as a DRAM failure would. The `host-poison` step runs it.
+    HostPoison(HostPoisonArgs),
+}
+
+#[derive(clap::Args)]
+struct HostPoisonArgs {
+    /// The process.
+    #[arg(long)]
+    pid: u32,
+    /// A host address in it (repeatable).
+    #[arg(long = "addr", required = true, value_parser = address)]
+    addrs: Vec<u64>,
 }
 
 #[derive(clap::Args)]
@@ -73,6 +87,12 @@ struct RunArgs {
     /// ghes-nmi (x86_64), ghes-gsiv, ghes-polled.
     #[arg(long, default_value = arch::ras::SYNCHRONOUS_ERROR)]
     poison_report: String,
+    /// Host memory failures: early (rasvmm asks the host kernel to report a
+    /// failed page under the guest as soon as it is found, BUS_MCEERR_AO,
+    /// and tells the guest action-optional), or late (the guest hears of it
+    /// when its access hits the page). See docs/host-poison.md.
+    #[arg(long, default_value = "early")]
+    host_mce_kill: String,
     /// Firmware tables: acpi (with APEI's error sources), or dt (aarch64: a
     /// device tree only, no APEI).
     #[arg(long, default_value = "acpi")]
@@ -122,6 +142,18 @@ fn main() -> ExitCode {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::HostPoison(a) => match vmm::host_poison::poison_frames(a.pid, &a.addrs) {
+            Ok(pfns) => {
+                for (hva, pfn) in a.addrs.iter().zip(pfns) {
+                    println!("{}", vmm::host_poison::frame_line(*hva, pfn));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {}", chain(&e));
                 ExitCode::from(2)
             }
         },
@@ -180,6 +212,10 @@ fn count(s: &str) -> Result<u64, String> {
     vmm::steps::number(s).ok_or_else(|| format!("'{s}' is not a number"))
 }
 
+fn address(s: &str) -> Result<u64, String> {
+    vmm::steps::number(s).ok_or_else(|| format!("'{s}' is not an address"))
+}
+
 fn parse_memory(s: &str) -> Result<u64, String> {
     let (num, mult) = match s.chars().last() {
         Some('G' | 'g') => (&s[..s.len() - 1], 1024),
@@ -217,6 +253,9 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         if let Some(t) = &g.tables {
             a.tables = t.clone();
         }
+        if let Some(h) = &g.host_mce_kill {
+            a.host_mce_kill = h.clone();
+        }
         if let Some(extra) = &g.append {
             a.append = Some(match a.append.take() {
                 Some(x) => format!("{x} {extra}"),
@@ -230,10 +269,11 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
     let cpu = config::cpu_profile(&a.cpu).map_err(|e| e.to_string())?;
     let poison_report = config::PoisonReport::parse(&a.poison_report).map_err(|e| e.to_string())?;
     let tables = config::BootTables::parse(&a.tables).map_err(|e| e.to_string())?;
+    let host_mce_kill = config::HostMceKill::parse(&a.host_mce_kill).map_err(|e| e.to_string())?;
     let timeout = config::parse_timeout(a.timeout).map_err(|e| e.to_string())?;
     let expect_name = a.expect.as_deref().unwrap_or("poweroff");
     let expect = OutcomeKind::parse(expect_name).ok_or_else(|| {
-        format!("unknown outcome '{expect_name}' for --expect (poweroff, reboot, panic, triple-fault, timeout, vmm-error)")
+        format!("unknown outcome '{expect_name}' for --expect (poweroff, reboot, panic, triple-fault, timeout, vmm-error, stopped, host-memory-error, machine-check-shutdown)")
     })?;
     let console = match a.console.as_str() {
         "stdout" => ConsoleTarget::Stdout,
@@ -266,6 +306,7 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         cpu,
         console,
         timeout,
+        host_mce_kill,
     };
     cfg.validate(config::host_memory_mib())
         .map_err(|e| e.to_string())?;
@@ -302,6 +343,7 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
     Ok(match report.outcome {
         k if k == expect => ExitCode::SUCCESS,
         OutcomeKind::VmmError => ExitCode::from(2),
+        OutcomeKind::HostMemoryError => ExitCode::from(vmm::host_errors::EXIT_HOST_MEMORY_ERROR),
         _ => ExitCode::from(1),
     })
 }

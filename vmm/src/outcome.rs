@@ -29,6 +29,12 @@ pub enum OutcomeKind {
     VmmError,
     /// Stopped on request (the control API's shutdown).
     Stopped,
+    /// The host's memory under rasvmm itself failed (not guest RAM, or
+    /// rasvmm's firmware pages): the run cannot go on (exit status 4).
+    HostMemoryError,
+    /// A vCPU took a machine check it could not take (CR4.MCE clear, or
+    /// MCIP already set): real hardware shuts the CPU down.
+    MachineCheckShutdown,
 }
 
 impl OutcomeKind {
@@ -42,6 +48,8 @@ impl OutcomeKind {
             OutcomeKind::Timeout => "timeout",
             OutcomeKind::VmmError => "vmm-error",
             OutcomeKind::Stopped => "stopped",
+            OutcomeKind::HostMemoryError => "host-memory-error",
+            OutcomeKind::MachineCheckShutdown => "machine-check-shutdown",
         }
     }
 
@@ -55,6 +63,8 @@ impl OutcomeKind {
             OutcomeKind::Timeout,
             OutcomeKind::VmmError,
             OutcomeKind::Stopped,
+            OutcomeKind::HostMemoryError,
+            OutcomeKind::MachineCheckShutdown,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -219,6 +229,16 @@ impl Classifier {
     /// rasvmm failed.
     pub fn vmm_error(&mut self, error: String) -> Outcome {
         self.outcome(OutcomeKind::VmmError, error)
+    }
+
+    /// The host's memory under rasvmm itself failed (`what`: where).
+    pub fn host_memory_error(&mut self, what: String) -> Outcome {
+        self.outcome(OutcomeKind::HostMemoryError, what)
+    }
+
+    /// A vCPU took a machine check it could not take (`what`: which, where).
+    pub fn machine_check_shutdown(&mut self, what: String) -> Outcome {
+        self.outcome(OutcomeKind::MachineCheckShutdown, what)
     }
 
     fn outcome(&self, kind: OutcomeKind, detail: String) -> Outcome {

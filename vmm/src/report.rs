@@ -175,7 +175,10 @@ impl RunReport {
         }
         if matches!(
             self.outcome,
-            OutcomeKind::Panic | OutcomeKind::TripleFault | OutcomeKind::VmmError
+            OutcomeKind::Panic
+                | OutcomeKind::TripleFault
+                | OutcomeKind::VmmError
+                | OutcomeKind::MachineCheckShutdown
         ) {
             for l in self.log.iter().rev().take(15).rev() {
                 s += &format!("  | {l}\n");

@@ -29,6 +29,9 @@ pub fn run_expecting(
     scenario: Option<&Scenario>,
     api_socket: Option<&std::path::Path>,
 ) -> Result<RunReport, Error> {
+    // Every thread made from here on reports host memory failures late;
+    // only the VM's early-report thread asks for them early.
+    crate::host_errors::late_by_default().map_err(Error::EarlyReports)?;
     // Dropping `_watchdog` at return (any return) disarms the watchdog.
     let (_watchdog, disarmed) = std::sync::mpsc::channel::<()>();
     let deadline = config.timeout + WATCHDOG_GRACE;

@@ -71,6 +71,8 @@ pub struct Guest {
     pub poison_report: Option<String>,
     /// Firmware tables: acpi or dt.
     pub tables: Option<String>,
+    /// Host memory failures reported early or late (`--host-mce-kill`).
+    pub host_mce_kill: Option<String>,
 }
 
 /// A signal the guest's page holder must have received.
@@ -227,6 +229,24 @@ pub struct Expect {
     /// Sysctls' values as the last `sysctl` step that read each saw.
     #[serde(default)]
     pub sysctls: BTreeMap<String, String>,
+    /// Ledger entries of pages (references): where the page's badness came
+    /// from and what the guest was told.
+    #[serde(default)]
+    pub ledger: BTreeMap<String, ExpectLedger>,
+    /// Host memory-error reports rasvmm recorded (early and at a vCPU).
+    pub host_reports: Option<u32>,
+}
+
+/// A page's ledger entry, as an expectation names it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectLedger {
+    /// Where it came from (`host`, `injected`, `reported`, `guest`).
+    pub source: Option<ras::ledger::Source>,
+    /// Reports the guest must have been given, by name (`srao`, `srar`,
+    /// `sea`, `unrecoverable`, `ghes-<source>-<severity>`).
+    #[serde(default)]
+    pub told: Vec<String>,
 }
 
 /// A scenario.

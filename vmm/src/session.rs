@@ -209,6 +209,10 @@ impl Session {
                     .map_err(failed)?;
                 Ok(Some(StepReply::Agent(reply)))
             }
+            Step::HostPoison(target) => {
+                self.host_poison(target)?;
+                Ok(None)
+            }
             Step::KhoScan => Ok(Some(StepReply::Kho {
                 kho: Box::new(self.vm.ras().kho_view(&self.kho)),
             })),
@@ -240,6 +244,11 @@ impl Session {
             }
             | RasEvent::Injected {
                 gpa, ghes: Some(_), ..
+            } => Some(*gpa),
+            RasEvent::HostMemoryError {
+                gpa: Some(gpa),
+                told: Some(ras::ledger::Told::Ghes { .. }),
+                ..
             } => Some(*gpa),
             _ => None,
         };
@@ -483,12 +492,16 @@ impl Session {
                 let o = self.classifier.power_off("ACPI S5");
                 self.finish(o);
             }
-            VmEvent::Ras(e) => self.record_ghes(e),
+            VmEvent::Ras(e) => self.ras_event(e),
+            VmEvent::HostMemoryError { code, hva } => self.host_report(code, hva),
             VmEvent::Api(call) => self.serve_api(call),
             VmEvent::Stopped { vcpu, stop } => {
                 let o = match stop {
                     VcpuStop::TripleFault(state) => self.classifier.triple_fault(vcpu, &state),
                     VcpuStop::SystemReset => self.classifier.reset(),
+                    VcpuStop::MachineCheckShutdown(d) => self
+                        .classifier
+                        .machine_check_shutdown(format!("vCPU {vcpu}: {d}")),
                     VcpuStop::SystemShutdown => {
                         self.classifier.power_off("KVM_SYSTEM_EVENT_SHUTDOWN")
                     }

@@ -151,9 +151,18 @@ impl VcpuChannel {
 /// host memory (the RAS controller). Called on the vCPU's own thread with
 /// its fd, before the access is retried.
 pub trait HostMemoryErrors: Send + Sync {
-    /// vCPU `index` got SIGBUS `code` for host address `hva`; the event to
-    /// record, if any.
-    fn consumed(&self, index: u8, fd: &VcpuFd, code: i32, hva: usize) -> Option<RasEvent>;
+    /// vCPU `index` got SIGBUS `code` for host address `hva`.
+    fn consumed(&self, index: u8, fd: &VcpuFd, code: i32, hva: usize) -> Consumed;
+}
+
+/// What a vCPU does after its access hit hwpoisoned host memory.
+#[derive(Debug, Default)]
+pub struct Consumed {
+    /// Events to record.
+    pub events: Vec<RasEvent>,
+    /// The machine check could not be taken (x86: CR4.MCE clear, or MCIP
+    /// set): the CPU shuts down, as hardware does, and this says why.
+    pub shutdown: Option<String>,
 }
 
 /// What a vCPU thread needs besides its fd.
@@ -223,6 +232,10 @@ thread_local! {
     static HOST_MEMORY_ERROR: Cell<Option<(i32, usize)>> = const { Cell::new(None) };
     /// Whether a SIGBUS on this (non-vCPU) thread is expected.
     static EXPECT_SIGBUS: Cell<bool> = const { Cell::new(false) };
+    /// Whether this thread is inside KVM_RUN (a SIGBUS then comes from a
+    /// guest access, which KVM has not executed; outside it, from rasvmm's
+    /// own code, which would run the access again).
+    static IN_KVM_RUN: Cell<bool> = const { Cell::new(false) };
 }
 
 /// The real-time signal that kicks a vCPU out of KVM_RUN.
@@ -245,20 +258,53 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
     let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
-    let expected = KVM_RUN.with(|p| !p.get().is_null()) || EXPECT_SIGBUS.with(Cell::get);
-    if !expected {
-        // rasvmm itself, not a guest access through KVM, touched a poisoned
-        // page: returning would re-run the access forever. A bug, so stop
-        // with a message rather than hang.
-        const MSG: &[u8] =
-            b"rasvmm: internal error: the VMM read poisoned guest memory outside a vCPU; exiting\n";
-        // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is static.
-        unsafe {
-            libc::write(2, MSG.as_ptr().cast(), MSG.len());
-            libc::_exit(70);
-        }
+    if IN_KVM_RUN.with(Cell::get) || EXPECT_SIGBUS.with(Cell::get) {
+        HOST_MEMORY_ERROR.with(|c| c.set(Some((code, addr))));
+        return;
     }
-    HOST_MEMORY_ERROR.with(|c| c.set(Some((code, addr))));
+    if code == libc::BUS_MCEERR_AO {
+        // News, not a fault: nothing is re-run by returning. Early reports
+        // go to the early-report thread; one that lands here is dropped
+        // with a line rather than taken for a fault.
+        write_stderr(&[
+            b"rasvmm: early host memory-error report at ",
+            &hex(addr),
+            b" on a thread that did not ask for it; ignored\n",
+        ]);
+        return;
+    }
+    // rasvmm itself, not a guest access through KVM, touched failed memory:
+    // returning would run the access again forever, and nothing that
+    // allocates can run here, so say what happened and end with the
+    // documented status.
+    write_stderr(&[
+        b"rasvmm: host memory error (SIGBUS code ",
+        &hex(usize::try_from(code).unwrap_or(0)),
+        b") at host address ",
+        &hex(addr),
+        b": rasvmm touched failed memory outside a vCPU; no report can be written; exiting with status 4\n",
+    ]);
+    // SAFETY: _exit(2) is async-signal-safe.
+    unsafe { libc::_exit(i32::from(crate::host_errors::EXIT_HOST_MEMORY_ERROR)) };
+}
+
+/// `v` in hex with a 0x prefix, for a signal handler (no allocation).
+fn hex(v: usize) -> [u8; 18] {
+    let mut out = [b'0'; 18];
+    out[1] = b'x';
+    for (i, b) in out[2..].iter_mut().enumerate() {
+        let nibble = (v >> (60 - 4 * i)) & 0xf;
+        *b = b"0123456789abcdef"[nibble];
+    }
+    out
+}
+
+/// Writes `parts` to stderr from a signal handler.
+fn write_stderr(parts: &[&[u8]]) {
+    for p in parts {
+        // SAFETY: write(2) is async-signal-safe; `p` is a live slice.
+        unsafe { libc::write(2, p.as_ptr().cast(), p.len()) };
+    }
 }
 
 /// Runs `f`, which may raise SIGBUS on this thread by design (poisoning a
@@ -313,7 +359,10 @@ fn run(mut vcpu: VcpuFd, requests: &Receiver<VcpuRequest>, kick: &KickTarget, ct
                 break 'run None;
             }
         }
-        match vcpu.run() {
+        IN_KVM_RUN.with(|c| c.set(true));
+        let exit = vcpu.run();
+        IN_KVM_RUN.with(|c| c.set(false));
+        match exit {
             Ok(VcpuExit::IoIn(port, data)) => ctx.pio.read(u64::from(port), data),
             Ok(VcpuExit::IoOut(port, data)) => ctx.pio.write(u64::from(port), data),
             Ok(VcpuExit::MmioRead(addr, data)) => ctx.mmio.read(addr, data),
@@ -347,14 +396,20 @@ fn run(mut vcpu: VcpuFd, requests: &Receiver<VcpuRequest>, kick: &KickTarget, ct
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
                 if let Some((code, addr)) = take_host_memory_error() {
-                    host_memory_error(&vcpu, ctx, code, addr);
+                    if let Some(stop) = host_memory_error(&vcpu, ctx, code, addr) {
+                        break Some(stop);
+                    }
                 }
             }
             Err(e) if e.errno() == libc::EFAULT => {
                 // KVM could not map guest memory. If it was hwpoisoned, the
                 // SIGBUS came with it; otherwise this is fatal.
                 match take_host_memory_error() {
-                    Some((code, addr)) => host_memory_error(&vcpu, ctx, code, addr),
+                    Some((code, addr)) => {
+                        if let Some(stop) = host_memory_error(&vcpu, ctx, code, addr) {
+                            break Some(stop);
+                        }
+                    }
                     None => break Some(VcpuStop::Error(format!("KVM_RUN failed: {e}"))),
                 }
             }
@@ -387,13 +442,15 @@ fn serve(vcpu: &VcpuFd, ctx: &VcpuContext, req: VcpuRequest) -> bool {
     true
 }
 
-/// A guest access hit hwpoisoned host memory, or the host found poison
-/// early: the RAS controller decides what the guest is told, and this
-/// thread performs its own part.
-fn host_memory_error(vcpu: &VcpuFd, ctx: &VcpuContext, code: i32, hva: usize) {
-    if let Some(event) = ctx.ras.consumed(ctx.index, vcpu, code, hva) {
+/// A guest access hit hwpoisoned host memory: the RAS controller decides
+/// what the guest is told, and this thread performs its own part; the stop,
+/// if the vCPU shuts down.
+fn host_memory_error(vcpu: &VcpuFd, ctx: &VcpuContext, code: i32, hva: usize) -> Option<VcpuStop> {
+    let c = ctx.ras.consumed(ctx.index, vcpu, code, hva);
+    for event in c.events {
         let _ = ctx.events.send(VmEvent::Ras(event));
     }
+    c.shutdown.map(VcpuStop::MachineCheckShutdown)
 }
 
 /// Describes a KVM_EXIT_INTERNAL_ERROR from kvm_run.internal.

@@ -17,9 +17,11 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::agent::AgentPort;
+use crate::config::HostMceKill;
 use crate::config::VmConfig;
 use crate::event::{EventQueue, EventSender};
 use crate::ghes_sources::{self, Ghes};
+use crate::host_errors::EarlyReports;
 use crate::machine::{self, Irqchip};
 use crate::ras_controller::RasController;
 use crate::vcpu::{self, VcpuChannel, VcpuContext, VcpuHandle};
@@ -54,6 +56,9 @@ pub enum Error {
     /// The control API cannot start.
     #[error("Cannot start the control API")]
     Api(#[source] crate::api::Error),
+    /// The thread for the host's early memory-error reports cannot start.
+    #[error("Cannot ask the host kernel for early memory-error reports (prctl PR_MCE_KILL)")]
+    EarlyReports(#[source] std::io::Error),
     /// The session's event loop cannot start.
     #[error("Cannot start the session's event loop")]
     EventLoop(#[source] crate::event_loop::Error),
@@ -67,6 +72,7 @@ pub struct Vm {
     // Dropped first (see Drop): every vCPU thread finished and joined
     // before the VM's fds close.
     vcpus: Vec<VcpuHandle>,
+    _early_reports: Option<EarlyReports>,
     ras: Arc<RasController>,
     memory: GuestMemoryMmap,
     events: EventQueue,
@@ -114,6 +120,14 @@ impl Vm {
         let devices = machine::create_devices(&vm, config, &tx)?;
         let (pio, mmio) = (Arc::new(devices.pio), Arc::new(devices.mmio));
         vcpu::install_signal_handlers().map_err(Error::Signals)?;
+        // Before any vCPU thread: they inherit the late policy.
+        crate::host_errors::late_by_default().map_err(Error::EarlyReports)?;
+        let early_reports = match config.host_mce_kill {
+            HostMceKill::Early => {
+                Some(EarlyReports::start(tx.clone()).map_err(Error::EarlyReports)?)
+            }
+            HostMceKill::Late => None,
+        };
 
         let channels: Vec<VcpuChannel> = (0..config.vcpus).map(VcpuChannel::new).collect();
         let ras = Arc::new(RasController::new(
@@ -142,6 +156,7 @@ impl Vm {
 
         Ok(Vm {
             vcpus,
+            _early_reports: early_reports,
             ras,
             memory,
             events: rx,
@@ -289,6 +304,7 @@ mod tests {
             cpu: arch::guest::profile("amd").unwrap(),
             console: ConsoleTarget::Discard,
             timeout: Duration::from_secs(30),
+            host_mce_kill: Default::default(),
         }
     }
 

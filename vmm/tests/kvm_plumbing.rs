@@ -31,6 +31,7 @@ fn config(bytes: Vec<u8>, vcpus: u8) -> VmConfig {
         cpu: arch::x86_64::cpuid::profile("intel").unwrap(),
         console: ConsoleTarget::Discard,
         timeout: Duration::from_secs(30),
+        host_mce_kill: Default::default(),
     }
 }
 

@@ -6,6 +6,10 @@
 //! set of pages the guest has been given reason to believe are bad, which is
 //! what the guest's own list (read through KHO) is compared with.
 //!
+//! Each entry says where the page's badness came from ([`Source`]) and what
+//! the guest was told about it ([`Told`]), so a lab can tell a host fault
+//! from an injected one and see which report reached the guest.
+//!
 //! Like DRAM, a poisoned page stays bad: the ledger only grows (up to
 //! [`MAX_PAGES`]) and counts every consumption, so a test can tell "the guest
 //! never touched it again" from "the guest touched it and was told".
@@ -15,18 +19,28 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::cper::Severity;
+use crate::ghes::Notification;
+use crate::mce::MemoryError;
+
 /// Page size the ledger tracks.
 pub const PAGE_SIZE: u64 = 4096;
 /// Most pages one VM's ledger holds.
 pub const MAX_PAGES: usize = 65536;
 
+/// Most distinct reports one entry remembers.
+pub const MAX_TOLD: usize = 8;
+
 /// How a page came to be poisoned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Source {
-    /// A `poison` request.
+    /// Poisoned by a request (the `poison` step or API call): rasvmm
+    /// hwpoisoned the page's backing memory.
     Injected,
-    /// The host reported a memory failure in the page's backing memory.
+    /// The host's memory under the page failed: the host kernel reported it
+    /// (BUS_MCEERR_AO to rasvmm, or BUS_MCEERR_AR to a vCPU whose access
+    /// hit it) without rasvmm having asked for it.
     Host,
     /// Reported to the guest (machine check, GHES record) but not made
     /// sticky: the page still works.
@@ -43,8 +57,45 @@ impl Source {
     }
 }
 
-/// One poisoned page.
+/// What the guest was told about a page: the report, as the guest's
+/// handler saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Told {
+    /// An x86 machine check of this class (SRAR, SRAO, UCNA; AMD's deferred
+    /// error for SRAO).
+    MachineCheck(MemoryError),
+    /// An x86 machine check a CPU without SER_P raises (PCC set): the guest
+    /// cannot recover.
+    Unrecoverable,
+    /// An arm64 synchronous external abort.
+    Sea,
+    /// A CPER memory-error record through a GHES error source.
+    Ghes {
+        /// The error source.
+        source: Notification,
+        /// The record's severity.
+        severity: Severity,
+    },
+}
+
+impl Told {
+    /// A short name: `srar`, `srao`, `ucna`, `unrecoverable`, `sea`, or
+    /// `ghes-<source>-<severity>` (`ghes-gsiv-recoverable`).
+    pub fn name(self) -> String {
+        match self {
+            Told::MachineCheck(e) => e.as_str().to_string(),
+            Told::Unrecoverable => "unrecoverable".to_string(),
+            Told::Sea => "sea".to_string(),
+            Told::Ghes { source, severity } => {
+                format!("ghes-{}-{}", source.as_str(), severity.as_str())
+            }
+        }
+    }
+}
+
+/// One poisoned page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     /// Guest-physical address of the page.
     pub gpa: u64,
@@ -54,6 +105,10 @@ pub struct Entry {
     pub poisoned_at_ms: u64,
     /// Guest accesses that consumed it (each raised a synchronous error).
     pub consumptions: u32,
+    /// Each distinct report the guest was given about it, in order (at most
+    /// [`MAX_TOLD`]); empty if the guest has not been told.
+    #[serde(default)]
+    pub told: Vec<Told>,
 }
 
 /// Ledger errors.
@@ -103,6 +158,7 @@ impl Ledger {
                 source,
                 poisoned_at_ms: now_ms,
                 consumptions: 0,
+                told: Vec::new(),
             },
         );
         Ok(true)
@@ -129,9 +185,24 @@ impl Ledger {
         Ok(e.consumptions)
     }
 
+    /// Notes that the guest was told `told` about the page containing
+    /// `gpa`, if the ledger holds it (a report repeated is noted once).
+    pub fn tell(&mut self, gpa: u64, told: Told) {
+        if let Some(e) = self.pages.get_mut(&page_of(gpa)) {
+            if !e.told.contains(&told) && e.told.len() < MAX_TOLD {
+                e.told.push(told);
+            }
+        }
+    }
+
+    /// The entry for the page containing `gpa`.
+    pub fn get(&self, gpa: u64) -> Option<&Entry> {
+        self.pages.get(&page_of(gpa))
+    }
+
     /// All entries by address.
     pub fn entries(&self) -> Vec<Entry> {
-        self.pages.values().copied().collect()
+        self.pages.values().cloned().collect()
     }
 
     /// Removes the page containing `gpa` if it is not sticky (the guest
@@ -192,6 +263,50 @@ mod tests {
         assert!(l.is_sticky(0x3000));
         assert_eq!(l.poison(0x3000, Source::Reported, 4), Ok(false));
         assert_eq!(l.entries()[0].source, Source::Injected);
+    }
+
+    #[test]
+    fn told_is_remembered_once_per_report_and_bounded() {
+        let mut l = Ledger::new();
+        l.tell(0x7000, Told::Sea);
+        assert!(
+            l.is_empty(),
+            "a page not in the ledger is not added by tell"
+        );
+        l.poison(0x7000, Source::Host, 0).unwrap();
+        l.tell(0x7008, Told::MachineCheck(MemoryError::Srao));
+        l.tell(0x7000, Told::MachineCheck(MemoryError::Srao));
+        l.tell(0x7000, Told::MachineCheck(MemoryError::Srar));
+        let told = &l.get(0x7000).unwrap().told;
+        assert_eq!(
+            told,
+            &[
+                Told::MachineCheck(MemoryError::Srao),
+                Told::MachineCheck(MemoryError::Srar)
+            ]
+        );
+        for s in [Severity::Recoverable, Severity::Fatal, Severity::Corrected] {
+            for n in Notification::ALL {
+                l.tell(
+                    0x7000,
+                    Told::Ghes {
+                        source: n,
+                        severity: s,
+                    },
+                );
+            }
+        }
+        assert_eq!(l.get(0x7000).unwrap().told.len(), MAX_TOLD);
+        let names: Vec<String> = l.get(0x7000).unwrap().told[..3]
+            .iter()
+            .map(|t| t.name())
+            .collect();
+        assert_eq!(names, ["srao", "srar", "ghes-nmi-recoverable"]);
+        let json = serde_json::to_string(&l.get(0x7000).unwrap().told[..3]).unwrap();
+        assert_eq!(
+            json,
+            r#"[{"machine-check":"srao"},{"machine-check":"srar"},{"ghes":{"source":"nmi","severity":"recoverable"}}]"#
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use devices::bus::lock;
 use kvm_ioctls::VcpuFd;
 use ras::cper::Severity;
 use ras::ghes::{Notification, Submitted};
+use ras::ledger::Told;
 use ras::mce::{MceRecord, MemoryError};
 
 use super::consumption::Consumption;
@@ -34,6 +35,13 @@ fn on_vcpu(index: u8, reply: Sender<Result<(), sea::Error>>) -> VcpuRequest {
 }
 
 impl RasController {
+    /// What an action-optional report tells an arm64 guest: a recoverable
+    /// record through the GSIV source.
+    pub(super) const ACTION_OPTIONAL: Told = Told::Ghes {
+        source: Notification::Gsiv,
+        severity: Severity::Recoverable,
+    };
+
     /// arm64 has no machine-check capability register.
     pub fn mcg_cap(&self) -> (u64, u64) {
         (0, 0)
@@ -111,7 +119,10 @@ impl RasController {
             }
         };
         let vmm_us = micros(received);
-        self.reported(inj.gpa);
+        if source == Notification::Sea {
+            // The SRAO record told the guest already (ghes_memory_error).
+            self.reported(inj.gpa, Told::Sea);
+        }
         Ok(RasEvent::Injected {
             error: inj.error,
             gpa: inj.gpa,
@@ -151,6 +162,10 @@ impl RasController {
                 vcpu: index,
             });
             return Consumption::Reported {
+                told: r.is_ok().then_some(Told::Ghes {
+                    source: Notification::Gsiv,
+                    severity: Severity::Recoverable,
+                }),
                 error: r.err().map(|e| e.to_string()),
                 ghes: Some(Notification::Gsiv),
             };
@@ -159,6 +174,7 @@ impl RasController {
             return Consumption::Reported {
                 error: Some(sea::Error::Unsupported.to_string()),
                 ghes: None,
+                told: None,
             };
         }
         let mut ghes = None;
@@ -187,6 +203,7 @@ impl RasController {
         };
         let raised = sea::inject(fd, index).err().map(|e| e.to_string());
         Consumption::Reported {
+            told: raised.is_none().then_some(Told::Sea),
             error: raised.or(note),
             ghes,
         }

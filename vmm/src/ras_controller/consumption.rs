@@ -10,14 +10,14 @@ use devices::bus::lock;
 use kvm_ioctls::VcpuFd;
 use ras::cper::Severity;
 use ras::ghes::{Notification, Submitted};
-use ras::ledger;
+use ras::ledger::{self, Told};
 use ras::mce::MemoryError;
 
 use super::RasController;
 use crate::config::PoisonReport;
-use crate::event::RasEvent;
+use crate::event::{HostErrorCode, RasEvent};
 use crate::ghes_sources::ConsumptionAction;
-use crate::vcpu::HostMemoryErrors;
+use crate::vcpu::{Consumed, HostMemoryErrors};
 
 /// What a consuming access gets from the architecture's report.
 pub(super) enum Consumption {
@@ -27,7 +27,14 @@ pub(super) enum Consumption {
         error: Option<String>,
         /// The GHES source that carried a record of it, if one did.
         ghes: Option<Notification>,
+        /// What the guest was told, if it was.
+        told: Option<Told>,
     },
+    /// The report is a machine check the vCPU cannot take (x86: CR4.MCE
+    /// clear, or MCIP set): the CPU shuts down, as hardware does.
+    /// (arm64 never: an SEA cannot be masked.)
+    #[allow(dead_code)]
+    Shutdown(String),
     /// Let the vCPU retry the access shortly: the report cannot be made yet
     /// (arm64's SEA source holds another vCPU's record; x86 never waits).
     #[allow(dead_code)]
@@ -35,55 +42,101 @@ pub(super) enum Consumption {
 }
 
 impl HostMemoryErrors for RasController {
-    fn consumed(&self, index: u8, fd: &VcpuFd, code: i32, hva: usize) -> Option<RasEvent> {
+    fn consumed(&self, index: u8, fd: &VcpuFd, code: i32, hva: usize) -> Consumed {
         RasController::consumed(self, index, fd, code, hva)
     }
 }
 
 impl RasController {
     /// A host memory error on vCPU `index`'s thread: its access hit
-    /// hwpoisoned host memory (BUS_MCEERR_AR), or the host found poison
-    /// early (BUS_MCEERR_AO). Tells the guest as hardware would and returns
-    /// the event to record, or `None` when the vCPU should just let the
-    /// guest retry (a GHES report is being handled).
-    pub fn consumed(&self, index: u8, fd: &VcpuFd, code: i32, hva: usize) -> Option<RasEvent> {
+    /// hwpoisoned host memory (BUS_MCEERR_AR; an early BUS_MCEERR_AO goes
+    /// to the early-report thread, see [`RasController::host_reported`]).
+    /// Tells the guest as hardware would and returns the events to record
+    /// (none when the vCPU should just let the guest retry: a GHES report
+    /// is being handled). A page rasvmm did not make bad goes into the
+    /// ledger as the host's before the guest is told.
+    pub fn consumed(&self, index: u8, fd: &VcpuFd, code: i32, hva: usize) -> Consumed {
         let now = self.now_ms();
+        let host_code = HostErrorCode::from_si_code(code).unwrap_or(HostErrorCode::ActionRequired);
         let Some(gpa) = self.gpa_of(hva) else {
-            return Some(RasEvent::HostErrorOutsideGuest {
-                vcpu: index,
-                code,
-                hva: hva as u64,
-            });
+            return Consumed {
+                events: vec![RasEvent::HostMemoryError {
+                    code: host_code,
+                    hva: hva as u64,
+                    gpa: None,
+                    vcpu: Some(index),
+                    at_ms: now,
+                    told: None,
+                    result: Some("not guest RAM".into()),
+                }],
+                shutdown: None,
+            };
         };
         let page = ledger::page_of(gpa);
-        let error = if code == libc::BUS_MCEERR_AR {
+        let mut events = Vec::new();
+        let host_fault = {
+            let mut l = lock(&self.ledger);
+            let new = !l.is_sticky(page);
+            if new {
+                // Not rasvmm's doing: the host's memory failed under the page.
+                let _ = l.poison(page, ledger::Source::Host, now);
+            }
+            new
+        };
+        if host_fault {
+            events.push(RasEvent::HostMemoryError {
+                code: host_code,
+                hva: hva as u64,
+                gpa: Some(page),
+                vcpu: Some(index),
+                at_ms: now,
+                told: None,
+                result: None,
+            });
+        }
+        let error = if host_code == HostErrorCode::ActionRequired {
             MemoryError::Srar
         } else {
             MemoryError::Srao
         };
         if error == MemoryError::Srar {
             if let Some(reported) = self.consumed_via_ghes(index, fd, page, now) {
-                return reported;
+                events.extend(reported);
+                return Consumed {
+                    events,
+                    shutdown: None,
+                };
             }
         }
-        let (result, ghes) = match self.report_consumption(index, fd, page, error) {
-            Consumption::Reported { error, ghes } => (error, ghes),
+        let mut shutdown = None;
+        let (result, ghes, told) = match self.report_consumption(index, fd, page, error) {
+            Consumption::Reported { error, ghes, told } => (error, ghes, told),
+            Consumption::Shutdown(why) => {
+                shutdown = Some(why.clone());
+                (Some(why), None, None)
+            }
             Consumption::Retry => {
                 // Do not spin a host CPU on the retried access.
                 std::thread::sleep(Duration::from_millis(1));
-                return None;
+                return Consumed {
+                    events,
+                    shutdown: None,
+                };
             }
         };
         let consumptions = {
             let mut l = lock(&self.ledger);
-            if error == MemoryError::Srar {
+            let n = if error == MemoryError::Srar {
                 l.consume(page, now).unwrap_or(0)
             } else {
-                let _ = l.poison(page, ledger::Source::Host, now);
                 0
+            };
+            if let Some(t) = told {
+                l.tell(page, t);
             }
+            n
         };
-        Some(RasEvent::Consumed {
+        events.push(RasEvent::Consumed {
             vcpu: index,
             gpa: page,
             error,
@@ -91,7 +144,8 @@ impl RasController {
             at_ms: now,
             result,
             ghes,
-        })
+        });
+        Consumed { events, shutdown }
     }
 
     /// In GHES mode, reports the first access to a poisoned page through the
@@ -121,6 +175,15 @@ impl RasController {
             ConsumptionAction::Report => {
                 let consumptions = lock(&self.ledger).consume(page, now).unwrap_or(0);
                 let written = lock(ghes).memory_error(source, Severity::Recoverable, page, false);
+                if matches!(&written, Ok(r) if r.submitted == Submitted::Written) {
+                    lock(&self.ledger).tell(
+                        page,
+                        Told::Ghes {
+                            source,
+                            severity: Severity::Recoverable,
+                        },
+                    );
+                }
                 let result = match written {
                     Ok(r) if r.submitted == Submitted::Written => {
                         // This thread is the vCPU: an NMI is taken before the

@@ -17,7 +17,7 @@ use guest_agent::GuestPoisonOp;
 use kvm_ioctls::VcpuFd;
 use ras::cper::Severity;
 use ras::ghes::{Notification, Submitted};
-use ras::ledger::{self, Ledger};
+use ras::ledger::{self, Ledger, Told};
 use ras::mce::{self, MemoryError};
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -30,9 +30,12 @@ use crate::kho_observer::{self, KhoTracker, KhoView};
 use crate::machine::{self, RasSetup};
 use crate::vcpu::{self, VcpuRequest, VcpuSender};
 
+pub use host::HostReport;
+
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 mod consumption;
+mod host;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
@@ -84,6 +87,9 @@ pub enum RasError {
     /// A GHES report was refused.
     #[error("{0}")]
     Ghes(#[from] ghes_sources::Error),
+    /// The page's host memory is already poisoned.
+    #[error("Guest page {0:#x} is already bad (its host memory is poisoned)")]
+    AlreadyBad(u64),
     /// The host refused to poison the page.
     #[error("Cannot poison guest page {gpa:#x}: {reason}")]
     Poison {
@@ -208,30 +214,14 @@ impl RasController {
     /// executes and comes back to the vCPU thread as SIGBUS BUS_MCEERR_AR,
     /// which [`RasController::consumed`] turns into a synchronous error.
     pub fn poison(&self, gpa: u64) -> Result<RasEvent, RasError> {
-        self.check_gpa(gpa)?;
-        if !gpa.is_multiple_of(ledger::PAGE_SIZE) {
-            return Err(RasError::Unaligned(gpa));
-        }
-        if self.firmware.contains(&gpa) {
-            // rasvmm itself reads and writes these pages.
-            return Err(RasError::Firmware(gpa));
-        }
         let poisoned = RasEvent::Poisoned {
             gpa,
             at_ms: self.now_ms(),
         };
-        if lock(&self.ledger).is_sticky(gpa) {
-            return Ok(poisoned);
-        }
-        let hva = self
-            .memory
-            .get_host_address(GuestAddress(gpa))
-            .map_err(|_| RasError::NotRam(gpa))?;
-        // A page the guest never touched is backed by nothing (or the shared
-        // zero page), which the host cannot poison (EBUSY): give it its own
-        // frame first. MADV_POPULATE_WRITE keeps the contents.
-        // SAFETY: as below; populating a page of our own mapping.
-        unsafe { libc::madvise(hva.cast(), 4096, libc::MADV_POPULATE_WRITE) };
+        let hva = match self.backed_page(gpa) {
+            Err(RasError::AlreadyBad(_)) => return Ok(poisoned),
+            r => r?,
+        };
         let (r, err) = vcpu::expecting_sigbus(|| {
             // SAFETY: `hva` is the start of a page of rasvmm's guest mapping;
             // MADV_HWPOISON unmaps it and marks the backing frame poisoned,
@@ -257,6 +247,53 @@ impl RasController {
         Ok(poisoned)
     }
 
+    /// The host address of the guest page at `gpa`, given a frame of its
+    /// own, for making it bad: refused for an address that is not a page of
+    /// guest RAM, for rasvmm's firmware pages, and (`AlreadyBad`) for a page
+    /// whose host memory is already poisoned.
+    fn backed_page(&self, gpa: u64) -> Result<*mut u8, RasError> {
+        self.check_gpa(gpa)?;
+        if !gpa.is_multiple_of(ledger::PAGE_SIZE) {
+            return Err(RasError::Unaligned(gpa));
+        }
+        if self.firmware.contains(&gpa) {
+            // rasvmm itself reads and writes these pages.
+            return Err(RasError::Firmware(gpa));
+        }
+        if lock(&self.ledger).is_sticky(gpa) {
+            return Err(RasError::AlreadyBad(gpa));
+        }
+        let hva = self
+            .memory
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|_| RasError::NotRam(gpa))?;
+        // A page the guest never touched is backed by nothing (or the shared
+        // zero page), which the host cannot poison (EBUSY): give it its own
+        // frame first. MADV_POPULATE_WRITE keeps the contents.
+        // SAFETY: populating a page of rasvmm's own guest mapping; the page
+        // is not poisoned (checked above), so this cannot fault.
+        unsafe { libc::madvise(hva.cast(), 4096, libc::MADV_POPULATE_WRITE) };
+        Ok(hva)
+    }
+
+    /// The host addresses behind the guest pages at `gpas`, each given a
+    /// frame of its own, for a helper outside rasvmm to poison
+    /// (`host-poison`). Nothing is done if any page is refused.
+    pub fn host_addresses(&self, gpas: &[u64]) -> Result<Vec<u64>, RasError> {
+        for &gpa in gpas {
+            self.check_gpa(gpa)?;
+            if self.firmware.contains(&gpa) {
+                return Err(RasError::Firmware(gpa));
+            }
+            if lock(&self.ledger).is_sticky(gpa) {
+                return Err(RasError::AlreadyBad(gpa));
+            }
+        }
+        gpas.iter()
+            .map(|&gpa| self.backed_page(gpa).map(|h| h as u64))
+            .collect()
+    }
+
     /// Notes in the ledger what the guest did to its own pages (PFNs) with
     /// hwpoison-inject at rasvmm's request.
     pub fn note_guest_poison(&self, op: GuestPoisonOp, pfns: &[u64]) -> Result<(), RasError> {
@@ -275,9 +312,12 @@ impl RasController {
         Ok(())
     }
 
-    /// Notes in the ledger that the guest was told the page at `gpa` is bad.
-    fn reported(&self, gpa: u64) {
-        let _ = lock(&self.ledger).poison(gpa, ledger::Source::Reported, self.now_ms());
+    /// Notes in the ledger that the guest was told (`told`) the page at
+    /// `gpa` is bad.
+    fn reported(&self, gpa: u64, told: Told) {
+        let mut l = lock(&self.ledger);
+        let _ = l.poison(gpa, ledger::Source::Reported, self.now_ms());
+        l.tell(gpa, told);
     }
 
     /// Reports a memory error through a GHES error source.
@@ -292,8 +332,15 @@ impl RasController {
         let e = self.ghes_raw(inj.source, record, inj.vcpu)?;
         // A page the guest will count as poisoned (memory_failure or soft
         // offline; a fatal record panics it).
+        let told = Told::Ghes {
+            source: inj.source,
+            severity: inj.severity,
+        };
         if inj.severity != Severity::Corrected || inj.threshold_exceeded {
-            self.reported(inj.gpa);
+            self.reported(inj.gpa, told);
+        } else {
+            // A page already bad for another reason learns of it too.
+            lock(&self.ledger).tell(inj.gpa, told);
         }
         Ok(e)
     }

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use arch::x86_64::mce as kvm;
 use kvm_ioctls::VcpuFd;
+use ras::ledger::Told;
 use ras::mce::{self, MceRecord, MemoryError, Planned};
 
 use super::consumption::Consumption;
@@ -36,6 +37,9 @@ fn on_vcpu(
 }
 
 impl RasController {
+    /// What an action-optional report tells an x86 guest.
+    pub(super) const ACTION_OPTIONAL: Told = Told::MachineCheck(MemoryError::Srao);
+
     /// The guest's MCG_CAP and the bits of it rasvmm supplies.
     pub fn mcg_cap(&self) -> (u64, u64) {
         (self.setup.mcg_cap, self.setup.mcg_cap_supplied)
@@ -72,7 +76,7 @@ impl RasController {
         let record = mce::encode(inj.error, self.setup.vendor, inj.gpa, inj.local);
         let broadcast = self.deliver_record(inj.vcpu, &record)?;
         let vmm_us = micros(received);
-        self.reported(inj.gpa);
+        self.reported(inj.gpa, Told::MachineCheck(inj.error));
         Ok(RasEvent::Injected {
             error: inj.error,
             gpa: inj.gpa,
@@ -176,25 +180,51 @@ impl RasController {
         let (vendor, mcg_cap) = (self.setup.vendor, self.setup.mcg_cap);
         let lmce = mcg_cap & mce::MCG_LMCE_P != 0;
         let record = if mce::recoverable(vendor, mcg_cap) {
-            Some(mce::encode(error, vendor, page, lmce))
+            Some((
+                mce::encode(error, vendor, page, lmce),
+                Told::MachineCheck(error),
+            ))
         } else if error == MemoryError::Srar {
             // What a CPU without SER reports; the guest panics, as it would on
             // such hardware, instead of retrying the access forever.
-            Some(mce::encode_unrecoverable(page))
+            Some((mce::encode_unrecoverable(page), Told::Unrecoverable))
         } else {
             // Action-optional news a non-SER guest cannot take: the page
             // stays poisoned and the next access reports it.
             None
         };
-        let error = match record {
-            Some(r) => {
-                let plan = mce::plan(r, vendor, index, self.vcpu_count().max(index + 1));
-                self.deliver(&plan, Some((index, fd)))
-                    .err()
-                    .map(|e| e.to_string())
+        if let Some((r, _)) = &record {
+            // A machine check the CPU cannot take shuts it down (SDM 15.10.2;
+            // APM 9.3.1): CR4.MCE clear (the decompressor, early boot of a
+            // kernel that does not know the page is bad), or MCIP still set.
+            if let Err(e @ (kvm::Error::Cr4McClear(_) | kvm::Error::McipSet(_))) =
+                kvm::check(fd, index, mcg_cap, r)
+            {
+                let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                let why = match e {
+                    kvm::Error::Cr4McClear(_) => "CR4.MCE is clear",
+                    _ => "MCG_STATUS.MCIP is set",
+                };
+                return Consumption::Shutdown(format!(
+                    "consumed poisoned guest page {page:#x} at RIP {rip:#x} while {why}: \
+                     a machine check it cannot take shuts the CPU down"
+                ));
             }
-            None => Some("not reported: the guest has no SER_P".into()),
+        }
+        let (error, told) = match record {
+            Some((r, told)) => {
+                let plan = mce::plan(r, vendor, index, self.vcpu_count().max(index + 1));
+                match self.deliver(&plan, Some((index, fd))) {
+                    Ok(()) => (None, Some(told)),
+                    Err(e) => (Some(e.to_string()), None),
+                }
+            }
+            None => (Some("not reported: the guest has no SER_P".into()), None),
         };
-        Consumption::Reported { error, ghes: None }
+        Consumption::Reported {
+            error,
+            ghes: None,
+            told,
+        }
     }
 }

@@ -11,6 +11,8 @@
 //! | `spin-page:<n>` | page holder n reads its page without pause until a SIGBUS (at most a minute); returns at once |
 //! | `kernel-pages:<slab\|reserved\|page-table\|free>:<count>[:stride=<n>][:as=<name>][:poison]` | find kernel (or free) pages, at least `n` PFNs apart; they become `slab0`, `slab1`, ... (`<name>0`, ...); `poison` (free pages): the guest poisons each with hwpoison-inject as it finds it, and the ledger follows |
 //! | `guest-poison:<corrupt\|unpoison>:<page>[,<page>...]` | the guest poisons (unpoisons) pages itself with hwpoison-inject; a page is a PFN, a reference or `<name>*` (every `<name><i>`); the ledger follows |
+//! | `host-poison:<page>[,<page>...]` | make the host memory under guest pages fail, as the host would see it: a helper process finds each page's host frame in rasvmm's /proc/PID/pagemap and poisons it through the host's /sys/kernel/debug/hwpoison/corrupt-pfn (needs root); a page is an address, a reference or `<name>*` |
+//! | `host-poison:vmm` | the same for a page of rasvmm's own memory, outside guest RAM |
 //! | `page-info:<pfn\|ref>` | kpageflags and HardwareCorrupted for a page |
 //! | `sysctl:<name>[=<value>]` | read or set a sysctl |
 //! | `poweroff` | power the guest off |
@@ -75,6 +77,29 @@ pub enum Pages {
     Prefixed(String),
 }
 
+/// Parses `<page>[,<page>...]`: targets, or `<name>*` for every reference
+/// `<name><i>`.
+fn page_list(list: &str) -> Option<Vec<Pages>> {
+    list.split(',')
+        .map(|p| match p.strip_suffix('*') {
+            Some(prefix) => target(prefix)
+                .filter(|t| matches!(t, Target::Ref(_)))
+                .map(|_| Pages::Prefixed(prefix.to_string())),
+            None => target(p).map(Pages::One),
+        })
+        .collect()
+}
+
+/// Whose memory a `host-poison` step makes fail on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPoisonTarget {
+    /// The host frames behind these guest pages (a number is a
+    /// guest-physical address).
+    Guest(Vec<Pages>),
+    /// A page of rasvmm's own, outside guest RAM.
+    Vmm,
+}
+
 /// One step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -128,6 +153,10 @@ pub enum Step {
         /// Which pages.
         pages: Vec<Pages>,
     },
+    /// Make host memory fail under rasvmm, from outside it: a helper
+    /// process poisons the host frames with the host kernel's
+    /// hwpoison-inject.
+    HostPoison(HostPoisonTarget),
     /// Read the guest's KHO state.
     KhoScan,
     /// Rewrite the running kernel's hwpoison blob.
@@ -238,19 +267,17 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
                 "unpoison" => GuestPoisonOp::Unpoison,
                 _ => return Err(bad("the operation is corrupt or unpoison")),
             };
-            let pages = list
-                .split(',')
-                .map(|p| match p.strip_suffix('*') {
-                    Some(prefix) => target(prefix)
-                        .filter(|t| matches!(t, Target::Ref(_)))
-                        .map(|_| Pages::Prefixed(prefix.to_string())),
-                    None => target(p).map(Pages::One),
-                })
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    bad("pages are PFNs, references or <name>* (every reference starting so)")
-                })?;
+            let pages = page_list(list).ok_or_else(|| {
+                bad("pages are PFNs, references or <name>* (every reference starting so)")
+            })?;
             Ok(Step::GuestPoison { op, pages })
+        }
+        ("host-poison", Some("vmm")) => Ok(Step::HostPoison(HostPoisonTarget::Vmm)),
+        ("host-poison", Some(list)) => {
+            let pages = page_list(list).ok_or_else(|| {
+                bad("pages are addresses, references or <name>* (every reference starting so), or vmm")
+            })?;
+            Ok(Step::HostPoison(HostPoisonTarget::Guest(pages)))
         }
         ("page-info", Some(a)) => {
             match target(a).ok_or_else(|| bad("expected a PFN or a reference"))? {

@@ -101,6 +101,28 @@ impl Refs {
         Ok(out)
     }
 
+    /// The guest-physical addresses `pages` mean, in order, each once (a
+    /// number is an address; a reference, its page's first byte).
+    pub fn gpas(&self, pages: &[Pages]) -> Result<Vec<u64>, String> {
+        let mut out: Vec<u64> = Vec::new();
+        for p in pages {
+            let gpas = match p {
+                Pages::One(t) => vec![self.gpa(t)?],
+                other => self
+                    .pages(std::slice::from_ref(other))?
+                    .into_iter()
+                    .filter_map(|pfn| pfn.checked_mul(4096))
+                    .collect(),
+            };
+            for gpa in gpas {
+                if !out.contains(&gpa) {
+                    out.push(gpa);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The PFN bound to `name`.
     pub fn named_pfn(&self, name: &str) -> Option<u64> {
         self.pfns.get(name).copied()

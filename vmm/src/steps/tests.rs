@@ -329,6 +329,50 @@ fn guest_poison_names_many_pages() {
 }
 
 #[test]
+fn host_poison_names_guest_pages_by_address_or_the_vmm() {
+    assert_eq!(
+        parse("host-poison:vmm"),
+        Ok(Step::HostPoison(HostPoisonTarget::Vmm))
+    );
+    assert_eq!(
+        parse("host-poison:page*,0x5000"),
+        Ok(Step::HostPoison(HostPoisonTarget::Guest(vec![
+            Pages::Prefixed("page".into()),
+            Pages::One(Target::Gpa(0x5000)),
+        ])))
+    );
+    for bad in [
+        "host-poison",
+        "host-poison:",
+        "host-poison:0x12*",
+        "host-poison:a b",
+    ] {
+        assert!(parse(bad).is_err(), "{bad}");
+    }
+    // A number is an address; a reference, its page; each page once.
+    let mut refs = Refs::default();
+    refs.learn(
+        &Command::AllocPage,
+        &Payload::Page(PageRecord {
+            page: 0,
+            pid: 9,
+            vaddr: 0x1000,
+            pfn: 0x77,
+            cpu: 0,
+        }),
+        None,
+    );
+    let gpas = refs
+        .gpas(&[
+            Pages::One(Target::Gpa(0x5000)),
+            Pages::Prefixed("page".into()),
+            Pages::One(Target::Ref("page0".into())),
+        ])
+        .unwrap();
+    assert_eq!(gpas, vec![0x5000, 0x77000]);
+}
+
+#[test]
 fn kernel_pages_bind_under_a_name() {
     assert_eq!(
         parse("kernel-pages:free:4:as=batch:stride=2"),

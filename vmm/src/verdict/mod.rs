@@ -263,12 +263,53 @@ pub fn evaluate(expect: &Expect, report: &RunReport, refs: &Refs) -> Verdict {
         }
     }
     check_ghes(expect, report, refs, &mut f);
+    check_host(expect, report, refs, &mut f);
     if let Some(k) = &expect.kho {
         check_kho(k, report, refs, &mut f);
     }
     Verdict {
         passed: f.is_empty(),
         failures: f,
+    }
+}
+
+/// The ledger's provenance and the host's reports.
+fn check_host(expect: &Expect, report: &RunReport, refs: &Refs, f: &mut Vec<String>) {
+    for (page, want) in &expect.ledger {
+        let Some(pfn) = refs.named_pfn(page) else {
+            f.push(format!("'{page}' was never reported"));
+            continue;
+        };
+        let Some(e) = report.ledger.iter().find(|e| e.gpa == pfn * 4096) else {
+            f.push(format!("{page} is not in the ledger"));
+            continue;
+        };
+        if let Some(s) = want.source {
+            if e.source != s {
+                f.push(format!(
+                    "{page}'s ledger source is {:?}, expected {s:?}",
+                    e.source
+                ));
+            }
+        }
+        let told: Vec<String> = e.told.iter().map(|t| t.name()).collect();
+        for t in &want.told {
+            if !told.contains(t) {
+                f.push(format!("{page}: the guest was told {told:?}, expected {t}"));
+            }
+        }
+    }
+    if let Some(want) = expect.host_reports {
+        let got = report
+            .ras_events
+            .iter()
+            .filter(|e| matches!(e, RasEvent::HostMemoryError { .. }))
+            .count();
+        if got != want as usize {
+            f.push(format!(
+                "rasvmm recorded {got} host memory-error reports, expected {want}"
+            ));
+        }
     }
 }
 

@@ -83,6 +83,7 @@ fn report(kind: OutcomeKind, detail: &str) -> RunReport {
         source: Source::Injected,
         poisoned_at_ms: 0,
         consumptions: 1,
+        told: Vec::new(),
     });
     r
 }
