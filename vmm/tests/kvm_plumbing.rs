@@ -387,3 +387,63 @@ fn a_thousand_injections_and_rasvmms_share_of_each() {
     );
     assert!(us.iter().all(|&u| u > 0), "every injection was timed");
 }
+
+#[test]
+fn an_early_host_report_goes_into_the_ledger_and_to_the_guest() {
+    use ras::ledger::{Source, Told};
+    use ras::mce::MemoryError;
+    use vmm::event::{HostErrorCode, RasEvent};
+    use vmm::ras_controller::HostReport;
+    // The guest enables machine checks and waits: the host's early report of
+    // a page of guest RAM becomes an SRAO the guest takes, and the page is
+    // the host's in the ledger.
+    let vm = vmm::vm::Vm::start(&config(mc_payload(), 1)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let hva = vm.ras().host_addresses(&[0x20_0000]).unwrap()[0];
+    match vm.ras().host_reported(libc::BUS_MCEERR_AO, hva) {
+        HostReport::Guest(RasEvent::HostMemoryError {
+            code,
+            gpa,
+            told,
+            result,
+            ..
+        }) => {
+            assert_eq!(code, HostErrorCode::ActionOptional);
+            assert_eq!(gpa, Some(0x20_0000));
+            assert_eq!(
+                told,
+                Some(Told::MachineCheck(MemoryError::Srao)),
+                "{result:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let entry = vm.ras().ledger()[0].clone();
+    assert_eq!((entry.gpa, entry.source), (0x20_0000, Source::Host));
+    assert_eq!(entry.told, vec![Told::MachineCheck(MemoryError::Srao)]);
+    // Host memory already bad is not poisoned again from outside.
+    assert!(vm.ras().host_addresses(&[0x20_0000]).is_err());
+    // Memory that is not guest RAM ends the run.
+    match vm.ras().host_reported(libc::BUS_MCEERR_AO, 0x1000) {
+        HostReport::Vmm { detail, .. } => {
+            assert!(detail.contains("rasvmm's own memory"), "{detail}");
+            assert!(detail.contains("BUS_MCEERR_AO"), "{detail}");
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(vm);
+
+    // A guest that has not enabled machine checks cannot take the report:
+    // the page is still the host's, and the event says why the guest was
+    // not told.
+    let vm = vmm::vm::Vm::start(&config(vec![0xeb, 0xfe], 1)).unwrap();
+    let hva = vm.ras().host_addresses(&[0x30_0000]).unwrap()[0];
+    match vm.ras().host_reported(libc::BUS_MCEERR_AO, hva) {
+        HostReport::Guest(RasEvent::HostMemoryError { told, result, .. }) => {
+            assert_eq!(told, None);
+            assert!(result.unwrap_or_default().contains("CR4.MCE clear"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(vm.ras().ledger()[0].source, Source::Host);
+}
