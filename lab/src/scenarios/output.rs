@@ -6,12 +6,12 @@ use super::ScenarioResult;
 /// The verdict table, one scenario a line, failures beneath.
 pub fn table(results: &[ScenarioResult]) -> String {
     let mut s = format!(
-        "{:<38} {:<6} {:<13} {:<8} {:>7}\n",
+        "{:<38} {:<6} {:<22} {:<8} {:>7}\n",
         "scenario", "cpu", "outcome", "verdict", "time"
     );
     for r in results {
         s += &format!(
-            "{:<38} {:<6} {:<13} {:<8} {:>6.1}s\n",
+            "{:<38} {:<6} {:<22} {:<8} {:>6.1}s\n",
             r.name,
             r.cpu,
             r.outcome,
