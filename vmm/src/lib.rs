@@ -16,7 +16,8 @@
 //!   by the ras crate and delivered to the vCPUs;
 //! - [`vm`]: building a VM (memory, guest, devices, vCPUs);
 //! - [`api`]: the control API socket; [`session`] and [`session_api`]: the
-//!   event loop that drives a VM and serves the API;
+//!   event loop that drives a VM and serves the API; [`reboot`]: the next
+//!   boot after a guest reset, in the same session;
 //! - [`report`], [`scenario`], [`verdict`]: what a run produced, what a
 //!   scenario expects, and the verdict (pure, typed);
 //! - [`run`]: a whole run from configuration to report.
@@ -32,6 +33,7 @@ pub mod kho_observer;
 pub mod machine;
 pub mod outcome;
 pub mod ras_controller;
+pub mod reboot;
 pub mod report;
 pub mod run;
 pub mod scenario;

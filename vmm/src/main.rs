@@ -80,6 +80,16 @@ struct RunArgs {
     /// Console: stdout, none, or a file path.
     #[arg(long, default_value = "stdout")]
     console: String,
+    /// What a guest reboot does: exit (the run ends: outcome reboot, or
+    /// panic after a panic) or restart (the guest boots again on the same
+    /// memory, at most 16 boots; a panic ends only its boot when the
+    /// command line says panic=N with N > 0). See docs/host-poison.md.
+    #[arg(long, default_value = "exit")]
+    on_reboot: String,
+    /// With --on-reboot restart: poisoned pages stay bad across a reset
+    /// (the DRAM did not heal) instead of being replaced by zeroed memory.
+    #[arg(long)]
+    keep_poison_on_reset: bool,
     /// Seconds before the run ends as a timeout.
     #[arg(long, default_value_t = config::DEFAULT_TIMEOUT_S)]
     timeout: f64,
@@ -217,6 +227,12 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         if let Some(t) = &g.tables {
             a.tables = t.clone();
         }
+        if let Some(r) = &g.on_reboot {
+            a.on_reboot = r.clone();
+        }
+        if let Some(k) = g.keep_poison_on_reset {
+            a.keep_poison_on_reset = k;
+        }
         if let Some(extra) = &g.append {
             a.append = Some(match a.append.take() {
                 Some(x) => format!("{x} {extra}"),
@@ -231,6 +247,10 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
     let poison_report = config::PoisonReport::parse(&a.poison_report).map_err(|e| e.to_string())?;
     let tables = config::BootTables::parse(&a.tables).map_err(|e| e.to_string())?;
     let timeout = config::parse_timeout(a.timeout).map_err(|e| e.to_string())?;
+    let on_reboot = config::OnReboot::parse(&a.on_reboot).map_err(|e| e.to_string())?;
+    if a.keep_poison_on_reset && on_reboot != config::OnReboot::Restart {
+        return Err("--keep-poison-on-reset needs --on-reboot restart".into());
+    }
     let expect_name = a.expect.as_deref().unwrap_or("poweroff");
     let expect = OutcomeKind::parse(expect_name).ok_or_else(|| {
         format!("unknown outcome '{expect_name}' for --expect (poweroff, reboot, panic, triple-fault, timeout, vmm-error)")
@@ -266,6 +286,10 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         cpu,
         console,
         timeout,
+        reboot: config::Reboot {
+            on_reboot,
+            keep_poison_on_reset: a.keep_poison_on_reset,
+        },
     };
     cfg.validate(config::host_memory_mib())
         .map_err(|e| e.to_string())?;

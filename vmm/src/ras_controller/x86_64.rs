@@ -36,6 +36,9 @@ fn on_vcpu(
 }
 
 impl RasController {
+    /// Nothing of x86's machine-check set-up belongs to one boot.
+    pub(super) fn reset_arch(&self) {}
+
     /// The guest's MCG_CAP and the bits of it rasvmm supplies.
     pub fn mcg_cap(&self) -> (u64, u64) {
         (self.setup.mcg_cap, self.setup.mcg_cap_supplied)
@@ -142,11 +145,11 @@ impl RasController {
         } else {
             &[true, false]
         };
+        let senders = self.senders();
         for &check_only in phases {
             let mut replies: Vec<(u8, Receiver<Result<(), kvm::Error>>)> = Vec::new();
             for p in plan {
-                let sender = self
-                    .senders()
+                let sender = senders
                     .get(usize::from(p.vcpu))
                     .ok_or(RasError::NoVcpu(p.vcpu, self.vcpu_count()))?;
                 let (reply, rx) = channel();

@@ -24,6 +24,7 @@
 //! | `ghes-raw:<nmi\|gsiv\|polled>:<hex>` | report a raw CPER record (validated first) |
 //! | `kho-scan` | read the guest's own poison list from its KHO state and compare it with the ledger |
 //! | `wait:<ms>` | let the guest run |
+//! | `wait-boot:<n>` | with `--on-reboot restart`: wait until boot n (2 is the first reboot's) is up and its agent said hello |
 //!
 //! A reference names a PFN; where an address is meant it stands for the
 //! page's first byte. Agent commands may also be given as JSON.
@@ -134,6 +135,8 @@ pub enum Step {
     KhoCorrupt(Vec<Edit>),
     /// Let the guest run.
     Wait(Duration),
+    /// Wait until boot n's agent is up.
+    WaitBoot(u32),
 }
 
 /// Parses one step.
@@ -408,6 +411,13 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             }
             Ok(Step::KhoCorrupt(edits))
         }
+        ("wait-boot", Some(n)) => {
+            let n = number(n)
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| (2..=crate::config::MAX_BOOTS).contains(n))
+                .ok_or_else(|| bad("wait-boot takes a boot number, 2 to 16"))?;
+            Ok(Step::WaitBoot(n))
+        }
         ("wait", Some(ms)) => {
             let d = number(ms)
                 .map(Duration::from_millis)
@@ -417,7 +427,7 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
         }
         _ => Err(bad(
             "expected exec, alloc-page, touch-page, spin-page, kernel-pages, page-info, sysctl, poweroff, kexec, \
-             inject, poison, ghes-memory, ghes-raw, forge-kho, kho-scan, kho-corrupt, wait, or JSON",
+             inject, poison, ghes-memory, ghes-raw, forge-kho, kho-scan, kho-corrupt, wait, wait-boot, or JSON",
         )),
     }
 }
@@ -550,6 +560,8 @@ pub enum StepError {
     Agent(String),
     /// The run ended (the guest stopped or the deadline passed) first.
     Ended,
+    /// The guest rebooted before the agent replied (its agent is gone).
+    Rebooted,
 }
 
 impl std::fmt::Display for StepError {
@@ -558,6 +570,7 @@ impl std::fmt::Display for StepError {
             StepError::Failed(e) => write!(f, "{e}"),
             StepError::Agent(e) => write!(f, "agent: {e}"),
             StepError::Ended => write!(f, "the run ended before the agent replied"),
+            StepError::Rebooted => write!(f, "the guest rebooted before the agent replied"),
         }
     }
 }

@@ -182,6 +182,8 @@ fn ras_steps() {
         parse("wait:1500"),
         Ok(Step::Wait(Duration::from_millis(1500)))
     );
+    assert_eq!(parse("wait-boot:2"), Ok(Step::WaitBoot(2)));
+    assert_eq!(parse("wait-boot:0x10"), Ok(Step::WaitBoot(16)));
 }
 
 #[test]
@@ -235,6 +237,10 @@ fn bad_steps() {
         "kho-corrupt:explode",
         "wait:forever",
         "wait:99999999999",
+        "wait-boot",
+        "wait-boot:1",
+        "wait-boot:17",
+        "wait-boot:next",
     ] {
         assert!(parse(s).is_err(), "{s:?} should be refused");
     }
