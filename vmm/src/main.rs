@@ -98,7 +98,8 @@ struct RunArgs {
     /// page-info:<pfn|ref>, sysctl:<name>[=<value>], kexec[:<append>],
     /// poweroff, or JSON), inject:<srar|srao|ucna>:<gpa|ref>[:vcpu=<n>][:local],
     /// poison:<gpa|ref>, ghes-memory:<severity>:<gpa|ref>[:source=<s>],
-    /// ghes-raw:<source>:<hex>, kho-scan, wait:<ms>. See docs/scenarios.md.
+    /// ghes-raw:<source>:<hex>, kho-scan, wait:<ms>, wait-console:<text>,
+    /// wait-boot:<n>. See docs/scenarios.md.
     #[arg(long = "step", visible_alias = "agent", value_name = "STEP")]
     steps: Vec<String>,
     /// Serve the control API on this Unix socket (created 0600).

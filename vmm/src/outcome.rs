@@ -112,6 +112,23 @@ impl ConsoleHistory {
         self.lines.push(line.to_string());
     }
 
+    /// Lines kept so far.
+    pub fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    /// Whether no line was kept.
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    /// Whether a line kept at index `from` or later contains `needle`.
+    pub fn contains_since(&self, from: usize, needle: &str) -> bool {
+        self.lines
+            .get(from..)
+            .is_some_and(|l| l.iter().any(|l| l.contains(needle)))
+    }
+
     /// The lines kept.
     pub fn into_lines(self) -> Vec<String> {
         self.lines

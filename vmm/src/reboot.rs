@@ -90,6 +90,7 @@ impl Session {
             pages,
         });
         self.boot_started_ms = self.vm.ras().now_ms();
+        self.boot_console = self.console.len();
         self.classifier.new_boot();
         self.agent_up = false;
         self.kexecs_at_boot = self.kexecs;
@@ -115,6 +116,18 @@ impl Session {
     /// said hello.
     pub(crate) fn wait_boot(&mut self, n: u32) -> Result<(), StepError> {
         while self.boot() < n || !self.agent_up {
+            if self.outcome.is_some() {
+                return Err(StepError::Ended);
+            }
+            self.step();
+        }
+        Ok(())
+    }
+
+    /// Waits until a console line of the current boot contains `text`
+    /// (lines beyond the console history's bound are not seen).
+    pub(crate) fn wait_console(&mut self, text: &str) -> Result<(), StepError> {
+        while !self.console.contains_since(self.boot_console, text) {
             if self.outcome.is_some() {
                 return Err(StepError::Ended);
             }

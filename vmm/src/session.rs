@@ -49,9 +49,11 @@ pub struct Session {
     pub(crate) kexecs_at_boot: u32,
     /// The boots that ended (the run's current one is not among them).
     pub(crate) boots: Vec<BootRecord>,
-    /// When the current boot began, and when its agent said hello.
+    /// When the current boot began, when its agent said hello, and its
+    /// first console line in `console`.
     pub(crate) boot_started_ms: u64,
     pub(crate) boot_agent_ms: Option<u64>,
+    pub(crate) boot_console: usize,
     pub(crate) next_id: u64,
     /// Signals the agent reported.
     pub signals: Vec<SignalReport>,
@@ -100,6 +102,7 @@ impl Session {
             boots: Vec::new(),
             boot_started_ms: 0,
             boot_agent_ms: None,
+            boot_console: 0,
             next_id: 1,
             signals: Vec::new(),
             signal_ms: Vec::new(),
@@ -241,6 +244,7 @@ impl Session {
                 Ok(None)
             }
             Step::WaitBoot(n) => self.wait_boot(*n).map(|()| None),
+            Step::WaitConsole(t) => self.wait_console(t).map(|()| None),
         }
     }
 

@@ -21,6 +21,9 @@ impl Session {
             Request::Step(text) => match steps::parse(&text) {
                 Err(e) => Answer::err(id, e),
                 Ok(Step::Wait(_)) => Answer::err(id, "wait is the client's to do over the API"),
+                Ok(Step::WaitConsole(_)) => {
+                    Answer::err(id, "wait-console is the client's to do over the API")
+                }
                 Ok(Step::WaitBoot(_)) => Answer::err(
                     id,
                     "wait-boot is the client's to do over the API (see state's boot)",

@@ -24,6 +24,7 @@
 //! | `ghes-raw:<nmi\|gsiv\|polled>:<hex>` | report a raw CPER record (validated first) |
 //! | `kho-scan` | read the guest's own poison list from its KHO state and compare it with the ledger |
 //! | `wait:<ms>` | let the guest run |
+//! | `wait-console:<text>` | wait until a console line of the current boot contains `text` (at most 128 bytes) |
 //! | `wait-boot:<n>` | with `--on-reboot restart`: wait until boot n (2 is the first reboot's) is up and its agent said hello |
 //!
 //! A reference names a PFN; where an address is meant it stands for the
@@ -43,6 +44,9 @@ use ras::kho::corrupt::{Edit, Place};
 use ras::mce::MemoryError;
 use serde::Serialize;
 use thiserror::Error;
+
+/// Longest text a `wait-console` step waits for.
+const MAX_WAIT_TEXT: usize = 128;
 
 /// Longest `wait` step.
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
@@ -137,6 +141,8 @@ pub enum Step {
     Wait(Duration),
     /// Wait until boot n's agent is up.
     WaitBoot(u32),
+    /// Wait until a console line of the current boot contains this.
+    WaitConsole(String),
 }
 
 /// Parses one step.
@@ -411,6 +417,9 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             }
             Ok(Step::KhoCorrupt(edits))
         }
+        ("wait-console", Some(t)) if !t.is_empty() && t.len() <= MAX_WAIT_TEXT => {
+            Ok(Step::WaitConsole(t.to_string()))
+        }
         ("wait-boot", Some(n)) => {
             let n = number(n)
                 .and_then(|n| u32::try_from(n).ok())
@@ -427,7 +436,7 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
         }
         _ => Err(bad(
             "expected exec, alloc-page, touch-page, spin-page, kernel-pages, page-info, sysctl, poweroff, kexec, \
-             inject, poison, ghes-memory, ghes-raw, forge-kho, kho-scan, kho-corrupt, wait, wait-boot, or JSON",
+             inject, poison, ghes-memory, ghes-raw, forge-kho, kho-scan, kho-corrupt, wait, wait-console, wait-boot, or JSON",
         )),
     }
 }
