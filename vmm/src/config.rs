@@ -399,6 +399,32 @@ mod tests {
     }
 
     #[test]
+    fn a_panic_is_a_reboot_only_with_restart_and_a_panic_timeout() {
+        let cfg = |cmdline: &str, on_reboot| VmConfig {
+            boot: BootSource::Linux {
+                kernel: PathBuf::from("bzImage"),
+                initramfs: None,
+                cmdline: cmdline.into(),
+            },
+            poison_report: PoisonReport::default(),
+            tables: BootTables::default(),
+            memory_mib: 256,
+            vcpus: 1,
+            cpu: cpu_profile(guest::DEFAULT_PROFILE).unwrap(),
+            console: ConsoleTarget::Discard,
+            timeout: Duration::from_secs(10),
+            reboot: Reboot {
+                on_reboot,
+                keep_poison_on_reset: false,
+            },
+        };
+        let with = format!("{DEFAULT_CMDLINE} panic=1");
+        assert!(cfg(&with, OnReboot::Restart).panic_is_reboot());
+        assert!(!cfg(&with, OnReboot::Exit).panic_is_reboot());
+        assert!(!cfg(DEFAULT_CMDLINE, OnReboot::Restart).panic_is_reboot());
+    }
+
+    #[test]
     fn reboot_actions() {
         assert_eq!(OnReboot::parse("exit"), Ok(OnReboot::Exit));
         assert_eq!(OnReboot::parse("restart"), Ok(OnReboot::Restart));

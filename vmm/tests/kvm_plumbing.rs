@@ -66,6 +66,20 @@ fn panic_line_then_reset_is_classified_as_panic() {
 }
 
 #[test]
+fn a_panic_the_guest_does_not_reboot_from_still_ends_the_run_under_restart() {
+    // No panic=N > 0 on the command line (a payload has none): the reset
+    // after the panic is the end of the run, not the next boot.
+    let mut code = print(b"Kernel panic - not syncing: payload test\n");
+    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]);
+    let mut cfg = config(code, 1);
+    cfg.reboot.on_reboot = vmm::config::OnReboot::Restart;
+    let report = vmm::run::run(&cfg, &[]).unwrap();
+    assert_eq!(report.outcome, OutcomeKind::Panic);
+    assert_eq!(report.boots.len(), 1);
+    assert_eq!(report.boots[0].end.name(), "panic");
+}
+
+#[test]
 fn exception_without_idt_is_a_triple_fault() {
     // ud2 through the empty boot IDT: #UD -> #NP -> #DF -> shutdown. (Not
     // int3: KVM's PVM backend emulates int3 and reports an emulation failure.)
