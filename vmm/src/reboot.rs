@@ -70,7 +70,7 @@ impl Session {
                 | VmEvent::Stopped { .. } => {}
             }
         }
-        let pages = match self.vm.next_boot(reboot.keep_poison_on_reset) {
+        let pages = match self.vm.reset_memory(reboot.keep_poison_on_reset) {
             Ok(p) => p,
             Err(e) => {
                 let o = self.classifier.vmm_error(one_line(&e));
@@ -92,6 +92,12 @@ impl Session {
         self.boot_started_ms = self.vm.ras().now_ms();
         self.boot_console = self.console.len();
         self.classifier.new_boot();
+        if let Err(e) = self.vm.next_boot() {
+            // The next boot never ran: its record says why.
+            let o = self.classifier.vmm_error(one_line(&e));
+            self.finish(o);
+            return;
+        }
         self.agent_up = false;
         self.kexecs_at_boot = self.kexecs;
         // The roots in memory now are the old kernels': the new kernel's

@@ -12,9 +12,10 @@
 //! KVM VM with that memory registered, its irqchip, devices and vCPUs, and
 //! the guest loaded into memory again. KVM cannot destroy a vCPU, so a
 //! guest reset with `--on-reboot restart` ends the boot
-//! ([`Vm::end_boot`]: every vCPU thread joined, the KVM VM closed) and
-//! builds the next ([`Vm::next_boot`]) on the same memory, as a reset
-//! leaves DRAM as it was.
+//! ([`Vm::end_boot`]: every vCPU thread joined, the KVM VM closed), deals
+//! with the poisoned pages ([`Vm::reset_memory`]) and builds the next
+//! ([`Vm::next_boot`]) on the same memory, as a reset leaves DRAM as it
+//! was.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -164,16 +165,24 @@ impl Vm {
         joined
     }
 
-    /// Builds and starts the next boot on the same guest memory (after
-    /// [`Vm::end_boot`]): the poisoned pages' fate first (replaced by fresh
-    /// zeroed memory, or kept bad if `keep_poison`), then a new KVM VM with
-    /// the memory registered, the guest loaded again, new devices and
-    /// vCPUs. Returns what became of each ledger page.
-    pub fn next_boot(&mut self, keep_poison: bool) -> Result<Vec<PageFate>, Error> {
+    /// The reset's effect on guest memory, between [`Vm::end_boot`] and
+    /// [`Vm::next_boot`]: each poisoned page replaced by fresh zeroed
+    /// memory, or kept bad if `keep_poison`. Returns what became of each
+    /// ledger page.
+    pub fn reset_memory(&mut self, keep_poison: bool) -> Result<Vec<PageFate>, Error> {
         if self.boot.is_some() {
             self.end_boot();
         }
-        let fates = self.ras.at_reset(keep_poison).map_err(Error::Reset)?;
+        self.ras.at_reset(keep_poison).map_err(Error::Reset)
+    }
+
+    /// Builds and starts the next boot on the same guest memory (after
+    /// [`Vm::reset_memory`]): a new KVM VM with the memory registered, the
+    /// guest loaded again, new devices and vCPUs.
+    pub fn next_boot(&mut self) -> Result<(), Error> {
+        if self.boot.is_some() {
+            self.end_boot();
+        }
         let kept: Vec<u64> = self
             .ras
             .ledger()
@@ -205,7 +214,7 @@ impl Vm {
             &self.events_tx,
         )?;
         self.boot = Some(boot);
-        Ok(fates)
+        Ok(())
     }
 
     /// A sender into this VM's event channel (for the control API).

@@ -224,3 +224,54 @@ fn a_page_kept_poisoned_raises_a_fresh_error_in_the_next_boot() {
     // The read never completed (it cannot, while the page is bad).
     assert_eq!(read(&s, READ_BACK), 0);
 }
+
+#[test]
+fn a_kept_page_under_the_image_stops_the_next_boot_before_it_is_written() {
+    // Resets at once; the page it runs from is recorded as kept-poisoned
+    // before the session sees the reset.
+    let mut cfg = payload(vec![0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe], 1);
+    cfg.reboot.on_reboot = crate::config::OnReboot::Restart;
+    cfg.reboot.keep_poison_on_reset = true;
+    let vm = Vm::start(&cfg).unwrap();
+    let mut s = crate::session::Session::new(vm).unwrap();
+    s.vm().ras().mark_sticky_for_test(0x10_0000);
+    let o = s.wait_outcome();
+    assert_eq!(o.kind, crate::outcome::OutcomeKind::VmmError, "{o:?}");
+    assert_eq!(
+        o.detail,
+        "Cannot load the guest again: page 0x100000, kept poisoned across the reset, lies under its image or tables"
+    );
+    let boots = s.boot_records();
+    assert_eq!(boots.len(), 2);
+    assert_eq!(boots[0].end.name(), "reset");
+    assert_eq!(boots[0].pages[0].fate, ras::ledger::Fate::Kept);
+    assert_eq!(boots[1].end.name(), "vmm-error");
+    assert_eq!(boots[1].agent_ready_ms, None);
+    // A kept page elsewhere is no obstacle.
+    let vm = Vm::start(&payload_counting_to(2, &cfg)).unwrap();
+    let mut s = crate::session::Session::new(vm).unwrap();
+    s.vm().ras().mark_sticky_for_test(0x30_0000);
+    let o = s.wait_outcome();
+    assert_eq!(o.kind, crate::outcome::OutcomeKind::Poweroff, "{o:?}");
+    assert_eq!(s.boot_records().len(), 2);
+}
+
+/// `cfg` with a payload that counts its boots at 0x200000 and powers off
+/// at `until`, resetting before.
+fn payload_counting_to(until: u8, cfg: &VmConfig) -> VmConfig {
+    let mut code = vec![
+        0x48, 0x8b, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00, // mov rax, [0x200000]
+        0x48, 0xff, 0xc0, // inc rax
+        0x48, 0x89, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00, // mov [0x200000], rax
+        0x48, 0x83, 0xf8, until, // cmp rax, until
+        0x73, 0x06, // jae poweroff
+        0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe, // reset; jmp $
+    ];
+    code.extend_from_slice(&[0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xeb, 0xfe]);
+    let mut c = cfg.clone();
+    c.boot = BootSource::Payload {
+        bytes: code,
+        load_addr: 0x10_0000,
+    };
+    c
+}
