@@ -27,7 +27,7 @@ use crate::steps::StepError;
 impl Session {
     /// The boot running now (1 for the first).
     pub fn boot(&self) -> u32 {
-        u32::try_from(self.boots.len())
+        u32::try_from(self.boots.ended.len())
             .unwrap_or(u32::MAX)
             .saturating_add(1)
     }
@@ -78,10 +78,10 @@ impl Session {
                 return;
             }
         };
-        self.boots.push(BootRecord {
+        self.boots.ended.push(BootRecord {
             index: boot,
-            started_ms: self.boot_started_ms,
-            agent_ready_ms: self.boot_agent_ms.take(),
+            started_ms: self.boots.started_ms,
+            agent_ready_ms: self.boots.agent_ms.take(),
             ended_ms,
             end: match panicked {
                 Some(line) => BootEnd::Panic { line },
@@ -89,8 +89,8 @@ impl Session {
             },
             pages,
         });
-        self.boot_started_ms = self.vm.ras().now_ms();
-        self.boot_console = self.console.len();
+        self.boots.started_ms = self.vm.ras().now_ms();
+        self.boots.console_start = self.console.len();
         self.classifier.new_boot();
         if let Err(e) = self.vm.next_boot() {
             // The next boot never ran: its record says why.
@@ -99,7 +99,7 @@ impl Session {
             return;
         }
         self.agent_up = false;
-        self.kexecs_at_boot = self.kexecs;
+        self.boots.kexecs_at_start = self.kexecs;
         // The roots in memory now are the old kernels': the new kernel's
         // is the one that is new at its hello.
         self.kho = KhoTracker::new();
@@ -114,7 +114,7 @@ impl Session {
         self.publish(&serde_json::json!({
             "event": "guest-reset",
             "boot": boot + 1,
-            "at_ms": self.boot_started_ms,
+            "at_ms": self.boots.started_ms,
         }));
     }
 
@@ -133,7 +133,7 @@ impl Session {
     /// Waits until a console line of the current boot contains `text`
     /// (lines beyond the console history's bound are not seen).
     pub(crate) fn wait_console(&mut self, text: &str) -> Result<(), StepError> {
-        while !self.console.contains_since(self.boot_console, text) {
+        while !self.console.contains_since(self.boots.console_start, text) {
             if self.outcome.is_some() {
                 return Err(StepError::Ended);
             }
@@ -145,11 +145,11 @@ impl Session {
     /// The boots so far, the current one last, ended by `outcome` if the
     /// run is over.
     pub fn boot_records(&self) -> Vec<BootRecord> {
-        let mut boots = self.boots.clone();
+        let mut boots = self.boots.ended.clone();
         boots.push(BootRecord {
             index: self.boot(),
-            started_ms: self.boot_started_ms,
-            agent_ready_ms: self.boot_agent_ms,
+            started_ms: self.boots.started_ms,
+            agent_ready_ms: self.boots.agent_ms,
             ended_ms: self.vm.ras().now_ms(),
             end: match &self.outcome {
                 Some(o) => BootEnd::Outcome {

@@ -77,6 +77,22 @@ pub struct BootRecord {
     pub pages: Vec<PageFate>,
 }
 
+/// The boots of a run as the session keeps them: those that ended, and
+/// the current one's facts.
+#[derive(Debug, Default)]
+pub struct BootLog {
+    /// The boots that ended.
+    pub ended: Vec<BootRecord>,
+    /// When the current boot began, ms from VMM start.
+    pub started_ms: u64,
+    /// When its agent said hello.
+    pub agent_ms: Option<u64>,
+    /// Its first line's index in the run's console history.
+    pub console_start: usize,
+    /// Guest kexecs before it began.
+    pub kexecs_at_start: u32,
+}
+
 /// How a boot ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "how")]

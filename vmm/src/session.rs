@@ -24,7 +24,7 @@ use crate::outcome::{Classifier, ConsoleHistory, Outcome, OutcomeKind};
 #[allow(unused_imports)] // named in docs
 use crate::ras_controller::RasController;
 use crate::ras_controller::{GhesInjection, Injection, RasError};
-use crate::report::{BootRecord, StepReply};
+use crate::report::{BootLog, StepReply};
 use crate::steps::{Refs, Step, StepError, Target};
 use crate::vm::Vm;
 
@@ -45,15 +45,8 @@ pub struct Session {
     pub(crate) agent_up: bool,
     /// Guest kexecs so far.
     pub(crate) kexecs: u32,
-    /// Guest kexecs before the current boot began.
-    pub(crate) kexecs_at_boot: u32,
-    /// The boots that ended (the run's current one is not among them).
-    pub(crate) boots: Vec<BootRecord>,
-    /// When the current boot began, when its agent said hello, and its
-    /// first console line in `console`.
-    pub(crate) boot_started_ms: u64,
-    pub(crate) boot_agent_ms: Option<u64>,
-    pub(crate) boot_console: usize,
+    /// The boots that ended, and the current one's facts.
+    pub(crate) boots: BootLog,
     pub(crate) next_id: u64,
     /// Signals the agent reported.
     pub signals: Vec<SignalReport>,
@@ -98,11 +91,7 @@ impl Session {
             hello: None,
             agent_up: false,
             kexecs: 0,
-            kexecs_at_boot: 0,
-            boots: Vec::new(),
-            boot_started_ms: 0,
-            boot_agent_ms: None,
-            boot_console: 0,
+            boots: BootLog::default(),
             next_id: 1,
             signals: Vec::new(),
             signal_ms: Vec::new(),
@@ -376,9 +365,9 @@ impl Session {
         if let Err(e) = lock(self.vm.agent()).send(&line) {
             return Err(StepError::Agent(e.to_string()));
         }
-        let boot = self.boots.len();
+        let boot = self.boots.ended.len();
         while self.outcome.is_none() {
-            if self.boots.len() != boot {
+            if self.boots.ended.len() != boot {
                 // The agent that was asked is gone with its boot.
                 return Err(StepError::Rebooted);
             }
@@ -535,10 +524,10 @@ impl Session {
                     if self.hello.is_none() {
                         self.hello = Some((h, self.elapsed()));
                     }
-                    if self.boot_agent_ms.is_none() {
-                        self.boot_agent_ms = Some(self.vm.ras().now_ms());
+                    if self.boots.agent_ms.is_none() {
+                        self.boots.agent_ms = Some(self.vm.ras().now_ms());
                     }
-                    let kexecs = self.kexecs.saturating_sub(self.kexecs_at_boot);
+                    let kexecs = self.kexecs.saturating_sub(self.boots.kexecs_at_start);
                     if !self.agent_up {
                         // A kernel is up, before any process the agent
                         // starts: pin the KHO root it published.
