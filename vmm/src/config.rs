@@ -55,6 +55,9 @@ pub enum ConfigError {
         "Unknown firmware tables '{0}' (acpi, or dt for a device tree without ACPI on aarch64)"
     )]
     Tables(String),
+    /// An unknown --on-reboot.
+    #[error("Unknown reboot action '{0}' (exit, or restart to boot the guest again)")]
+    OnReboot(String),
     /// An unknown --poison-report.
     #[error("Unknown poison report '{0}' ({sync}, or ghes-<source> for one of this architecture's asynchronous GHES sources)", sync = arch::ras::SYNCHRONOUS_ERROR)]
     PoisonReport(String),
@@ -140,6 +143,8 @@ pub struct VmConfig {
     pub timeout: Duration,
     /// Whether the host kernel reports failed memory early.
     pub host_mce_kill: HostMceKill,
+    /// What a guest reboot does.
+    pub reboot: Reboot,
 }
 
 /// Whether rasvmm asks the host kernel for early memory-failure reports
@@ -163,6 +168,58 @@ impl HostMceKill {
             "early" => Ok(HostMceKill::Early),
             "late" => Ok(HostMceKill::Late),
             _ => Err(ConfigError::HostMceKill(s.to_string())),
+        }
+    }
+}
+
+/// Most boots one run makes with `--on-reboot restart`: a guest that
+/// reboots again after that ends the run (outcome `reboot-loop`) rather
+/// than running to its deadline.
+pub const MAX_BOOTS: u32 = 16;
+
+/// What a guest reboot (a reset, or a panic with `panic=N`) does to the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Reboot {
+    /// End the run, or boot the guest again.
+    pub on_reboot: OnReboot,
+    /// With `restart`: sticky-poisoned pages stay bad across the reset (the
+    /// DRAM did not heal) instead of being replaced by fresh zeroed memory.
+    pub keep_poison_on_reset: bool,
+}
+
+/// Whether a panic of a kernel with command line `cmdline` is a reboot to
+/// boot again through: its last `panic=N` has N > 0, so the kernel waits N
+/// seconds and reboots (kernel/panic.c). rasvmm's default command lines say
+/// `panic=-1` (reboot at once) to end a run at its panic without waiting,
+/// and 0, the kernel's default, waits forever: neither counts.
+pub fn panic_reboots(cmdline: &str) -> bool {
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|w| w.strip_prefix("panic="))
+        .next_back()
+        .and_then(|n| n.parse::<i64>().ok())
+        .is_some_and(|n| n > 0)
+}
+
+/// What a guest reboot does to the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnReboot {
+    /// The run ends (outcome `reboot`, or `panic` after a panic).
+    #[default]
+    Exit,
+    /// The machine is rebuilt on the same memory and the guest boots again;
+    /// the run goes on (at most [`MAX_BOOTS`] boots).
+    Restart,
+}
+
+impl OnReboot {
+    /// Parses `exit` or `restart`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "exit" => Ok(OnReboot::Exit),
+            "restart" => Ok(OnReboot::Restart),
+            _ => Err(ConfigError::OnReboot(s.to_string())),
         }
     }
 }
@@ -212,6 +269,13 @@ impl serde::Serialize for PoisonReport {
 }
 
 impl VmConfig {
+    /// Whether a guest panic ends only its boot: `--on-reboot restart` and
+    /// a kernel that reboots itself after a panic ([`panic_reboots`]).
+    pub fn panic_is_reboot(&self) -> bool {
+        self.reboot.on_reboot == OnReboot::Restart
+            && matches!(&self.boot, BootSource::Linux { cmdline, .. } if panic_reboots(cmdline))
+    }
+
     /// Checks sizes and counts; `host_mib` is the host's RAM, if known.
     pub fn validate(&self, host_mib: Option<u64>) -> Result<(), ConfigError> {
         check_memory(self.memory_mib, host_mib)?;
@@ -354,6 +418,62 @@ mod tests {
         assert_eq!(
             check_timeout(MAX_TIMEOUT + Duration::from_secs(1)),
             Err(ConfigError::Timeout)
+        );
+    }
+
+    #[test]
+    fn panic_timeouts_from_the_command_line() {
+        assert!(panic_reboots("console=ttyS0 panic=1"));
+        assert!(panic_reboots("panic=-1 quiet panic=10"));
+        // rasvmm's own convention: end the run at the panic.
+        assert!(!panic_reboots(DEFAULT_CMDLINE));
+        assert!(!panic_reboots("panic=-1 quiet"));
+        assert!(!panic_reboots("console=ttyS0"));
+        assert!(!panic_reboots("panic=0"));
+        // The last one counts, as the kernel parses them in order.
+        assert!(!panic_reboots("panic=5 panic=0"));
+        assert!(panic_reboots("panic=0 panic=5"));
+        // Not a panic= parameter, or not a number.
+        assert!(!panic_reboots("oops=panic panic_on_warn=1"));
+        assert!(!panic_reboots("panic=soon"));
+    }
+
+    #[test]
+    fn a_panic_is_a_reboot_only_with_restart_and_a_panic_timeout() {
+        let cfg = |cmdline: &str, on_reboot| VmConfig {
+            boot: BootSource::Linux {
+                kernel: PathBuf::from("bzImage"),
+                initramfs: None,
+                cmdline: cmdline.into(),
+            },
+            poison_report: PoisonReport::default(),
+            tables: BootTables::default(),
+            memory_mib: 256,
+            vcpus: 1,
+            cpu: cpu_profile(guest::DEFAULT_PROFILE).unwrap(),
+            console: ConsoleTarget::Discard,
+            timeout: Duration::from_secs(10),
+            host_mce_kill: HostMceKill::default(),
+            reboot: Reboot {
+                on_reboot,
+                keep_poison_on_reset: false,
+            },
+        };
+        let with = format!("{DEFAULT_CMDLINE} panic=1");
+        assert!(cfg(&with, OnReboot::Restart).panic_is_reboot());
+        assert!(!cfg(&with, OnReboot::Exit).panic_is_reboot());
+        assert!(!cfg(DEFAULT_CMDLINE, OnReboot::Restart).panic_is_reboot());
+    }
+
+    #[test]
+    fn reboot_actions() {
+        assert_eq!(OnReboot::parse("exit"), Ok(OnReboot::Exit));
+        assert_eq!(OnReboot::parse("restart"), Ok(OnReboot::Restart));
+        assert_eq!(OnReboot::default(), OnReboot::Exit);
+        let e = OnReboot::parse("Restart").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Unknown reboot action 'Restart' (exit, or restart to boot the guest again)"
         );
     }
 

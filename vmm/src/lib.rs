@@ -20,7 +20,8 @@
 //!   (tests);
 //! - [`api`]: the control API socket; [`session`], [`session_api`] and
 //!   [`session_host`]: the event loop that drives a VM, serves the API and
-//!   handles host memory failures;
+//!   handles host memory failures; [`reboot`]: the next boot after a guest
+//!   reset, in the same session;
 //! - [`report`], [`scenario`], [`verdict`]: what a run produced, what a
 //!   scenario expects, and the verdict (pure, typed);
 //! - [`run`]: a whole run from configuration to report.
@@ -38,6 +39,7 @@ pub mod kho_observer;
 pub mod machine;
 pub mod outcome;
 pub mod ras_controller;
+pub mod reboot;
 pub mod report;
 pub mod run;
 pub mod scenario;

@@ -100,6 +100,16 @@ struct RunArgs {
     /// Console: stdout, none, or a file path.
     #[arg(long, default_value = "stdout")]
     console: String,
+    /// What a guest reboot does: exit (the run ends: outcome reboot, or
+    /// panic after a panic) or restart (the guest boots again on the same
+    /// memory, at most 16 boots; a panic ends only its boot when the
+    /// command line says panic=N with N > 0). See docs/host-poison.md.
+    #[arg(long, default_value = "exit")]
+    on_reboot: String,
+    /// With --on-reboot restart: poisoned pages stay bad across a reset
+    /// (the DRAM did not heal) instead of being replaced by zeroed memory.
+    #[arg(long)]
+    keep_poison_on_reset: bool,
     /// Seconds before the run ends as a timeout.
     #[arg(long, default_value_t = config::DEFAULT_TIMEOUT_S)]
     timeout: f64,
@@ -108,7 +118,8 @@ struct RunArgs {
     /// page-info:<pfn|ref>, sysctl:<name>[=<value>], kexec[:<append>],
     /// poweroff, or JSON), inject:<srar|srao|ucna>:<gpa|ref>[:vcpu=<n>][:local],
     /// poison:<gpa|ref>, ghes-memory:<severity>:<gpa|ref>[:source=<s>],
-    /// ghes-raw:<source>:<hex>, kho-scan, wait:<ms>. See docs/scenarios.md.
+    /// ghes-raw:<source>:<hex>, kho-scan, wait:<ms>, wait-console:<text>,
+    /// wait-boot:<n>. See docs/scenarios.md.
     #[arg(long = "step", visible_alias = "agent", value_name = "STEP")]
     steps: Vec<String>,
     /// Serve the control API on this Unix socket (created 0600).
@@ -256,6 +267,12 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         if let Some(h) = &g.host_mce_kill {
             a.host_mce_kill = h.clone();
         }
+        if let Some(r) = &g.on_reboot {
+            a.on_reboot = r.clone();
+        }
+        if let Some(k) = g.keep_poison_on_reset {
+            a.keep_poison_on_reset = k;
+        }
         if let Some(extra) = &g.append {
             a.append = Some(match a.append.take() {
                 Some(x) => format!("{x} {extra}"),
@@ -271,6 +288,10 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
     let tables = config::BootTables::parse(&a.tables).map_err(|e| e.to_string())?;
     let host_mce_kill = config::HostMceKill::parse(&a.host_mce_kill).map_err(|e| e.to_string())?;
     let timeout = config::parse_timeout(a.timeout).map_err(|e| e.to_string())?;
+    let on_reboot = config::OnReboot::parse(&a.on_reboot).map_err(|e| e.to_string())?;
+    if a.keep_poison_on_reset && on_reboot != config::OnReboot::Restart {
+        return Err("--keep-poison-on-reset needs --on-reboot restart".into());
+    }
     let expect_name = a.expect.as_deref().unwrap_or("poweroff");
     let expect = OutcomeKind::parse(expect_name).ok_or_else(|| {
         format!("unknown outcome '{expect_name}' for --expect (poweroff, reboot, panic, triple-fault, timeout, vmm-error, stopped, host-memory-error, machine-check-shutdown)")
@@ -307,6 +328,10 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         console,
         timeout,
         host_mce_kill,
+        reboot: config::Reboot {
+            on_reboot,
+            keep_poison_on_reset: a.keep_poison_on_reset,
+        },
     };
     cfg.validate(config::host_memory_mib())
         .map_err(|e| e.to_string())?;

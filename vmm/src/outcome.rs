@@ -6,6 +6,13 @@
 //! "Kernel panic - not syncing: " (kernel/panic.c) marks a panic,
 //! "reboot: Power down" and "reboot: Restarting system" (kernel/reboot.c)
 //! an orderly power-off or reboot.
+//!
+//! With `--on-reboot restart` a reset starts the next boot instead of
+//! ending the run, and a panic whose kernel will reboot by itself
+//! (`panic=N`, N > 0, on its command line: [`crate::config::panic_reboots`]) ends only
+//! its boot; the session tells the classifier so
+//! ([`Classifier::set_panic_reboots`]) and starts each boot afresh
+//! ([`Classifier::new_boot`]).
 
 use std::collections::VecDeque;
 
@@ -35,6 +42,9 @@ pub enum OutcomeKind {
     /// A vCPU took a machine check it could not take (CR4.MCE clear, or
     /// MCIP already set): real hardware shuts the CPU down.
     MachineCheckShutdown,
+    /// With `--on-reboot restart`, the guest kept rebooting: it reset
+    /// again after the most boots a run makes.
+    RebootLoop,
 }
 
 impl OutcomeKind {
@@ -50,6 +60,7 @@ impl OutcomeKind {
             OutcomeKind::Stopped => "stopped",
             OutcomeKind::HostMemoryError => "host-memory-error",
             OutcomeKind::MachineCheckShutdown => "machine-check-shutdown",
+            OutcomeKind::RebootLoop => "reboot-loop",
         }
     }
 
@@ -65,6 +76,7 @@ impl OutcomeKind {
             OutcomeKind::Stopped,
             OutcomeKind::HostMemoryError,
             OutcomeKind::MachineCheckShutdown,
+            OutcomeKind::RebootLoop,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -110,6 +122,23 @@ impl ConsoleHistory {
         self.lines.push(line.to_string());
     }
 
+    /// Lines kept so far.
+    pub fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    /// Whether no line was kept.
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    /// Whether a line kept at index `from` or later contains `needle`.
+    pub fn contains_since(&self, from: usize, needle: &str) -> bool {
+        self.lines
+            .get(from..)
+            .is_some_and(|l| l.iter().any(|l| l.contains(needle)))
+    }
+
     /// The lines kept.
     pub fn into_lines(self) -> Vec<String> {
         self.lines
@@ -131,6 +160,8 @@ const POWER_OFF_UNAVAILABLE_MARK: &str = "reboot: Power off not available";
 pub struct Classifier {
     tail: VecDeque<String>,
     panic: Option<(String, Vec<String>)>,
+    /// A panic ends its boot, not the run: the kernel reboots by itself.
+    panic_reboots: bool,
 }
 
 impl Classifier {
@@ -139,9 +170,21 @@ impl Classifier {
         Self::default()
     }
 
-    /// The panic line, once one was printed.
+    /// The panic line, once one was printed (this boot).
     pub fn panic_line(&self) -> Option<&str> {
         self.panic.as_ref().map(|(l, _)| l.as_str())
+    }
+
+    /// Whether a panic is followed by the guest's own reboot (which then
+    /// starts the next boot): its end no longer ends the run. A guest that
+    /// panics and never resets still ends as a panic at the deadline.
+    pub fn set_panic_reboots(&mut self, reboots: bool) {
+        self.panic_reboots = reboots;
+    }
+
+    /// A new boot: the last one's panic is its own, not this one's.
+    pub fn new_boot(&mut self) {
+        self.panic = None;
     }
 
     /// Feeds one console line; returns the outcome if the line ends the run.
@@ -151,7 +194,7 @@ impl Classifier {
             if log.len() < TAIL_LINES + AFTER_PANIC_LINES {
                 log.push(line.to_string());
             }
-            if line.contains(PANIC_END_MARK) {
+            if line.contains(PANIC_END_MARK) && !self.panic_reboots {
                 return Some(self.panic_outcome());
             }
             return None;
@@ -183,6 +226,17 @@ impl Classifier {
             return self.panic_outcome();
         }
         self.outcome(OutcomeKind::Reboot, "guest reset".into())
+    }
+
+    /// The guest kept rebooting: it reset again after `boots` boots.
+    pub fn reboot_loop(&mut self, boots: u32) -> Outcome {
+        let mut o = self.reset();
+        o.kind = OutcomeKind::RebootLoop;
+        o.detail = match self.panic_line() {
+            Some(p) => format!("the guest reset after {boots} boots, the last ending in '{p}'"),
+            None => format!("the guest reset after {boots} boots"),
+        };
+        o
     }
 
     /// The guest powered off by a KVM system event or ACPI S5 (`how`).
@@ -345,6 +399,40 @@ mod tests {
     }
 
     #[test]
+    fn a_panic_that_reboots_ends_its_boot_not_the_run() {
+        let mut c = Classifier::new();
+        c.set_panic_reboots(true);
+        c.console_line("Kernel panic - not syncing: Memory failure: 0x141: unrecoverable page");
+        assert!(c
+            .console_line("---[ end Kernel panic - not syncing: Memory failure ]---")
+            .is_none());
+        assert_eq!(
+            c.panic_line(),
+            Some("Kernel panic - not syncing: Memory failure: 0x141: unrecoverable page")
+        );
+        // A panicked guest that never resets is still a panic at the deadline.
+        assert_eq!(c.deadline(1.0).kind, OutcomeKind::Panic);
+        c.new_boot();
+        assert_eq!(c.panic_line(), None);
+        assert_eq!(c.deadline(1.0).kind, OutcomeKind::Timeout);
+        let o = c.console_line("reboot: Power down").unwrap();
+        assert_eq!(o.kind, OutcomeKind::Poweroff);
+    }
+
+    #[test]
+    fn a_reboot_loop_names_the_boots_and_the_last_panic() {
+        let mut c = Classifier::new();
+        assert_eq!(c.reboot_loop(16).detail, "the guest reset after 16 boots");
+        c.console_line("Kernel panic - not syncing: Fatal machine check");
+        let o = c.reboot_loop(16);
+        assert_eq!(o.kind, OutcomeKind::RebootLoop);
+        assert_eq!(
+            o.detail,
+            "the guest reset after 16 boots, the last ending in 'Kernel panic - not syncing: Fatal machine check'"
+        );
+    }
+
+    #[test]
     fn panic_log_is_bounded() {
         let mut c = Classifier::new();
         c.console_line("Kernel panic - not syncing: x");
@@ -363,6 +451,8 @@ mod tests {
             "triple-fault",
             "timeout",
             "vmm-error",
+            "stopped",
+            "reboot-loop",
         ] {
             assert_eq!(OutcomeKind::parse(k).unwrap().as_str(), k);
         }

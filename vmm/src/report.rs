@@ -1,7 +1,7 @@
 //! The record of a run: printed for humans and written as JSON for CI.
 
 use guest_agent::{Payload, SignalReport};
-use ras::ledger::Entry;
+use ras::ledger::{Entry, PageFate};
 use serde::{Deserialize, Serialize};
 
 use crate::kho_observer::corrupt::KhoCorrupted;
@@ -51,11 +51,86 @@ pub struct StepRecord {
     /// Why it failed, otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// The end of the run cut it short (not a failure of its own).
+    /// The end of the run, or a reboot of the guest, cut it short (not a
+    /// failure of its own).
     #[serde(default, skip_serializing_if = "is_false")]
     pub cut_short: bool,
     /// Milliseconds from VMM start when the reply (or failure) came.
     pub at_ms: u64,
+}
+
+/// One boot of the guest (a run has several with `--on-reboot restart`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootRecord {
+    /// 1 for the boot the run started with.
+    pub index: u32,
+    /// When it began, ms from VMM start.
+    pub started_ms: u64,
+    /// When its agent said hello.
+    pub agent_ready_ms: Option<u64>,
+    /// When it ended.
+    pub ended_ms: u64,
+    /// How it ended.
+    pub end: BootEnd,
+    /// What the reset did to each ledger page (the last boot has none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pages: Vec<PageFate>,
+}
+
+/// The boots of a run as the session keeps them: those that ended, and
+/// the current one's facts.
+#[derive(Debug, Default)]
+pub struct BootLog {
+    /// The boots that ended.
+    pub ended: Vec<BootRecord>,
+    /// When the current boot began, ms from VMM start.
+    pub started_ms: u64,
+    /// When its agent said hello.
+    pub agent_ms: Option<u64>,
+    /// Its first line's index in the run's console history.
+    pub console_start: usize,
+    /// Guest kexecs before it began.
+    pub kexecs_at_start: u32,
+}
+
+/// How a boot ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "how")]
+pub enum BootEnd {
+    /// The guest reset (i8042 or ACPI reset, KVM_SYSTEM_EVENT_RESET).
+    Reset,
+    /// It panicked and rebooted itself (`panic=N`).
+    Panic {
+        /// The panic line.
+        line: String,
+    },
+    /// The run ended with it.
+    Outcome {
+        /// How.
+        outcome: OutcomeKind,
+        /// The outcome's detail.
+        detail: String,
+    },
+}
+
+impl BootEnd {
+    /// `reset`, `panic`, or the run's outcome (`poweroff`, `panic`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            BootEnd::Reset => "reset",
+            BootEnd::Panic { .. } => "panic",
+            BootEnd::Outcome { outcome, .. } => outcome.as_str(),
+        }
+    }
+
+    /// The panic line or the outcome's detail ("" for a reset).
+    pub fn detail(&self) -> &str {
+        match self {
+            BootEnd::Reset => "",
+            BootEnd::Panic { line } => line,
+            BootEnd::Outcome { detail, .. } => detail,
+        }
+    }
 }
 
 /// Memory rasvmm uses, measured at the end of the run.
@@ -106,6 +181,9 @@ pub struct RunReport {
     pub ras_events: Vec<RasEvent>,
     /// The poison ledger at the end of the run.
     pub ledger: Vec<Entry>,
+    /// Every boot, in order, with what each reset did to the ledger's pages.
+    #[serde(default)]
+    pub boots: Vec<BootRecord>,
     /// The GHES error sources at the end of the run.
     pub ghes: Vec<crate::ghes_sources::SourceState>,
     /// Milliseconds from VMM start to the outcome.
@@ -173,6 +251,25 @@ impl RunReport {
         for e in &self.ras_events {
             s += &format!("ras: {}\n", serde_json::to_string(e).unwrap_or_default());
         }
+        if self.boots.len() > 1 {
+            for b in &self.boots {
+                s += &format!(
+                    "boot {}: {:.2} s to {:.2} s, {}{}{}\n",
+                    b.index,
+                    b.started_ms as f64 / 1000.0,
+                    b.ended_ms as f64 / 1000.0,
+                    b.end.name(),
+                    match b.end.detail() {
+                        "" => String::new(),
+                        d => format!(" ({})", clip(d, 120)),
+                    },
+                    b.pages
+                        .iter()
+                        .map(|p| format!(", page {:#x} {:?}", p.gpa, p.fate))
+                        .collect::<String>()
+                );
+            }
+        }
         if matches!(
             self.outcome,
             OutcomeKind::Panic
@@ -219,6 +316,7 @@ impl RunReport {
             agent_errors: Vec::new(),
             ras_events: Vec::new(),
             ledger: Vec::new(),
+            boots: Vec::new(),
             ghes: Vec::new(),
             elapsed_ms: 0,
             vcpus,
@@ -376,6 +474,34 @@ mod tests {
                 ghes: Some(ras::ghes::Notification::Nmi),
             },
         ];
+        r.boots = vec![
+            BootRecord {
+                index: 1,
+                started_ms: 0,
+                agent_ready_ms: Some(900),
+                ended_ms: 2000,
+                end: BootEnd::Panic {
+                    line: "Kernel panic - not syncing: x".into(),
+                },
+                pages: vec![PageFate {
+                    gpa: 0x77000,
+                    source: ras::ledger::Source::Injected,
+                    consumptions: 1,
+                    fate: ras::ledger::Fate::Remapped,
+                }],
+            },
+            BootRecord {
+                index: 2,
+                started_ms: 2001,
+                agent_ready_ms: None,
+                ended_ms: 3000,
+                end: BootEnd::Outcome {
+                    outcome: OutcomeKind::Poweroff,
+                    detail: "reboot: Power down".into(),
+                },
+                pages: vec![],
+            },
+        ];
         r.mcg_cap_supplied = 1 << 24;
         r.ghes = vec![crate::ghes_sources::SourceState {
             source: ras::ghes::Notification::Gsiv,
@@ -396,6 +522,12 @@ mod tests {
         assert_eq!(serde_json::to_string(&back).unwrap(), text);
         assert!(matches!(back.steps[1].reply, Some(StepReply::Kho { .. })));
         assert!(back.steps[2].cut_short);
+        assert_eq!(back.boots, r.boots);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["boots"][0]["end"]["how"], "panic");
+        assert_eq!(v["boots"][0]["pages"][0]["fate"], "remapped");
+        assert_eq!(v["boots"][1]["end"]["outcome"], "poweroff");
+        assert!(r.human().contains("boot 1: 0.00 s to 2.00 s, panic (Kernel panic - not syncing: x), page 0x77000 Remapped\n"));
     }
 
     #[test]

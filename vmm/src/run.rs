@@ -65,7 +65,8 @@ pub fn run_expecting(
         records.push(StepRecord {
             step: text.clone(),
             reply,
-            cut_short: error == Some(StepError::Ended),
+            // The end of the run, or of the boot the step's agent ran in.
+            cut_short: matches!(error, Some(StepError::Ended | StepError::Rebooted)),
             error: error.map(|e| e.to_string()),
             at_ms,
         });
@@ -92,6 +93,7 @@ pub fn run_expecting(
     report.agent_errors = std::mem::take(&mut session.agent_errors);
     report.ras_events = std::mem::take(&mut session.ras_events);
     report.ledger = session.vm().ras().ledger();
+    report.boots = session.boot_records();
     report.ghes = session.vm().ras().ghes_state();
     (report.mcg_cap, report.mcg_cap_supplied) = session.vm().ras().mcg_cap();
     report.ras_limitation = session.vm().ras().ras_limitation();

@@ -73,6 +73,10 @@ pub struct Guest {
     pub tables: Option<String>,
     /// Host memory failures reported early or late (`--host-mce-kill`).
     pub host_mce_kill: Option<String>,
+    /// What a guest reboot does: exit or restart.
+    pub on_reboot: Option<String>,
+    /// With restart: poisoned pages stay bad across a reset.
+    pub keep_poison_on_reset: Option<bool>,
 }
 
 /// A signal the guest's page holder must have received.
@@ -178,6 +182,29 @@ pub enum KhoVerdict {
     Unknown,
 }
 
+/// What one boot must have been (`[[expect.boots]]`, one table per boot).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectBoot {
+    /// How it ended: `reset`, `panic` (a panic it rebooted from, or the
+    /// run's), or the run's outcome for the last boot (`poweroff`, ...).
+    pub end: Option<String>,
+    /// A substring of the panic line or the outcome's detail (`{ref}` is
+    /// that PFN in hex).
+    pub detail_contains: Option<String>,
+    /// Its agent said hello.
+    pub agent: Option<bool>,
+    /// Pages (references) its reset replaced with fresh zeroed memory.
+    #[serde(default)]
+    pub remapped: Vec<String>,
+    /// Pages its reset left bad (`keep_poison_on_reset`).
+    #[serde(default)]
+    pub kept: Vec<String>,
+    /// Pages the guest consumed (accessed while poisoned) during it.
+    #[serde(default)]
+    pub consumed: Vec<String>,
+}
+
 /// The verdict expected.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -196,6 +223,12 @@ pub struct Expect {
     /// Pages the guest must report as KPF_HWPOISON (by their last page-info).
     #[serde(default)]
     pub hwpoison: Vec<String>,
+    /// Pages whose last page-info must not show KPF_HWPOISON.
+    #[serde(default)]
+    pub not_hwpoison: Vec<String>,
+    /// Every boot of the run, in order (with `on_reboot = "restart"`): as
+    /// many tables as boots.
+    pub boots: Option<Vec<ExpectBoot>>,
     /// HardwareCorrupted in the last page-info reply.
     pub hardware_corrupted_kb: Option<u64>,
     /// Consumptions rasvmm counted per page (0: never touched again).
@@ -313,9 +346,24 @@ impl Scenario {
         if let Some(t) = &s.guest.tables {
             crate::config::BootTables::parse(t).map_err(|e| e.to_string())?;
         }
+        if let Some(r) = &s.guest.on_reboot {
+            crate::config::OnReboot::parse(r).map_err(|e| e.to_string())?;
+        }
         for e in std::iter::once(&s.expect).chain(&s.expect_without_ser) {
             for sig in e.signals.iter().flatten() {
                 signal_code(&sig.code)?;
+            }
+            for (i, b) in e.boots.iter().flatten().enumerate() {
+                match b.end.as_deref() {
+                    None | Some("reset" | "panic") => {}
+                    Some(k) if OutcomeKind::parse(k).is_some() => {}
+                    Some(k) => {
+                        return Err(format!(
+                            "boot {}: unknown end '{k}' (reset, panic, or an outcome)",
+                            i + 1
+                        ))
+                    }
+                }
             }
         }
         Ok(s)

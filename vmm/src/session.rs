@@ -4,7 +4,8 @@
 //! [`VmEvent`] on one channel; [`Session`] consumes it, talks to the guest
 //! agent, performs steps, serves the control API (in the `session_api`
 //! module) and classifies the outcome. The run's state lives
-//! here and only here.
+//! here and only here. A guest reset under `--on-reboot restart` starts
+//! the next boot in the same session (the `reboot` module).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use crate::outcome::{Classifier, ConsoleHistory, Outcome, OutcomeKind};
 #[allow(unused_imports)] // named in docs
 use crate::ras_controller::RasController;
 use crate::ras_controller::{GhesInjection, Injection, RasError};
-use crate::report::StepReply;
+use crate::report::{BootLog, StepReply};
 use crate::steps::{Refs, Step, StepError, Target};
 use crate::vm::Vm;
 
@@ -44,6 +45,8 @@ pub struct Session {
     pub(crate) agent_up: bool,
     /// Guest kexecs so far.
     pub(crate) kexecs: u32,
+    /// The boots that ended, and the current one's facts.
+    pub(crate) boots: BootLog,
     pub(crate) next_id: u64,
     /// Signals the agent reported.
     pub signals: Vec<SignalReport>,
@@ -76,16 +79,19 @@ impl Session {
     pub fn new(vm: Vm) -> Result<Self, crate::event_loop::Error> {
         let deadline = vm.started() + vm.config().timeout;
         let event_loop = EventLoop::new(vm.events().wake_fd())?;
+        let mut classifier = Classifier::new();
+        classifier.set_panic_reboots(vm.config().panic_is_reboot());
         Ok(Self {
             vm,
             event_loop,
-            classifier: Classifier::new(),
+            classifier,
             console: ConsoleHistory::default(),
             deadline,
             outcome: None,
             hello: None,
             agent_up: false,
             kexecs: 0,
+            boots: BootLog::default(),
             next_id: 1,
             signals: Vec::new(),
             signal_ms: Vec::new(),
@@ -230,6 +236,8 @@ impl Session {
                 self.wait(*d);
                 Ok(None)
             }
+            Step::WaitBoot(n) => self.wait_boot(*n).map(|()| None),
+            Step::WaitConsole(t) => self.wait_console(t).map(|()| None),
         }
     }
 
@@ -366,7 +374,12 @@ impl Session {
         if let Err(e) = lock(self.vm.agent()).send(&line) {
             return Err(StepError::Agent(e.to_string()));
         }
+        let boot = self.boots.ended.len();
         while self.outcome.is_none() {
+            if self.boots.ended.len() != boot {
+                // The agent that was asked is gone with its boot.
+                return Err(StepError::Rebooted);
+            }
             if let Some(AgentMessage::Reply(r)) = self.step() {
                 if r.id == id {
                     return match (r.ok, r.error) {
@@ -427,7 +440,7 @@ impl Session {
 
     /// Handles one event (or the deadline); returns agent messages other
     /// than the hello to the caller.
-    fn step(&mut self) -> Option<AgentMessage> {
+    pub(crate) fn step(&mut self) -> Option<AgentMessage> {
         self.step_until(self.deadline)
     }
 
@@ -484,10 +497,7 @@ impl Session {
                     self.finish(o);
                 }
             }
-            VmEvent::Reset => {
-                let o = self.classifier.reset();
-                self.finish(o);
-            }
+            VmEvent::Reset => self.guest_reset(),
             VmEvent::PowerOff => {
                 let o = self.classifier.power_off("ACPI S5");
                 self.finish(o);
@@ -498,7 +508,10 @@ impl Session {
             VmEvent::Stopped { vcpu, stop } => {
                 let o = match stop {
                     VcpuStop::TripleFault(state) => self.classifier.triple_fault(vcpu, &state),
-                    VcpuStop::SystemReset => self.classifier.reset(),
+                    VcpuStop::SystemReset => {
+                        self.guest_reset();
+                        return None;
+                    }
                     VcpuStop::MachineCheckShutdown(d) => self
                         .classifier
                         .machine_check_shutdown(format!("vCPU {vcpu}: {d}")),
@@ -524,12 +537,16 @@ impl Session {
                     if self.hello.is_none() {
                         self.hello = Some((h, self.elapsed()));
                     }
+                    if self.boots.agent_ms.is_none() {
+                        self.boots.agent_ms = Some(self.vm.ras().now_ms());
+                    }
+                    let kexecs = self.kexecs.saturating_sub(self.boots.kexecs_at_start);
                     if !self.agent_up {
                         // A kernel is up, before any process the agent
                         // starts: pin the KHO root it published.
-                        self.vm.ras().kho_hello(&mut self.kho, self.kexecs);
+                        self.vm.ras().kho_hello(&mut self.kho, kexecs);
                     }
-                    if !self.agent_up && self.kexecs > 0 {
+                    if !self.agent_up && kexecs > 0 {
                         // The kernel after a kexec is up: what does it
                         // believe is poisoned?
                         let view = self.vm.ras().kho_view(&self.kho);

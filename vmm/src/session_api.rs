@@ -21,6 +21,13 @@ impl Session {
             Request::Step(text) => match steps::parse(&text) {
                 Err(e) => Answer::err(id, e),
                 Ok(Step::Wait(_)) => Answer::err(id, "wait is the client's to do over the API"),
+                Ok(Step::WaitConsole(_)) => {
+                    Answer::err(id, "wait-console is the client's to do over the API")
+                }
+                Ok(Step::WaitBoot(_)) => Answer::err(
+                    id,
+                    "wait-boot is the client's to do over the API (see state's boot)",
+                ),
                 Ok(Step::Agent { .. }) if !self.agent_up => Answer::err(
                     id,
                     "the guest agent is not ready yet (see state's agent_ready_ms)",
@@ -80,6 +87,7 @@ impl Session {
                 serde_json::json!({
                     "elapsed_ms": self.vm.ras().now_ms(),
                     "agent_ready_ms": self.hello.as_ref().map(|(_, d)| d.as_millis()),
+                    "boot": self.boot(),
                     "guest_kernel": self.hello.as_ref().map(|(h, _)| h.kernel.clone()),
                     "outcome": self.outcome.as_ref().map(|o| o.kind),
                     "mcg_cap": self.vm.ras().mcg_cap().0,

@@ -6,12 +6,23 @@
 //! every memory error goes through, the agent's UART and the receiving end
 //! of the event channel the session consumes. Everything that depends on
 //! the guest's architecture comes from the arch crate.
+//!
+//! A VM outlives its boots. Guest memory, the event queue and the RAS
+//! controller (with its ledger) are made once; a [`Boot`] is the rest: a
+//! KVM VM with that memory registered, its irqchip, devices and vCPUs, and
+//! the guest loaded into memory again. KVM cannot destroy a vCPU, so a
+//! guest reset with `--on-reboot restart` ends the boot
+//! ([`Vm::end_boot`]: every vCPU thread joined, the KVM VM closed), deals
+//! with the poisoned pages ([`Vm::reset_memory`]) and builds the next
+//! ([`Vm::next_boot`]) on the same memory, as a reset leaves DRAM as it
+//! was.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
+use ras::ledger::PageFate;
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -65,24 +76,49 @@ pub enum Error {
     /// The GHES error sources cannot be set up.
     #[error("Cannot set up the GHES error sources")]
     Ghes(#[source] ghes_sources::Error),
+    /// The RAS controller cannot take the next boot, or its poisoned pages
+    /// cannot be handled at the reset.
+    #[error("Cannot reset the guest's poisoned memory")]
+    Reset(#[source] crate::ras_controller::RasError),
+    /// Loading the guest again would write to a page kept poisoned.
+    #[error("Cannot load the guest again: page {0:#x}, kept poisoned across the reset, lies under its image or tables")]
+    KeptUnderImage(u64),
 }
 
 /// A started VM.
 pub struct Vm {
     // Dropped first (see Drop): every vCPU thread finished and joined
     // before the VM's fds close.
-    vcpus: Vec<VcpuHandle>,
+    boot: Option<Boot>,
     _early_reports: Option<EarlyReports>,
     ras: Arc<RasController>,
     memory: GuestMemoryMmap,
     events: EventQueue,
     events_tx: EventSender,
+    /// The current boot's agent UART (the last boot's if none runs).
     agent: Arc<Mutex<AgentPort>>,
     started: Instant,
     config: VmConfig,
+    kvm: Kvm,
+}
+
+/// One boot of the machine: what a guest reset rebuilds.
+struct Boot {
+    // Dropped first: the threads are joined before the fds close.
+    vcpus: Vec<VcpuHandle>,
     _irqchip: Irqchip,
     _vm: VmFd,
-    _kvm: Kvm,
+}
+
+/// A boot assembled, its vCPUs not started yet.
+struct Assembled {
+    vm: VmFd,
+    irqchip: Irqchip,
+    prepared: Vec<machine::Prepared>,
+    ras_setup: machine::RasSetup,
+    ghes: Option<Ghes>,
+    firmware: std::ops::Range<u64>,
+    devices: machine::Devices,
 }
 
 impl Drop for Vm {
@@ -98,27 +134,8 @@ impl Vm {
         let started = Instant::now();
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         let vm = machine::create_vm(&kvm)?;
-        let memory = create_memory(&vm, config.memory_mib)?;
-        let loaded = machine::load(&kvm, &memory, config)?;
-        // Every vCPU is created and fully configured before any runs.
-        let (prepared, ras_setup) = machine::create_vcpus(&kvm, &vm, config, &loaded)?;
-        // The interrupt controller (arm64's GIC needs every vCPU first),
-        // then the devices and their interrupts.
-        let irqchip = machine::create_irqchip(&vm)?;
-        let ghes = match &loaded.ghes_sources {
-            Some(l) => {
-                let mut g = Ghes::new(memory.clone(), l).map_err(Error::Ghes)?;
-                let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-                vm.register_irqfd(&irq, machine::GHES_GSI)
-                    .map_err(Error::GhesIrq)?;
-                g.set_gsiv_irq(irq);
-                Some(g)
-            }
-            None => None,
-        };
+        let memory = create_memory(config.memory_mib)?;
         let (tx, rx) = crate::event::queue().map_err(Error::EventFd)?;
-        let devices = machine::create_devices(&vm, config, &tx)?;
-        let (pio, mmio) = (Arc::new(devices.pio), Arc::new(devices.mmio));
         vcpu::install_signal_handlers().map_err(Error::Signals)?;
         // Before any vCPU thread: they inherit the late policy.
         crate::host_errors::late_by_default().map_err(Error::EarlyReports)?;
@@ -128,46 +145,91 @@ impl Vm {
             }
             HostMceKill::Late => None,
         };
-
-        let channels: Vec<VcpuChannel> = (0..config.vcpus).map(VcpuChannel::new).collect();
+        let a = assemble(&kvm, vm, &memory, config, &tx)?;
         let ras = Arc::new(RasController::new(
             memory.clone(),
-            ras_setup,
-            ghes,
+            a.ras_setup,
+            a.ghes,
             config.poison_report,
-            loaded.firmware.clone(),
+            a.firmware,
             started,
         ));
-        ras.set_vcpus(channels.iter().map(|c| c.sender().clone()).collect());
-        let mut vcpus = Vec::with_capacity(prepared.len());
-        for ((i, p), channel) in (0u8..).zip(prepared).zip(channels) {
-            let ctx = VcpuContext {
-                index: i,
-                pio: pio.clone(),
-                mmio: mmio.clone(),
-                events: tx.clone(),
-                arch: p.arch,
-                ras: ras.clone(),
-            };
-            // On failure `vcpus` drops: the threads already started are
-            // finished and joined.
-            vcpus.push(VcpuHandle::spawn(p.fd, channel, ctx).map_err(Error::Spawn)?);
-        }
-
+        let agent = a.devices.agent.clone();
+        let boot = spawn(a.vm, a.irqchip, a.prepared, a.devices, &ras, config, &tx)?;
         Ok(Vm {
-            vcpus,
+            boot: Some(boot),
             _early_reports: early_reports,
             ras,
             memory,
             events: rx,
             events_tx: tx,
-            agent: devices.agent,
+            agent,
             started,
             config: config.clone(),
-            _irqchip: irqchip,
-            _vm: vm,
-            _kvm: kvm,
+            kvm,
         })
+    }
+
+    /// Ends the current boot: every vCPU thread finished and joined, the
+    /// KVM VM, its irqchip and devices closed. Guest memory, the event
+    /// queue and the RAS controller stay. True if every thread ended
+    /// without panicking.
+    pub fn end_boot(&mut self) -> bool {
+        let joined = self.finish_vcpus();
+        self.boot = None;
+        joined
+    }
+
+    /// The reset's effect on guest memory, between [`Vm::end_boot`] and
+    /// [`Vm::next_boot`]: each poisoned page replaced by fresh zeroed
+    /// memory, or kept bad if `keep_poison`. Returns what became of each
+    /// ledger page.
+    pub fn reset_memory(&mut self, keep_poison: bool) -> Result<Vec<PageFate>, Error> {
+        if self.boot.is_some() {
+            self.end_boot();
+        }
+        self.ras.at_reset(keep_poison).map_err(Error::Reset)
+    }
+
+    /// Builds and starts the next boot on the same guest memory (after
+    /// [`Vm::reset_memory`]): a new KVM VM with the memory registered, the
+    /// guest loaded again, new devices and vCPUs.
+    pub fn next_boot(&mut self) -> Result<(), Error> {
+        if self.boot.is_some() {
+            self.end_boot();
+        }
+        let kept: Vec<u64> = self
+            .ras
+            .ledger()
+            .iter()
+            .filter(|e| e.source.is_sticky())
+            .map(|e| e.gpa)
+            .collect();
+        if let Some(gpa) = kept_under_image(&self.kvm, &self.config, &kept)? {
+            // The loader would write to hwpoisoned memory: a firmware that
+            // cannot load its kernel onto broken DRAM.
+            return Err(Error::KeptUnderImage(gpa));
+        }
+        let vm = machine::create_vm(&self.kvm)?;
+        let a = assemble(&self.kvm, vm, &self.memory, &self.config, &self.events_tx)?;
+        // The machine-check set-up is the first boot's: the same KVM and
+        // configuration give every boot the same.
+        drop(a.ras_setup);
+        self.ras
+            .new_boot(a.ghes, a.firmware)
+            .map_err(Error::Reset)?;
+        self.agent = a.devices.agent.clone();
+        let boot = spawn(
+            a.vm,
+            a.irqchip,
+            a.prepared,
+            a.devices,
+            &self.ras,
+            &self.config,
+            &self.events_tx,
+        )?;
+        self.boot = Some(boot);
+        Ok(())
     }
 
     /// A sender into this VM's event channel (for the control API).
@@ -205,8 +267,9 @@ impl Vm {
     /// rasvmm itself, not in the guest, or stopped).
     pub fn vcpu_states(&self, wait: Duration, when: &str) -> Vec<String> {
         let until = Instant::now() + wait;
-        self.vcpus
+        self.boot
             .iter()
+            .flat_map(|b| &b.vcpus)
             .map(|h| {
                 let i = h.sender().index;
                 let left = until.saturating_duration_since(Instant::now());
@@ -225,11 +288,14 @@ impl Vm {
     /// in parallel); true if every thread ended without panicking. The VM
     /// does this when dropped; after it, no vCPU runs.
     pub fn finish_vcpus(&mut self) -> bool {
-        for v in &self.vcpus {
+        let Some(boot) = &mut self.boot else {
+            return true;
+        };
+        for v in &boot.vcpus {
             v.finish();
         }
         // Join every thread, even after one that panicked.
-        let joined: Vec<bool> = self.vcpus.iter_mut().map(VcpuHandle::join).collect();
+        let joined: Vec<bool> = boot.vcpus.iter_mut().map(VcpuHandle::join).collect();
         joined.into_iter().all(|ok| ok)
     }
 
@@ -242,12 +308,17 @@ impl Vm {
     }
 }
 
-fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, Error> {
+/// Guest RAM, not yet registered with any KVM VM.
+fn create_memory(mib: u64) -> Result<GuestMemoryMmap, Error> {
     let ranges: Vec<(GuestAddress, usize)> = machine::ram_regions(mib << 20)
         .into_iter()
         .map(|(s, l)| (GuestAddress(s), usize::try_from(l).unwrap_or(usize::MAX)))
         .collect();
-    let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(mib, e))?;
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(mib, e))
+}
+
+/// Registers guest RAM with a KVM VM (each boot's).
+fn register_memory(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Error> {
     for (slot, region) in memory.iter().enumerate() {
         let mr = kvm_userspace_memory_region {
             slot: u32::try_from(slot).unwrap_or(u32::MAX),
@@ -257,15 +328,121 @@ fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, Error> {
             userspace_addr: region.as_ptr() as u64,
         };
         // SAFETY: the region is a live mapping of `memory_size` bytes owned by
-        // `memory`, which the returned value keeps alive for the VM's life.
+        // the VM's guest memory, which outlives every boot's KVM VM (a `Vm`
+        // drops its boot first).
         unsafe { vm.set_user_memory_region(mr) }.map_err(Error::RegisterMemory)?;
     }
-    Ok(memory)
+    Ok(())
 }
+
+/// One boot's machine on `memory`: the memory registered with `vm`, the
+/// guest loaded, every vCPU created and configured, the irqchip, the GHES
+/// sources and the devices.
+fn assemble(
+    kvm: &Kvm,
+    vm: VmFd,
+    memory: &GuestMemoryMmap,
+    config: &VmConfig,
+    tx: &EventSender,
+) -> Result<Assembled, Error> {
+    register_memory(&vm, memory)?;
+    let loaded = machine::load(kvm, memory, config)?;
+    // Every vCPU is created and fully configured before any runs.
+    let (prepared, ras_setup) = machine::create_vcpus(kvm, &vm, config, &loaded)?;
+    // The interrupt controller (arm64's GIC needs every vCPU first),
+    // then the devices and their interrupts.
+    let irqchip = machine::create_irqchip(&vm)?;
+    let ghes = match &loaded.ghes_sources {
+        Some(l) => {
+            let mut g = Ghes::new(memory.clone(), l).map_err(Error::Ghes)?;
+            let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+            vm.register_irqfd(&irq, machine::GHES_GSI)
+                .map_err(Error::GhesIrq)?;
+            g.set_gsiv_irq(irq);
+            Some(g)
+        }
+        None => None,
+    };
+    let devices = machine::create_devices(&vm, config, tx)?;
+    Ok(Assembled {
+        vm,
+        irqchip,
+        prepared,
+        ras_setup,
+        ghes,
+        firmware: loaded.firmware,
+        devices,
+    })
+}
+
+/// Hands `ras` the vCPUs' request handles, then starts every vCPU thread.
+fn spawn(
+    vm: VmFd,
+    irqchip: Irqchip,
+    prepared: Vec<machine::Prepared>,
+    devices: machine::Devices,
+    ras: &Arc<RasController>,
+    config: &VmConfig,
+    tx: &EventSender,
+) -> Result<Boot, Error> {
+    let (pio, mmio) = (Arc::new(devices.pio), Arc::new(devices.mmio));
+    let channels: Vec<VcpuChannel> = (0..config.vcpus).map(VcpuChannel::new).collect();
+    ras.set_vcpus(channels.iter().map(|c| c.sender().clone()).collect());
+    let mut vcpus = Vec::with_capacity(prepared.len());
+    for ((i, p), channel) in (0u8..).zip(prepared).zip(channels) {
+        let ctx = VcpuContext {
+            index: i,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            events: tx.clone(),
+            arch: p.arch,
+            ras: ras.clone(),
+        };
+        // On failure `vcpus` drops: the threads already started are
+        // finished and joined.
+        vcpus.push(VcpuHandle::spawn(p.fd, channel, ctx).map_err(Error::Spawn)?);
+    }
+    Ok(Boot {
+        vcpus,
+        _irqchip: irqchip,
+        _vm: vm,
+    })
+}
+
+/// The first of the `kept` pages (hwpoisoned, never to be written by
+/// rasvmm) that loading the guest would write to, found by loading it into
+/// scratch memory of the same layout and looking which pages became
+/// resident.
+fn kept_under_image(kvm: &Kvm, config: &VmConfig, kept: &[u64]) -> Result<Option<u64>, Error> {
+    if kept.is_empty() {
+        return Ok(None);
+    }
+    let scratch = create_memory(config.memory_mib)?;
+    machine::load(kvm, &scratch, config)?;
+    let written = |gpa: u64| {
+        scratch.iter().any(|r| {
+            let start = r.start_addr().0;
+            gpa >= start && gpa - start < r.len() && {
+                let offset = usize::try_from(gpa - start).unwrap_or(usize::MAX);
+                // SAFETY: `offset` is inside the region (checked above), so
+                // the pointer stays within its mapping.
+                let page = unsafe { r.as_ptr().add(offset) };
+                resident_pages(page, PAGE) == 1
+            }
+        })
+    };
+    Ok(kept.iter().copied().find(|&gpa| written(gpa)))
+}
+
+const PAGE: usize = 4096;
 
 /// Resident KiB of a mapping, by mincore(2).
 fn resident_kib(ptr: *mut u8, len: usize) -> u64 {
-    const PAGE: usize = 4096;
+    resident_pages(ptr, len) * (PAGE as u64 / 1024)
+}
+
+/// Resident pages of a mapping, by mincore(2) (0 if it cannot tell).
+fn resident_pages(ptr: *mut u8, len: usize) -> u64 {
     let pages = len.div_ceil(PAGE);
     let mut vec = vec![0u8; pages];
     // SAFETY: `ptr..ptr+len` is one live mapping owned by guest memory, and
@@ -274,86 +451,8 @@ fn resident_kib(ptr: *mut u8, len: usize) -> u64 {
     if r != 0 {
         return 0;
     }
-    vec.iter().filter(|b| *b & 1 != 0).count() as u64 * (PAGE as u64 / 1024)
+    vec.iter().filter(|b| *b & 1 != 0).count() as u64
 }
 
-// The payloads are x86 code.
 #[cfg(all(test, target_arch = "x86_64"))]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-    use crate::config::{BootSource, ConsoleTarget};
-    use crate::event::{VcpuStop, VmEvent};
-
-    /// A payload VM on this machine's /dev/kvm (any backend, PVM included).
-    fn payload(bytes: Vec<u8>, vcpus: u8) -> VmConfig {
-        assert!(
-            std::path::Path::new("/dev/kvm").exists(),
-            "/dev/kvm is missing: this test exercises rasvmm's vCPU threads and needs it"
-        );
-        VmConfig {
-            boot: BootSource::Payload {
-                bytes,
-                load_addr: 0x10_0000,
-            },
-            poison_report: Default::default(),
-            tables: Default::default(),
-            memory_mib: 64,
-            vcpus,
-            cpu: arch::guest::profile("amd").unwrap(),
-            console: ConsoleTarget::Discard,
-            timeout: Duration::from_secs(30),
-            host_mce_kill: Default::default(),
-        }
-    }
-
-    #[test]
-    fn vcpu_threads_start_kick_finish_and_join() {
-        // vCPU 0 runs ud2 through the empty boot IDT and triple-faults, so
-        // its thread ends; vCPU 1 waits for a SIPI inside KVM_RUN.
-        let mut vm = Vm::start(&payload(vec![0x0f, 0x0b], 2)).unwrap();
-        let mut waiter = crate::event_loop::EventLoop::new(vm.events().wake_fd()).unwrap();
-        let until = Instant::now() + Duration::from_secs(10);
-        let first = loop {
-            if let Ok(e) = vm.events().try_recv() {
-                break e;
-            }
-            assert!(Instant::now() < until, "no event from the vCPUs");
-            waiter.wait(Duration::from_millis(100)).unwrap();
-        };
-        match first {
-            VmEvent::Stopped {
-                vcpu: 0,
-                stop: VcpuStop::TripleFault(state),
-            } => assert!(state.contains("rip 0x"), "{state}"),
-            other => panic!("expected vCPU 0's triple fault, got {other:?}"),
-        }
-        // A kick for the stopped vCPU reaches no thread; the waiting one is
-        // kicked out of KVM_RUN and answers from its own thread.
-        let states = vm.vcpu_states(Duration::from_millis(500), "now");
-        assert!(states[0].contains("no answer"), "{states:?}");
-        assert!(states[1].contains("mp_state"), "{states:?}");
-        // Again: kicks are repeatable and never hit an exited thread.
-        let again = vm.vcpu_states(Duration::from_millis(500), "now");
-        assert!(again[1].contains("mp_state"), "{again:?}");
-        let t = Instant::now();
-        assert!(vm.finish_vcpus(), "every vCPU thread joined cleanly");
-        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-        // Finished: nothing answers, nothing is signalled.
-        let after = vm.vcpu_states(Duration::from_millis(100), "now");
-        assert!(after.iter().all(|s| s.contains("no answer")), "{after:?}");
-        assert!(vm.finish_vcpus(), "finishing twice is harmless");
-    }
-
-    #[test]
-    fn a_running_vcpu_is_finished_and_joined_when_the_vm_drops() {
-        // jmp $: the vCPU never leaves the guest on its own.
-        let vm = Vm::start(&payload(vec![0xeb, 0xfe], 1)).unwrap();
-        let states = vm.vcpu_states(Duration::from_secs(2), "now");
-        assert!(states[0].contains("rip 0x100000"), "{states:?}");
-        let t = Instant::now();
-        drop(vm);
-        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-    }
-}
+mod tests;

@@ -32,6 +32,7 @@ fn config(bytes: Vec<u8>, vcpus: u8) -> VmConfig {
         console: ConsoleTarget::Discard,
         timeout: Duration::from_secs(30),
         host_mce_kill: Default::default(),
+        reboot: Default::default(),
     }
 }
 
@@ -63,6 +64,20 @@ fn panic_line_then_reset_is_classified_as_panic() {
     assert_eq!(report.outcome, OutcomeKind::Panic);
     assert_eq!(report.detail, "Kernel panic - not syncing: payload test");
     assert_eq!(report.log[0], "before");
+}
+
+#[test]
+fn a_panic_the_guest_does_not_reboot_from_still_ends_the_run_under_restart() {
+    // No panic=N > 0 on the command line (a payload has none): the reset
+    // after the panic is the end of the run, not the next boot.
+    let mut code = print(b"Kernel panic - not syncing: payload test\n");
+    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]);
+    let mut cfg = config(code, 1);
+    cfg.reboot.on_reboot = vmm::config::OnReboot::Restart;
+    let report = vmm::run::run(&cfg, &[]).unwrap();
+    assert_eq!(report.outcome, OutcomeKind::Panic);
+    assert_eq!(report.boots.len(), 1);
+    assert_eq!(report.boots[0].end.name(), "panic");
 }
 
 #[test]
@@ -446,4 +461,62 @@ fn an_early_host_report_goes_into_the_ledger_and_to_the_guest() {
         other => panic!("{other:?}"),
     }
     assert_eq!(vm.ras().ledger()[0].source, Source::Host);
+}
+
+/// Counts its boots in guest RAM (at 0x200000, which no load writes):
+/// resets through the i8042 until the count reaches `until`, then powers
+/// off through the ACPI sleep control register (S5).
+fn count_boots_payload(until: u8) -> Vec<u8> {
+    let mut code = vec![
+        0x48, 0x8b, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00, // mov rax, [0x200000]
+        0x48, 0xff, 0xc0, // inc rax
+        0x48, 0x89, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00, // mov [0x200000], rax
+        0x48, 0x83, 0xf8, until, // cmp rax, until
+        0x73, 0x06, // jae poweroff
+    ];
+    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]); // reset; jmp $
+                                                                   // poweroff: mov dx, 0x600; mov al, SLP_EN | S5 << 2; out dx, al; jmp $
+    code.extend_from_slice(&[0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xeb, 0xfe]);
+    code
+}
+
+#[test]
+fn restart_boots_again_on_the_same_memory_with_new_vcpus() {
+    use vmm::config::OnReboot;
+    let mut cfg = config(count_boots_payload(3), 2);
+    cfg.reboot.on_reboot = OnReboot::Restart;
+    let report = vmm::run::run(&cfg, &[]).unwrap();
+    // Three boots: the count in guest RAM survived both resets (a fresh
+    // memory would count 1 forever, up to the reboot loop), and each boot
+    // ran on newly created vCPUs (KVM cannot reset them in place).
+    assert_eq!(report.outcome, OutcomeKind::Poweroff, "{report:?}");
+    let ends: Vec<&str> = report.boots.iter().map(|b| b.end.name()).collect();
+    assert_eq!(ends, ["reset", "reset", "poweroff"]);
+    let indexes: Vec<u32> = report.boots.iter().map(|b| b.index).collect();
+    assert_eq!(indexes, [1, 2, 3]);
+    for w in report.boots.windows(2) {
+        assert!(w[0].ended_ms <= w[1].started_ms, "{:?}", report.boots);
+    }
+    assert!(report.boots.iter().all(|b| b.pages.is_empty()));
+}
+
+#[test]
+fn exit_ends_the_run_at_the_first_reset_as_before() {
+    let report = vmm::run::run(&config(count_boots_payload(3), 1), &[]).unwrap();
+    assert_eq!(report.outcome, OutcomeKind::Reboot);
+    assert_eq!(report.boots.len(), 1);
+    assert_eq!(report.boots[0].end.name(), "reboot");
+}
+
+#[test]
+fn a_guest_that_always_resets_ends_as_a_reboot_loop() {
+    use vmm::config::{OnReboot, MAX_BOOTS};
+    // Counts to 255 before it would power off: far beyond the bound.
+    let mut cfg = config(count_boots_payload(255), 1);
+    cfg.reboot.on_reboot = OnReboot::Restart;
+    let report = vmm::run::run(&cfg, &[]).unwrap();
+    assert_eq!(report.outcome, OutcomeKind::RebootLoop, "{report:?}");
+    assert_eq!(report.detail, "the guest reset after 16 boots");
+    assert_eq!(report.boots.len(), MAX_BOOTS as usize);
+    assert_eq!(report.boots.last().unwrap().end.name(), "reboot-loop");
 }

@@ -23,6 +23,10 @@ use crate::cper::Severity;
 use crate::ghes::Notification;
 use crate::mce::MemoryError;
 
+// What a guest reset does to the ledger (its own file: ledger/reset.rs).
+mod reset;
+pub use reset::{Fate, PageFate};
+
 /// Page size the ledger tracks.
 pub const PAGE_SIZE: u64 = 4096;
 /// Most pages one VM's ledger holds.

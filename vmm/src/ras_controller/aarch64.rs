@@ -41,6 +41,10 @@ impl RasController {
         source: Notification::Gsiv,
         severity: Severity::Recoverable,
     };
+    /// Forgets the SEA source's waits: the vCPUs that waited are gone.
+    pub(super) fn reset_arch(&self) {
+        lock(&self.setup.waits).clear();
+    }
 
     /// arm64 has no machine-check capability register.
     pub fn mcg_cap(&self) -> (u64, u64) {
@@ -89,8 +93,8 @@ impl RasController {
                          an SEA cannot be raised without its own record",
                     ));
                 }
-                let sender = self
-                    .senders()
+                let senders = self.senders();
+                let sender = senders
                     .get(usize::from(inj.vcpu))
                     .ok_or(RasError::NoVcpu(inj.vcpu, self.vcpu_count()))?;
                 let (reply, rx) = channel();

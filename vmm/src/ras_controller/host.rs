@@ -58,7 +58,7 @@ impl RasController {
             return outside(None, "rasvmm's own memory, not guest RAM".into());
         };
         let page = ledger::page_of(gpa);
-        if self.firmware.contains(&page) {
+        if lock(&self.firmware).contains(&page) {
             return outside(
                 Some(page),
                 format!("guest page {page:#x}, which holds rasvmm's ACPI tables or GHES blocks"),

@@ -7,9 +7,12 @@
 //! on which vCPU) and delivered by [`RasController::deliver`]; a vCPU thread
 //! only performs its own ioctl. The controller is shared (`Arc`) by the
 //! session and the vCPU threads; its state sits behind short-held mutexes.
+//! The ledger lives as long as the guest memory; the vCPUs' handles, the
+//! GHES sources and the firmware range belong to one boot and are replaced
+//! when the machine is rebuilt after a guest reset (the `reset` module).
 
 use std::ops::Range;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::bus::lock;
@@ -36,6 +39,7 @@ pub use host::HostReport;
 mod aarch64;
 mod consumption;
 mod host;
+mod reset;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
@@ -98,6 +102,14 @@ pub enum RasError {
         /// Why.
         reason: String,
     },
+    /// A poisoned page cannot be replaced by fresh memory at a reset.
+    #[error("Cannot replace poisoned guest page {gpa:#x} with fresh memory: {reason}")]
+    Remap {
+        /// The page.
+        gpa: u64,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// A machine-check injection request.
@@ -131,12 +143,18 @@ pub struct GhesInjection {
 /// The RAS side of one VM.
 pub struct RasController {
     memory: GuestMemoryMmap,
+    /// The first boot's: the same KVM and configuration give every boot
+    /// the same.
     setup: RasSetup,
     ledger: Mutex<Ledger>,
+    /// The current boot's sources (replaced at each boot, whose tables
+    /// describe them).
     ghes: Option<Mutex<Ghes>>,
     poison_report: PoisonReport,
-    firmware: Range<u64>,
-    vcpus: OnceLock<Vec<VcpuSender>>,
+    /// The current boot's firmware range.
+    firmware: Mutex<Range<u64>>,
+    /// The current boot's vCPUs (replaced at each boot).
+    vcpus: Mutex<Arc<[VcpuSender]>>,
     started: Instant,
 }
 
@@ -157,20 +175,20 @@ impl RasController {
             ledger: Mutex::new(Ledger::new()),
             ghes: ghes.map(Mutex::new),
             poison_report,
-            firmware,
-            vcpus: OnceLock::new(),
+            firmware: Mutex::new(firmware),
+            vcpus: Mutex::new(Arc::from(Vec::new())),
             started,
         }
     }
 
-    /// Hands the controller the vCPUs' request handles, once, before any
-    /// vCPU runs.
+    /// Hands the controller the vCPUs' request handles before any vCPU of
+    /// a boot runs (each boot's replace the last's).
     pub fn set_vcpus(&self, senders: Vec<VcpuSender>) {
-        let _ = self.vcpus.set(senders);
+        *lock(&self.vcpus) = Arc::from(senders);
     }
 
-    fn senders(&self) -> &[VcpuSender] {
-        self.vcpus.get().map(Vec::as_slice).unwrap_or_default()
+    fn senders(&self) -> Arc<[VcpuSender]> {
+        lock(&self.vcpus).clone()
     }
 
     fn vcpu_count(&self) -> u8 {
@@ -256,7 +274,7 @@ impl RasController {
         if !gpa.is_multiple_of(ledger::PAGE_SIZE) {
             return Err(RasError::Unaligned(gpa));
         }
-        if self.firmware.contains(&gpa) {
+        if lock(&self.firmware).contains(&gpa) {
             // rasvmm itself reads and writes these pages.
             return Err(RasError::Firmware(gpa));
         }
@@ -282,7 +300,7 @@ impl RasController {
     pub fn host_addresses(&self, gpas: &[u64]) -> Result<Vec<u64>, RasError> {
         for &gpa in gpas {
             self.check_gpa(gpa)?;
-            if self.firmware.contains(&gpa) {
+            if lock(&self.firmware).contains(&gpa) {
                 return Err(RasError::Firmware(gpa));
             }
             if lock(&self.ledger).is_sticky(gpa) {

@@ -39,6 +39,8 @@ fn on_vcpu(
 impl RasController {
     /// What an action-optional report tells an x86 guest.
     pub(super) const ACTION_OPTIONAL: Told = Told::MachineCheck(MemoryError::Srao);
+    /// Nothing of x86's machine-check set-up belongs to one boot.
+    pub(super) fn reset_arch(&self) {}
 
     /// The guest's MCG_CAP and the bits of it rasvmm supplies.
     pub fn mcg_cap(&self) -> (u64, u64) {
@@ -146,11 +148,11 @@ impl RasController {
         } else {
             &[true, false]
         };
+        let senders = self.senders();
         for &check_only in phases {
             let mut replies: Vec<(u8, Receiver<Result<(), kvm::Error>>)> = Vec::new();
             for p in plan {
-                let sender = self
-                    .senders()
+                let sender = senders
                     .get(usize::from(p.vcpu))
                     .ok_or(RasError::NoVcpu(p.vcpu, self.vcpu_count()))?;
                 let (reply, rx) = channel();

@@ -26,6 +26,8 @@
 //! | `ghes-raw:<nmi\|gsiv\|polled>:<hex>` | report a raw CPER record (validated first) |
 //! | `kho-scan` | read the guest's own poison list from its KHO state and compare it with the ledger |
 //! | `wait:<ms>` | let the guest run |
+//! | `wait-console:<text>` | wait until a console line of the current boot contains `text` (at most 128 bytes) |
+//! | `wait-boot:<n>` | with `--on-reboot restart`: wait until boot n (2 is the first reboot's) is up and its agent said hello |
 //!
 //! A reference names a PFN; where an address is meant it stands for the
 //! page's first byte. Agent commands may also be given as JSON.
@@ -40,10 +42,13 @@ use std::time::Duration;
 use guest_agent::{Command, GuestPoisonOp, KernelPageKind};
 use ras::cper::Severity;
 use ras::ghes::Notification;
-use ras::kho::corrupt::{Edit, Place};
+use ras::kho::corrupt::Edit;
 use ras::mce::MemoryError;
 use serde::Serialize;
 use thiserror::Error;
+
+/// Longest text a `wait-console` step waits for.
+const MAX_WAIT_TEXT: usize = 128;
 
 /// Longest `wait` step.
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
@@ -163,6 +168,10 @@ pub enum Step {
     KhoCorrupt(Vec<Edit>),
     /// Let the guest run.
     Wait(Duration),
+    /// Wait until boot n's agent is up.
+    WaitBoot(u32),
+    /// Wait until a console line of the current boot contains this.
+    WaitConsole(String),
 }
 
 /// Parses one step.
@@ -435,6 +444,16 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             }
             Ok(Step::KhoCorrupt(edits))
         }
+        ("wait-console", Some(t)) if !t.is_empty() && t.len() <= MAX_WAIT_TEXT => {
+            Ok(Step::WaitConsole(t.to_string()))
+        }
+        ("wait-boot", Some(n)) => {
+            let n = number(n)
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| (2..=crate::config::MAX_BOOTS).contains(n))
+                .ok_or_else(|| bad("wait-boot takes a boot number, 2 to 16"))?;
+            Ok(Step::WaitBoot(n))
+        }
         ("wait", Some(ms)) => {
             let d = number(ms)
                 .map(Duration::from_millis)
@@ -443,8 +462,9 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             Ok(Step::Wait(d))
         }
         _ => Err(bad(
-            "expected exec, alloc-page, touch-page, spin-page, kernel-pages, page-info, sysctl, poweroff, kexec, \
-             inject, poison, ghes-memory, ghes-raw, forge-kho, kho-scan, kho-corrupt, wait, or JSON",
+            "expected exec, alloc-page, touch-page, spin-page, kernel-pages, guest-poison, host-poison, page-info, \
+             sysctl, poweroff, kexec, inject, poison, ghes-memory, ghes-raw, forge-kho, kho-scan, kho-corrupt, wait, \
+             wait-console, wait-boot, or JSON",
         )),
     }
 }
@@ -467,64 +487,6 @@ pub fn number(v: &str) -> Option<u64> {
         return None;
     }
     u64::from_str_radix(digits, radix).ok()
-}
-
-/// Most edits one `kho-corrupt` step makes, and raw entries one `append`
-/// adds.
-const MAX_EDITS: usize = 16;
-
-/// One `kho-corrupt` edit.
-fn edit(e: &str) -> Result<Edit, String> {
-    let (name, value) = match e.split_once('=') {
-        Some((n, v)) => (n, Some(v)),
-        None => (e, None),
-    };
-    let num = |what: &str| {
-        value
-            .and_then(number)
-            .ok_or_else(|| format!("{name} takes {what}"))
-    };
-    let small = |max: u64, what: &str| {
-        num(what).and_then(|n| {
-            if n <= max {
-                Ok(n)
-            } else {
-                Err(format!("{name} takes {what}"))
-            }
-        })
-    };
-    Ok(match (name, value) {
-        ("append", Some(list)) => {
-            let raw = list
-                .split(',')
-                .map(number)
-                .collect::<Option<Vec<u64>>>()
-                .filter(|r| !r.is_empty() && r.len() <= MAX_EDITS)
-                .ok_or("append takes 1 to 16 numbers, comma-separated")?;
-            Edit::Append(raw)
-        }
-        ("beyond-ram", None) => Edit::BeyondRam,
-        ("wrap", None) => Edit::Wrap,
-        ("duplicate", None) => Edit::Duplicate,
-        ("bad-type", None) => Edit::BadType(0),
-        ("bad-type", Some(_)) => {
-            Edit::BadType(u8::try_from(small(0xff, "a type byte")?).unwrap_or(0))
-        }
-        ("version", Some(_)) => Edit::Version(u16::try_from(small(0xffff, "a u16")?).unwrap_or(0)),
-        ("flags", Some(_)) => Edit::Flags(u16::try_from(small(0xffff, "a u16")?).unwrap_or(0)),
-        ("nr", Some(_)) => {
-            Edit::NrEntries(u32::try_from(small(u64::from(u32::MAX), "a u32")?).unwrap_or(0))
-        }
-        ("seq", Some(_)) => Edit::Seq(num("a u64")?),
-        ("move-to", Some("last-page")) => Edit::MoveTo(Place::LastPage),
-        ("move-to", Some(_)) => Edit::MoveTo(Place::Gpa(num("an address or last-page")?)),
-        _ => {
-            return Err(format!(
-                "unknown edit '{e}' (append=, beyond-ram, wrap, duplicate, bad-type[=], version=, \
-                 flags=, nr=, seq=, move-to=)"
-            ))
-        }
-    })
 }
 
 /// Whether a JSON value holds a control character in any string or key.
@@ -577,6 +539,8 @@ pub enum StepError {
     Agent(String),
     /// The run ended (the guest stopped or the deadline passed) first.
     Ended,
+    /// The guest rebooted before the agent replied (its agent is gone).
+    Rebooted,
 }
 
 impl std::fmt::Display for StepError {
@@ -585,12 +549,15 @@ impl std::fmt::Display for StepError {
             StepError::Failed(e) => write!(f, "{e}"),
             StepError::Agent(e) => write!(f, "agent: {e}"),
             StepError::Ended => write!(f, "the run ended before the agent replied"),
+            StepError::Rebooted => write!(f, "the guest rebooted before the agent replied"),
         }
     }
 }
 
+mod kho_edit;
 mod refs;
 
+use kho_edit::{edit, MAX_EDITS};
 pub use refs::Refs;
 
 #[cfg(test)]

@@ -182,6 +182,12 @@ fn ras_steps() {
         parse("wait:1500"),
         Ok(Step::Wait(Duration::from_millis(1500)))
     );
+    assert_eq!(parse("wait-boot:2"), Ok(Step::WaitBoot(2)));
+    assert_eq!(
+        parse("wait-console:Kernel panic - not syncing"),
+        Ok(Step::WaitConsole("Kernel panic - not syncing".into()))
+    );
+    assert_eq!(parse("wait-boot:0x10"), Ok(Step::WaitBoot(16)));
 }
 
 #[test]
@@ -235,9 +241,17 @@ fn bad_steps() {
         "kho-corrupt:explode",
         "wait:forever",
         "wait:99999999999",
+        "wait-boot",
+        "wait-boot:1",
+        "wait-boot:17",
+        "wait-boot:next",
+        "wait-console",
+        "wait-console:",
     ] {
         assert!(parse(s).is_err(), "{s:?} should be refused");
     }
+    assert!(parse(&format!("wait-console:{}", "x".repeat(129))).is_err());
+    assert!(parse(&format!("wait-console:{}", "x".repeat(128))).is_ok());
     assert_eq!(
         parse("reboot").unwrap_err().to_string().split(':').next(),
         Some("Bad step 'reboot'")

@@ -185,6 +185,18 @@ pub fn evaluate(expect: &Expect, report: &RunReport, refs: &Refs) -> Verdict {
             },
         }
     }
+    for page in &expect.not_hwpoison {
+        match refs.named_pfn(page) {
+            None => f.push(format!("'{page}' was never reported")),
+            Some(pfn) => match last_info(pfn) {
+                Some(i) if !i.hwpoison => {}
+                Some(_) => f.push(format!(
+                    "{page} (PFN {pfn:#x}) is KPF_HWPOISON in the guest"
+                )),
+                None => f.push(format!("no page-info step read {page}")),
+            },
+        }
+    }
     if let Some(kb) = expect.hardware_corrupted_kb {
         let got = payloads_rev(report).find_map(|p| match p {
             Payload::PageInfo(i) => Some(i.hardware_corrupted_kb),
@@ -266,6 +278,9 @@ pub fn evaluate(expect: &Expect, report: &RunReport, refs: &Refs) -> Verdict {
     check_host(expect, report, refs, &mut f);
     if let Some(k) = &expect.kho {
         check_kho(k, report, refs, &mut f);
+    }
+    if let Some(b) = &expect.boots {
+        boots::check_boots(b, report, refs, &mut f);
     }
     Verdict {
         passed: f.is_empty(),
@@ -557,6 +572,8 @@ fn check_ghes(expect: &Expect, report: &RunReport, refs: &Refs, f: &mut Vec<Stri
         }
     }
 }
+
+mod boots;
 
 #[cfg(test)]
 mod tests;

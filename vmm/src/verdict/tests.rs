@@ -273,3 +273,117 @@ detail = "Kernel panic - not syncing: Memory failure: {slab0}: unrecoverable pag
         vec!["'nothing' was never reported"]
     );
 }
+
+#[test]
+fn boots_are_checked_one_by_one() {
+    use crate::report::{BootEnd, BootRecord};
+    use ras::ledger::{Fate, PageFate};
+    let s = Scenario::parse(
+        r#"
+name = "panic-reboot"
+steps = []
+[expect]
+outcome = "poweroff"
+not_hwpoison = ["slab0"]
+[[expect.boots]]
+end = "panic"
+detail_contains = "Memory failure: {slab0}: unrecoverable page"
+agent = true
+remapped = ["slab0"]
+[[expect.boots]]
+end = "poweroff"
+consumed = ["slab0"]
+"#,
+    )
+    .unwrap();
+    let mut r = report(OutcomeKind::Poweroff, "");
+    r.steps.push(StepRecord {
+        step: "page-info:slab0".into(),
+        reply: Some(StepReply::Agent(Payload::PageInfo(PageInfo {
+            pfn: 0x141,
+            hwpoison: false,
+            hardware_corrupted_kb: 0,
+            kpageflags: 0,
+        }))),
+        error: None,
+        cut_short: false,
+        at_ms: 5,
+    });
+    let fate = |fate| PageFate {
+        gpa: 0x141000,
+        source: Source::Injected,
+        consumptions: 0,
+        fate,
+    };
+    r.boots = vec![
+        BootRecord {
+            index: 1,
+            started_ms: 0,
+            agent_ready_ms: Some(10),
+            ended_ms: 100,
+            end: BootEnd::Panic {
+                line: "Kernel panic - not syncing: Memory failure: 0x141: unrecoverable page"
+                    .into(),
+            },
+            pages: vec![fate(Fate::Remapped)],
+        },
+        BootRecord {
+            index: 2,
+            started_ms: 101,
+            agent_ready_ms: Some(150),
+            ended_ms: 300,
+            end: BootEnd::Outcome {
+                outcome: OutcomeKind::Poweroff,
+                detail: String::new(),
+            },
+            pages: vec![],
+        },
+    ];
+    r.ras_events.push(RasEvent::Consumed {
+        vcpu: 0,
+        gpa: 0x141000,
+        error: ras::mce::MemoryError::Srar,
+        consumptions: 1,
+        at_ms: 200,
+        result: None,
+        ghes: None,
+    });
+    assert_eq!(
+        evaluate(&s.expect, &r, &refs()).failures,
+        Vec::<String>::new()
+    );
+    // Kept instead of remapped, consumed in the wrong boot, one boot too
+    // many, and the page shows as poisoned.
+    r.boots[0].pages = vec![fate(Fate::Kept)];
+    if let Some(RasEvent::Consumed { at_ms, .. }) = r.ras_events.last_mut() {
+        *at_ms = 50;
+    }
+    let mut third = r.boots[1].clone();
+    third.index = 3;
+    r.boots.push(third);
+    if let Some(StepReply::Agent(Payload::PageInfo(i))) = &mut r.steps.last_mut().unwrap().reply {
+        i.hwpoison = true;
+    }
+    let v = evaluate(&s.expect, &r, &refs());
+    assert_eq!(
+        v.failures,
+        vec![
+            "slab0 (PFN 0x141) is KPF_HWPOISON in the guest",
+            "the guest booted 3 times (panic, poweroff, poweroff), expected 2",
+            "boot 1's reset left slab0 (0x141000) Kept, expected Remapped",
+            "the guest did not consume slab0 (0x141000) during boot 2",
+        ]
+    );
+}
+
+#[test]
+fn a_boot_end_must_be_known() {
+    let e = Scenario::parse(
+        "name = \"x\"\nsteps = []\n[expect]\noutcome = \"poweroff\"\n[[expect.boots]]\nend = \"crash\"",
+    )
+    .unwrap_err();
+    assert_eq!(
+        e,
+        "boot 1: unknown end 'crash' (reset, panic, or an outcome)"
+    );
+}

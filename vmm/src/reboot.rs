@@ -1,0 +1,173 @@
+//! Guest reboots under `--on-reboot restart`: the session ends the boot,
+//! has the VM build the next one on the same memory, and goes on.
+//!
+//! A reboot is a guest reset (x86: the i8042 reset line or the ACPI reset
+//! register; arm64: PSCI SYSTEM_RESET, which KVM reports as
+//! KVM_SYSTEM_EVENT_RESET), after a panic too when the kernel reboots by
+//! itself (`panic=N`, N > 0). Without `restart`, or after a panic the guest
+//! will not reboot from, a reset ends the run as it always did.
+//!
+//! What survives a reboot: guest memory (with each poisoned page kept bad
+//! or replaced, see [`crate::ras_controller::RasController::at_reset`]),
+//! the event queue, the ledger, the step references and every record of
+//! the run. What does not: the vCPUs, devices, KVM VM and agent of the old
+//! boot, and what its kernel believed. Events the old boot queued after
+//! its reset are dropped, except RAS events (kept) and control API
+//! requests (served in the new boot); agent requests it never answered
+//! fail with "the guest rebooted before the agent replied".
+
+use crate::api::Answer;
+use crate::config::{OnReboot, MAX_BOOTS};
+use crate::event::VmEvent;
+use crate::kho_observer::KhoTracker;
+use crate::report::{one_line, BootEnd, BootRecord};
+use crate::session::Session;
+use crate::steps::StepError;
+
+impl Session {
+    /// The boot running now (1 for the first).
+    pub fn boot(&self) -> u32 {
+        u32::try_from(self.boots.ended.len())
+            .unwrap_or(u32::MAX)
+            .saturating_add(1)
+    }
+
+    /// The guest reset: the run ends, or (with `--on-reboot restart`) the
+    /// next boot starts.
+    pub(crate) fn guest_reset(&mut self) {
+        if self.outcome.is_some() {
+            return;
+        }
+        let reboot = self.vm.config().reboot;
+        let panicked = self.classifier.panic_line().map(str::to_string);
+        let restart = reboot.on_reboot == OnReboot::Restart
+            && (panicked.is_none() || self.vm.config().panic_is_reboot());
+        if !restart {
+            let o = self.classifier.reset();
+            self.finish(o);
+            return;
+        }
+        let boot = self.boot();
+        if boot >= MAX_BOOTS {
+            let o = self.classifier.reboot_loop(boot);
+            self.finish(o);
+            return;
+        }
+        let ended_ms = self.vm.ras().now_ms();
+        self.vm.end_boot();
+        // No vCPU of the old boot runs: whatever it queued is here now.
+        let stale: Vec<VmEvent> = self.vm.events().try_iter().collect();
+        let mut api = Vec::new();
+        for e in stale {
+            match e {
+                VmEvent::Console(line) => self.console.push(&line),
+                VmEvent::Ras(e) => self.record_ghes(e),
+                VmEvent::Api(call) => api.push(call),
+                // Before the reset decides the pages' fates: the page goes
+                // into the ledger as the host's (no vCPU is left to tell),
+                // and is remapped or kept with the others.
+                VmEvent::HostMemoryError { code, hva } => self.host_report(code, hva),
+                // The old boot's agent, further resets and stops.
+                VmEvent::Agent(_)
+                | VmEvent::Reset
+                | VmEvent::PowerOff
+                | VmEvent::Stopped { .. } => {}
+            }
+        }
+        if self.outcome.is_some() {
+            // rasvmm's own memory failed meanwhile.
+            return;
+        }
+        let pages = match self.vm.reset_memory(reboot.keep_poison_on_reset) {
+            Ok(p) => p,
+            Err(e) => {
+                let o = self.classifier.vmm_error(one_line(&e));
+                self.finish(o);
+                return;
+            }
+        };
+        self.boots.ended.push(BootRecord {
+            index: boot,
+            started_ms: self.boots.started_ms,
+            agent_ready_ms: self.boots.agent_ms.take(),
+            ended_ms,
+            end: match panicked {
+                Some(line) => BootEnd::Panic { line },
+                None => BootEnd::Reset,
+            },
+            pages,
+        });
+        self.boots.started_ms = self.vm.ras().now_ms();
+        self.boots.console_start = self.console.len();
+        self.classifier.new_boot();
+        if let Err(e) = self.vm.next_boot() {
+            // The next boot never ran: its record says why.
+            let o = self.classifier.vmm_error(one_line(&e));
+            self.finish(o);
+            return;
+        }
+        self.agent_up = false;
+        self.boots.kexecs_at_start = self.kexecs;
+        // The roots in memory now are the old kernels': the new kernel's
+        // is the one that is new at its hello.
+        self.kho = KhoTracker::new();
+        self.vm.ras().kho_before_kexec(&mut self.kho);
+        for (_, (_, _, api_id, conn)) in std::mem::take(&mut self.api_pending) {
+            let _ = conn.send(Answer::err(api_id, StepError::Rebooted));
+        }
+        let tx = self.vm.event_sender();
+        for call in api {
+            let _ = tx.send(VmEvent::Api(call));
+        }
+        self.publish(&serde_json::json!({
+            "event": "guest-reset",
+            "boot": boot + 1,
+            "at_ms": self.boots.started_ms,
+        }));
+    }
+
+    /// Waits until boot `n` (or a later one) is running and its agent
+    /// said hello.
+    pub(crate) fn wait_boot(&mut self, n: u32) -> Result<(), StepError> {
+        while self.boot() < n || !self.agent_up {
+            if self.outcome.is_some() {
+                return Err(StepError::Ended);
+            }
+            self.step();
+        }
+        Ok(())
+    }
+
+    /// Waits until a console line of the current boot contains `text`
+    /// (lines beyond the console history's bound are not seen).
+    pub(crate) fn wait_console(&mut self, text: &str) -> Result<(), StepError> {
+        while !self.console.contains_since(self.boots.console_start, text) {
+            if self.outcome.is_some() {
+                return Err(StepError::Ended);
+            }
+            self.step();
+        }
+        Ok(())
+    }
+
+    /// The boots so far, the current one last, ended by `outcome` if the
+    /// run is over.
+    pub fn boot_records(&self) -> Vec<BootRecord> {
+        let mut boots = self.boots.ended.clone();
+        boots.push(BootRecord {
+            index: self.boot(),
+            started_ms: self.boots.started_ms,
+            agent_ready_ms: self.boots.agent_ms,
+            ended_ms: self.vm.ras().now_ms(),
+            end: match &self.outcome {
+                Some(o) => BootEnd::Outcome {
+                    outcome: o.kind,
+                    detail: o.detail.clone(),
+                },
+                None => BootEnd::Reset,
+            },
+            pages: Vec::new(),
+        });
+        boots
+    }
+}
