@@ -19,8 +19,22 @@ if [ ${#missing[@]} -gt 0 ]; then
 	[ "$(id -u)" = 0 ] || sudo=sudo
 	log "installing Debian packages: ${missing[*]}"
 	$sudo apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null ||
-		die "apt-get install ${missing[*]} failed"
+	# The QEMU packages of one source must be one version: a newer
+	# qemu-utils (say from backports) Breaks the release's qemu-system-common,
+	# and apt would refuse the install. Such packages are brought to the
+	# version of the release's qemu-system-x86 (the lab hosts' QEMU, the
+	# version every measurement in docs/ was made with), and said so.
+	qemu=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+	pins=()
+	while read -r pkg ver; do
+		[ -n "$pkg" ] && [ -n "$qemu" ] && dpkg --compare-versions "$ver" gt "$qemu" || continue
+		want=$(apt-cache madison "$pkg" | awk -v q="${qemu%+b*}" '{v=$3; sub(/\+b[0-9]+$/, "", v)} v == q {print $3; exit}')
+		[ -n "$want" ] || die "$pkg $ver is installed, newer than $qemu: qemu-system-x86 $qemu cannot be installed beside it (remove $pkg, or install qemu-system-x86 and qemu-system-arm of $pkg's version)"
+		log "$pkg $ver is newer than the release's QEMU $qemu and would break it: installing $pkg $want"
+		pins+=("$pkg=$want")
+	done < <(dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${Version}\n' 'qemu-*' 2>/dev/null | awk '$1 == "ii" {print $2, $3}')
+	DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --allow-downgrades "${missing[@]}" "${pins[@]}" >/dev/null ||
+		die "apt-get install ${missing[*]} ${pins[*]} failed"
 fi
 
 command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
