@@ -4,8 +4,10 @@
 # process to its SIGBUS, which QEMU cannot reach, and what QEMU did instead;
 # on x86_64 also machine-check injection to the guest's panic), rasvmm's
 # action-optional reports of the same page against each other (x86_64:
-# GHES-NMI, MCE SRAO Intel and AMD; aarch64: GHES GSIV and polled), and the
-# KHO observer's scan speed against one read per page (this host).
+# GHES-NMI, MCE SRAO Intel and AMD; aarch64: GHES GSIV and polled), the lab
+# host's memory failing under a guest page (a user page with early kill on
+# and off, a slab page) to each VMM's guest's verdict, and the KHO observer's
+# scan speed against one read per page (this host).
 # Record the figures in docs/benchmarks.md. Arguments: [--runs N].
 source "$(dirname "$0")/lib.sh"
 "$RASVMM_ROOT/scripts/install-deps.sh"
@@ -17,5 +19,6 @@ for arch in x86_64 aarch64; do
 	RASVMM_BACKEND=lab "$lab" bench-boot --arch "$arch" "$@"
 	RASVMM_BACKEND=lab "$lab" bench-inject --arch "$arch" "$@"
 	RASVMM_BACKEND=lab "$lab" bench-ghes --arch "$arch" "$@"
+	RASVMM_BACKEND=lab "$lab" bench-host-poison --arch "$arch" "$@"
 done
 RASVMM_BACKEND=lab "$lab" bench-kho

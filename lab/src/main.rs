@@ -9,6 +9,8 @@
 //! rasvmm-lab bench-boot [--arch A] [--runs N]    rasvmm vs QEMU boot-to-agent-ready (lab backend)
 //! rasvmm-lab bench-inject [--arch A] [--runs N]  rasvmm vs QEMU injection to verdict (lab backend)
 //! rasvmm-lab bench-ghes [--arch A] [--runs N]    rasvmm's action-optional paths to the AO SIGBUS
+//! rasvmm-lab bench-host-poison [--arch A] [--runs N]  host memory failing under a guest page:
+//!                                       each VMM's guest's verdict and time, rasvmm vs QEMU (lab backend)
 //! rasvmm-lab bench-kho [--gib N]        the KHO observer's scan speed (this host)
 //! rasvmm-lab smp-boots [--runs N]       2-vCPU boot failures, rasvmm vs QEMU (lab backend)
 //! ```
@@ -49,11 +51,12 @@ fn main() -> ExitCode {
         Some("bench-boot") => bench::boot(arch, &rest),
         Some("bench-inject") => bench::inject(arch, &rest),
         Some("bench-ghes") => bench::ghes(arch, &rest),
+        Some("bench-host-poison") => bench::host_poison(arch, &rest),
         Some("bench-kho") => x86_only("bench-kho").and_then(|()| bench::kho(&rest)),
         Some("smp-boots") => x86_only("smp-boots").and_then(|()| smp::boots(&rest)),
         Some("-h" | "--help") | None => {
             eprintln!(
-                "usage: rasvmm-lab run [--arch A] [rasvmm run args...] | suite [--arch A] [DIR] [--junit F] [--json F] | demo [--arch A] | shell [--arch A] [--timeout S] SCRIPT | bench-boot [--arch A] [--runs N] | bench-inject [--arch A] [--runs N] | bench-ghes [--arch A] [--runs N] | bench-kho [--gib N] | smp-boots [--runs N]  (A: x86_64 or aarch64)"
+                "usage: rasvmm-lab run [--arch A] [rasvmm run args...] | suite [--arch A] [DIR] [--junit F] [--json F] | demo [--arch A] | shell [--arch A] [--timeout S] SCRIPT | bench-boot [--arch A] [--runs N] | bench-inject [--arch A] [--runs N] | bench-ghes [--arch A] [--runs N] | bench-host-poison [--arch A] [--runs N] | bench-kho [--gib N] | smp-boots [--runs N]  (A: x86_64 or aarch64)"
             );
             return if args.is_empty() {
                 ExitCode::from(2)
@@ -62,7 +65,7 @@ fn main() -> ExitCode {
             };
         }
         Some(other) => Err(format!(
-            "unknown command '{other}' (run, suite, demo, shell, bench-boot, bench-inject, bench-ghes, bench-kho, smp-boots)"
+            "unknown command '{other}' (run, suite, demo, shell, bench-boot, bench-inject, bench-ghes, bench-host-poison, bench-kho, smp-boots)"
         )),
     };
     match result {

@@ -52,18 +52,6 @@ pub fn inject(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
         "hmp_mce() {{ echo \"echo 'mce 0 {} {:#x} {:#x} $2 {:#x}' > /tmp/$1-mon.in\"; }}",
         amd_srar.bank, amd_srar.status, amd_srar.mcg_status, amd_srar.misc
     );
-    // host_pfn <tag> <gpa>: the lab host's PFN behind QEMU's guest page.
-    let host_pfn = r#"mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
-host_pfn() {
-	echo "gpa2hva $2" >/tmp/$1-mon.in
-	wait_for "grep -q 'Host virtual address for $2' /tmp/$1-mon.log"
-	hva=$(sed -n "s/.*Host virtual address for $2 .* is \(0x[0-9a-fA-F]*\).*/\1/p" /tmp/$1-mon.log | tail -n 1)
-	# (An arithmetic error would end the lab host's job: check each step.)
-	[ -n "$hva" ] || { echo none; return; }
-	ent=$(dd if=/proc/$q/pagemap bs=8 count=1 skip=$((hva / 4096)) 2>/dev/null | od -An -tx8 | tr -d ' ')
-	[ -n "$ent" ] || { echo none; return; }
-	echo $((0x$ent & 0x7fffffffffffff))
-}"#;
     // What each architecture's QEMU is made to do to the spinning page
     // ($gpa), timed to `pattern` in `file` by lab-timer.
     let (helpers, qemu_poison, rasvmm_then, expect) = if x86 {
@@ -77,7 +65,7 @@ host_pfn() {
         )
     } else {
         (
-            host_pfn.to_string(),
+            String::new(),
             r#"hpfn=$(host_pfn qu $gpa)
 	lab-timer --trigger /tmp/qu-stderr.log 'Hardware memory error' 30 -- sh -c "echo $hpfn > /sys/kernel/debug/hwpoison/corrupt-pfn" >/tmp/qs-$i.txt 2>&1"#.to_string(),
             "rasvmm api --socket $S poweroff >/dev/null 2>&1".to_string(),
@@ -101,22 +89,7 @@ host_pfn() {
     let script = format!(
         r#"CMDLINE={cmdline}
 GPA={GPA:#x}
-wait_for() {{ n=0; until eval "$1"; do usleep 20000; n=$((n+1)); [ $n -gt 1500 ] && return 1; done; }}
-# qemu_start <tag>: QEMU with the agent's device on a pipe and HMP on
-# another; the shell holds both input FIFOs open read-write, so no write
-# ever blocks.
-qemu_start() {{
-	rm -f /tmp/$1-*
-	mkfifo /tmp/$1-mon.in /tmp/$1-mon.out /tmp/$1-ag.in /tmp/$1-ag.out
-	exec 8<>/tmp/$1-mon.in 9<>/tmp/$1-ag.in
-	{qemu} -monitor pipe:/tmp/$1-mon >/dev/null 2>/tmp/$1-stderr.log &
-	q=$!
-	cat /tmp/$1-mon.out >/tmp/$1-mon.log &
-	cat /tmp/$1-ag.out >/tmp/$1-agent.log &
-	wait_for "grep -q hello /tmp/$1-agent.log 2>/dev/null"
-	usleep 500000
-}}
-qemu_stop() {{ kill $q 2>/dev/null; exec 8>&- 9>&-; wait; }}
+{shell}
 {helpers}
 for i in $(seq 1 {runs}); do
 	S=/tmp/api-$i
@@ -139,7 +112,7 @@ for i in $(seq 1 {runs}); do
 	lab_emit rasvmm-report-$i /tmp/rr-$i.json
 	qemu_start qu
 	echo '{{"id":1,"cmd":"alloc-page"}}' >/tmp/qu-ag.in
-	wait_for "grep -q '\"pfn\"' /tmp/qu-agent.log"
+	wait_for "grep -q '\"pfn\"' /tmp/qu-agent.log && whole /tmp/qu-agent.log"
 	pfn=$(sed -n 's/.*"pfn":\([0-9]*\).*/\1/p' /tmp/qu-agent.log | head -n 1)
 	gpa=$(printf '0x%x' $((pfn * 4096)))
 	echo '{{"id":2,"cmd":{{"spin-page":{{"page":0}}}}}}' >/tmp/qu-ag.in
@@ -156,6 +129,7 @@ done
         cmdline = lab::shell_quote(peer.cmdline),
         kernel = arch.lab_guest_kernel(),
         rasvmm_cpu = peer.inject_cpu.0,
+        shell = lab_shell(&qemu),
     );
     eprintln!("bench-inject: {runs} runs each of rasvmm and QEMU in one {arch} lab host...");
     let res = lab
@@ -250,7 +224,7 @@ done
 /// `arch`'s QEMU (besides the agent's `"signal"` report).
 pub(super) fn verdict_patterns(arch: Arch) -> &'static [&'static str] {
     match arch {
-        Arch::X86_64 => &["Machine check:", "Kernel panic"],
+        Arch::X86_64 => &["Machine check:", "Kernel panic", "Hardware memory error"],
         Arch::Aarch64 => &[
             "Hardware memory error",
             "SEA",

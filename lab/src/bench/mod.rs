@@ -9,9 +9,11 @@ use serde_json::Value;
 
 use crate::chain;
 
+mod host_poison;
 mod inject;
 mod records;
 
+pub use host_poison::host_poison;
 pub use inject::inject;
 pub use records::{ghes, kho};
 
@@ -85,6 +87,63 @@ impl Peer {
             devices = self.qemu_devices,
         )
     }
+}
+
+/// The lab-host shell functions the benchmarks that drive a running QEMU
+/// share; `qemu` is its command from [`Peer::qemu`], with `$1` (the tag)
+/// in its chardev paths:
+///
+/// - `wait_for <cond> [<tries>]`: polls a shell condition every 20 ms
+///   (1500 tries, 30 s, unless told);
+/// - `whole <file>`: the file ends with a whole line (an agent's line
+///   comes over a UART, a few bytes at a time);
+/// - `qemu_start <tag>`: QEMU (pid `$q`) with the agent's device on the
+///   pipe `/tmp/<tag>-ag` and HMP on `/tmp/<tag>-mon`, its agent ready;
+///   the shell holds both input FIFOs open read-write, so no write ever
+///   blocks; `qemu_stop` kills it;
+/// - `hva_pfn <pid> <hva>`: the lab host's frame behind a process's
+///   address (its /proc/PID/pagemap), or `none`;
+/// - `host_pfn <tag> <gpa>`: the frame behind QEMU's guest page (HMP
+///   gpa2hva);
+/// - `ram_pfn <pid> <ram-bytes> <offset>`: the frame behind rasvmm's guest
+///   RAM at `offset` (its RAM is one anonymous mapping of `ram-bytes`).
+fn lab_shell(qemu: &str) -> String {
+    format!(
+        r#"mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+wait_for() {{ n=0; until eval "$1"; do usleep 20000; n=$((n+1)); [ $n -gt ${{2:-1500}} ] && return 1; done; return 0; }}
+whole() {{ [ -z "$(tail -c 1 $1 | tr -d '\n')" ]; }}
+qemu_start() {{
+	rm -f /tmp/$1-*
+	mkfifo /tmp/$1-mon.in /tmp/$1-mon.out /tmp/$1-ag.in /tmp/$1-ag.out
+	exec 8<>/tmp/$1-mon.in 9<>/tmp/$1-ag.in
+	{qemu} -monitor pipe:/tmp/$1-mon >/dev/null 2>/tmp/$1-stderr.log &
+	q=$!
+	cat /tmp/$1-mon.out >/tmp/$1-mon.log &
+	cat /tmp/$1-ag.out >/tmp/$1-agent.log &
+	wait_for "grep -q hello /tmp/$1-agent.log 2>/dev/null"
+	usleep 500000
+}}
+qemu_stop() {{ kill $q 2>/dev/null; exec 8>&- 9>&-; wait; }}
+# (An arithmetic error would end the lab host's job: check each step.)
+hva_pfn() {{
+	case "$2" in 0x[0-9a-fA-F]*) ;; *) echo none; return ;; esac
+	ent=$(dd if=/proc/$1/pagemap bs=8 count=1 skip=$(($2 / 4096)) 2>/dev/null | od -An -tx8 | tr -d ' ')
+	[ -n "$ent" ] || {{ echo none; return; }}
+	pfn=$((0x$ent & 0x7fffffffffffff))
+	[ "$pfn" != 0 ] && echo $pfn || echo none
+}}
+host_pfn() {{
+	echo "gpa2hva $2" >/tmp/$1-mon.in
+	wait_for "grep -q 'Host virtual address for $2' /tmp/$1-mon.log"
+	hva_pfn $q "$(sed -n "s/.*Host virtual address for $2 .* is \(0x[0-9a-fA-F]*\).*/\1/p" /tmp/$1-mon.log | tail -n 1)"
+}}
+ram_pfn() {{
+	base=$(while read -r range perms rest; do
+		[ "$perms" = rw-p ] && [ $((0x${{range#*-}} - 0x${{range%-*}})) = $2 ] && {{ echo 0x${{range%-*}}; break; }}
+	done </proc/$1/maps)
+	[ -n "$base" ] && hva_pfn $1 $(printf '0x%x' $((base + $3))) || echo none
+}}"#
+    )
 }
 
 /// Boot to agent ready, rasvmm vs `qemu-system-<arch> -enable-kvm` with the
