@@ -35,15 +35,31 @@ impl Session {
     /// The guest reset: the run ends, or (with `--on-reboot restart`) the
     /// next boot starts.
     pub(crate) fn guest_reset(&mut self) {
+        self.reset_machine(None);
+    }
+
+    /// A vCPU shut down at a machine check it could not take (`detail`
+    /// names it, the page and the RIP): the run ends with outcome
+    /// `machine-check-shutdown`, or (with `--on-reboot restart`) the
+    /// platform resets, as boards do after a shutdown, and the next boot
+    /// starts.
+    pub(crate) fn machine_check_shutdown(&mut self, detail: String) {
+        self.reset_machine(Some(detail));
+    }
+
+    fn reset_machine(&mut self, shutdown: Option<String>) {
         if self.outcome.is_some() {
             return;
         }
         let reboot = self.vm.config().reboot;
         let panicked = self.classifier.panic_line().map(str::to_string);
         let restart = reboot.on_reboot == OnReboot::Restart
-            && (panicked.is_none() || self.vm.config().panic_is_reboot());
+            && (shutdown.is_some() || panicked.is_none() || self.vm.config().panic_is_reboot());
         if !restart {
-            let o = self.classifier.reset();
+            let o = match shutdown {
+                Some(d) => self.classifier.machine_check_shutdown(d),
+                None => self.classifier.reset(),
+            };
             self.finish(o);
             return;
         }
@@ -91,9 +107,10 @@ impl Session {
             started_ms: self.boots.started_ms,
             agent_ready_ms: self.boots.agent_ms.take(),
             ended_ms,
-            end: match panicked {
-                Some(line) => BootEnd::Panic { line },
-                None => BootEnd::Reset,
+            end: match (shutdown, panicked) {
+                (Some(detail), _) => BootEnd::MachineCheckShutdown { detail },
+                (None, Some(line)) => BootEnd::Panic { line },
+                (None, None) => BootEnd::Reset,
             },
             pages,
         });

@@ -104,6 +104,12 @@ pub enum BootEnd {
         /// The panic line.
         line: String,
     },
+    /// A vCPU shut down at a machine check it could not take, and the
+    /// platform reset (`--on-reboot restart`).
+    MachineCheckShutdown {
+        /// The vCPU, the guest page and the RIP.
+        detail: String,
+    },
     /// The run ended with it.
     Outcome {
         /// How.
@@ -119,15 +125,18 @@ impl BootEnd {
         match self {
             BootEnd::Reset => "reset",
             BootEnd::Panic { .. } => "panic",
+            BootEnd::MachineCheckShutdown { .. } => OutcomeKind::MachineCheckShutdown.as_str(),
             BootEnd::Outcome { outcome, .. } => outcome.as_str(),
         }
     }
 
-    /// The panic line or the outcome's detail ("" for a reset).
+    /// The panic line, the shutdown's or the outcome's detail ("" for a
+    /// reset).
     pub fn detail(&self) -> &str {
         match self {
             BootEnd::Reset => "",
             BootEnd::Panic { line } => line,
+            BootEnd::MachineCheckShutdown { detail } => detail,
             BootEnd::Outcome { detail, .. } => detail,
         }
     }

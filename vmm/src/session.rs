@@ -72,7 +72,7 @@ pub struct Session {
 const GHES_PUMP_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Most RAS events one run records (later ones are counted, not kept).
-const MAX_RAS_EVENTS: usize = 10_000;
+pub(crate) const MAX_RAS_EVENTS: usize = 10_000;
 
 impl Session {
     /// Watches `vm` until its configured deadline.
@@ -239,33 +239,6 @@ impl Session {
             Step::WaitBoot(n) => self.wait_boot(*n).map(|()| None),
             Step::WaitConsole(t) => self.wait_console(t).map(|()| None),
         }
-    }
-
-    /// Records an event, remembering the address of every CPER record it
-    /// says rasvmm wrote (a GHES report, an injection or a consumption
-    /// reported with a record), for checking the guest's decode.
-    pub(crate) fn record_ghes(&mut self, e: RasEvent) {
-        let written = match &e {
-            RasEvent::GhesReported { gpa: Some(a), .. } => Some(*a),
-            RasEvent::Consumed {
-                gpa, ghes: Some(_), ..
-            }
-            | RasEvent::Injected {
-                gpa, ghes: Some(_), ..
-            } => Some(*gpa),
-            RasEvent::HostMemoryError {
-                gpa: Some(gpa),
-                told: Some(ras::ledger::Told::Ghes { .. }),
-                ..
-            } => Some(*gpa),
-            _ => None,
-        };
-        if let Some(a) = written {
-            if self.ghes_addresses.len() < MAX_RAS_EVENTS {
-                self.ghes_addresses.insert(a);
-            }
-        }
-        self.record(e);
     }
 
     /// What an agent reply teaches: names for the pages it reports, and
@@ -512,9 +485,10 @@ impl Session {
                         self.guest_reset();
                         return None;
                     }
-                    VcpuStop::MachineCheckShutdown(d) => self
-                        .classifier
-                        .machine_check_shutdown(format!("vCPU {vcpu}: {d}")),
+                    VcpuStop::MachineCheckShutdown(d) => {
+                        self.machine_check_shutdown(format!("vCPU {vcpu}: {d}"));
+                        return None;
+                    }
                     VcpuStop::SystemShutdown => {
                         self.classifier.power_off("KVM_SYSTEM_EVENT_SHUTDOWN")
                     }

@@ -1,7 +1,8 @@
-//! The session's side of host memory failures: the host's early reports
-//! and the reports vCPUs saw, turned into ledger entries, events and (for
-//! rasvmm's own memory) the run's end; and the `host-poison` step, which
-//! makes host memory fail from outside rasvmm.
+//! The session's side of RAS events and host memory failures: events
+//! recorded (with the CPER records they say rasvmm wrote), the host's
+//! early reports and the reports vCPUs saw, turned into ledger entries,
+//! events and (for rasvmm's own memory) the run's end; and the
+//! `host-poison` step, which makes host memory fail from outside rasvmm.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use crate::config::HostMceKill;
 use crate::event::RasEvent;
 use crate::host_poison::{self, VmmPage};
 use crate::ras_controller::HostReport;
-use crate::session::Session;
+use crate::session::{Session, MAX_RAS_EVENTS};
 use crate::steps::{HostPoisonTarget, StepError};
 
 /// How long a `host-poison` step waits for the host's early report of a
@@ -17,6 +18,33 @@ use crate::steps::{HostPoisonTarget, StepError};
 const REPORT_WAIT: Duration = Duration::from_secs(5);
 
 impl Session {
+    /// Records an event, remembering the address of every CPER record it
+    /// says rasvmm wrote (a GHES report, an injection or a consumption
+    /// reported with a record), for checking the guest's decode.
+    pub(crate) fn record_ghes(&mut self, e: RasEvent) {
+        let written = match &e {
+            RasEvent::GhesReported { gpa: Some(a), .. } => Some(*a),
+            RasEvent::Consumed {
+                gpa, ghes: Some(_), ..
+            }
+            | RasEvent::Injected {
+                gpa, ghes: Some(_), ..
+            } => Some(*gpa),
+            RasEvent::HostMemoryError {
+                gpa: Some(gpa),
+                told: Some(ras::ledger::Told::Ghes { .. }),
+                ..
+            } => Some(*gpa),
+            _ => None,
+        };
+        if let Some(a) = written {
+            if self.ghes_addresses.len() < MAX_RAS_EVENTS {
+                self.ghes_addresses.insert(a);
+            }
+        }
+        self.record(e);
+    }
+
     /// A RAS event from a vCPU thread. An access that hit failed memory
     /// outside guest RAM ends the run.
     pub(crate) fn ras_event(&mut self, e: RasEvent) {

@@ -124,16 +124,11 @@ fn read(session: &crate::session::Session, gpa: u64) -> u64 {
 /// What the first boot writes to PAGE_P.
 const PATTERN: u64 = 0x1122_3344_5566_7788;
 
-/// Boots the poison payload with `--on-reboot restart`, poisons PAGE_P
-/// once the first boot wrote its pattern there, and lets it reset. True
-/// with the session if the host page is hwpoisoned; a host kernel without
-/// CONFIG_MEMORY_FAILURE refuses MADV_HWPOISON, and the page is then only
-/// recorded as sticky in the ledger (what the reset decides from).
-fn poisoned_then_reset(keep: bool) -> (crate::session::Session, bool) {
-    use vm_memory::Bytes;
+/// Boots the poison payload with `reboot` and waits until its first boot
+/// wrote its pattern to PAGE_P and waits for GO.
+fn first_boot_wrote_its_pattern(reboot: crate::config::Reboot) -> crate::session::Session {
     let mut cfg = payload(poison_payload(), 1);
-    cfg.reboot.on_reboot = crate::config::OnReboot::Restart;
-    cfg.reboot.keep_poison_on_reset = keep;
+    cfg.reboot = reboot;
     let vm = Vm::start(&cfg).unwrap();
     let mut s = crate::session::Session::new(vm).unwrap();
     let until = Instant::now() + Duration::from_secs(10);
@@ -145,6 +140,20 @@ fn poisoned_then_reset(keep: bool) -> (crate::session::Session, bool) {
         s.wait(Duration::from_millis(5));
     }
     assert_eq!(read(&s, PAGE_P), PATTERN);
+    s
+}
+
+/// Boots the poison payload with `--on-reboot restart`, poisons PAGE_P
+/// once the first boot wrote its pattern there, and lets it reset. True
+/// with the session if the host page is hwpoisoned; a host kernel without
+/// CONFIG_MEMORY_FAILURE refuses MADV_HWPOISON, and the page is then only
+/// recorded as sticky in the ledger (what the reset decides from).
+fn poisoned_then_reset(keep: bool) -> (crate::session::Session, bool) {
+    use vm_memory::Bytes;
+    let mut s = first_boot_wrote_its_pattern(crate::config::Reboot {
+        on_reboot: crate::config::OnReboot::Restart,
+        keep_poison_on_reset: keep,
+    });
     // Sticky poison (MADV_HWPOISON: needs CAP_SYS_ADMIN, and fails the
     // test without it).
     let hwpoisoned = match s.poison(PAGE_P) {
@@ -275,4 +284,64 @@ fn payload_counting_to(until: u8, cfg: &VmConfig) -> VmConfig {
         load_addr: 0x10_0000,
     };
     c
+}
+
+/// Boots the poison payload (with `restart` or not), poisons PAGE_P once
+/// the first boot wrote its pattern, and stops its vCPU as the x86
+/// consumption path does when the guest cannot take the machine check.
+fn shut_down_by_a_machine_check(restart: bool) -> crate::session::Session {
+    let on_reboot = match restart {
+        true => crate::config::OnReboot::Restart,
+        false => crate::config::OnReboot::Exit,
+    };
+    let mut s = first_boot_wrote_its_pattern(crate::config::Reboot {
+        on_reboot,
+        keep_poison_on_reset: false,
+    });
+    if s.poison(PAGE_P).is_err() {
+        // A host without CONFIG_MEMORY_FAILURE: the ledger alone.
+        s.vm().ras().mark_sticky_for_test(PAGE_P);
+    }
+    let _ = s.vm().event_sender().send(crate::event::VmEvent::Stopped {
+        vcpu: 0,
+        stop: crate::event::VcpuStop::MachineCheckShutdown(
+            "machine check while CR4.MCE is clear: guest page 0x300000, rip 0x100040".into(),
+        ),
+    });
+    s
+}
+
+#[test]
+fn a_machine_check_shutdown_ends_the_run_without_restart() {
+    let mut s = shut_down_by_a_machine_check(false);
+    let o = s.wait_outcome();
+    assert_eq!(
+        o.kind,
+        crate::outcome::OutcomeKind::MachineCheckShutdown,
+        "{o:?}"
+    );
+    assert!(
+        o.detail
+            .starts_with("vCPU 0: machine check while CR4.MCE is clear"),
+        "{o:?}"
+    );
+    assert_eq!(s.boot_records().len(), 1);
+}
+
+#[test]
+fn a_machine_check_shutdown_resets_the_platform_under_restart() {
+    let mut s = shut_down_by_a_machine_check(true);
+    let o = s.wait_outcome();
+    // The second boot ran: it read the page (remapped, zero) and powered off.
+    assert_eq!(o.kind, crate::outcome::OutcomeKind::Poweroff, "{o:?}");
+    let boots = s.boot_records();
+    assert_eq!(boots.len(), 2, "{boots:?}");
+    assert_eq!(boots[0].end.name(), "machine-check-shutdown");
+    assert!(
+        boots[0].end.detail().contains("guest page 0x300000"),
+        "{boots:?}"
+    );
+    assert_eq!(boots[0].pages[0].fate, ras::ledger::Fate::Remapped);
+    assert_eq!(read(&s, 0x20_0000), 2);
+    assert_eq!(read(&s, READ_BACK), 0);
 }
