@@ -13,6 +13,8 @@
 //!   chosen);
 //! - [`vcpu`]: vCPU threads and their handles; [`host_errors`]: the thread
 //!   that receives the host kernel's early memory-failure reports;
+//!   [`host_pages`]: the pages of guest RAM the host has poisoned, found
+//!   without touching them;
 //! - [`ras_controller`]: every memory error reported to the guest, planned
 //!   by the ras crate and delivered to the vCPUs;
 //! - [`vm`]: building a VM (memory, guest, devices, vCPUs);
@@ -34,6 +36,7 @@ pub mod event;
 pub mod event_loop;
 pub mod ghes_sources;
 pub mod host_errors;
+pub mod host_pages;
 pub mod host_poison;
 pub mod kho_observer;
 pub mod machine;

@@ -70,19 +70,19 @@ impl Session {
             return;
         }
         let ended_ms = self.vm.ras().now_ms();
-        self.vm.end_boot();
+        let joined = self.vm.end_boot();
         // No vCPU of the old boot runs: whatever it queued is here now.
         let stale: Vec<VmEvent> = self.vm.events().try_iter().collect();
         let mut api = Vec::new();
         for e in stale {
             match e {
                 VmEvent::Console(line) => self.console.push(&line),
-                VmEvent::Ras(e) => self.record_ghes(e),
+                VmEvent::Ras(e) => self.ras_event(e),
                 VmEvent::Api(call) => api.push(call),
                 // Before the reset decides the pages' fates: the page goes
-                // into the ledger as the host's (no vCPU is left to tell),
+                // into the ledger as the host's (no kernel runs to tell),
                 // and is remapped or kept with the others.
-                VmEvent::HostMemoryError { code, hva } => self.host_report(code, hva),
+                VmEvent::HostMemoryError { code, hva } => self.host_report(code, hva, false),
                 // The old boot's agent, further resets and stops.
                 VmEvent::Agent(_)
                 | VmEvent::Reset
@@ -94,13 +94,17 @@ impl Session {
             // rasvmm's own memory failed meanwhile.
             return;
         }
-        let pages = match self.vm.reset_memory(reboot.keep_poison_on_reset) {
-            Ok(p) => p,
-            Err(e) => {
-                let o = self.classifier.vmm_error(one_line(&e));
-                self.finish(o);
-                return;
-            }
+        if !joined {
+            let o = self
+                .classifier
+                .vmm_error(format!("a vCPU thread of boot {boot} panicked"));
+            self.finish(o);
+            return;
+        }
+        // A reset that fails still ends its boot with what it did.
+        let (pages, failed) = match self.vm.reset_memory(reboot.keep_poison_on_reset) {
+            Ok(p) => (p, None),
+            Err(e) => (Vec::new(), Some(one_line(&e))),
         };
         self.boots.ended.push(BootRecord {
             index: boot,
@@ -117,6 +121,11 @@ impl Session {
         self.boots.started_ms = self.vm.ras().now_ms();
         self.boots.console_start = self.console.len();
         self.classifier.new_boot();
+        if let Some(e) = failed {
+            let o = self.classifier.vmm_error(e);
+            self.finish(o);
+            return;
+        }
         if let Err(e) = self.vm.next_boot() {
             // The next boot never ran: its record says why.
             let o = self.classifier.vmm_error(one_line(&e));

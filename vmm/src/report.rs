@@ -497,6 +497,7 @@ mod tests {
                     source: ras::ledger::Source::Injected,
                     consumptions: 1,
                     fate: ras::ledger::Fate::Remapped,
+                    told: Vec::new(),
                 }],
             },
             BootRecord {

@@ -476,7 +476,7 @@ impl Session {
                 self.finish(o);
             }
             VmEvent::Ras(e) => self.ras_event(e),
-            VmEvent::HostMemoryError { code, hva } => self.host_report(code, hva),
+            VmEvent::HostMemoryError { code, hva } => self.host_report(code, hva, true),
             VmEvent::Api(call) => self.serve_api(call),
             VmEvent::Stopped { vcpu, stop } => {
                 let o = match stop {

@@ -67,8 +67,8 @@ impl Session {
     }
 
     /// The host kernel reported early that the memory at `hva` failed.
-    pub(crate) fn host_report(&mut self, code: i32, hva: u64) {
-        match self.vm.ras().host_reported(code, hva) {
+    pub(crate) fn host_report(&mut self, code: i32, hva: u64, tell: bool) {
+        match self.vm.ras().host_reported(code, hva, tell) {
             HostReport::Guest(e) => self.record_ghes(e),
             HostReport::Vmm { event, detail } => {
                 self.record(event);
@@ -81,7 +81,8 @@ impl Session {
     /// Has a helper process poison host frames under rasvmm (the
     /// `host-poison` step); the host's reports follow as events. With early
     /// reports, guest pages are poisoned one at a time, each once rasvmm
-    /// has taken the host's report of the previous: Linux sends
+    /// has taken the host's report of the previous (and the step returns
+    /// once the last one's is in): Linux sends
     /// BUS_MCEERR_AO as a standard signal, and one sent while another is
     /// still pending is lost (docs/host-poison.md).
     pub(crate) fn host_poison(&mut self, target: &HostPoisonTarget) -> Result<(), StepError> {
@@ -106,7 +107,11 @@ impl Session {
                 (vec![None], vec![hva])
             }
         };
-        let one_by_one = self.vm.config().host_mce_kill == HostMceKill::Early && gpas.len() > 1;
+        // With early reports each guest page's report is awaited, even for
+        // one page: until it is in, the page is not in the ledger, and a
+        // later step could have rasvmm read it.
+        let one_by_one = self.vm.config().host_mce_kill == HostMceKill::Early
+            && matches!(target, HostPoisonTarget::Guest(_));
         let batches: Vec<(Vec<Option<u64>>, Vec<u64>)> = if one_by_one {
             gpas.into_iter()
                 .zip(hvas)

@@ -415,7 +415,7 @@ fn an_early_host_report_goes_into_the_ledger_and_to_the_guest() {
     let vm = vmm::vm::Vm::start(&config(mc_payload(), 1)).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let hva = vm.ras().host_addresses(&[0x20_0000]).unwrap()[0];
-    match vm.ras().host_reported(libc::BUS_MCEERR_AO, hva) {
+    match vm.ras().host_reported(libc::BUS_MCEERR_AO, hva, true) {
         HostReport::Guest(RasEvent::HostMemoryError {
             code,
             gpa,
@@ -439,7 +439,7 @@ fn an_early_host_report_goes_into_the_ledger_and_to_the_guest() {
     // Host memory already bad is not poisoned again from outside.
     assert!(vm.ras().host_addresses(&[0x20_0000]).is_err());
     // Memory that is not guest RAM ends the run.
-    match vm.ras().host_reported(libc::BUS_MCEERR_AO, 0x1000) {
+    match vm.ras().host_reported(libc::BUS_MCEERR_AO, 0x1000, true) {
         HostReport::Vmm { detail, .. } => {
             assert!(detail.contains("rasvmm's own memory"), "{detail}");
             assert!(detail.contains("BUS_MCEERR_AO"), "{detail}");
@@ -453,7 +453,7 @@ fn an_early_host_report_goes_into_the_ledger_and_to_the_guest() {
     // not told.
     let vm = vmm::vm::Vm::start(&config(vec![0xeb, 0xfe], 1)).unwrap();
     let hva = vm.ras().host_addresses(&[0x30_0000]).unwrap()[0];
-    match vm.ras().host_reported(libc::BUS_MCEERR_AO, hva) {
+    match vm.ras().host_reported(libc::BUS_MCEERR_AO, hva, true) {
         HostReport::Guest(RasEvent::HostMemoryError { told, result, .. }) => {
             assert_eq!(told, None);
             assert!(result.unwrap_or_default().contains("CR4.MCE clear"));

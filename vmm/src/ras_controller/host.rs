@@ -34,8 +34,10 @@ pub enum HostReport {
 
 impl RasController {
     /// The host kernel reported (`code`, normally BUS_MCEERR_AO) that the
-    /// memory behind host address `hva` failed.
-    pub fn host_reported(&self, code: i32, hva: u64) -> HostReport {
+    /// memory behind host address `hva` failed. With `tell` false (the
+    /// guest is resetting: no kernel runs to hear it) the page only goes
+    /// into the ledger.
+    pub fn host_reported(&self, code: i32, hva: u64, tell: bool) -> HostReport {
         let now = self.now_ms();
         let code = HostErrorCode::from_si_code(code).unwrap_or(HostErrorCode::ActionOptional);
         let gpa = usize::try_from(hva).ok().and_then(|h| self.gpa_of(h));
@@ -64,25 +66,41 @@ impl RasController {
                 format!("guest page {page:#x}, which holds rasvmm's ACPI tables or GHES blocks"),
             );
         }
+        let event = |told, result| {
+            HostReport::Guest(RasEvent::HostMemoryError {
+                code,
+                hva,
+                gpa: Some(page),
+                vcpu: None,
+                at_ms: now,
+                told,
+                result,
+            })
+        };
+        if lock(&self.remapped).contains(&page)
+            && !crate::host_pages::is_poisoned(hva).unwrap_or(true)
+        {
+            // The report came after a reset replaced the page: it names the
+            // frame that was under it, which the guest no longer has.
+            return event(
+                None,
+                Some(
+                    "the page was replaced with fresh memory at a reset: nothing to report".into(),
+                ),
+            );
+        }
         // The ledger's lock is released before the guest is told (which
         // takes it again).
         let recorded = lock(&self.ledger).poison(page, ledger::Source::Host, now);
         let (told, result) = match recorded {
             Err(e) => (None, Some(e.to_string())),
+            Ok(_) if !tell => (None, Some("the guest was resetting".into())),
             Ok(_) => match self.tell_action_optional(page) {
                 Ok(t) => (Some(t), None),
                 Err(e) => (None, Some(e.to_string())),
             },
         };
-        HostReport::Guest(RasEvent::HostMemoryError {
-            code,
-            hva,
-            gpa: Some(page),
-            vcpu: None,
-            at_ms: now,
-            told,
-            result,
-        })
+        event(told, result)
     }
 
     /// Tells the guest that `page` went bad, action optional: through the

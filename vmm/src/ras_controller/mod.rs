@@ -155,6 +155,9 @@ pub struct RasController {
     firmware: Mutex<Range<u64>>,
     /// The current boot's vCPUs (replaced at each boot).
     vcpus: Mutex<Arc<[VcpuSender]>>,
+    /// Pages a reset replaced with fresh memory: a host report for one that
+    /// comes later may name the frame that was under it before.
+    remapped: Mutex<std::collections::BTreeSet<u64>>,
     started: Instant,
 }
 
@@ -177,6 +180,7 @@ impl RasController {
             poison_report,
             firmware: Mutex::new(firmware),
             vcpus: Mutex::new(Arc::from(Vec::new())),
+            remapped: Mutex::default(),
             started,
         }
     }
@@ -449,9 +453,28 @@ impl RasController {
         None
     }
 
+    /// Pages the host has poisoned that the ledger does not hold (their
+    /// early report was lost, or not asked for), found without touching
+    /// them ([`crate::host_pages`]), go into the ledger as the host's; the
+    /// guest is told nothing of them until it touches one. Run before
+    /// rasvmm itself reads guest RAM, which would otherwise fault on them.
+    fn sweep_host_poison(&self) {
+        let Ok(found) = crate::host_pages::poisoned(&self.memory, ledger::MAX_PAGES) else {
+            return;
+        };
+        let now = self.now_ms();
+        let mut ledger = lock(&self.ledger);
+        for gpa in found {
+            if ledger.get(gpa).is_none() {
+                let _ = ledger.poison(gpa, ledger::Source::Host, now);
+            }
+        }
+    }
+
     /// The ledger's pages, and the sticky ones (never read: their backing
     /// is hwpoisoned, and any access, the VMM's own included, faults).
     fn kho_inputs(&self) -> (Vec<u64>, std::collections::BTreeSet<u64>) {
+        self.sweep_host_poison();
         let entries = self.ledger();
         let ledger: Vec<u64> = entries.iter().map(|e| e.gpa).collect();
         let sticky = entries

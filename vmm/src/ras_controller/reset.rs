@@ -47,10 +47,14 @@ impl RasController {
     /// ledger records every page's fate. An error leaves the ledger as it
     /// was (pages remapped before the failure are healthy memory).
     pub fn at_reset(&self, keep: bool) -> Result<Vec<PageFate>, RasError> {
+        // Host-poisoned pages no report named are remapped or kept too
+        // (and the loader never writes to one unknowingly).
+        self.sweep_host_poison();
         let mut ledger = lock(&self.ledger);
         if !keep {
             for e in ledger.entries().iter().filter(|e| e.source.is_sticky()) {
                 self.remap(e.gpa)?;
+                lock(&self.remapped).insert(e.gpa);
             }
         }
         Ok(ledger.reset(keep))

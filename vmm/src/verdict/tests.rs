@@ -314,6 +314,7 @@ consumed = ["slab0"]
         source: Source::Injected,
         consumptions: 0,
         fate,
+        told: Vec::new(),
     };
     r.boots = vec![
         BootRecord {

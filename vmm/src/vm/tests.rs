@@ -184,6 +184,7 @@ fn a_reset_replaces_a_poisoned_page_with_zeroed_memory() {
             source: ras::ledger::Source::Injected,
             consumptions: 0,
             fate: ras::ledger::Fate::Remapped,
+            told: Vec::new(),
         }]
     );
     // The second boot read zero where the first wrote its pattern, without

@@ -34,7 +34,7 @@ pub enum Fate {
 }
 
 /// One ledger page at a reset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageFate {
     /// Guest-physical address of the page.
     pub gpa: u64,
@@ -44,6 +44,9 @@ pub struct PageFate {
     pub consumptions: u32,
     /// What the reset did with it.
     pub fate: Fate,
+    /// What the kernel that reset had been told of it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub told: Vec<super::Told>,
 }
 
 impl Ledger {
@@ -63,10 +66,15 @@ impl Ledger {
                     (true, false) => Fate::Remapped,
                     (false, _) => Fate::Forgotten,
                 },
+                told: e.told.clone(),
             })
             .collect();
         self.pages
             .retain(|_, e| keep_sticky && e.source.is_sticky());
+        // The next kernel was told nothing of the pages kept bad.
+        for e in self.pages.values_mut() {
+            e.told.clear();
+        }
         fates
     }
 }
@@ -123,6 +131,18 @@ mod tests {
         assert_eq!(l.consume(0x1000, 10), Ok(2));
         // A second reset finds them again.
         assert_eq!(l.reset(true).len(), 2);
+    }
+
+    #[test]
+    fn a_kept_page_keeps_nothing_of_what_the_old_kernel_was_told() {
+        let mut l = ledger();
+        let srar = crate::ledger::Told::MachineCheck(crate::mce::MemoryError::Srar);
+        l.tell(0x1000, srar);
+        let f = l.reset(true);
+        // The boot that reset was told; the next kernel was not.
+        assert_eq!(f[0].told, [srar]);
+        assert!(l.entries()[0].told.is_empty());
+        assert_eq!(l.entries()[0].consumptions, 1);
     }
 
     #[test]
