@@ -168,6 +168,24 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         append: Option<String>,
     },
+    /// [`Command::Kexec`]'s load alone: the next kernel is loaded and the
+    /// guest runs on until [`Command::KexecReboot`]. Between the two, the
+    /// kexec load's own allocations are done, so a test can edit guest
+    /// memory that the load would otherwise have reused.
+    KexecLoad {
+        /// Appended to the current kernel command line.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        append: Option<String>,
+    },
+    /// Reply, then reboot into the kernel [`Command::KexecLoad`] loaded.
+    KexecReboot,
+}
+
+impl Command {
+    /// Whether the guest reboots into a new kernel after replying.
+    pub fn reboots_into_next_kernel(&self) -> bool {
+        matches!(self, Command::Kexec { .. } | Command::KexecReboot)
+    }
 }
 
 /// What a `guest-poison` request does to each page.

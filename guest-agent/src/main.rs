@@ -65,6 +65,8 @@ struct Holder {
 struct Agent {
     port: File,
     holders: BTreeMap<u32, Holder>,
+    /// A `kexec-load` loaded the next kernel.
+    kexec_loaded: bool,
 }
 
 fn run(path: &str) -> std::io::Result<()> {
@@ -73,6 +75,7 @@ fn run(path: &str) -> std::io::Result<()> {
     let mut agent = Agent {
         port,
         holders: BTreeMap::new(),
+        kexec_loaded: false,
     };
     let hello = AgentMessage::Hello(Hello {
         version: PROTOCOL_VERSION,
@@ -134,7 +137,7 @@ impl Agent {
 
     fn serve(&mut self, req: Request) -> std::io::Result<()> {
         let poweroff = req.cmd == Command::Poweroff;
-        let kexec = matches!(req.cmd, Command::Kexec { .. });
+        let kexec = req.cmd.reboots_into_next_kernel();
         let result = self.execute(req.cmd);
         let reply = match result {
             Ok(p) => Reply {
@@ -180,6 +183,13 @@ impl Agent {
                 Ok(Payload::Done)
             }
             Command::Kexec { append } => kexec_load(append.as_deref()).map(|()| Payload::Done),
+            Command::KexecLoad { append } => {
+                kexec_load(append.as_deref())?;
+                self.kexec_loaded = true;
+                Ok(Payload::Done)
+            }
+            Command::KexecReboot if self.kexec_loaded => Ok(Payload::Done),
+            Command::KexecReboot => Err("kexec-reboot: no kernel loaded (kexec-load first)".into()),
             Command::ForgeKho { defect, count } => {
                 forge::forge_kho(defect, count).map(|()| Payload::Done)
             }

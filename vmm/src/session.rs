@@ -337,7 +337,7 @@ impl Session {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let kexec = matches!(cmd, Command::Kexec { .. });
+        let kexec = cmd.reboots_into_next_kernel();
         if kexec {
             // The roots present now are the old kernel's and its
             // processes': none of them is the next kernel's.
@@ -542,7 +542,7 @@ impl Session {
                     if let Some((cmd, bind, api_id, conn)) = self.api_pending.remove(&r.id) {
                         let answer = match (r.ok, r.error) {
                             (Some(p), _) => {
-                                if matches!(cmd, Command::Kexec { .. }) {
+                                if cmd.reboots_into_next_kernel() {
                                     self.guest_kexecs();
                                 }
                                 match self.replied(&cmd, &p, bind.as_deref()) {

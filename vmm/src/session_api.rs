@@ -35,7 +35,7 @@ impl Session {
                 Ok(Step::Agent { cmd, pfn, bind }) => match self.resolve(&cmd, pfn.as_ref()) {
                     Err(e) => Answer::err(id, e),
                     Ok(cmd) => {
-                        if matches!(cmd, guest_agent::Command::Kexec { .. }) {
+                        if cmd.reboots_into_next_kernel() {
                             self.vm.ras().kho_before_kexec(&mut self.kho);
                         }
                         let agent_id = self.next_id;

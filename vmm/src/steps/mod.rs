@@ -20,6 +20,7 @@
 //! | `forge-kho:bare-roots[:<n>]` | test only: the agent writes n (default 16, at most 256) bare KHO roots into the lowest-addressed pages it can get |
 //! | `kho-corrupt:<edit>[:<edit>...]` | rewrite the running kernel's real (pinned) hwpoison blob in guest memory; edits: `append=<u64>[,<u64>...]` (raw entries), `beyond-ram`, `wrap`, `duplicate`, `bad-type[=<t>]`, `version=<n>`, `flags=<n>`, `nr=<n>`, `seq=<n>`, `move-to=<gpa\|last-page>` |
 //! | `kexec[:<append>]` | kexec the guest into /boot/bzImage (same command line, plus `append`); later steps wait for the new kernel's agent |
+//! | `kexec-load[:<append>]`, `kexec-reboot` | `kexec` in two steps: load the next kernel, and (after steps that must come once the load's own allocations are done) reboot into it |
 //! | `inject:<srar\|srao\|ucna>:<gpa\|ref>[:vcpu=<n>][:local]` | report a memory error |
 //! | `poison:<gpa\|ref>` | make a page bad: every later access raises SRAR |
 //! | `ghes-memory:<recoverable\|corrected\|fatal>:<gpa\|ref>[:source=<nmi\|gsiv\|polled>][:threshold][:vcpu=<n>]` | report a CPER memory error through a GHES error source (default: NMI on x86_64, GSIV on aarch64; `sea` too on aarch64) |
@@ -334,11 +335,17 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             agent(Command::ForgeKho { defect, count })
         }
         ("kexec", None) => agent(Command::Kexec { append: None }),
-        ("kexec", Some(a)) if !a.trim().is_empty() && a.len() <= guest_agent::MAX_KEXEC_APPEND => {
-            agent(Command::Kexec {
-                append: Some(a.to_string()),
+        ("kexec-load", None) => agent(Command::KexecLoad { append: None }),
+        ("kexec" | "kexec-load", Some(a))
+            if !a.trim().is_empty() && a.len() <= guest_agent::MAX_KEXEC_APPEND =>
+        {
+            let append = Some(a.to_string());
+            agent(match verb {
+                "kexec" => Command::Kexec { append },
+                _ => Command::KexecLoad { append },
             })
         }
+        ("kexec-reboot", None) => agent(Command::KexecReboot),
         ("inject", Some(a)) => {
             let mut parts = a.split(':');
             let error = parts
@@ -463,7 +470,7 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
         }
         _ => Err(bad(
             "expected exec, alloc-page, touch-page, spin-page, kernel-pages, guest-poison, host-poison, page-info, \
-             sysctl, poweroff, kexec, inject, poison, ghes-memory, ghes-raw, forge-kho, kho-scan, kho-corrupt, wait, \
+             sysctl, poweroff, kexec, kexec-load, kexec-reboot, inject, poison, ghes-memory, ghes-raw, forge-kho, kho-scan, kho-corrupt, wait, \
              wait-console, wait-boot, or JSON",
         )),
     }

@@ -119,6 +119,19 @@ fn ras_steps() {
         })
     );
     assert_eq!(parse("kho-scan"), Ok(Step::KhoScan));
+    assert_eq!(
+        parse("kexec-load"),
+        Ok(agent(Command::KexecLoad { append: None }))
+    );
+    assert_eq!(
+        parse("kexec-load:memtest=1"),
+        Ok(agent(Command::KexecLoad {
+            append: Some("memtest=1".into())
+        }))
+    );
+    assert_eq!(parse("kexec-reboot"), Ok(agent(Command::KexecReboot)));
+    assert!(parse("kexec-reboot:x").is_err());
+    assert!(parse("kexec-load:").is_err());
     assert_eq!(parse("kexec"), Ok(agent(Command::Kexec { append: None })));
     assert_eq!(
         parse("kexec:kho=on"),
