@@ -100,7 +100,9 @@ impl Peer {
 /// - `qemu_start <tag>`: QEMU (pid `$q`) with the agent's device on the
 ///   pipe `/tmp/<tag>-ag` and HMP on `/tmp/<tag>-mon`, its agent ready;
 ///   the shell holds both input FIFOs open read-write, so no write ever
-///   blocks; `qemu_stop` kills it;
+///   blocks; `qemu_stop` ends it (SIGTERM, then SIGKILL after 5 s: a QEMU
+///   whose vCPU keeps faulting on a poisoned page may not get to its
+///   SIGTERM, and the lab host's job must not wait for it forever);
 /// - `hva_pfn <pid> <hva>`: the lab host's frame behind a process's
 ///   address (its /proc/PID/pagemap), or `none`;
 /// - `host_pfn <tag> <gpa>`: the frame behind QEMU's guest page (HMP
@@ -123,7 +125,12 @@ qemu_start() {{
 	wait_for "grep -q hello /tmp/$1-agent.log 2>/dev/null"
 	usleep 500000
 }}
-qemu_stop() {{ kill $q 2>/dev/null; exec 8>&- 9>&-; wait; }}
+qemu_stop() {{
+	kill $q 2>/dev/null
+	n=0; while kill -0 $q 2>/dev/null && [ $n -lt 50 ]; do usleep 100000; n=$((n+1)); done
+	kill -0 $q 2>/dev/null && {{ echo "qemu_stop: QEMU $q ignored SIGTERM for 5 s: SIGKILL" >&2; kill -9 $q; }}
+	exec 8>&- 9>&-; wait
+}}
 # (An arithmetic error would end the lab host's job: check each step.)
 hva_pfn() {{
 	case "$2" in 0x[0-9a-fA-F]*) ;; *) echo none; return ;; esac
