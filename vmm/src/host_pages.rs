@@ -42,7 +42,7 @@ pub fn poisoned(memory: &GuestMemoryMmap, max: usize) -> io::Result<Vec<u64>> {
             pagemap.read_exact_at(buf, (base / PAGE + first) * 8)?;
             for (page, e) in (first..).zip(buf.chunks_exact(8)) {
                 let entry = u64::from_le_bytes(e.try_into().unwrap_or_default());
-                if entry & PM_SWAP != 0 && !readable(base + page * PAGE) {
+                if poisoned_entry(entry, base + page * PAGE) {
                     found.push(region.start_addr().0 + page * PAGE);
                     if found.len() >= max {
                         return Ok(found);
@@ -61,7 +61,14 @@ pub fn is_poisoned(hva: u64) -> io::Result<bool> {
     let pagemap = File::open("/proc/self/pagemap")?;
     let mut e = [0u8; 8];
     pagemap.read_exact_at(&mut e, hva / PAGE * 8)?;
-    Ok(u64::from_le_bytes(e) & PM_SWAP != 0 && !readable(hva & !(PAGE - 1)))
+    Ok(poisoned_entry(u64::from_le_bytes(e), hva & !(PAGE - 1)))
+}
+
+/// Whether the page at `hva`, whose pagemap entry is `entry`, is poisoned:
+/// a swap-type entry (the only kind a hwpoisoned page has) that cannot be
+/// read (a page merely swapped out can).
+fn poisoned_entry(entry: u64, hva: u64) -> bool {
+    entry & PM_SWAP != 0 && !readable(hva)
 }
 
 /// Whether one byte at `hva` of rasvmm's own memory can be read: a

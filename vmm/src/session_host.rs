@@ -110,9 +110,9 @@ impl Session {
         // With early reports each guest page's report is awaited, even for
         // one page: until it is in, the page is not in the ledger, and a
         // later step could have rasvmm read it.
-        let one_by_one = self.vm.config().host_mce_kill == HostMceKill::Early
+        let await_reports = self.vm.config().host_mce_kill == HostMceKill::Early
             && matches!(target, HostPoisonTarget::Guest(_));
-        let batches: Vec<(Vec<Option<u64>>, Vec<u64>)> = if one_by_one {
+        let batches: Vec<(Vec<Option<u64>>, Vec<u64>)> = if await_reports {
             gpas.into_iter()
                 .zip(hvas)
                 .map(|(g, h)| (vec![g], vec![h]))
@@ -132,7 +132,7 @@ impl Session {
                     at_ms,
                 });
             }
-            if one_by_one {
+            if await_reports {
                 let hva = hvas[0];
                 let until = Instant::now() + REPORT_WAIT;
                 while !self.reported_since(seen, hva) {
