@@ -4,7 +4,9 @@
 //! the host's whole feature set: nested under QEMU TCG `-cpu max`, a guest
 //! given every supported feature crashed early in boot. The profiles keep the
 //! baseline x86-64 features Linux needs, machine-check architecture
-//! (MCE/MCA), and the KVM paravirtual leaves; they drop XSAVE/AVX and leaf 7
+//! (MCE/MCA), and the KVM paravirtual leaves (without the features used
+//! through hypercalls when the profile is not the host's vendor:
+//! `KVM_HYPERCALL_FEATURES`); they drop XSAVE/AVX and leaf 7
 //! extensions. The vendor string decides which machine-check decoder the
 //! guest uses (Intel's or `mce_severity_amd`).
 
@@ -61,6 +63,17 @@ const EXT1_ECX: u32 = bits(&[0, 5]);
 /// CPUID.80000001H:EDX: SYSCALL, NX, LM; on AMD also the leaf 1 mirror bits.
 const EXT1_EDX: u32 = bits(&[11, 20, 29]);
 const EXT1_EDX_AMD_MIRROR: u32 = 0x0183_f3ff;
+/// CPUID.40000001H:EAX, KVM's paravirtual features that the guest uses
+/// through hypercalls: PV_UNHALT (KVM_HC_KICK_CPU, the PV spinlocks' kick),
+/// PV_SEND_IPI, PV_SCHED_YIELD, HC_MAP_GPA_RANGE. A hypercall is VMCALL on
+/// an Intel guest and VMMCALL on an AMD one; the other vendor's instruction
+/// traps, and KVM then rewrites it in guest memory (the
+/// FIX_HYPERCALL_INSN quirk). That write goes through the guest's page
+/// tables and faults on a kernel whose text is read-only: Debian's 7.3
+/// kernel, an Intel profile on an AMD host, 2 vCPUs, died with "Fatal
+/// exception in interrupt" at VMCALL in kvm_kick_cpu, CR2 in kernel text.
+/// So a profile whose vendor is not the host's does not offer them.
+const KVM_HYPERCALL_FEATURES: u32 = bits(&[7, 11, 13, 16]);
 /// Highest basic leaf presented. Leaves above 7 (topology, XSAVE) are hidden.
 const MAX_BASIC_LEAF: u32 = 7;
 /// Highest extended leaf presented.
@@ -121,6 +134,13 @@ pub fn apply(
     cpu_count: u8,
 ) -> Vec<kvm_cpuid_entry2> {
     let mut out = Vec::with_capacity(supported.len());
+    let mut host_id = [0u8; 12];
+    if let Some(l0) = supported.iter().find(|e| e.function == 0) {
+        for (i, w) in [l0.ebx, l0.edx, l0.ecx].iter().enumerate() {
+            host_id[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+    }
+    let cross_vendor = &host_id != profile.vendor.id();
     for e in supported {
         let mut e = *e;
         match e.function {
@@ -146,6 +166,7 @@ pub fn apply(
                 e.ecx = 0;
                 e.edx = 0;
             }
+            0x4000_0001 if cross_vendor => e.eax &= !KVM_HYPERCALL_FEATURES,
             0x4000_0000..=0x4000_00ff => {}
             0x8000_0000 => {
                 e.eax = e.eax.min(MAX_EXT_LEAF);
@@ -245,6 +266,7 @@ mod tests {
                 0,
                 [0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d],
             ),
+            leaf(0x4000_0001, 0, [0xffff_ffff, 0, 0, 0]),
             leaf(0x8000_0000, 0, [0x8000_0021, 0, 0, 0]),
             leaf(0x8000_0001, 0, [0, 0, 0xffff_ffff, 0xffff_ffff]),
             leaf(0x8000_0002, 0, [0; 4]),
@@ -286,6 +308,12 @@ mod tests {
         assert!(find(&out, 0xb).is_none() && find(&out, 0xd).is_none());
         assert!(find(&out, 0x8000_001e).is_none());
         assert!(find(&out, 0x4000_0000).is_some(), "KVM leaves stay");
+        // The host of these tests has no vendor: the Intel profile is
+        // another vendor's, so no hypercall features.
+        assert_eq!(
+            find(&out, 0x4000_0001).unwrap().eax,
+            !KVM_HYPERCALL_FEATURES
+        );
         assert_eq!(find(&out, 0x8000_0000).unwrap().eax, 0x8000_0008);
         assert_eq!(find(&out, 0x8000_0007).unwrap().ebx, 0);
         assert_eq!(find(&out, 0x8000_0008).unwrap().eax, 0x3030);
@@ -342,5 +370,33 @@ mod tests {
     fn unknown_profile_is_none() {
         assert!(profile("max").is_none());
         assert_eq!(profile_names(), vec!["intel", "amd"]);
+    }
+
+    #[test]
+    fn hypercall_features_only_for_the_host_vendor() {
+        let mut h = host();
+        let amd = b"AuthenticAMD";
+        let word = |i: usize| u32::from_le_bytes([amd[i], amd[i + 1], amd[i + 2], amd[i + 3]]);
+        (h[0].ebx, h[0].edx, h[0].ecx) = (word(0), word(4), word(8));
+        let kvm = |p| {
+            find(&apply(profile(p).unwrap(), &h, 0, 2), 0x4000_0001)
+                .unwrap()
+                .eax
+        };
+        assert_eq!(
+            kvm("amd"),
+            0xffff_ffff,
+            "the host's own vendor: all of KVM's"
+        );
+        assert_eq!(
+            kvm("intel") & KVM_HYPERCALL_FEATURES,
+            0,
+            "VMCALL would trap on AMD"
+        );
+        assert_eq!(
+            kvm("intel") | KVM_HYPERCALL_FEATURES,
+            0xffff_ffff,
+            "the rest stay"
+        );
     }
 }

@@ -228,12 +228,58 @@ pub fn describe(vcpu: &VcpuFd) -> String {
     if let Ok(mp) = vcpu.get_mp_state() {
         s += &format!("; mp_state {}", mp.mp_state);
     }
+    // Which interrupts the local APIC holds in service and requested: a
+    // vector stuck in service blocks every vector of its priority class
+    // and below, the guest's timer and devices included.
+    if let Ok(l) = vcpu.get_lapic() {
+        let bytes: Vec<u8> = l.regs.iter().map(|b| *b as u8).collect();
+        let reg = |off: usize| {
+            u32::from_le_bytes([bytes[off], bytes[off + 1], bytes[off + 2], bytes[off + 3]])
+        };
+        s += &format!(
+            "; lapic tpr {:#x} ppr {:#x} isr {:x?} irr {:x?}",
+            reg(APIC_TPR),
+            reg(APIC_PPR),
+            apic_vectors(&bytes, APIC_ISR),
+            apic_vectors(&bytes, APIC_IRR)
+        );
+    }
     s
+}
+
+/// Offsets in the local APIC's register page (Intel SDM Vol. 3A, table 11-1).
+const APIC_TPR: usize = 0x80;
+const APIC_PPR: usize = 0xa0;
+const APIC_ISR: usize = 0x100;
+const APIC_IRR: usize = 0x200;
+
+/// The vectors set in a 256-bit APIC register (ISR, TMR, IRR) at `base` of
+/// the register page: eight 32-bit words, 16 bytes apart.
+fn apic_vectors(page: &[u8], base: usize) -> Vec<u8> {
+    (0..=255u8)
+        .filter(|v| {
+            let off = base + usize::from(v / 32) * 16;
+            page.get(off..off + 4).is_some_and(|w| {
+                u32::from_le_bytes([w[0], w[1], w[2], w[3]]) & (1 << (v % 32)) != 0
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apic_vectors_read_the_256_bit_registers() {
+        let mut page = vec![0u8; 1024];
+        page[APIC_ISR + 7 * 16 + 2] = 0x40; // vector 0xf6: word 7, bit 22
+        page[APIC_IRR] = 0x01; // vector 0
+        page[APIC_IRR + 16] = 0x80; // vector 39: word 1, bit 7
+        assert_eq!(apic_vectors(&page, APIC_ISR), vec![0xf6]);
+        assert_eq!(apic_vectors(&page, APIC_IRR), vec![0, 39]);
+        assert!(apic_vectors(&page[..0x100], APIC_IRR).is_empty());
+    }
 
     #[test]
     fn gdt_code_segment_is_64_bit() {

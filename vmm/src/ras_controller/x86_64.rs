@@ -5,7 +5,7 @@
 //! accessing vCPU.
 
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arch::x86_64::mce as kvm;
 use kvm_ioctls::VcpuFd;
@@ -18,23 +18,35 @@ use crate::event::RasEvent;
 use crate::vcpu::VcpuRequest;
 
 /// Checks `record` on the vCPU's own thread and injects it unless
-/// `check_only`; the answer goes to `reply`.
+/// `check_only`; the answer goes to `reply`. With `in_flight_error`, an
+/// injection while the vCPU is delivering another event is refused with
+/// [`kvm::Error::EventInFlight`] (see [`kvm::event_in_flight`]), for the
+/// sender to ask again once the guest has run.
 fn on_vcpu(
     index: u8,
     mcg_cap: u64,
     record: MceRecord,
     check_only: bool,
+    in_flight_error: bool,
     reply: Sender<Result<(), kvm::Error>>,
 ) -> VcpuRequest {
     VcpuRequest::OnThread(Box::new(move |fd| {
         let mut r = kvm::check(fd, index, mcg_cap, &record);
         if r.is_ok() && !check_only {
-            r = kvm::inject(fd, index, &record);
+            r = match kvm::event_in_flight(fd).filter(|_| in_flight_error) {
+                Some(what) => Err(kvm::Error::EventInFlight(index, what)),
+                None => kvm::inject(fd, index, &record),
+            };
         }
         let _ = reply.send(r);
         None
     }))
 }
+
+/// How often, and how far apart, an injection is asked again while its
+/// vCPU is delivering another event (each time the guest runs between).
+const IN_FLIGHT_TRIES: u32 = 500;
+const IN_FLIGHT_PAUSE: Duration = Duration::from_micros(200);
 
 impl RasController {
     /// What an action-optional report tells an x86 guest.
@@ -138,7 +150,9 @@ impl RasController {
             for p in plan.iter().filter(|p| p.vcpu != index) {
                 if let Some(s) = self.senders().get(usize::from(p.vcpu)) {
                     let (reply, _) = channel();
-                    s.send(on_vcpu(p.vcpu, mcg_cap, p.record, false, reply));
+                    // Fire and forget: a peer that is delivering an event
+                    // still gets its record (no one would ask again).
+                    s.send(on_vcpu(p.vcpu, mcg_cap, p.record, false, false, reply));
                 }
             }
             return Ok(());
@@ -150,20 +164,33 @@ impl RasController {
         };
         let senders = self.senders();
         for &check_only in phases {
-            let mut replies: Vec<(u8, Receiver<Result<(), kvm::Error>>)> = Vec::new();
-            for p in plan {
-                let sender = senders
-                    .get(usize::from(p.vcpu))
-                    .ok_or(RasError::NoVcpu(p.vcpu, self.vcpu_count()))?;
-                let (reply, rx) = channel();
-                if !sender.send(on_vcpu(p.vcpu, mcg_cap, p.record, check_only, reply)) {
-                    return Err(RasError::VcpuGone(p.vcpu));
+            let mut todo: Vec<&Planned> = plan.iter().collect();
+            for attempt in 1..=IN_FLIGHT_TRIES {
+                let mut replies: Vec<(&Planned, Receiver<Result<(), kvm::Error>>)> = Vec::new();
+                for p in todo {
+                    let sender = senders
+                        .get(usize::from(p.vcpu))
+                        .ok_or(RasError::NoVcpu(p.vcpu, self.vcpu_count()))?;
+                    let (reply, rx) = channel();
+                    if !sender.send(on_vcpu(p.vcpu, mcg_cap, p.record, check_only, true, reply)) {
+                        return Err(RasError::VcpuGone(p.vcpu));
+                    }
+                    replies.push((p, rx));
                 }
-                replies.push((p.vcpu, rx));
-            }
-            for (i, rx) in replies {
-                rx.recv_timeout(VCPU_ANSWER)
-                    .map_err(|_| RasError::VcpuGone(i))??;
+                todo = Vec::new();
+                for (p, rx) in replies {
+                    match rx.recv_timeout(VCPU_ANSWER) {
+                        Err(_) => return Err(RasError::VcpuGone(p.vcpu)),
+                        Ok(Err(kvm::Error::EventInFlight(..))) if attempt < IN_FLIGHT_TRIES => {
+                            todo.push(p)
+                        }
+                        Ok(r) => r?,
+                    }
+                }
+                if todo.is_empty() {
+                    break;
+                }
+                std::thread::sleep(IN_FLIGHT_PAUSE);
             }
         }
         Ok(())
