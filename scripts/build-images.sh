@@ -9,6 +9,8 @@
 #     + the guest kernel as /boot/bzImage (aarch64: /boot/Image) for kexec;
 #   - the lab-host initramfs: busybox-static + rasvmm + guest kernel and
 #     initramfs + images/lab-init.
+#   - the distribution kernels of the kernel matrix, unpatched
+#     (scripts/fetch-distro-kernels.sh ARCH: target/images/distro/ARCH/);
 #   - with --bench, also the bench lab-host initramfs: the lab image plus
 #     QEMU for ARCH (its libraries; x86_64: the host's QEMU and its firmware;
 #     aarch64: Debian's arm64 QEMU from scripts/fetch-qemu.sh) and lab-timer,
@@ -143,6 +145,8 @@ build_arch() {
 	rasvmm=$bin/rasvmm
 	$([ -n "$bench" ] && echo "lab_bench_initramfs=$out/lab-bench-initramfs.cpio.gz")
 	MANIFEST
+	# The distribution kernels of the kernel matrix (scenarios/matrix/).
+	"$RASVMM_ROOT/scripts/fetch-distro-kernels.sh" "$arch" >&2
 	log "$arch images in $out ($(du -h "$out/lab-initramfs.cpio.gz" | cut -f1) lab initramfs)"
 	echo "$out/manifest"
 }

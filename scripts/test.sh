@@ -2,10 +2,11 @@
 # Runs every test, for both architectures: formatting and lints (the
 # aarch64-only code linted for its own target too), unit tests, the KVM
 # plumbing tests (tiny payloads on this machine's /dev/kvm), the CLI tests,
-# and the integration tests that boot real Linux 7.3 guests, x86_64 and
-# aarch64 (directly on hardware KVM of the guest's architecture, else in
-# that architecture's lab host), then a bounded fuzz run of the parsers
-# that read untrusted input. Installs and builds whatever is missing first.
+# and the integration tests that boot real Linux guests, x86_64 and aarch64
+# (directly on hardware KVM of the guest's architecture, else in that
+# architecture's lab host): the built-in suites on the project's 7.3 build,
+# and the kernel matrix's subsets on Debian's 7.3 and 6.12 cloud kernels;
+# then a bounded fuzz run of the parsers that read untrusted input. Installs and builds whatever is missing first.
 source "$(dirname "$0")/lib.sh"
 "$RASVMM_ROOT/scripts/install-deps.sh"
 "$RASVMM_ROOT/scripts/build-images.sh" >/dev/null

@@ -9,7 +9,8 @@
 //! VMM   -> agent: {"id":7,"cmd":{"page-info":{"pfn":4660}}}
 //! agent -> VMM  : {"reply":{"id":7,"ok":{"page-info":{...}}}}
 //! agent -> VMM  : {"reply":{"id":8,"error":"no such page 3"}}
-//! agent -> VMM  : {"hello":{"version":1,"kernel":"7.3.4","cpus":2}}     (once, at start)
+//! agent -> VMM  : {"hello":{"version":1,"kernel":"7.3.4","cpus":2,"features":["ghes",...]}}
+//!                                                                       (once, at start)
 //! agent -> VMM  : {"signal":{"page":0,"pid":91,"signo":7,"code":4,"addr":1234}}
 //! ```
 //!
@@ -372,6 +373,101 @@ pub struct Hello {
     pub kernel: String,
     /// Online CPUs the guest sees.
     pub cpus: u32,
+    /// What the running kernel offers of what scenarios need, as the agent
+    /// found it at start; `None` from an older agent that does not say
+    /// (nothing is then known to be missing).
+    #[serde(default)]
+    pub features: Option<Vec<KernelFeature>>,
+}
+
+/// Something a scenario may need of the guest kernel, found by the agent
+/// in the running kernel's /proc, /sys and debugfs (never from its
+/// version: distributions backport and configure as they please).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KernelFeature {
+    /// Memory failure handling (CONFIG_MEMORY_FAILURE):
+    /// /proc/sys/vm/memory_failure_early_kill.
+    MemoryFailure,
+    /// The sysctl vm.panic_on_unrecoverable_memory_failure (Linux 7.3).
+    PanicSysctl,
+    /// x86 machine-check handling (CONFIG_X86_MCE):
+    /// /sys/devices/system/machinecheck.
+    MachineCheck,
+    /// APEI GHES (CONFIG_ACPI_APEI_GHES): the GHES platform driver.
+    Ghes,
+    /// kexec_file_load(2) (CONFIG_KEXEC_FILE).
+    KexecFile,
+    /// Kexec HandOver with its debugfs (CONFIG_KEXEC_HANDOVER_DEBUGFS),
+    /// enabled (kho=on): /sys/kernel/debug/kho/out.
+    Kho,
+    /// The hwpoison KHO subtree (guest-kernel-patches/series, not in
+    /// upstream Linux): /sys/kernel/debug/kho/out/sub_fdts/hwpoison.
+    KhoHwpoison,
+    /// hwpoison-inject (CONFIG_HWPOISON_INJECT built in, or its module
+    /// loaded): /sys/kernel/debug/hwpoison/corrupt-pfn.
+    HwpoisonInject,
+}
+
+impl KernelFeature {
+    /// Every feature, in a stable order.
+    pub const ALL: [KernelFeature; 8] = [
+        KernelFeature::MemoryFailure,
+        KernelFeature::PanicSysctl,
+        KernelFeature::MachineCheck,
+        KernelFeature::Ghes,
+        KernelFeature::KexecFile,
+        KernelFeature::Kho,
+        KernelFeature::KhoHwpoison,
+        KernelFeature::HwpoisonInject,
+    ];
+
+    /// The name scenarios use (`requires = ["panic-sysctl"]`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelFeature::MemoryFailure => "memory-failure",
+            KernelFeature::PanicSysctl => "panic-sysctl",
+            KernelFeature::MachineCheck => "machine-check",
+            KernelFeature::Ghes => "ghes",
+            KernelFeature::KexecFile => "kexec-file",
+            KernelFeature::Kho => "kho",
+            KernelFeature::KhoHwpoison => "kho-hwpoison",
+            KernelFeature::HwpoisonInject => "hwpoison-inject",
+        }
+    }
+
+    /// What it is, for a person reading why a scenario was not applicable.
+    pub fn describe(self) -> &'static str {
+        match self {
+            KernelFeature::MemoryFailure => "memory failure handling (CONFIG_MEMORY_FAILURE)",
+            KernelFeature::PanicSysctl => {
+                "the sysctl vm.panic_on_unrecoverable_memory_failure (Linux 7.3 and later)"
+            }
+            KernelFeature::MachineCheck => "x86 machine-check handling (CONFIG_X86_MCE)",
+            KernelFeature::Ghes => "APEI GHES (CONFIG_ACPI_APEI_GHES)",
+            KernelFeature::KexecFile => "kexec_file_load (CONFIG_KEXEC_FILE)",
+            KernelFeature::Kho => {
+                "Kexec HandOver (CONFIG_KEXEC_HANDOVER, CONFIG_KEXEC_HANDOVER_DEBUGFS, kho=on)"
+            }
+            KernelFeature::KhoHwpoison => {
+                "the hwpoison KHO subtree (rasvmm's guest-kernel-patches/series, not upstream)"
+            }
+            KernelFeature::HwpoisonInject => {
+                "hwpoison-inject (CONFIG_HWPOISON_INJECT built in or loaded)"
+            }
+        }
+    }
+
+    /// The feature a scenario names; the error lists the names.
+    pub fn parse(name: &str) -> Result<KernelFeature, String> {
+        KernelFeature::ALL
+            .into_iter()
+            .find(|f| f.name() == name)
+            .ok_or_else(|| {
+                let all: Vec<&str> = KernelFeature::ALL.iter().map(|f| f.name()).collect();
+                format!("unknown kernel feature '{name}' ({})", all.join(", "))
+            })
+    }
 }
 
 /// Anything the agent sends.
@@ -511,6 +607,7 @@ mod tests {
                 version: 1,
                 kernel: "7.3.4".into(),
                 cpus: 2,
+                features: Some(vec![KernelFeature::PanicSysctl, KernelFeature::KhoHwpoison]),
             }),
             AgentMessage::Reply(Reply {
                 id: 9,
@@ -549,6 +646,7 @@ mod tests {
             b"{\"reply\":{\"id\":-1,\"error\":\"x\"}}",
             b"{\"nonsense\":{}}",
             b"{\"hello\":{\"version\":1,\"kernel\":\"x\",\"cpus\":1,\"extra\":0}}",
+            b"{\"hello\":{\"version\":1,\"kernel\":\"x\",\"cpus\":1,\"features\":[\"warp-drive\"]}}",
             b"\xff\xfe",
         ] {
             assert!(decode_agent_message(bad).is_err(), "{:?}", bad);
@@ -585,5 +683,22 @@ mod tests {
                 Ok(b"ok".to_vec())
             ]
         );
+    }
+
+    #[test]
+    fn kernel_feature_names_round_trip() {
+        for f in KernelFeature::ALL {
+            assert_eq!(KernelFeature::parse(f.name()), Ok(f));
+            let json = serde_json::to_string(&f).unwrap();
+            assert_eq!(json, format!("\"{}\"", f.name()));
+        }
+        let e = KernelFeature::parse("warp-drive").unwrap_err();
+        assert!(e.contains("panic-sysctl"), "{e}");
+        // An older agent's hello, without features, still decodes.
+        let h = decode_agent_message(br#"{"hello":{"version":1,"kernel":"x","cpus":1}}"#);
+        assert!(matches!(
+            h,
+            Ok(AgentMessage::Hello(Hello { features: None, .. }))
+        ));
     }
 }

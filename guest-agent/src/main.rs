@@ -37,6 +37,7 @@ const REPORT_TOUCHED: u32 = 2;
 const REPORT_SIGNAL: u32 = 3;
 
 mod cpio;
+mod features;
 mod forge;
 mod procfs;
 
@@ -81,6 +82,7 @@ fn run(path: &str) -> std::io::Result<()> {
         version: PROTOCOL_VERSION,
         kernel: read_trimmed("/proc/sys/kernel/osrelease"),
         cpus: online_cpus(),
+        features: Some(features::detect()),
     });
     agent.send(&hello)?;
 

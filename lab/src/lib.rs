@@ -31,6 +31,8 @@ mod backend;
 mod framing;
 mod host;
 mod job;
+pub mod kernels;
+pub mod matrix;
 pub mod scenarios;
 
 pub use backend::{detect_backend, detect_backend_for, host_kvm, Arch, Backend, Manifest};
@@ -156,9 +158,20 @@ impl Lab {
     /// still returns the runs that finished, with the reason in
     /// [`JobResult::incomplete`].
     pub fn run_partial(&self, job: &Job) -> Result<JobResult, Error> {
+        self.run_partial_with(job, &mut |_, _| {})
+    }
+
+    /// Like [`Lab::run_partial`], calling `on_run` with each run's index
+    /// and result as soon as it has finished (from the lab host, while the
+    /// job still runs): for progress lines.
+    pub fn run_partial_with(
+        &self,
+        job: &Job,
+        on_run: &mut dyn FnMut(usize, &RunResult),
+    ) -> Result<JobResult, Error> {
         match self.backend {
-            Backend::Direct => self.run_direct(job),
-            Backend::Lab => self.run_lab(job, &self.manifest.lab_initramfs, None),
+            Backend::Direct => self.run_direct(job, on_run),
+            Backend::Lab => self.run_lab(job, &self.manifest.lab_initramfs, None, on_run),
         }
     }
 
@@ -194,6 +207,7 @@ impl Lab {
                     &job,
                     &self.manifest.lab_initramfs,
                     Some(&(prelude + script)),
+                    &mut |_, _| {},
                 )?
                 .complete()
             }
@@ -240,7 +254,7 @@ impl Lab {
             }
             s
         });
-        wait_child(&mut child, start + timeout, "sh", &path)?;
+        wait_child(&mut child, start + timeout, "sh", &path, &mut || {})?;
         let text = reader.join().unwrap_or_default();
         let parsed = parse_results(&text);
         if !parsed.done {
@@ -264,7 +278,24 @@ impl Lab {
         initramfs: &Path,
         timeout: Duration,
     ) -> Result<JobResult, Error> {
-        self.run_script_partial(script, initramfs, timeout)?
+        self.run_script_with_files(script, initramfs, &[], timeout)
+    }
+
+    /// Like [`Lab::run_script`], with files (name, source path) the script
+    /// finds in /job.
+    pub fn run_script_with_files(
+        &self,
+        script: &str,
+        initramfs: &Path,
+        files: &[(String, PathBuf)],
+        timeout: Duration,
+    ) -> Result<JobResult, Error> {
+        let job = Job {
+            runs: vec![],
+            timeout,
+            files: files.to_vec(),
+        };
+        self.run_lab(&job, initramfs, Some(script), &mut |_, _| {})?
             .complete()
     }
 
@@ -283,10 +314,10 @@ impl Lab {
             timeout,
             files: Vec::new(),
         };
-        self.run_lab(&job, initramfs, Some(script))
+        self.run_lab(&job, initramfs, Some(script), &mut |_, _| {})
     }
 
-    fn unique_dir(&self, what: &str) -> Result<PathBuf, Error> {
+    pub(crate) fn unique_dir(&self, what: &str) -> Result<PathBuf, Error> {
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let d = self.work.join(format!("{what}-{n}"));
@@ -295,7 +326,11 @@ impl Lab {
         Ok(d)
     }
 
-    fn run_direct(&self, job: &Job) -> Result<JobResult, Error> {
+    fn run_direct(
+        &self,
+        job: &Job,
+        on_run: &mut dyn FnMut(usize, &RunResult),
+    ) -> Result<JobResult, Error> {
         let start = Instant::now();
         let dir = self.unique_dir("direct")?;
         for (name, src) in &job.files {
@@ -312,14 +347,15 @@ impl Lab {
             if !args.iter().any(|a| a == "--kernel") {
                 cmd.arg("--kernel").arg(&self.manifest.kernel);
             }
+            if !args.iter().any(|a| a == "--initramfs") {
+                cmd.arg("--initramfs").arg(&self.manifest.guest_initramfs);
+            }
             let vmlinux = self.manifest.vmlinux.display().to_string();
             let args: Vec<String> = args
                 .iter()
                 .map(|a| map_arg(a, &vmlinux, &job_dir))
                 .collect();
             let out = cmd
-                .arg("--initramfs")
-                .arg(&self.manifest.guest_initramfs)
                 .arg("--console")
                 .arg(&console)
                 .arg("--json")
@@ -328,12 +364,14 @@ impl Lab {
                 .stdin(Stdio::null())
                 .output()
                 .map_err(|e| Error::Spawn(self.manifest.rasvmm.display().to_string(), e))?;
-            runs.push(RunResult {
+            let run = RunResult {
                 exit: out.status.code().unwrap_or(-1),
                 report: read_json(&report),
                 console: std::fs::read_to_string(&console).unwrap_or_default(),
                 stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
+            };
+            on_run(i, &run);
+            runs.push(run);
         }
         Ok(JobResult {
             backend: Backend::Direct,
@@ -349,6 +387,7 @@ impl Lab {
         job: &Job,
         initramfs: &Path,
         script: Option<&str>,
+        on_run: &mut dyn FnMut(usize, &RunResult),
     ) -> Result<JobResult, Error> {
         let start = Instant::now();
         let dir = self.unique_dir("lab")?;
@@ -366,13 +405,19 @@ impl Lab {
             None => "",
         };
         for (i, args) in job.runs.iter().enumerate() {
-            let kernel = if args.iter().any(|a| a == "--kernel") {
+            let given = |opt: &str| args.iter().any(|a| a == opt);
+            let kernel = if given("--kernel") {
                 String::new()
             } else {
                 format!("--kernel {}", self.arch.lab_guest_kernel())
             };
+            let initrd = if given("--initramfs") {
+                String::new()
+            } else {
+                format!("--initramfs {LAB_GUEST_INITRAMFS}")
+            };
             sh += &format!(
-                "rasvmm run {kernel} --initramfs {LAB_GUEST_INITRAMFS} \
+                "rasvmm run {kernel} {initrd} \
                  --console /tmp/console-{i}.log --json /tmp/report-{i}.json {} 2>/tmp/stderr-{i}.log\n\
                  echo \"@@@RASVMM-EXIT {i} $?\"\n\
                  lab_emit report-{i} /tmp/report-{i}.json\n\
@@ -444,7 +489,11 @@ impl Lab {
             )
             .spawn()
             .map_err(|e| Error::Spawn(qemu.into(), e))?;
-        let waited = wait_child(&mut child, start + limit, qemu, &lab_console);
+        let mut progress = RunsSoFar::new(&results);
+        let waited = wait_child(&mut child, start + limit, qemu, &lab_console, &mut || {
+            progress.poll(on_run)
+        });
+        progress.poll(on_run);
         let text = std::fs::read_to_string(&results).unwrap_or_default();
         let parsed = parse_results(&text);
         if let Some(e) = parsed.lab_error {
@@ -475,14 +524,7 @@ impl Lab {
             job.runs.len()
         };
         for i in 0..finished {
-            let mut take = |k: &str| files.remove(&format!("{k}-{i}")).unwrap_or_default();
-            let report = serde_json::from_str(take("report").trim()).ok();
-            runs.push(RunResult {
-                exit: parsed.exits.get(&i).copied().unwrap_or(-1),
-                report,
-                console: take("console"),
-                stderr: take("stderr"),
-            });
+            runs.push(take_run(&mut files, &parsed.exits, i));
         }
         Ok(JobResult {
             backend: Backend::Lab,
@@ -502,6 +544,94 @@ impl Drop for Lab {
     }
 }
 
+/// Run `i`'s result out of a lab job's framed files.
+fn take_run(
+    files: &mut BTreeMap<String, String>,
+    exits: &BTreeMap<usize, i32>,
+    i: usize,
+) -> RunResult {
+    let mut take = |k: &str| files.remove(&format!("{k}-{i}")).unwrap_or_default();
+    let report = serde_json::from_str(take("report").trim()).ok();
+    RunResult {
+        exit: exits.get(&i).copied().unwrap_or(-1),
+        report,
+        console: take("console"),
+        stderr: take("stderr"),
+    }
+}
+
+/// Reads a lab host's results channel while the job runs, and hands each
+/// run that has finished (its stderr, the last file of a run, is framed)
+/// to a callback, once. Reads only what is new on each poll.
+struct RunsSoFar<'a> {
+    path: &'a Path,
+    read: u64,
+    pending: String,
+    next: usize,
+}
+
+impl<'a> RunsSoFar<'a> {
+    fn new(path: &'a Path) -> Self {
+        RunsSoFar {
+            path,
+            read: 0,
+            pending: String::new(),
+            next: 0,
+        }
+    }
+
+    fn poll(&mut self, on_run: &mut dyn FnMut(usize, &RunResult)) {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(self.path) else {
+            return;
+        };
+        let mut new = Vec::new();
+        if f.seek(SeekFrom::Start(self.read)).is_err() || f.read_to_end(&mut new).is_err() {
+            return;
+        }
+        // Only whole lines: a multi-byte character may be cut at the end.
+        let Some(end) = new.iter().rposition(|&b| b == b'\n') else {
+            return;
+        };
+        self.read += end as u64 + 1;
+        self.pending
+            .push_str(&String::from_utf8_lossy(&new[..=end]));
+        // The aarch64 lab host's virtio console ends lines with \r\n.
+        while let Some(end) = line_end(
+            &self.pending,
+            &format!("@@@RASVMM-END stderr-{}", self.next),
+        ) {
+            let chunk: String = self.pending.drain(..end).collect();
+            let mut parsed = parse_results(&chunk);
+            let run = take_run(&mut parsed.files, &parsed.exits, self.next);
+            on_run(self.next, &run);
+            self.next += 1;
+        }
+    }
+}
+
+/// Where the line that is exactly `line` (before `\r\n` or `\n`) ends in
+/// `text`, past its newline.
+fn line_end(text: &str, line: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(at) = text[from..].find(line).map(|i| i + from) {
+        let rest = &text[at + line.len()..];
+        let starts_line = at == 0 || text[..at].ends_with('\n');
+        let eol = if rest.starts_with("\r\n") {
+            Some(2)
+        } else if rest.starts_with('\n') {
+            Some(1)
+        } else {
+            None
+        };
+        if let (true, Some(n)) = (starts_line, eol) {
+            return Some(at + line.len() + n);
+        }
+        from = at + line.len();
+    }
+    None
+}
+
 /// The last `n` lines of `text`, joined with " | " for a one-line message.
 pub fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -515,8 +645,10 @@ fn wait_child(
     deadline: Instant,
     what: &str,
     log: &Path,
+    tick: &mut dyn FnMut(),
 ) -> Result<std::process::ExitStatus, Error> {
     loop {
+        tick();
         match child.try_wait() {
             Ok(Some(status)) => return Ok(status),
             Ok(None) if Instant::now() > deadline => {
@@ -527,7 +659,7 @@ fn wait_child(
                     log.display().to_string(),
                 ));
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Ok(None) => std::thread::sleep(Duration::from_millis(200)),
             Err(e) => return Err(Error::Spawn(what.to_string(), e)),
         }
     }
@@ -560,6 +692,16 @@ pub fn progress(s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_lines_are_found_with_either_newline() {
+        let t = "x\n@@@END stderr-1\r\nb\n@@@END stderr-10\n";
+        assert_eq!(line_end(t, "@@@END stderr-1"), Some(19));
+        assert_eq!(line_end(t, "@@@END stderr-10"), Some(t.len()));
+        assert_eq!(line_end("@@@END stderr-1", "@@@END stderr-1"), None);
+        assert_eq!(line_end("a@@@END stderr-1\n", "@@@END stderr-1"), None);
+        assert_eq!(line_end("@@@END stderr-10\n", "@@@END stderr-1"), None);
+    }
 
     #[test]
     fn last_lines_make_one_line() {

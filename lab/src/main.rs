@@ -2,11 +2,16 @@
 //!
 //! ```text
 //! rasvmm-lab run [--arch A] [RASVMM-RUN-ARGS...]  one rasvmm run; prints its summary
-//! rasvmm-lab suite [--arch A] [DIR] [--junit F] [--json F]  run scenario files, print verdicts
+//! rasvmm-lab suite [--arch A] [DIR] [--kernel [NAME=]PATH]... [--kernels FILE | --matrix]
+//!                  [--shard K/N] [--junit F] [--json F]
+//!                                       run scenario files on each kernel, print verdicts
+//!                                       as they come, the table per kernel and the matrix
+//! rasvmm-lab merge [--junit F] [--json F] SHARD.json...  join shards' results
 //! rasvmm-lab demo [--arch A]            boot the default guest, print outcome and boot time
-//! rasvmm-lab shell [--arch A] [--timeout S] SCRIPT  run a shell script where rasvmm runs
-//!                                       (in the lab host: $RASVMM, $KERNEL, $INITRAMFS set)
-//! rasvmm-lab bench-boot [--arch A] [--runs N]    rasvmm vs QEMU boot-to-agent-ready (lab backend)
+//! rasvmm-lab shell [--arch A] [--timeout S] [--file NAME=PATH]... SCRIPT
+//!                                       run a shell script where rasvmm runs (in the lab
+//!                                       host: $RASVMM, $KERNEL, $INITRAMFS set; files in $JOB)
+//! rasvmm-lab bench-boot [--arch A] [--runs N] [--kernel [NAME=]PATH]  rasvmm vs QEMU boot-to-agent-ready (lab backend)
 //! rasvmm-lab bench-inject [--arch A] [--runs N]  rasvmm vs QEMU injection to verdict (lab backend)
 //! rasvmm-lab bench-ghes [--arch A] [--runs N]    rasvmm's action-optional paths to the AO SIGBUS
 //! rasvmm-lab bench-host-poison [--arch A] [--runs N]  host memory failing under a guest page:
@@ -47,6 +52,7 @@ fn main() -> ExitCode {
         Some("run") => run(arch, &rest),
         Some("demo") => demo(arch),
         Some("suite") => suite::run(arch, &rest),
+        Some("merge") => suite::merge(&rest),
         Some("shell") => shell(arch, &rest),
         Some("bench-boot") => bench::boot(arch, &rest),
         Some("bench-inject") => bench::inject(arch, &rest),
@@ -56,7 +62,7 @@ fn main() -> ExitCode {
         Some("smp-boots") => x86_only("smp-boots").and_then(|()| smp::boots(&rest)),
         Some("-h" | "--help") | None => {
             eprintln!(
-                "usage: rasvmm-lab run [--arch A] [rasvmm run args...] | suite [--arch A] [DIR] [--junit F] [--json F] | demo [--arch A] | shell [--arch A] [--timeout S] SCRIPT | bench-boot [--arch A] [--runs N] | bench-inject [--arch A] [--runs N] | bench-ghes [--arch A] [--runs N] | bench-host-poison [--arch A] [--runs N] | bench-kho [--gib N] | smp-boots [--runs N]  (A: x86_64 or aarch64)"
+                "usage: rasvmm-lab run [--arch A] [rasvmm run args...] | suite [--arch A] [DIR] [--kernel [NAME=]PATH]... [--kernels F | --matrix] [--shard K/N] [--junit F] [--json F] | merge [--junit F] [--json F] SHARD.json... | demo [--arch A] | shell [--arch A] [--timeout S] [--file NAME=PATH]... SCRIPT | bench-boot [--arch A] [--runs N] [--kernel [NAME=]PATH] | bench-inject [--arch A] [--runs N] | bench-ghes [--arch A] [--runs N] | bench-host-poison [--arch A] [--runs N] | bench-kho [--gib N] | smp-boots [--runs N]  (A: x86_64 or aarch64)"
             );
             return if args.is_empty() {
                 ExitCode::from(2)
@@ -65,7 +71,7 @@ fn main() -> ExitCode {
             };
         }
         Some(other) => Err(format!(
-            "unknown command '{other}' (run, suite, demo, shell, bench-boot, bench-inject, bench-ghes, bench-host-poison, bench-kho, smp-boots)"
+            "unknown command '{other}' (run, suite, merge, demo, shell, bench-boot, bench-inject, bench-ghes, bench-host-poison, bench-kho, smp-boots)"
         )),
     };
     match result {
@@ -183,9 +189,10 @@ fn demo(arch: Arch) -> Result<ExitCode, String> {
 /// lab host, or this host directly) and prints its output, stdout and
 /// stderr together; exits with the script's status.
 fn shell(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
-    let usage = "shell [--arch A] [--timeout SECONDS] SCRIPT";
+    let usage = "shell [--arch A] [--timeout SECONDS] [--file NAME=PATH]... SCRIPT";
     let mut timeout = Duration::from_secs(120);
     let mut script = None;
+    let mut files = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -196,6 +203,13 @@ fn shell(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
                     .and_then(|t| vmm::config::parse_timeout(t).ok())
                     .ok_or(format!("--timeout needs seconds ({usage})"))?;
                 timeout = t;
+            }
+            "--file" => {
+                let (name, path) = it
+                    .next()
+                    .and_then(|f| f.split_once('='))
+                    .ok_or(format!("--file needs NAME=PATH ({usage})"))?;
+                files.push((name.to_string(), std::path::PathBuf::from(path)));
             }
             s if script.is_none() => script = Some(s.to_string()),
             s => return Err(format!("unexpected argument '{s}' ({usage})")),
@@ -212,7 +226,9 @@ echo $? >\"$WORK/shell-status\"
 lab_emit status \"$WORK/shell-status\"
 "
     );
-    let res = lab.run_shell(&wrapped, timeout).map_err(|e| chain(&e))?;
+    let res = lab
+        .run_shell_with_files(&wrapped, &files, timeout)
+        .map_err(|e| chain(&e))?;
     print!("{}", res.files.get("output").map_or("", String::as_str));
     eprintln!("wall time: {:.1} s", res.wall.as_secs_f64());
     let status = res

@@ -60,7 +60,8 @@ struct RunArgs {
     #[arg(long)]
     kernel: PathBuf,
     /// Scenario file (TOML): guest settings, steps and the expected verdict;
-    /// the exit status is the verdict. See docs/scenarios.md.
+    /// the exit status is the verdict (0 pass, 1 fail, 5 n/a: the guest
+    /// kernel lacks what it requires). See docs/scenarios.md.
     #[arg(long, conflicts_with_all = ["steps", "expect"])]
     scenario: Option<PathBuf>,
     /// Initramfs (cpio archive, optionally compressed).
@@ -132,6 +133,10 @@ struct RunArgs {
     #[arg(long)]
     expect: Option<String>,
 }
+
+/// Exit status of a scenario the guest kernel cannot run (its verdict is
+/// `n/a`): neither a pass (0) nor a failure (1).
+const EXIT_NOT_APPLICABLE: u8 = 5;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -359,7 +364,9 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         }
     }
     if let Some(v) = &report.verdict {
-        return Ok(if v.passed {
+        return Ok(if !v.not_applicable.is_empty() {
+            ExitCode::from(EXIT_NOT_APPLICABLE)
+        } else if v.passed {
             ExitCode::SUCCESS
         } else {
             ExitCode::from(1)

@@ -1,6 +1,6 @@
 //! The record of a run: printed for humans and written as JSON for CI.
 
-use guest_agent::{Payload, SignalReport};
+use guest_agent::{KernelFeature, Payload, SignalReport};
 use ras::ledger::{Entry, PageFate};
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +23,13 @@ pub enum StepReply {
         /// What the KHO observer read.
         kho: Box<KhoView>,
     },
+    /// An `if <feature>:` step on a kernel that lacks the feature: the
+    /// step was not performed.
+    NotOffered {
+        /// The feature.
+        #[serde(rename = "not-offered")]
+        not_offered: KernelFeature,
+    },
     /// What a `kho-corrupt` step wrote.
     KhoCorrupt {
         /// The blob and the edits.
@@ -38,6 +45,35 @@ pub struct Verdict {
     pub passed: bool,
     /// The ones that did not.
     pub failures: Vec<String>,
+    /// The guest kernel lacks what the scenario requires (each named and
+    /// described): its steps did not run, and it neither passed nor failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_applicable: Vec<String>,
+}
+
+impl Verdict {
+    /// The verdict of a scenario whose guest kernel lacks `missing`.
+    pub fn not_applicable(missing: &[KernelFeature]) -> Verdict {
+        Verdict {
+            passed: false,
+            failures: Vec::new(),
+            not_applicable: missing
+                .iter()
+                .map(|f| format!("{}: {}", f.name(), f.describe()))
+                .collect(),
+        }
+    }
+
+    /// `PASS`, `FAIL` or `n/a`.
+    pub fn label(&self) -> &'static str {
+        if !self.not_applicable.is_empty() {
+            "n/a"
+        } else if self.passed {
+            "PASS"
+        } else {
+            "FAIL"
+        }
+    }
 }
 
 /// One step and its result.
@@ -178,6 +214,9 @@ pub struct RunReport {
     pub guest_kernel: Option<String>,
     /// CPUs the guest sees, from the agent.
     pub guest_cpus: Option<u32>,
+    /// What the guest kernel offers, from the agent's first hello.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_features: Option<Vec<KernelFeature>>,
     /// Agent steps in order.
     pub steps: Vec<StepRecord>,
     /// Signals the agent's page holders received.
@@ -291,12 +330,12 @@ impl RunReport {
             }
         }
         if let (Some(name), Some(v)) = (&self.scenario, &self.verdict) {
-            s += &format!(
-                "verdict: {name}: {}\n",
-                if v.passed { "PASS" } else { "FAIL" }
-            );
+            s += &format!("verdict: {name}: {}\n", v.label());
             for f in &v.failures {
                 s += &format!("  - {f}\n");
+            }
+            for f in &v.not_applicable {
+                s += &format!("  - the guest kernel lacks {f}\n");
             }
         }
         s += &format!(
@@ -319,6 +358,7 @@ impl RunReport {
             agent_ready_ms: None,
             guest_kernel: None,
             guest_cpus: None,
+            guest_features: None,
             steps: Vec::new(),
             signals: Vec::new(),
             signal_ms: Vec::new(),
@@ -385,185 +425,4 @@ fn is_zero(v: &u64) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_report_reads_back_as_itself() {
-        use crate::kho_observer::{Comparison, Hwpoison, KhoView};
-        let mut r = RunReport::new(
-            Outcome {
-                kind: OutcomeKind::Panic,
-                detail: "Kernel panic - not syncing: x".into(),
-                log: vec!["a".into()],
-            },
-            "intel",
-            2,
-            256,
-        );
-        let view = KhoView {
-            root: Some(0x1000),
-            kexec_count: Some(2),
-            pin: crate::kho_observer::Pin::Pinned {
-                root: 0x1000,
-                kexec_count: 2,
-                handoff: crate::kho_observer::Handoff::Kept { previous: 0x5000 },
-            },
-            roots_found: 3,
-            candidates: 3,
-            rejected_total: 2,
-            rejected: vec![],
-            hwpoison: Hwpoison::Valid {
-                entries: vec![ras::kho::Entry {
-                    pfn: 0x77,
-                    kind: ras::kho::EntryType::SoftOffline,
-                }],
-                incomplete: true,
-                version: ras::kho::HWPOISON_VERSION,
-                flags: 1,
-                duplicates: 0,
-                rejected: vec![ras::kho::RejectedEntry {
-                    index: 1,
-                    raw: 1 << 52,
-                    pfn: 1 << 52,
-                    problem: ras::kho::EntryProblem::AddressWraps,
-                }],
-                seq: 4,
-            },
-            comparison: Comparison::Incomplete {
-                guest_missing: vec![],
-                guest_extra: vec![0x77000],
-                unplaceable: vec![1 << 52],
-            },
-            scanned_bytes: 4096,
-            scan_us: 3,
-        };
-        r.steps = vec![
-            StepRecord {
-                step: "sysctl:vm.x".into(),
-                reply: Some(StepReply::Agent(Payload::Sysctl(
-                    guest_agent::SysctlValue {
-                        name: "vm.x".into(),
-                        value: "1".into(),
-                    },
-                ))),
-                error: None,
-                cut_short: false,
-                at_ms: 1,
-            },
-            StepRecord {
-                step: "kho-scan".into(),
-                reply: Some(StepReply::Kho {
-                    kho: Box::new(view.clone()),
-                }),
-                error: None,
-                cut_short: false,
-                at_ms: 2,
-            },
-            StepRecord {
-                step: "exec:true".into(),
-                reply: None,
-                error: Some("the run ended before the agent replied".into()),
-                cut_short: true,
-                at_ms: 3,
-            },
-        ];
-        r.ras_events = vec![
-            RasEvent::KhoScanned {
-                after_kexec: 1,
-                view: Box::new(view),
-            },
-            RasEvent::Consumed {
-                vcpu: 1,
-                gpa: 0x77000,
-                error: ras::mce::MemoryError::Srar,
-                consumptions: 2,
-                at_ms: 9,
-                result: None,
-                ghes: Some(ras::ghes::Notification::Nmi),
-            },
-        ];
-        r.boots = vec![
-            BootRecord {
-                index: 1,
-                started_ms: 0,
-                agent_ready_ms: Some(900),
-                ended_ms: 2000,
-                end: BootEnd::Panic {
-                    line: "Kernel panic - not syncing: x".into(),
-                },
-                pages: vec![PageFate {
-                    gpa: 0x77000,
-                    source: ras::ledger::Source::Injected,
-                    consumptions: 1,
-                    fate: ras::ledger::Fate::Remapped,
-                    told: Vec::new(),
-                }],
-            },
-            BootRecord {
-                index: 2,
-                started_ms: 2001,
-                agent_ready_ms: None,
-                ended_ms: 3000,
-                end: BootEnd::Outcome {
-                    outcome: OutcomeKind::Poweroff,
-                    detail: "reboot: Power down".into(),
-                },
-                pages: vec![],
-            },
-        ];
-        r.mcg_cap_supplied = 1 << 24;
-        r.ghes = vec![crate::ghes_sources::SourceState {
-            source: ras::ghes::Notification::Gsiv,
-            stats: ras::ghes::SourceStats {
-                written: 3,
-                acked: 2,
-                queued: 1,
-            },
-            waiting: 1,
-            unacknowledged: true,
-        }];
-        r.verdict = Some(Verdict {
-            passed: false,
-            failures: vec!["x".into()],
-        });
-        let text = serde_json::to_string(&r).unwrap();
-        let back: RunReport = serde_json::from_str(&text).unwrap();
-        assert_eq!(serde_json::to_string(&back).unwrap(), text);
-        assert!(matches!(back.steps[1].reply, Some(StepReply::Kho { .. })));
-        assert!(back.steps[2].cut_short);
-        assert_eq!(back.boots, r.boots);
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(v["boots"][0]["end"]["how"], "panic");
-        assert_eq!(v["boots"][0]["pages"][0]["fate"], "remapped");
-        assert_eq!(v["boots"][1]["end"]["outcome"], "poweroff");
-        assert!(r.human().contains("boot 1: 0.00 s to 2.00 s, panic (Kernel panic - not syncing: x), page 0x77000 Remapped\n"));
-    }
-
-    #[test]
-    fn json_names_are_stable() {
-        let r = RunReport::new(
-            Outcome {
-                kind: OutcomeKind::TripleFault,
-                detail: "vCPU 0 triple fault".into(),
-                log: vec![],
-            },
-            "intel",
-            1,
-            256,
-        );
-        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
-        assert_eq!(v["outcome"], "triple-fault");
-        assert_eq!(v["cpu_profile"], "intel");
-        assert!(v["agent_ready_ms"].is_null());
-        assert!(r
-            .human()
-            .starts_with("outcome: triple-fault (vCPU 0 triple fault)\n"));
-    }
-
-    #[test]
-    fn clip_respects_char_boundaries() {
-        assert_eq!(clip("héllo", 2), "h...");
-        assert_eq!(clip("abc", 5), "abc");
-    }
-}
+mod tests;

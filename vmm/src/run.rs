@@ -4,7 +4,9 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
 use crate::config::VmConfig;
-use crate::report::{process_rss_kib, MemoryUse, RunReport, StepRecord};
+use guest_agent::{Command, KernelFeature};
+
+use crate::report::{process_rss_kib, MemoryUse, RunReport, StepRecord, Verdict};
 use crate::scenario::Scenario;
 use crate::session::Session;
 use crate::steps::{Step, StepError};
@@ -54,6 +56,11 @@ pub fn run_expecting(
         None => None,
     };
     let mut session = Session::new(vm).map_err(Error::EventLoop)?;
+    let missing = match scenario {
+        Some(s) if !s.requires.is_empty() => not_offered(&mut session, s),
+        _ => Vec::new(),
+    };
+    let steps = if missing.is_empty() { steps } else { &[] };
     let mut records = Vec::new();
     for (text, step) in steps {
         let result = session.perform(step);
@@ -83,6 +90,7 @@ pub fn run_expecting(
         report.agent_ready_ms = Some(ms(*at));
         report.guest_kernel = Some(hello.kernel.clone());
         report.guest_cpus = Some(hello.cpus);
+        report.guest_features = hello.features.clone();
     }
     report.steps = records;
     let console = std::mem::take(&mut session.console);
@@ -100,7 +108,12 @@ pub fn run_expecting(
     if let Some(s) = scenario {
         report.scenario = Some(s.name.clone());
         let recoverable = report.ras_limitation.is_none();
-        report.verdict = Some(evaluate(s.expectation(recoverable), &report, &session.refs));
+        let features = report.guest_features.as_deref();
+        report.verdict = Some(if missing.is_empty() {
+            evaluate(s.expectation(recoverable, features), &report, &session.refs)
+        } else {
+            Verdict::not_applicable(&missing)
+        });
     }
     let rss = process_rss_kib();
     let guest = session.vm().guest_resident_kib();
@@ -110,6 +123,34 @@ pub fn run_expecting(
         vmm_overhead_kib: rss.saturating_sub(guest),
     };
     Ok(report)
+}
+
+/// What `scenario` requires that the guest kernel lacks, by its agent's
+/// hello. If it lacks anything, the guest is powered off: the scenario's
+/// steps are not run. A guest whose agent never says hello, or does not
+/// say what its kernel offers, lacks nothing known: its steps run, and
+/// fail on their own.
+fn not_offered(session: &mut Session, scenario: &Scenario) -> Vec<KernelFeature> {
+    if session.wait_agent().is_none() {
+        return Vec::new();
+    }
+    let missing: Vec<KernelFeature> = scenario
+        .requires
+        .iter()
+        .copied()
+        .filter(|f| session.lacks(*f))
+        .collect();
+    if !missing.is_empty() {
+        // The run's outcome is then the guest's poweroff (or whatever ends
+        // it first); the verdict does not depend on it.
+        let poweroff = Step::Agent {
+            cmd: Command::Poweroff,
+            pfn: None,
+            bind: None,
+        };
+        let _ = session.perform(&poweroff);
+    }
+    missing
 }
 
 fn ms(d: Duration) -> u64 {

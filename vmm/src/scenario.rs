@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use guest_agent::{BUS_MCEERR_AO, BUS_MCEERR_AR};
+use guest_agent::{KernelFeature, BUS_MCEERR_AO, BUS_MCEERR_AR};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -302,16 +302,32 @@ pub struct Scenario {
     /// memory errors because it lacks SER_P (an Intel profile on an SVM
     /// host, where KVM drops it; AMD guests do not need SER_P).
     pub expect_without_ser: Option<Expect>,
+    /// What the guest kernel must offer (`requires = ["kho-hwpoison"]`):
+    /// on a kernel that lacks one, as its agent reports at hello, the steps
+    /// do not run and the verdict is `n/a`, naming what is missing.
+    #[serde(default)]
+    pub requires: Vec<KernelFeature>,
+    /// The verdict expected instead on a guest kernel that lacks a feature
+    /// (`[expect_without.panic-sysctl]`): where kernels differ, and how.
+    #[serde(default)]
+    pub expect_without: BTreeMap<KernelFeature, Expect>,
 }
 
 impl Scenario {
     /// The expectation that applies to a guest that can (`recoverable`) or
-    /// cannot grade memory errors as recoverable.
-    pub fn expectation(&self, recoverable: bool) -> &Expect {
-        match &self.expect_without_ser {
-            Some(e) if !recoverable => e,
-            _ => &self.expect,
+    /// cannot grade memory errors as recoverable, whose kernel offers
+    /// `features` (`None`: its agent never said): `expect_without_ser`,
+    /// else the first `expect_without` whose feature the kernel lacks, else
+    /// `expect`.
+    pub fn expectation(&self, recoverable: bool, features: Option<&[KernelFeature]>) -> &Expect {
+        if let (Some(e), false) = (&self.expect_without_ser, recoverable) {
+            return e;
         }
+        let lacks = |f: &KernelFeature| features.is_some_and(|have| !have.contains(f));
+        self.expect_without
+            .iter()
+            .find(|(f, _)| lacks(f))
+            .map_or(&self.expect, |(_, e)| e)
     }
 
     /// Reads and parses a scenario file.
@@ -349,7 +365,18 @@ impl Scenario {
         if let Some(r) = &s.guest.on_reboot {
             crate::config::OnReboot::parse(r).map_err(|e| e.to_string())?;
         }
-        for e in std::iter::once(&s.expect).chain(&s.expect_without_ser) {
+        for f in s.expect_without.keys() {
+            if s.requires.contains(f) {
+                return Err(format!(
+                    "expect_without.{} can never apply: the scenario requires {0}",
+                    f.name()
+                ));
+            }
+        }
+        let all = std::iter::once(&s.expect)
+            .chain(&s.expect_without_ser)
+            .chain(s.expect_without.values());
+        for e in all {
             for sig in e.signals.iter().flatten() {
                 signal_code(&sig.code)?;
             }
@@ -383,6 +410,8 @@ pub(crate) fn signal_code(name: &str) -> Result<i32, String> {
 
 #[cfg(test)]
 mod tests {
+    use guest_agent::Command;
+
     use super::*;
 
     #[test]
@@ -421,8 +450,37 @@ outcome = "poweroff"
 outcome = "panic"
 "#;
         let s = Scenario::parse(text).unwrap();
-        assert_eq!(s.expectation(true).outcome, OutcomeKind::Poweroff);
-        assert_eq!(s.expectation(false).outcome, OutcomeKind::Panic);
+        assert_eq!(s.expectation(true, None).outcome, OutcomeKind::Poweroff);
+        assert_eq!(s.expectation(false, None).outcome, OutcomeKind::Panic);
+    }
+
+    #[test]
+    fn expectation_follows_the_kernel() {
+        let text = r#"
+name = "x"
+steps = []
+requires = ["memory-failure"]
+[expect]
+outcome = "panic"
+[expect_without.panic-sysctl]
+outcome = "timeout"
+"#;
+        let s = Scenario::parse(text).unwrap();
+        use KernelFeature::*;
+        let new = [MemoryFailure, PanicSysctl];
+        let old = [MemoryFailure];
+        assert_eq!(s.expectation(true, Some(&new)).outcome, OutcomeKind::Panic);
+        assert_eq!(
+            s.expectation(true, Some(&old)).outcome,
+            OutcomeKind::Timeout
+        );
+        // No hello: nothing is known to be missing.
+        assert_eq!(s.expectation(true, None).outcome, OutcomeKind::Panic);
+        // A requirement that is also an alternative is a contradiction.
+        let e = Scenario::parse(&text.replace("memory-failure", "panic-sysctl")).unwrap_err();
+        assert!(e.contains("can never apply"), "{e}");
+        let e = Scenario::parse(&text.replace("\"memory-failure\"", "\"warp\"")).unwrap_err();
+        assert!(e.contains("unknown variant"), "{e}");
     }
 
     #[test]
@@ -443,6 +501,57 @@ outcome = "panic"
         }
     }
 
+    /// A scenario names what its steps use of the guest kernel: a kernel
+    /// that lacks it must make the scenario `n/a`, not fail it.
+    fn states_its_needs(s: &Scenario) {
+        use crate::steps::{parse, Step};
+        use KernelFeature::*;
+        let needs = |f: KernelFeature| s.requires.contains(&f) || s.expect_without.contains_key(&f);
+        let kho_off = s.guest.append.as_deref().unwrap_or("").contains("kho=off");
+        let wants = |step: &Step| -> Vec<KernelFeature> {
+            match step {
+                Step::Agent { cmd, .. } => match cmd {
+                    Command::Sysctl { name, .. }
+                        if name == "vm.panic_on_unrecoverable_memory_failure" =>
+                    {
+                        vec![PanicSysctl]
+                    }
+                    Command::Kexec { .. } | Command::KexecLoad { .. } => vec![KexecFile],
+                    Command::GuestPoison { .. } => vec![HwpoisonInject],
+                    Command::KernelPages { poison: true, .. } => vec![HwpoisonInject],
+                    _ => vec![],
+                },
+                Step::GhesMemory { .. } | Step::GhesRaw { .. } => vec![Ghes],
+                Step::GuestPoison { .. } => vec![HwpoisonInject],
+                Step::KhoScan | Step::KhoCorrupt(_) if !kho_off => vec![Kho, KhoHwpoison],
+                _ => vec![],
+            }
+        };
+        for text in &s.steps {
+            // A step under `if <feature>:` may use that feature; the rest
+            // of what it uses must be required.
+            let (guard, step) = match parse(text).unwrap() {
+                Step::When { feature, step } => (Some(feature), *step),
+                step => (None, step),
+            };
+            for f in wants(&step) {
+                assert!(
+                    guard == Some(f) || needs(f),
+                    "{}: step '{text}' needs '{}' in requires",
+                    s.name,
+                    f.name()
+                );
+            }
+        }
+        if s.expect.kho.is_some() && !kho_off {
+            assert!(
+                needs(KhoHwpoison),
+                "{}: expect.kho needs kho-hwpoison",
+                s.name
+            );
+        }
+    }
+
     #[test]
     fn every_scenario_in_the_repository_parses() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
@@ -452,9 +561,13 @@ outcome = "panic"
             for e in std::fs::read_dir(&d).unwrap() {
                 let p = e.unwrap().path();
                 if p.is_dir() {
-                    dirs.push(p);
+                    // scenarios/matrix holds kernels files (the lab's).
+                    if !p.ends_with("matrix") {
+                        dirs.push(p);
+                    }
                 } else if p.extension().is_some_and(|x| x == "toml") {
-                    Scenario::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                    let s = Scenario::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                    states_its_needs(&s);
                     n += 1;
                 }
             }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use devices::bus::lock;
 use guest_agent::{
-    decode_agent_message, encode, AgentMessage, Command, GuestPoisonOp, Hello, Payload, Request,
-    SignalReport,
+    decode_agent_message, encode, AgentMessage, Command, GuestPoisonOp, Hello, KernelFeature,
+    Payload, Request, SignalReport,
 };
 
 use crate::event::{RasEvent, VcpuStop, VmEvent};
@@ -40,6 +40,9 @@ pub struct Session {
     pub(crate) deadline: Instant,
     pub(crate) outcome: Option<Outcome>,
     pub(crate) hello: Option<(Hello, Duration)>,
+    /// What the running kernel offers, by its agent's latest hello (after a
+    /// kexec, the new kernel's), sorted, without repeats.
+    pub(crate) features: Option<Vec<KernelFeature>>,
     /// Whether the agent is up now (false from a kexec until the new
     /// kernel's agent says hello).
     pub(crate) agent_up: bool,
@@ -89,6 +92,7 @@ impl Session {
             deadline,
             outcome: None,
             hello: None,
+            features: None,
             agent_up: false,
             kexecs: 0,
             boots: BootLog::default(),
@@ -238,6 +242,13 @@ impl Session {
             }
             Step::WaitBoot(n) => self.wait_boot(*n).map(|()| None),
             Step::WaitConsole(t) => self.wait_console(t).map(|()| None),
+            Step::When { feature, step } => match self.wait_agent().is_some() {
+                false => Err(StepError::Ended),
+                true if self.lacks(*feature) => Ok(Some(StepReply::NotOffered {
+                    not_offered: *feature,
+                })),
+                true => self.perform(step),
+            },
         }
     }
 
@@ -303,6 +314,14 @@ impl Session {
     /// The agent's greeting and when it came, once it has.
     pub fn hello(&self) -> Option<&(Hello, Duration)> {
         self.hello.as_ref()
+    }
+
+    /// Whether the running kernel's agent said it lacks `f` (an agent that
+    /// does not say lacks nothing known).
+    pub fn lacks(&self, f: KernelFeature) -> bool {
+        self.features
+            .as_ref()
+            .is_some_and(|have| !have.contains(&f))
     }
 
     /// Waits for the agent's hello (after a kexec, the new kernel's).
@@ -508,6 +527,11 @@ impl Session {
             }
             VmEvent::Agent(line) => match line.and_then(|l| decode_agent_message(&l)) {
                 Ok(AgentMessage::Hello(h)) => {
+                    self.features = h.features.clone().map(|mut f| {
+                        f.sort();
+                        f.dedup();
+                        f
+                    });
                     if self.hello.is_none() {
                         self.hello = Some((h, self.elapsed()));
                     }

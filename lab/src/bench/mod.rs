@@ -36,6 +36,9 @@ struct Peer {
     boot_cpu: (&'static str, &'static str),
     /// rasvmm's `--cpu` and QEMU's `-cpu` for the injection benchmark.
     inject_cpu: (&'static str, &'static str),
+    /// The guest kernel inside the lab host (the project's, unless a
+    /// benchmark is given another).
+    kernel: String,
 }
 
 impl Peer {
@@ -55,6 +58,7 @@ impl Peer {
                 qemu_devices: "-serial chardev:console -serial chardev:agent",
                 boot_cpu: ("intel", "qemu64,vendor=GenuineIntel"),
                 inject_cpu: ("amd", "qemu64"),
+                kernel: arch.lab_guest_kernel().into(),
             },
             // virt: QEMU's firmware-less direct boot with a device tree. It
             // has one PL011 (the console), so the agent talks on a virtio
@@ -68,6 +72,7 @@ impl Peer {
                                -device virtconsole,chardev=agent",
                 boot_cpu: ("host", "host"),
                 inject_cpu: ("host", "host"),
+                kernel: arch.lab_guest_kernel().into(),
             },
         }
     }
@@ -82,7 +87,7 @@ impl Peer {
              -no-reboot -kernel {kernel} -initrd {LAB_GUEST_INITRAMFS} -append \"$CMDLINE{extra}\" \
              -chardev {console},id=console -chardev {agent},id=agent {devices}",
             machine = self.qemu_machine,
-            kernel = self.arch.lab_guest_kernel(),
+            kernel = self.kernel,
             extra = self.qemu_agent_arg,
             devices = self.qemu_devices,
         )
@@ -156,9 +161,33 @@ ram_pfn() {{
 /// Boot to agent ready, rasvmm vs `qemu-system-<arch> -enable-kvm` with the
 /// same kernel, initramfs, command line, memory and one vCPU, interleaved
 /// run by run in one lab host.
+///
+/// `--kernel [NAME=]PATH` boots that kernel in both instead of the
+/// project's (the kernel matrix's distribution kernels, for example).
 pub fn boot(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
-    let (runs, lab, image) = setup("bench-boot", arch, args)?;
-    let peer = Peer::of(arch);
+    let mut rest = Vec::new();
+    let mut kernel = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--kernel" {
+            let k = it.next().ok_or("--kernel needs [NAME=]PATH")?;
+            kernel = Some(lab::kernels::GuestKernel::from_arg(k)?);
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    let (runs, lab, image) = setup("bench-boot", arch, &rest)?;
+    let mut peer = Peer::of(arch);
+    let mut files = Vec::new();
+    let mut kernel_name = lab.manifest.kernel_version.clone();
+    if let Some(k) = kernel.as_ref().filter(|k| k.path.is_some()) {
+        files.push((
+            "bench-kernel".to_string(),
+            k.path.clone().unwrap_or_default(),
+        ));
+        peer.kernel = "/job/bench-kernel".into();
+        kernel_name = k.name.clone();
+    }
     let script = format!(
         r#"CMDLINE={cmdline}
 for i in $(seq 1 {runs}); do
@@ -170,16 +199,17 @@ for i in $(seq 1 {runs}); do
 done
 "#,
         cmdline = lab::shell_quote(peer.cmdline),
-        kernel = arch.lab_guest_kernel(),
+        kernel = peer.kernel,
         rasvmm_cpu = peer.boot_cpu.0,
         qemu = peer.qemu(peer.boot_cpu.1, "null", "file,path=/tmp/agent-$i.log"),
     );
     eprintln!("bench-boot: {runs} runs each of rasvmm and QEMU in one {arch} lab host...");
     let res = lab
-        .run_script(
+        .run_script_with_files(
             &script,
             &image,
-            Duration::from_secs(60 + 40 * u64::from(runs)),
+            &files,
+            Duration::from_secs(60 + 60 * u64::from(runs)),
         )
         .map_err(|e| chain(&e))?;
 
@@ -210,8 +240,8 @@ done
         qemu_rss.push(timer_field(&q, "maxrss_kib").unwrap_or(0.0));
     }
     println!(
-        "boot to agent ready, {runs} runs each, one {arch} lab host ({}), guest {}:",
-        res.backend, lab.manifest.kernel_version
+        "boot to agent ready, {runs} runs each, one {arch} lab host ({}), guest {kernel_name}:",
+        res.backend
     );
     let rm = report_ms("rasvmm", &mut rasvmm_ms);
     let qm = report_ms("QEMU  ", &mut qemu_ms);

@@ -4,15 +4,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use vmm::report::RunReport;
 use vmm::scenario::Scenario;
 
+use crate::kernels::{GuestKernel, KernelImages};
 use crate::{Error, Job, JobResult, Lab, RunResult, JOB_FILE_PREFIX};
 
 mod output;
 
-pub use output::{junit, table};
+pub use output::{counts, junit, matrix, progress_line, table};
 
 /// Time each scenario gets beyond its own deadline (boot, report).
 const PER_SCENARIO_MARGIN: f64 = 30.0;
@@ -53,10 +55,12 @@ pub fn load_dir(dir: &Path) -> Result<Vec<(PathBuf, Scenario)>, String> {
 }
 
 /// One scenario's result.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScenarioResult {
     /// Scenario name.
     pub name: String,
+    /// The guest kernel it ran on.
+    pub kernel: String,
     /// CPU profile it ran with.
     pub cpu: String,
     /// How the run ended.
@@ -65,6 +69,14 @@ pub struct ScenarioResult {
     pub passed: bool,
     /// Why it failed.
     pub failures: Vec<String>,
+    /// What the guest kernel lacks of what the scenario requires (its
+    /// verdict is then `n/a`: neither passed nor failed).
+    #[serde(default)]
+    pub not_applicable: Vec<String>,
+    /// What the guest kernel offered, by its agent's hello (none if the
+    /// agent never said hello).
+    #[serde(default)]
+    pub features: Option<Vec<guest_agent::KernelFeature>>,
     /// Why an earlier attempt of this scenario did not count (the lab host
     /// stopped under it), if it was retried.
     pub retried: Option<String>,
@@ -76,6 +88,39 @@ pub struct ScenarioResult {
     pub seconds: f64,
     /// rasvmm's report (null if it wrote none).
     pub report: Value,
+}
+
+/// A scenario's verdict on one kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Every expectation held.
+    Passed,
+    /// One did not, or the run could not be judged.
+    Failed,
+    /// The guest kernel lacks what the scenario requires.
+    NotApplicable,
+}
+
+impl ScenarioResult {
+    /// Passed, failed or n/a.
+    pub fn status(&self) -> Status {
+        if !self.not_applicable.is_empty() {
+            Status::NotApplicable
+        } else if self.passed {
+            Status::Passed
+        } else {
+            Status::Failed
+        }
+    }
+
+    /// `PASS`, `FAIL` or `n/a`.
+    pub fn label(&self) -> &'static str {
+        match self.status() {
+            Status::Passed => "PASS",
+            Status::Failed => "FAIL",
+            Status::NotApplicable => "n/a",
+        }
+    }
 }
 
 /// Fresh lab hosts a suite may use after one stopped under it.
@@ -96,7 +141,34 @@ pub fn run(
     lab: &Lab,
     scenarios: &[(PathBuf, Scenario)],
 ) -> Result<(Vec<ScenarioResult>, f64), Error> {
-    run_with(scenarios, |job| lab.run_partial(job))
+    run_on(lab, scenarios, &GuestKernel::project(), &mut |_| {})
+}
+
+/// Like [`run`], on guest kernel `kernel`, calling `on_result` with each
+/// scenario's result as soon as it has finished (progress lines).
+pub fn run_on(
+    lab: &Lab,
+    scenarios: &[(PathBuf, Scenario)],
+    kernel: &GuestKernel,
+    on_result: &mut dyn FnMut(&ScenarioResult),
+) -> Result<(Vec<ScenarioResult>, f64), Error> {
+    let images = crate::kernels::images(lab, kernel)?;
+    let on = On {
+        kernel: &kernel.name,
+        images: &images,
+    };
+    run_with(
+        scenarios,
+        &on,
+        |job, on_run| lab.run_partial_with(job, on_run),
+        on_result,
+    )
+}
+
+/// The kernel a suite job runs on: its name and images.
+struct On<'a> {
+    kernel: &'a str,
+    images: &'a KernelImages,
 }
 
 /// Runs `arch`'s built-in suite on that architecture's backend and prints
@@ -104,10 +176,7 @@ pub fn run(
 /// and the table. An error if the suite cannot load or the lab cannot run.
 pub fn run_built_in(arch: crate::Arch) -> Result<(Vec<String>, String), String> {
     let all = load_dir(&default_dir_for(arch))?;
-    let chain = |e: &Error| {
-        let cause = std::error::Error::source(e).map(|c| format!(": {c}"));
-        format!("{e}{}", cause.unwrap_or_default())
-    };
+    let chain = |e: &Error| vmm::report::one_line(e);
     let lab = Lab::for_arch(arch).map_err(|e| chain(&e))?;
     crate::progress(&format!(
         "{} {} scenarios on {}",
@@ -125,9 +194,11 @@ pub fn run_built_in(arch: crate::Arch) -> Result<(Vec<String>, String), String> 
             all.len()
         ));
     }
+    // The project's own build offers every feature its scenarios need: an
+    // n/a on it is a failure too.
     let failed = results
         .iter()
-        .filter(|r| !r.passed)
+        .filter(|r| r.status() != Status::Passed)
         .map(|r| r.name.clone())
         .collect();
     Ok((failed, t))
@@ -136,7 +207,9 @@ pub fn run_built_in(arch: crate::Arch) -> Result<(Vec<String>, String), String> 
 /// [`run`] with the job runner given (tests give a fake lab).
 fn run_with(
     scenarios: &[(PathBuf, Scenario)],
-    mut run_job: impl FnMut(&Job) -> Result<JobResult, Error>,
+    on: &On,
+    mut run_job: impl FnMut(&Job, &mut dyn FnMut(usize, &RunResult)) -> Result<JobResult, Error>,
+    on_result: &mut dyn FnMut(&ScenarioResult),
 ) -> Result<(Vec<ScenarioResult>, f64), Error> {
     let mut results = Vec::new();
     let mut wall = 0.0;
@@ -147,18 +220,31 @@ fn run_with(
     // Why every scenario of this job runs a second time, if it does.
     let mut rerun: Option<String> = None;
     while !rest.is_empty() {
-        let res = run_job(&job(rest))?;
+        // A failed clock check makes this job's results the platform's,
+        // to be run again (below): they are not reported as they come.
+        let may_rerun = rerun.is_none() && restarts < MAX_LAB_RESTARTS;
+        let mut spoiled = false;
+        let mut finished = |i: usize, r: &RunResult| {
+            // Run 0 is the clock check.
+            if i == 0 {
+                let clock = clock_check(Some(r));
+                crate::progress(&clock_line(&clock));
+                spoiled = clock.is_err() && may_rerun;
+            } else if let Some((_, s)) = rest.get(i - 1).filter(|_| !spoiled) {
+                on_result(&judge(s, r, on.kernel));
+            }
+        };
+        let res = run_job(&job(rest, on), &mut finished)?;
         wall += res.wall.as_secs_f64();
         let (check, runs) = match res.runs.split_first() {
             Some((c, r)) => (Some(c), r),
             None => (None, &[][..]),
         };
         let clock = clock_check(check);
-        crate::progress(&match &clock {
-            Ok(Some(ms)) => format!("lab host clock check: a guest's 'sleep 1' took {ms} ms"),
-            Ok(None) => "lab host clock check: not run (the lab host stopped)".into(),
-            Err(why) => format!("lab host clock check FAILED: {why}"),
-        });
+        if check.is_none() {
+            // Otherwise it was said as soon as it ran.
+            crate::progress(&clock_line(&clock));
+        }
         if let Err(why) = clock {
             if rerun.is_none() && restarts < MAX_LAB_RESTARTS {
                 // This lab host's results would be the platform's: run the
@@ -172,7 +258,7 @@ fn run_with(
         }
         let done = runs.len().min(rest.len());
         for ((_, s), r) in rest.iter().zip(runs) {
-            let mut judged = judge(s, r);
+            let mut judged = judge(s, r, on.kernel);
             judged.retried = retrying.take().or_else(|| rerun.clone());
             results.push(judged);
         }
@@ -183,10 +269,10 @@ fn run_with(
         match (rest.get(done), retrying.take()) {
             (Some((_, stopped)), Some(first)) => {
                 // It stopped during the retry as well.
-                results.push(lab_failure(
-                    stopped,
-                    format!("{first}; on its retry, {why}"),
-                ));
+                let failed =
+                    lab_failure(stopped, on.kernel, format!("{first}; on its retry, {why}"));
+                on_result(&failed);
+                results.push(failed);
                 rest = &rest[done + 1..];
             }
             (Some(_), None) => {
@@ -203,7 +289,9 @@ fn run_with(
                     (Some(first), 0) => format!("{first}; {not_run} (no retry)"),
                     _ => not_run,
                 };
-                results.push(lab_failure(s, why));
+                let failed = lab_failure(s, on.kernel, why);
+                on_result(&failed);
+                results.push(failed);
             }
             break;
         }
@@ -260,12 +348,23 @@ fn clock_check(r: Option<&RunResult>) -> Result<Option<u64>, String> {
     }
 }
 
+/// What the clock check found, on one line.
+fn clock_line(clock: &Result<Option<u64>, String>) -> String {
+    match clock {
+        Ok(Some(ms)) => format!("lab host clock check: a guest's 'sleep 1' took {ms} ms"),
+        Ok(None) => "lab host clock check: not run (the lab host stopped)".into(),
+        Err(why) => format!("lab host clock check FAILED: {why}"),
+    }
+}
+
 /// One job running `scenarios` in order, with time for each, after the
 /// clock check.
-fn job(scenarios: &[(PathBuf, Scenario)]) -> Job {
+fn job(scenarios: &[(PathBuf, Scenario)], on: &On) -> Job {
     let mut job = Job::default();
-    job.runs
-        .push(CLOCK_CHECK.iter().map(|a| a.to_string()).collect());
+    let mut check: Vec<String> = on.images.args.clone();
+    check.extend(CLOCK_CHECK.iter().map(|a| a.to_string()));
+    job.runs.push(check);
+    job.files.extend(on.images.files.iter().cloned());
     let mut budget = 60.0 + 30.0 + PER_SCENARIO_MARGIN;
     for (f, s) in scenarios {
         let name = f
@@ -273,10 +372,9 @@ fn job(scenarios: &[(PathBuf, Scenario)]) -> Job {
             .and_then(|n| n.to_str())
             .unwrap_or_default()
             .to_string();
-        job.runs.push(vec![
-            "--scenario".into(),
-            format!("{JOB_FILE_PREFIX}{name}"),
-        ]);
+        let mut args = on.images.args.clone();
+        args.extend(["--scenario".into(), format!("{JOB_FILE_PREFIX}{name}")]);
+        job.runs.push(args);
         job.files.push((name, f.clone()));
         budget += s.guest.timeout_s.unwrap_or(vmm::config::DEFAULT_TIMEOUT_S) + PER_SCENARIO_MARGIN;
     }
@@ -286,17 +384,18 @@ fn job(scenarios: &[(PathBuf, Scenario)]) -> Job {
 
 /// A scenario's result from its run: rasvmm's verdict in its report, read
 /// as the report's own type.
-fn judge(s: &Scenario, r: &RunResult) -> ScenarioResult {
+fn judge(s: &Scenario, r: &RunResult, kernel: &str) -> ScenarioResult {
     let value = r.report.clone().unwrap_or(Value::Null);
     let typed: Result<RunReport, String> = match &r.report {
         None => Err(format!("rasvmm wrote no report: {}", r.stderr.trim())),
         Some(v) => serde_json::from_value(v.clone())
             .map_err(|e| format!("rasvmm's report does not parse: {e}")),
     };
-    let (passed, failures, cpu, seconds, diagnosis) = match &typed {
+    let features = typed.as_ref().ok().and_then(|r| r.guest_features.clone());
+    let (passed, failures, cpu, seconds, diagnosis, not_applicable) = match &typed {
         Ok(report) => {
             let verdict = report.verdict.clone().unwrap_or_default();
-            let diagnosis = if verdict.passed {
+            let diagnosis = if verdict.passed || !verdict.not_applicable.is_empty() {
                 Vec::new()
             } else {
                 diagnosis(&report.log, &r.stderr)
@@ -307,6 +406,7 @@ fn judge(s: &Scenario, r: &RunResult) -> ScenarioResult {
                 report.cpu_profile.clone(),
                 report.elapsed_ms as f64 / 1000.0,
                 diagnosis,
+                verdict.not_applicable,
             )
         }
         Err(e) => (
@@ -315,10 +415,14 @@ fn judge(s: &Scenario, r: &RunResult) -> ScenarioResult {
             "?".to_string(),
             0.0,
             diagnosis(&[], &r.stderr),
+            Vec::new(),
         ),
     };
     ScenarioResult {
         name: s.name.clone(),
+        kernel: kernel.to_string(),
+        not_applicable,
+        features,
         cpu,
         outcome: r.outcome().to_string(),
         passed,
@@ -352,9 +456,12 @@ fn diagnosis(log: &[String], stderr: &str) -> Vec<String> {
 }
 
 /// A failed result for a scenario the lab host could not finish.
-fn lab_failure(s: &Scenario, why: String) -> ScenarioResult {
+fn lab_failure(s: &Scenario, kernel: &str, why: String) -> ScenarioResult {
     ScenarioResult {
         name: s.name.clone(),
+        kernel: kernel.to_string(),
+        not_applicable: Vec::new(),
+        features: None,
         cpu: s.guest.cpu.clone().unwrap_or_else(|| "?".into()),
         outcome: "lab-host-stopped".into(),
         passed: false,
@@ -398,6 +505,14 @@ mod tests {
 
     #[test]
     fn a_lab_host_that_stops_loses_nothing_and_the_rest_run_again() {
+        let images = KernelImages {
+            args: Vec::new(),
+            files: Vec::new(),
+        };
+        let on = On {
+            kernel: "k",
+            images: &images,
+        };
         let all: Vec<(PathBuf, Scenario)> = (0..5)
             .map(|i| {
                 let text = format!("name = \"s{i}\"\nsteps = []\n[expect]\noutcome = \"poweroff\"");
@@ -420,6 +535,7 @@ mod tests {
                 r.verdict = Some(vmm::report::Verdict {
                     passed: true,
                     failures: vec![],
+                    not_applicable: vec![],
                 });
                 serde_json::to_value(r).unwrap()
             }),
@@ -460,16 +576,21 @@ mod tests {
         // The first lab host finishes s0 and dies in s1; a fresh one runs
         // s1 again, then the rest. s1 passes, marked as retried.
         let mut calls = Vec::new();
-        let (results, wall) = run_with(&all, |job| {
-            calls.push(job.runs.len());
-            Ok(match calls.len() {
-                1 => lab(vec![passed("s0")], Some("died")),
-                _ => lab(
-                    vec![passed("s1"), passed("s2"), passed("s3"), passed("s4")],
-                    None,
-                ),
-            })
-        })
+        let (results, wall) = run_with(
+            &all,
+            &on,
+            |job, _| {
+                calls.push(job.runs.len());
+                Ok(match calls.len() {
+                    1 => lab(vec![passed("s0")], Some("died")),
+                    _ => lab(
+                        vec![passed("s1"), passed("s2"), passed("s3"), passed("s4")],
+                        None,
+                    ),
+                })
+            },
+            &mut |_| {},
+        )
         .unwrap();
         assert_eq!(calls, vec![6, 5], "each job starts with the clock check");
         assert_eq!(wall, 2.0);
@@ -497,14 +618,19 @@ mod tests {
         // Dying twice in the same scenario fails it, with both reasons; the
         // rest still run.
         let mut calls = Vec::new();
-        let (results, _) = run_with(&all, |job| {
-            calls.push(job.runs.len());
-            Ok(match calls.len() {
-                1 => lab(vec![passed("s0")], Some("died once")),
-                2 => lab(vec![], Some("died twice")),
-                _ => lab(vec![passed("s2"), passed("s3"), passed("s4")], None),
-            })
-        })
+        let (results, _) = run_with(
+            &all,
+            &on,
+            |job, _| {
+                calls.push(job.runs.len());
+                Ok(match calls.len() {
+                    1 => lab(vec![passed("s0")], Some("died once")),
+                    2 => lab(vec![], Some("died twice")),
+                    _ => lab(vec![passed("s2"), passed("s3"), passed("s4")], None),
+                })
+            },
+            &mut |_| {},
+        )
         .unwrap();
         assert_eq!(calls, vec![6, 5, 4]);
         assert!(!results[1].passed);
@@ -520,10 +646,15 @@ mod tests {
 
         // A lab host that keeps dying is given up on, every scenario named.
         let mut calls = Vec::new();
-        let (results, _) = run_with(&all, |job| {
-            calls.push(job.runs.len());
-            Ok(lab(Vec::new(), Some("died")))
-        })
+        let (results, _) = run_with(
+            &all,
+            &on,
+            |job, _| {
+                calls.push(job.runs.len());
+                Ok(lab(Vec::new(), Some("died")))
+            },
+            &mut |_| {},
+        )
         .unwrap();
         assert_eq!(calls, vec![6, 6, 5, 5]);
         assert_eq!(results.len(), 5);
@@ -536,15 +667,20 @@ mod tests {
 
         // Given up on while a retry was due: that scenario says so.
         let mut calls = 0;
-        let (results, _) = run_with(&all, |_| {
-            calls += 1;
-            Ok(match calls {
-                1 => lab(vec![passed("s0")], Some("a")),
-                2 => lab(vec![passed("s1")], Some("b")),
-                3 => lab(vec![passed("s2")], Some("c")),
-                _ => lab(vec![passed("s3")], Some("d")),
-            })
-        })
+        let (results, _) = run_with(
+            &all,
+            &on,
+            |_, _| {
+                calls += 1;
+                Ok(match calls {
+                    1 => lab(vec![passed("s0")], Some("a")),
+                    2 => lab(vec![passed("s1")], Some("b")),
+                    3 => lab(vec![passed("s2")], Some("c")),
+                    _ => lab(vec![passed("s3")], Some("d")),
+                })
+            },
+            &mut |_| {},
+        )
         .unwrap();
         assert_eq!(calls, 4);
         assert!(

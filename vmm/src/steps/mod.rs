@@ -40,7 +40,7 @@
 
 use std::time::Duration;
 
-use guest_agent::{Command, GuestPoisonOp, KernelPageKind};
+use guest_agent::{Command, GuestPoisonOp, KernelFeature, KernelPageKind};
 use ras::cper::Severity;
 use ras::ghes::Notification;
 use ras::kho::corrupt::Edit;
@@ -173,6 +173,16 @@ pub enum Step {
     WaitBoot(u32),
     /// Wait until a console line of the current boot contains this.
     WaitConsole(String),
+    /// `if <feature>: <step>`: the step, on a guest kernel that offers the
+    /// feature (by its agent's hello); on one that does not, nothing, and
+    /// the step's record says so. Where kernels differ, a scenario does
+    /// what each one can.
+    When {
+        /// What the kernel must offer.
+        feature: KernelFeature,
+        /// The step to perform then (never another `if`).
+        step: Box<Step>,
+    },
 }
 
 /// Parses one step.
@@ -183,6 +193,19 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
     };
     if let Some(c) = s.chars().find(|c| c.is_control()) {
         return Err(bad(&format!("control character {c:?} in a step")));
+    }
+    if let Some(rest) = s.strip_prefix("if ") {
+        let (name, step) = rest
+            .split_once(": ")
+            .ok_or_else(|| bad("a condition is 'if <kernel feature>: <step>'"))?;
+        let feature = KernelFeature::parse(name).map_err(|e| bad(&e))?;
+        if step.starts_with("if ") {
+            return Err(bad("conditions do not nest"));
+        }
+        return Ok(Step::When {
+            feature,
+            step: Box::new(parse(step)?),
+        });
     }
     if s.trim_start().starts_with('{') || s.trim_start().starts_with('"') {
         let value: serde_json::Value = serde_json::from_str(s).map_err(|e| bad(&e.to_string()))?;

@@ -433,3 +433,31 @@ fn kernel_pages_bind_under_a_name() {
     assert_eq!(refs.prefixed("b"), vec![5, 9]);
     assert_eq!(refs.prefixed("free"), vec![20, 30]);
 }
+
+#[test]
+fn steps_on_a_condition() {
+    let s = parse("if panic-sysctl: sysctl:vm.panic_on_unrecoverable_memory_failure=1").unwrap();
+    let Step::When { feature, step } = s else {
+        panic!("{s:?}")
+    };
+    assert_eq!(feature, KernelFeature::PanicSysctl);
+    assert!(matches!(
+        *step,
+        Step::Agent {
+            cmd: Command::Sysctl { .. },
+            ..
+        }
+    ));
+    for (bad, why) in [
+        (
+            "if panic-sysctl sysctl:x=1",
+            "'if <kernel feature>: <step>'",
+        ),
+        ("if warp: poweroff", "unknown kernel feature 'warp'"),
+        ("if kho: if ghes: poweroff", "do not nest"),
+        ("if kho: frobnicate", "frobnicate"),
+    ] {
+        let e = parse(bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+}

@@ -285,6 +285,7 @@ pub fn evaluate(expect: &Expect, report: &RunReport, refs: &Refs) -> Verdict {
     Verdict {
         passed: f.is_empty(),
         failures: f,
+        not_applicable: Vec::new(),
     }
 }
 

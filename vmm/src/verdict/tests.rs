@@ -96,7 +96,8 @@ fn passes() {
         v,
         Verdict {
             passed: true,
-            failures: vec![]
+            failures: vec![],
+            not_applicable: vec![]
         }
     );
 }

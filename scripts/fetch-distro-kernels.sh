@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Fetches the distribution kernels of the built-in kernel matrix
+# (scenarios/matrix/<arch>.toml) for ARCH (x86_64 or aarch64): Debian's
+# cloud kernel images, unpatched, through a private sources list and lists
+# directory (the machine's apt configuration is not touched), kernel image
+# only:
+#   debian-7.3-cloud   the newest linux-binary-7.3.*-cloud-<arch> in
+#                      trixie-backports (the series rasvmm's patches target);
+#   debian-6.12-cloud  the newest linux-image-6.12.*-cloud-<arch>-unsigned in
+#                      trixie and trixie-security (the LTS kernel, without
+#                      vm.panic_on_unrecoverable_memory_failure).
+# Each lands in target/images/distro/<arch>/<name>, its package version next
+# to it in <name>.version; downloads are cached in $RASVMM_CACHE/distro-kernels.
+# A suite that no longer carries a series is an error naming what it has.
+source "$(dirname "$0")/lib.sh"
+arch=${1:-}
+case "$arch" in
+x86_64) debarch=amd64 ;;
+aarch64) debarch=arm64 ;;
+*) die "usage: fetch-distro-kernels.sh x86_64|aarch64" ;;
+esac
+
+cache="$RASVMM_CACHE/distro-kernels/$arch"
+out="$RASVMM_ROOT/target/images/distro/$arch"
+mkdir -p "$cache" "$out"
+apt_dir="$RASVMM_CACHE/apt-distro-$debarch"
+mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial"
+mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null |
+	grep -v '^[[:space:]]*#' | grep -oE 'https?://[^ ]*/debian/?( |$)' | head -n1 | tr -d ' ' || true)
+mirror=${mirror:-http://deb.debian.org/debian}
+security=${mirror%/debian*}/debian-security
+keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+[ -r "$keyring" ] || die "$keyring is missing: install debian-archive-keyring"
+cat >"$apt_dir/sources.list" <<LIST
+deb [arch=$debarch signed-by=$keyring] $mirror trixie main
+deb [arch=$debarch signed-by=$keyring] $mirror trixie-backports main
+deb [arch=$debarch signed-by=$keyring] $security trixie-security main
+LIST
+touch "$apt_dir/status"
+apt_opts=(-o "APT::Architecture=$debarch" -o "APT::Architectures::=$debarch"
+	-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o "Dir::Etc::sourceparts=-"
+	-o "Dir::State::Lists=$apt_dir/lists" -o "Dir::State::status=$apt_dir/status"
+	-o "Dir::Cache::archives=$apt_dir/archives" -o "Dir::Cache::pkgcache=" -o "Dir::Cache::srcpkgcache="
+	-o "APT::Get::List-Cleanup=0")
+
+# Updates the lists once a day at most: a warm run needs no network.
+stamp="$apt_dir/updated"
+if [ -z "$(find "$stamp" -mmin -1440 2>/dev/null)" ]; then
+	log "apt-get update for Debian's $debarch kernels (private lists: $apt_dir)"
+	if apt-get "${apt_opts[@]}" update -qq >"$apt_dir/update.log" 2>&1; then
+		touch "$stamp"
+	elif [ ! -e "$stamp" ]; then
+		die "apt-get update failed; see $apt_dir/update.log"
+	else
+		log "apt-get update failed (see $apt_dir/update.log); using yesterday's lists"
+	fi
+fi
+
+# fetch <name> <package regex>: the newest package matching, its kernel image.
+fetch() {
+	local name=$1 pattern=$2 pkg version file tmp img
+	pkg=$(apt-cache "${apt_opts[@]}" pkgnames linux- 2>/dev/null | grep -E "^$pattern\$" | sort -V | tail -n1 || true)
+	if [ -z "$pkg" ]; then
+		local have
+		have=$(apt-cache "${apt_opts[@]}" pkgnames linux- 2>/dev/null | grep -E "cloud-$debarch(-unsigned)?\$" |
+			grep -E '^linux-(binary|image)-[0-9]' | sort -V | tail -n6 | tr '\n' ' ')
+		die "no package matches $pattern for $name (the suites have: ${have:-nothing})"
+	fi
+	version=$(apt-cache "${apt_opts[@]}" policy "$pkg" | awk '/Candidate:/ {print $2}')
+	file="$cache/${pkg}_${version}.img"
+	if [ ! -s "$file" ]; then
+		log "downloading $pkg $version"
+		tmp=$(mktemp -d)
+		(cd "$tmp" && apt-get "${apt_opts[@]}" download -qq "$pkg=$version" 2>&1 | grep -v unsandboxed >&2) || true
+		ls "$tmp"/*.deb >/dev/null 2>&1 || die "apt-get download $pkg=$version failed"
+		dpkg-deb -x "$tmp"/*.deb "$tmp/x"
+		img=$(find "$tmp/x" -name 'vmlinuz*' -type f | head -n1)
+		[ -n "$img" ] || die "$pkg has no vmlinuz"
+		mv "$img" "$file.tmp"
+		mv "$file.tmp" "$file"
+		rm -rf "$tmp"
+	fi
+	cp "$file" "$out/$name.tmp"
+	mv "$out/$name.tmp" "$out/$name"
+	echo "$pkg $version" >"$out/$name.version"
+	echo "$out/$name: $pkg $version"
+}
+
+fetch debian-7.3-cloud "linux-binary-7\.3\.[0-9]+\+deb13-cloud-$debarch"
+fetch debian-6.12-cloud "linux-image-6\.12\.[0-9]+\+deb13-cloud-$debarch-unsigned"

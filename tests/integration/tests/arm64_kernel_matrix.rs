@@ -1,0 +1,11 @@
+//! The aarch64 kernel matrix (scenarios/matrix/aarch64.toml) on the kernels
+//! other than the project's own build (the whole suite on that one is
+//! tests/arm64_scenarios.rs): Debian's 7.3 and 6.12 cloud kernels, unpatched, with the
+//! scenarios the matrix gives them. Fails on any failed scenario, and on a
+//! kernel whose agent reports other features than its entry says it lacks;
+//! an n/a (a scenario the kernel cannot run) is not a failure.
+
+#[test]
+fn the_distribution_kernels_pass_what_they_can_run() {
+    integration::distribution_kernels_pass_what_they_can_run(lab::Arch::Aarch64);
+}
