@@ -1,11 +1,11 @@
 //! What crosses the lab host's console: the framed job output
-//! (`@@@RASVMM-...` lines) and the newc cpio archive that carries a job's
-//! files in.
+//! (`@@@RASVMM-...` lines, read at the end or run by run while the job
+//! runs) and the newc cpio archive that carries a job's files in.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::Error;
+use super::{Error, RunResult};
 
 /// The framed output of a lab job.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -59,6 +59,94 @@ pub fn parse_results(text: &str) -> LabOutput {
         }
     }
     out
+}
+
+/// Run `i`'s result out of a lab job's framed files.
+pub(crate) fn take_run(
+    files: &mut BTreeMap<String, String>,
+    exits: &BTreeMap<usize, i32>,
+    i: usize,
+) -> RunResult {
+    let mut take = |k: &str| files.remove(&format!("{k}-{i}")).unwrap_or_default();
+    let report = serde_json::from_str(take("report").trim()).ok();
+    RunResult {
+        exit: exits.get(&i).copied().unwrap_or(-1),
+        report,
+        console: take("console"),
+        stderr: take("stderr"),
+    }
+}
+
+/// Reads a lab host's results channel while the job runs, and hands each
+/// run that has finished (its stderr, the last file of a run, is framed)
+/// to a callback, once. Reads only what is new on each poll.
+pub(crate) struct RunsSoFar<'a> {
+    path: &'a Path,
+    read: u64,
+    pending: String,
+    next: usize,
+}
+
+impl<'a> RunsSoFar<'a> {
+    pub(crate) fn new(path: &'a Path) -> Self {
+        RunsSoFar {
+            path,
+            read: 0,
+            pending: String::new(),
+            next: 0,
+        }
+    }
+
+    pub(crate) fn poll(&mut self, on_run: &mut dyn FnMut(usize, &RunResult)) {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(self.path) else {
+            return;
+        };
+        let mut new = Vec::new();
+        if f.seek(SeekFrom::Start(self.read)).is_err() || f.read_to_end(&mut new).is_err() {
+            return;
+        }
+        // Only whole lines: a multi-byte character may be cut at the end.
+        let Some(end) = new.iter().rposition(|&b| b == b'\n') else {
+            return;
+        };
+        self.read += end as u64 + 1;
+        self.pending
+            .push_str(&String::from_utf8_lossy(&new[..=end]));
+        // The aarch64 lab host's virtio console ends lines with \r\n.
+        while let Some(end) = line_end(
+            &self.pending,
+            &format!("@@@RASVMM-END stderr-{}", self.next),
+        ) {
+            let chunk: String = self.pending.drain(..end).collect();
+            let mut parsed = parse_results(&chunk);
+            let run = take_run(&mut parsed.files, &parsed.exits, self.next);
+            on_run(self.next, &run);
+            self.next += 1;
+        }
+    }
+}
+
+/// Where the line that is exactly `line` (before `\r\n` or `\n`) ends in
+/// `text`, past its newline.
+fn line_end(text: &str, line: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(at) = text[from..].find(line).map(|i| i + from) {
+        let rest = &text[at + line.len()..];
+        let starts_line = at == 0 || text[..at].ends_with('\n');
+        let eol = if rest.starts_with("\r\n") {
+            Some(2)
+        } else if rest.starts_with('\n') {
+            Some(1)
+        } else {
+            None
+        };
+        if let (true, Some(n)) = (starts_line, eol) {
+            return Some(at + line.len() + n);
+        }
+        from = at + line.len();
+    }
+    None
 }
 
 /// A newc cpio archive of `names` (files under `root`), with the trailer.
@@ -139,5 +227,15 @@ mod tests {
         assert_eq!(&out[..6], b"070701");
         assert_eq!(out.len() % 4, 0);
         assert_eq!(out.len(), 112 + 8 + 8);
+    }
+
+    #[test]
+    fn whole_lines_are_found_with_either_newline() {
+        let t = "x\n@@@END stderr-1\r\nb\n@@@END stderr-10\n";
+        assert_eq!(line_end(t, "@@@END stderr-1"), Some(19));
+        assert_eq!(line_end(t, "@@@END stderr-10"), Some(t.len()));
+        assert_eq!(line_end("@@@END stderr-1", "@@@END stderr-1"), None);
+        assert_eq!(line_end("a@@@END stderr-1\n", "@@@END stderr-1"), None);
+        assert_eq!(line_end("@@@END stderr-10\n", "@@@END stderr-1"), None);
     }
 }

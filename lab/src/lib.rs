@@ -38,6 +38,7 @@ pub mod scenarios;
 pub use backend::{detect_backend, detect_backend_for, host_kvm, Arch, Backend, Manifest};
 use framing::newc_archive;
 pub use framing::{parse_results, LabOutput};
+use framing::{take_run, RunsSoFar};
 use host::{lab_cmdline, lab_setting, machine_args, output_args};
 use job::{job_file_name, map_arg};
 pub use job::{Job, JobResult, RunResult, JOB_FILE_PREFIX, VMLINUX_PLACEHOLDER};
@@ -544,94 +545,6 @@ impl Drop for Lab {
     }
 }
 
-/// Run `i`'s result out of a lab job's framed files.
-fn take_run(
-    files: &mut BTreeMap<String, String>,
-    exits: &BTreeMap<usize, i32>,
-    i: usize,
-) -> RunResult {
-    let mut take = |k: &str| files.remove(&format!("{k}-{i}")).unwrap_or_default();
-    let report = serde_json::from_str(take("report").trim()).ok();
-    RunResult {
-        exit: exits.get(&i).copied().unwrap_or(-1),
-        report,
-        console: take("console"),
-        stderr: take("stderr"),
-    }
-}
-
-/// Reads a lab host's results channel while the job runs, and hands each
-/// run that has finished (its stderr, the last file of a run, is framed)
-/// to a callback, once. Reads only what is new on each poll.
-struct RunsSoFar<'a> {
-    path: &'a Path,
-    read: u64,
-    pending: String,
-    next: usize,
-}
-
-impl<'a> RunsSoFar<'a> {
-    fn new(path: &'a Path) -> Self {
-        RunsSoFar {
-            path,
-            read: 0,
-            pending: String::new(),
-            next: 0,
-        }
-    }
-
-    fn poll(&mut self, on_run: &mut dyn FnMut(usize, &RunResult)) {
-        use std::io::{Read, Seek, SeekFrom};
-        let Ok(mut f) = std::fs::File::open(self.path) else {
-            return;
-        };
-        let mut new = Vec::new();
-        if f.seek(SeekFrom::Start(self.read)).is_err() || f.read_to_end(&mut new).is_err() {
-            return;
-        }
-        // Only whole lines: a multi-byte character may be cut at the end.
-        let Some(end) = new.iter().rposition(|&b| b == b'\n') else {
-            return;
-        };
-        self.read += end as u64 + 1;
-        self.pending
-            .push_str(&String::from_utf8_lossy(&new[..=end]));
-        // The aarch64 lab host's virtio console ends lines with \r\n.
-        while let Some(end) = line_end(
-            &self.pending,
-            &format!("@@@RASVMM-END stderr-{}", self.next),
-        ) {
-            let chunk: String = self.pending.drain(..end).collect();
-            let mut parsed = parse_results(&chunk);
-            let run = take_run(&mut parsed.files, &parsed.exits, self.next);
-            on_run(self.next, &run);
-            self.next += 1;
-        }
-    }
-}
-
-/// Where the line that is exactly `line` (before `\r\n` or `\n`) ends in
-/// `text`, past its newline.
-fn line_end(text: &str, line: &str) -> Option<usize> {
-    let mut from = 0;
-    while let Some(at) = text[from..].find(line).map(|i| i + from) {
-        let rest = &text[at + line.len()..];
-        let starts_line = at == 0 || text[..at].ends_with('\n');
-        let eol = if rest.starts_with("\r\n") {
-            Some(2)
-        } else if rest.starts_with('\n') {
-            Some(1)
-        } else {
-            None
-        };
-        if let (true, Some(n)) = (starts_line, eol) {
-            return Some(at + line.len() + n);
-        }
-        from = at + line.len();
-    }
-    None
-}
-
 /// The last `n` lines of `text`, joined with " | " for a one-line message.
 pub fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -692,16 +605,6 @@ pub fn progress(s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn whole_lines_are_found_with_either_newline() {
-        let t = "x\n@@@END stderr-1\r\nb\n@@@END stderr-10\n";
-        assert_eq!(line_end(t, "@@@END stderr-1"), Some(19));
-        assert_eq!(line_end(t, "@@@END stderr-10"), Some(t.len()));
-        assert_eq!(line_end("@@@END stderr-1", "@@@END stderr-1"), None);
-        assert_eq!(line_end("a@@@END stderr-1\n", "@@@END stderr-1"), None);
-        assert_eq!(line_end("@@@END stderr-10\n", "@@@END stderr-1"), None);
-    }
 
     #[test]
     fn last_lines_make_one_line() {
