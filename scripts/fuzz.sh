@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzzes the parsers that read untrusted input (fuzz/fuzz_targets: the guest
-# agent's lines, control API requests and their line framing, raw CPER records, the guest's KHO FDT and blobs (and the observer over a whole small guest RAM), steps and scenario files) for a
+# agent's lines, control API requests and their line framing, raw CPER records, the guest's accesses to the EINJ window, the guest's KHO FDT and blobs (and the observer over a whole small guest RAM), steps and scenario files) for a
 # bounded time each: RASVMM_FUZZ_SECONDS, default 20. New inputs go to a
 # scratch directory; the seed corpus in fuzz/corpus is read only. A crash
 # fails with libFuzzer's report and the input saved under fuzz/artifacts/.
@@ -11,7 +11,7 @@ source "$(dirname "$0")/lib.sh"
 seconds=${RASVMM_FUZZ_SECONDS:-20}
 command -v cargo-fuzz >/dev/null || die "cargo-fuzz is missing: run scripts/install-deps.sh"
 cd "$RASVMM_ROOT/fuzz"
-for t in agent_line api_request api_framing cper kho kho_observe scenario; do
+for t in agent_line api_request api_framing cper einj kho kho_observe scenario; do
 	work=$(mktemp -d)
 	# Framing needs inputs past MAX_LINE (64 KiB) to reach a line too long.
 	max_len=65536

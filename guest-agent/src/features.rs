@@ -27,6 +27,7 @@ fn present(f: KernelFeature) -> bool {
         KernelFeature::Kho => exists("/sys/kernel/debug/kho/out"),
         KernelFeature::KhoHwpoison => exists("/sys/kernel/debug/kho/out/sub_fdts/hwpoison"),
         KernelFeature::HwpoisonInject => exists("/sys/kernel/debug/hwpoison/corrupt-pfn"),
+        KernelFeature::Einj => exists("/sys/kernel/debug/apei/einj/error_inject"),
     }
 }
 

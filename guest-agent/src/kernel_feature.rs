@@ -30,11 +30,14 @@ pub enum KernelFeature {
     /// hwpoison-inject (CONFIG_HWPOISON_INJECT built in, or its module
     /// loaded): /sys/kernel/debug/hwpoison/corrupt-pfn.
     HwpoisonInject,
+    /// ACPI EINJ (CONFIG_ACPI_APEI_EINJ built in, or its module loaded)
+    /// bound to the platform's EINJ table: /sys/kernel/debug/apei/einj.
+    Einj,
 }
 
 impl KernelFeature {
     /// Every feature, in a stable order.
-    pub const ALL: [KernelFeature; 8] = [
+    pub const ALL: [KernelFeature; 9] = [
         KernelFeature::MemoryFailure,
         KernelFeature::PanicSysctl,
         KernelFeature::MachineCheck,
@@ -43,6 +46,7 @@ impl KernelFeature {
         KernelFeature::Kho,
         KernelFeature::KhoHwpoison,
         KernelFeature::HwpoisonInject,
+        KernelFeature::Einj,
     ];
 
     /// The name scenarios use (`requires = ["panic-sysctl"]`).
@@ -56,6 +60,7 @@ impl KernelFeature {
             KernelFeature::Kho => "kho",
             KernelFeature::KhoHwpoison => "kho-hwpoison",
             KernelFeature::HwpoisonInject => "hwpoison-inject",
+            KernelFeature::Einj => "einj",
         }
     }
 
@@ -78,6 +83,7 @@ impl KernelFeature {
             KernelFeature::HwpoisonInject => {
                 "hwpoison-inject (CONFIG_HWPOISON_INJECT built in or loaded)"
             }
+            KernelFeature::Einj => "ACPI EINJ (CONFIG_ACPI_APEI_EINJ built in or loaded)",
         }
     }
 

@@ -18,6 +18,8 @@
 //! unsolicited events. The VMM treats everything the agent sends as hostile
 //! input: [`decode`] bounds the line and rejects anything malformed.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -87,6 +89,10 @@ pub enum Command {
     Exec {
         /// Shell command line.
         sh: String,
+        /// Environment variables it gets besides the agent's own (the VMM
+        /// passes the references the command line names: `page0_pa`, ...).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        env: BTreeMap<String, String>,
     },
     /// Start a page-holder process that maps, touches and keeps one user page.
     AllocPage,

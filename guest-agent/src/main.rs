@@ -166,7 +166,7 @@ impl Agent {
 
     fn execute(&mut self, cmd: Command) -> Result<Payload, String> {
         match cmd {
-            Command::Exec { sh } => exec(&sh).map(Payload::Exec),
+            Command::Exec { sh, env } => exec(&sh, &env).map(Payload::Exec),
             Command::AllocPage => self.alloc_page().map(Payload::Page),
             Command::TouchPage { page, write } => self.touch_page(page, write).map(Payload::Touch),
             Command::SpinPage { page } => self.spin_page(page).map(|()| Payload::Done),

@@ -2,6 +2,7 @@
 //! /sys: a page's PFN, kernel pages of a kind, a page's flags, the
 //! HardwareCorrupted counter, sysctls, online CPUs; and shell commands.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::process::{Command as ProcCommand, Stdio};
@@ -28,10 +29,11 @@ pub(crate) fn pfn_of(pid: i32, vaddr: u64) -> Result<u64, String> {
     Ok(e & ((1 << 55) - 1))
 }
 
-pub(crate) fn exec(sh: &str) -> Result<ExecResult, String> {
+pub(crate) fn exec(sh: &str, env: &BTreeMap<String, String>) -> Result<ExecResult, String> {
     let out = ProcCommand::new("/bin/sh")
         .arg("-c")
         .arg(sh)
+        .envs(env)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("sh: {e}"))?;

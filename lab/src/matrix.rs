@@ -95,7 +95,7 @@ fn hidden_by_boot(s: &Scenario) -> Vec<KernelFeature> {
         hidden.extend([KernelFeature::Kho, KernelFeature::KhoHwpoison]);
     }
     if s.guest.tables.as_deref() == Some("dt") {
-        hidden.push(KernelFeature::Ghes);
+        hidden.extend([KernelFeature::Ghes, KernelFeature::Einj]);
     }
     hidden
 }
@@ -108,7 +108,7 @@ pub const FEATURES_ROW: &str = "kernel-features";
 /// stale, or the kernel is not the one the lab meant); none otherwise.
 /// Some features depend on how a scenario (of `scenarios`) boots the
 /// guest, not only on the kernel: KHO is on only with `kho=on`, and GHES
-/// needs ACPI tables; a run that boots without them says nothing of those
+/// and EINJ need ACPI tables; a run that boots without them says nothing of those
 /// features.
 pub fn features_check(
     k: &GuestKernel,
@@ -239,10 +239,10 @@ mod tests {
     fn a_kernel_must_offer_what_its_entry_says() {
         let mut k = GuestKernel::project();
         assert!(features_check(&k, &[], &[]).is_none(), "no lacks: no check");
-        k.lacks = Some(vec![PanicSysctl, Kho, KhoHwpoison, HwpoisonInject]);
+        k.lacks = Some(vec![PanicSysctl, Kho, KhoHwpoison, HwpoisonInject, Einj]);
         let old = vec![MemoryFailure, MachineCheck, Ghes, KexecFile];
         let mut all = old.clone();
-        all.extend([PanicSysctl, Kho, KhoHwpoison, HwpoisonInject]);
+        all.extend([PanicSysctl, Kho, KhoHwpoison, HwpoisonInject, Einj]);
         let mut kho_on: Vec<(PathBuf, Scenario)> = ["a", "b"]
             .iter()
             .map(|n| {
@@ -257,7 +257,7 @@ mod tests {
         assert!(!bad.passed);
         assert!(
             bad.failures[0]
-                .contains("differs in: panic-sysctl, kho, kho-hwpoison, hwpoison-inject"),
+                .contains("differs in: panic-sysctl, kho, kho-hwpoison, hwpoison-inject, einj"),
             "{:?}",
             bad.failures
         );

@@ -97,6 +97,9 @@ pub enum VmEvent {
         /// Host address.
         hva: u64,
     },
+    /// The guest asked for an error injection through ACPI EINJ
+    /// (EXECUTE_OPERATION); the EINJ device is busy until it is answered.
+    Einj(ras::einj::Request),
     /// A control API request.
     Api(crate::api::ApiCall),
     /// A vCPU stopped running.
@@ -236,6 +239,25 @@ pub enum RasEvent {
         after_kexec: u32,
         /// What rasvmm read.
         view: Box<crate::kho_observer::KhoView>,
+    },
+    /// The guest asked for an error injection through ACPI EINJ, and what
+    /// rasvmm answered (docs/einj.md).
+    GuestEinj {
+        /// The request as the guest wrote it.
+        request: ras::einj::Request,
+        /// What rasvmm did, if it accepted it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<ras::einj::Kind>,
+        /// The page it named (accepted requests).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gpa: Option<u64>,
+        /// The command status the guest read.
+        status: ras::einj::CommandStatus,
+        /// Why it was refused or failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// Milliseconds from VMM start.
+        at_ms: u64,
     },
     /// A helper outside rasvmm poisoned a host frame under rasvmm (the
     /// `host-poison` step).

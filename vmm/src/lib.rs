@@ -6,6 +6,8 @@
 //! - [`event`]: the events a running VM produces and the queue they travel
 //!   on; [`event_loop`]: the session's wait on event-manager;
 //! - [`console`], [`agent`]: the two UARTs (console and guest agent);
+//!   [`einj`]: the ACPI EINJ register window, where the guest's own
+//!   injection requests arrive;
 //! - [`ghes_sources`]: the guest's APEI GHES error sources in guest memory;
 //!   [`kho_observer`]: the guest's own poison list, read from its KHO state;
 //! - [`machine`]: the machine of rasvmm's own architecture, assembled from
@@ -20,9 +22,10 @@
 //! - [`vm`]: building a VM (memory, guest, devices, vCPUs);
 //! - [`host_poison`]: making host memory under rasvmm fail from outside it
 //!   (tests);
-//! - [`api`]: the control API socket; [`session`], [`session_api`] and
-//!   [`session_host`]: the event loop that drives a VM, serves the API and
-//!   handles host memory failures; [`reboot`]: the next boot after a guest
+//! - [`api`]: the control API socket; [`session`], [`session_api`],
+//!   [`session_host`] and [`session_einj`]: the event loop that drives a
+//!   VM, serves the API, handles host memory failures and answers the
+//!   guest's EINJ requests; [`reboot`]: the next boot after a guest
 //!   reset, in the same session;
 //! - [`report`], [`scenario`], [`verdict`]: what a run produced, what a
 //!   scenario expects, and the verdict (pure, typed);
@@ -32,6 +35,7 @@ pub mod agent;
 pub mod api;
 pub mod config;
 pub mod console;
+pub mod einj;
 pub mod event;
 pub mod event_loop;
 pub mod ghes_sources;
@@ -48,6 +52,7 @@ pub mod run;
 pub mod scenario;
 pub mod session;
 pub mod session_api;
+pub mod session_einj;
 pub mod session_host;
 pub mod steps;
 pub mod vcpu;

@@ -25,7 +25,7 @@ use crate::outcome::{Classifier, ConsoleHistory, Outcome, OutcomeKind};
 use crate::ras_controller::RasController;
 use crate::ras_controller::{GhesInjection, Injection, RasError};
 use crate::report::{BootLog, StepReply};
-use crate::steps::{Refs, Step, StepError, Target};
+use crate::steps::{Refs, Step, StepError};
 use crate::vm::Vm;
 
 /// Drives a started VM to its outcome.
@@ -147,7 +147,10 @@ impl Session {
         let failed = |e: RasError| StepError::Failed(e.to_string());
         match step {
             Step::Agent { cmd, pfn, bind } => {
-                let cmd = self.resolve(cmd, pfn.as_ref()).map_err(StepError::Failed)?;
+                let cmd = self
+                    .refs
+                    .resolve(cmd, pfn.as_ref())
+                    .map_err(StepError::Failed)?;
                 let reply = self.call(cmd.clone())?;
                 self.replied(&cmd, &reply, bind.as_deref())
                     .map_err(StepError::Failed)?;
@@ -269,14 +272,6 @@ impl Session {
                 .map_err(|e| e.to_string()),
             _ => Ok(()),
         }
-    }
-
-    pub(crate) fn resolve(&self, cmd: &Command, pfn: Option<&Target>) -> Result<Command, String> {
-        let mut cmd = cmd.clone();
-        if let (Some(t), Command::PageInfo { pfn: p }) = (pfn, &mut cmd) {
-            *p = self.refs.pfn(t)?;
-        }
-        Ok(cmd)
     }
 
     /// Injects a memory error (see [`RasController::inject`]).
@@ -497,6 +492,7 @@ impl Session {
             VmEvent::Ras(e) => self.ras_event(e),
             VmEvent::HostMemoryError { code, hva } => self.host_report(code, hva, true),
             VmEvent::Api(call) => self.serve_api(call),
+            VmEvent::Einj(request) => self.guest_einj(&request),
             VmEvent::Stopped { vcpu, stop } => {
                 let o = match stop {
                     VcpuStop::TripleFault(state) => self.classifier.triple_fault(vcpu, &state),

@@ -32,7 +32,7 @@ impl Session {
                     id,
                     "the guest agent is not ready yet (see state's agent_ready_ms)",
                 ),
-                Ok(Step::Agent { cmd, pfn, bind }) => match self.resolve(&cmd, pfn.as_ref()) {
+                Ok(Step::Agent { cmd, pfn, bind }) => match self.refs.resolve(&cmd, pfn.as_ref()) {
                     Err(e) => Answer::err(id, e),
                     Ok(cmd) => {
                         if cmd.reboots_into_next_kernel() {

@@ -30,6 +30,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::agent::AgentPort;
 use crate::config::HostMceKill;
 use crate::config::VmConfig;
+use crate::einj::EinjDevice;
 use crate::event::{EventQueue, EventSender};
 use crate::ghes_sources::{self, Ghes};
 use crate::host_errors::EarlyReports;
@@ -97,6 +98,8 @@ pub struct Vm {
     events_tx: EventSender,
     /// The current boot's agent UART (the last boot's if none runs).
     agent: Arc<Mutex<AgentPort>>,
+    /// The current boot's EINJ window.
+    einj: Arc<Mutex<EinjDevice>>,
     started: Instant,
     config: VmConfig,
     kvm: Kvm,
@@ -155,6 +158,7 @@ impl Vm {
             started,
         ));
         let agent = a.devices.agent.clone();
+        let einj = a.devices.einj.clone();
         let boot = spawn(a.vm, a.irqchip, a.prepared, a.devices, &ras, config, &tx)?;
         Ok(Vm {
             boot: Some(boot),
@@ -164,6 +168,7 @@ impl Vm {
             events: rx,
             events_tx: tx,
             agent,
+            einj,
             started,
             config: config.clone(),
             kvm,
@@ -219,6 +224,7 @@ impl Vm {
             .new_boot(a.ghes, a.firmware)
             .map_err(Error::Reset)?;
         self.agent = a.devices.agent.clone();
+        self.einj = a.devices.einj.clone();
         let boot = spawn(
             a.vm,
             a.irqchip,
@@ -245,6 +251,11 @@ impl Vm {
     /// The agent's UART.
     pub(crate) fn agent(&self) -> &Arc<Mutex<AgentPort>> {
         &self.agent
+    }
+
+    /// The current boot's EINJ window.
+    pub(crate) fn einj(&self) -> &Arc<Mutex<EinjDevice>> {
+        &self.einj
     }
 
     /// The RAS controller: every memory error goes through it.

@@ -1,4 +1,4 @@
-//! ACPI tables for arm64 guests: FADT, MADT, GTDT, SPCR, DSDT and the HEST,
+//! ACPI tables for arm64 guests: FADT, MADT, GTDT, SPCR, DSDT, HEST and EINJ,
 //! placed by the shared [`crate::acpi::place`] behind an RSDP revision 2
 //! and an XSDT.
 //!
@@ -18,7 +18,8 @@
 //!   devices (without them there is no ttyAMA0; Linux binds them to its
 //!   SBSA flavour of the PL011 driver), and the GED + HED pair for the GHES
 //!   GSIV source;
-//! - HEST: the GHESv2 sources ([`ras::ghes::hest`]): SEA, GSIV, polled.
+//! - HEST: the GHESv2 sources ([`ras::ghes::hest`]): SEA, GSIV, polled;
+//! - EINJ: error injection ([`ras::einj::table`]) through an MMIO window.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -84,6 +85,8 @@ pub struct Platform<'a> {
     pub ghes: &'a [SourceLayout],
     /// The INTID of the hardware-error event (GED + HED), if any.
     pub error_intid: Option<u32>,
+    /// The EINJ register window's address, if the guest gets an EINJ.
+    pub einj: Option<u64>,
 }
 
 fn header(sig: &[u8; 4], revision: u8) -> Sdt {
@@ -240,7 +243,8 @@ pub fn spcr(uart: Slot) -> Vec<u8> {
 }
 
 /// Builds and places every table at [`layout::ACPI_START`]. XSDT order:
-/// FACP, APIC, GTDT, SPCR, then HEST if there are GHES sources.
+/// FACP, APIC, GTDT, SPCR, then HEST if there are GHES sources, then EINJ
+/// if the guest gets one.
 pub fn build(p: &Platform<'_>) -> Result<Tables, Error> {
     let mut others = vec![madt(p.vcpus), gtdt()];
     if let Some(console) = p.uarts.first() {
@@ -249,6 +253,13 @@ pub fn build(p: &Platform<'_>) -> Result<Tables, Error> {
     if !p.ghes.is_empty() {
         others.push(
             ras::ghes::hest(p.ghes, OEM_ID, OEM_TABLE_ID)
+                .as_slice()
+                .to_vec(),
+        );
+    }
+    if let Some(base) = p.einj {
+        others.push(
+            ras::einj::table(base, OEM_ID, OEM_TABLE_ID)
                 .as_slice()
                 .to_vec(),
         );
@@ -299,6 +310,7 @@ mod tests {
             uarts: &UARTS,
             ghes: &ghes,
             error_intid: Some(35),
+            einj: Some(layout::EINJ_START),
         })
         .unwrap()
     }
@@ -333,7 +345,7 @@ mod tests {
             .step_by(8)
             .map(|o| u64_at(xsdt, o))
             .collect();
-        let sigs = [b"FACP", b"APIC", b"GTDT", b"SPCR", b"HEST"];
+        let sigs = [b"FACP", b"APIC", b"GTDT", b"SPCR", b"HEST", b"EINJ"];
         assert_eq!(entries, sigs.map(|s| find(&t, s).0).to_vec());
         assert_eq!(u64_at(find(&t, b"RSD PTR ").1, 24), find(&t, b"XSDT").0);
     }

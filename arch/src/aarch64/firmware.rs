@@ -180,6 +180,7 @@ pub fn build(cfg: &Config<'_>) -> Result<Firmware, Error> {
                 uarts: &uarts,
                 ghes: &sources,
                 error_intid: Some(error_intid),
+                einj: Some(layout::EINJ_START),
             })
             .map_err(Error::Acpi)?;
             let map = efi::memory_map(

@@ -62,6 +62,10 @@ pub const AGENT_UART: Slot = Slot {
     spi: 2,
 };
 
+/// The EINJ register window (ACPI error injection: [`ras::einj`]), one
+/// page of MMIO that rasvmm traps. QEMU virt has fw-cfg here.
+pub const EINJ_START: u64 = 0x0902_0000;
+
 /// The SPI of the Generic Event Device that notifies GSIV-signalled GHES
 /// sources (INTID 35).
 pub const GHES_SPI: u32 = 3;
@@ -107,7 +111,8 @@ const _: () = assert!(GIC_DIST_START + GIC_DIST_SIZE <= GIC_REDIST_START);
 const _: () =
     assert!(GIC_REDIST_START + GIC_REDIST_SIZE_PER_CPU * MAX_VCPUS as u64 <= CONSOLE_UART.base);
 const _: () = assert!(CONSOLE_UART.base + CONSOLE_UART.len <= AGENT_UART.base);
-const _: () = assert!(AGENT_UART.base + AGENT_UART.len <= RAM_START);
+const _: () = assert!(AGENT_UART.base + AGENT_UART.len <= EINJ_START);
+const _: () = assert!(EINJ_START + ras::einj::WINDOW_SIZE <= RAM_START);
 
 /// Bytes of redistributor space for `vcpus` vCPUs.
 pub const fn gic_redist_size(vcpus: u8) -> u64 {

@@ -1,5 +1,5 @@
 //! ACPI tables for x86_64 guests: RSDP, XSDT, FADT, MADT, DSDT, plus any
-//! tables the caller adds (rasvmm adds the HEST).
+//! tables the caller adds (rasvmm adds the HEST and the EINJ).
 //!
 //! The platform is hardware-reduced ACPI, as in Cloud Hypervisor and
 //! Firecracker: no SCI, no PM1 blocks; power-off goes through the FADT's

@@ -38,6 +38,9 @@ pub const HIGH_RAM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole.
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// The EINJ register window (ACPI error injection: [`ras::einj`]), one
+/// page of MMIO that rasvmm traps.
+pub const EINJ_START: u64 = 0xfe00_0000;
 /// IOAPIC base address.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC base address.
@@ -54,6 +57,8 @@ const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
 const _: () = assert!(KVM_IDENTITY_MAP_ADDRESS + 0x1000 == KVM_TSS_ADDRESS);
 const _: () = assert!(EBDA_START + 0x400 <= ACPI_START && ACPI_START + ACPI_SIZE <= GHES_START);
 const _: () = assert!(GHES_START + GHES_SIZE <= HIGH_RAM_START);
+const _: () =
+    assert!(EINJ_START >= MMIO_HOLE_START && EINJ_START + ras::einj::WINDOW_SIZE <= IOAPIC_START);
 const _: () =
     assert!(KVM_TSS_ADDRESS >= MMIO_HOLE_START && KVM_TSS_ADDRESS + 0x3000 <= MMIO_HOLE_END);
 

@@ -195,11 +195,12 @@ fn write_acpi_tables(
     sources: &[SourceLayout],
 ) -> Result<acpi::Tables, Error> {
     let hest = ras::ghes::hest(sources, acpi::OEM_ID, acpi::OEM_TABLE_ID);
+    let einj = ras::einj::table(layout::EINJ_START, acpi::OEM_ID, acpi::OEM_TABLE_ID);
     let tables = acpi::build(&acpi::Platform {
         vcpus,
         ioapic_id: mptable::ioapic_id(vcpus),
         devices: &board::ISA_DEVICES,
-        extra: &[hest],
+        extra: &[hest, einj],
         error_gsi: Some(board::GHES_GSI),
     })
     .map_err(Error::Acpi)?;

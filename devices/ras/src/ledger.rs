@@ -52,12 +52,16 @@ pub enum Source {
     /// Poisoned by the guest itself at rasvmm's request (hwpoison-inject):
     /// not sticky, the guest may unpoison it.
     Guest,
+    /// Made bad at the guest's own request through ACPI EINJ (memory
+    /// uncorrectable): rasvmm hwpoisoned the page's backing memory, as for
+    /// `Injected`.
+    GuestEinj,
 }
 
 impl Source {
     /// Whether accesses to the page fault (the backing page is poisoned).
     pub fn is_sticky(self) -> bool {
-        matches!(self, Source::Injected | Source::Host)
+        matches!(self, Source::Injected | Source::Host | Source::GuestEinj)
     }
 }
 

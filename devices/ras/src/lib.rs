@@ -6,6 +6,8 @@
 //!   Intel and AMD encodings Linux 7.3 grades, and MCG_CAP;
 //! - [`cper`]: UEFI CPER memory-error records (generic error status block,
 //!   data entry, memory error section) and the validator for raw records;
+//! - [`einj`]: the ACPI EINJ table and the firmware side of its injection
+//!   protocol, for the guest's own injection tools;
 //! - [`ghes`]: the HEST's GHESv2 error sources and the firmware side of
 //!   their read-ack protocol;
 //! - [`kho`]: the guest's KHO root FDT, its kexec count and its hwpoison
@@ -15,6 +17,7 @@
 
 pub mod bytes;
 pub mod cper;
+pub mod einj;
 pub mod ghes;
 pub mod kho;
 pub mod ledger;

@@ -96,7 +96,10 @@ fn asks(arch: Arch, s: &Scenario) -> Vec<Ask> {
         let sh = "echo 1 > /sys/devices/system/machinecheck/machinecheck0/check_interval";
         v.push(Ask {
             step: format!("exec:{sh}"),
-            cmd: Command::Exec { sh: sh.into() },
+            cmd: Command::Exec {
+                sh: sh.into(),
+                env: Default::default(),
+            },
         });
     }
     let (name, value) = s.sysctl;

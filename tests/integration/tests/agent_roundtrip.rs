@@ -90,7 +90,10 @@ fn command(payload: &str) -> String {
 /// The request line rasvmm sends for `sh` as agent request `id`, newline
 /// excluded.
 fn line_len(id: u64, sh: &str) -> usize {
-    let cmd = Command::Exec { sh: sh.to_string() };
+    let cmd = Command::Exec {
+        sh: sh.to_string(),
+        env: Default::default(),
+    };
     encode(&Request { id, cmd }).len() - 1
 }
 

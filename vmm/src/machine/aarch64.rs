@@ -157,7 +157,8 @@ pub fn create_irqchip(vm: &VmFd) -> Result<Irqchip, Error> {
     gic::create(vm).map(Irqchip).map_err(Error::Irqchip)
 }
 
-/// The devices, all on MMIO: the console and agent PL011s.
+/// The devices, all on MMIO: the console and agent PL011s and the EINJ
+/// window.
 pub fn create_devices(vm: &VmFd, config: &VmConfig, tx: &EventSender) -> Result<Devices, Error> {
     let mut bus = Bus::new();
     let console = Pl011::new(
@@ -180,9 +181,11 @@ pub fn create_devices(vm: &VmFd, config: &VmConfig, tx: &EventSender) -> Result<
         agent.clone(),
     )
     .map_err(Error::Bus)?;
+    let einj = super::einj_device(&mut bus, layout::EINJ_START, tx)?;
     Ok(Devices {
         pio: Bus::new(),
         mmio: bus,
         agent,
+        einj,
     })
 }

@@ -90,6 +90,23 @@ pub struct Devices {
     pub mmio: devices::bus::Bus,
     /// The agent's UART (also on one of the buses).
     pub agent: std::sync::Arc<std::sync::Mutex<crate::agent::AgentPort>>,
+    /// The EINJ register window (also on the MMIO bus).
+    pub einj: std::sync::Arc<std::sync::Mutex<crate::einj::EinjDevice>>,
+}
+
+/// The EINJ device at `base`, placed on the MMIO bus.
+fn einj_device(
+    mmio: &mut devices::bus::Bus,
+    base: u64,
+    tx: &crate::event::EventSender,
+) -> Result<std::sync::Arc<std::sync::Mutex<crate::einj::EinjDevice>>, Error> {
+    let einj = std::sync::Arc::new(std::sync::Mutex::new(crate::einj::EinjDevice::new(
+        base,
+        tx.clone(),
+    )));
+    mmio.insert(base, ras::einj::WINDOW_SIZE, einj.clone())
+        .map_err(Error::Bus)?;
+    Ok(einj)
 }
 
 /// Where the guest console goes, as a writer (`None`: only the in-memory

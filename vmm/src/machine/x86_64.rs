@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use arch::x86_64::vm as arch_vm;
-use arch::x86_64::{acpi, board, cpuid, loader, mce as kvm_mce, regs};
+use arch::x86_64::{acpi, board, cpuid, layout, loader, mce as kvm_mce, regs};
 use devices::bus::Bus;
 use devices::legacy::{Cmos, FnTrigger, PowerPorts, SerialPort, I8042};
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
@@ -209,8 +209,8 @@ pub fn create_irqchip(_vm: &VmFd) -> Result<Irqchip, Error> {
     Ok(Irqchip)
 }
 
-/// The devices, all on port I/O: COM1 (console), COM2 (agent), the i8042
-/// reset line, CMOS, and the ACPI power device.
+/// The devices: on port I/O COM1 (console), COM2 (agent), the i8042 reset
+/// line, CMOS and the ACPI power device; on MMIO the EINJ window.
 pub fn create_devices(vm: &VmFd, config: &VmConfig, tx: &EventSender) -> Result<Devices, Error> {
     let mut bus = Bus::new();
     let place = |bus: &mut Bus, slot: board::Slot, dev| {
@@ -247,11 +247,14 @@ pub fn create_devices(vm: &VmFd, config: &VmConfig, tx: &EventSender) -> Result<
         Arc::new(Mutex::new(power)),
     )
     .map_err(Error::Bus)?;
+    // Every other device is on port I/O; the EINJ window's data structure
+    // must be memory the OS maps (ACPI 5 SET_ERROR_TYPE_WITH_ADDRESS).
+    let mut mmio = Bus::new();
+    let einj = super::einj_device(&mut mmio, layout::EINJ_START, tx)?;
     Ok(Devices {
         pio: bus,
-        // This board places every device on port I/O; the MMIO bus is
-        // empty (reads float high, writes are dropped).
-        mmio: Bus::new(),
+        mmio,
         agent,
+        einj,
     })
 }

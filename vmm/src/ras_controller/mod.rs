@@ -33,11 +33,13 @@ use crate::kho_observer::{self, KhoTracker, KhoView};
 use crate::machine::{self, RasSetup};
 use crate::vcpu::{self, VcpuRequest, VcpuSender};
 
+pub use einj::EinjAnswer;
 pub use host::HostReport;
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 mod consumption;
+mod einj;
 mod host;
 mod reset;
 #[cfg(target_arch = "x86_64")]
@@ -236,6 +238,11 @@ impl RasController {
     /// executes and comes back to the vCPU thread as SIGBUS BUS_MCEERR_AR,
     /// which [`RasController::consumed`] turns into a synchronous error.
     pub fn poison(&self, gpa: u64) -> Result<RasEvent, RasError> {
+        self.make_bad(gpa, ledger::Source::Injected)
+    }
+
+    /// [`RasController::poison`], with the ledger naming `source`.
+    fn make_bad(&self, gpa: u64, source: ledger::Source) -> Result<RasEvent, RasError> {
         let poisoned = RasEvent::Poisoned {
             gpa,
             at_ms: self.now_ms(),
@@ -265,7 +272,7 @@ impl RasController {
             };
             return Err(RasError::Poison { gpa, reason });
         }
-        lock(&self.ledger).poison(gpa, ledger::Source::Injected, self.now_ms())?;
+        lock(&self.ledger).poison(gpa, source, self.now_ms())?;
         Ok(poisoned)
     }
 

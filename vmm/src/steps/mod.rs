@@ -231,7 +231,10 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
         })
     };
     match (verb, arg) {
-        ("exec", Some(sh)) if !sh.trim().is_empty() => agent(Command::Exec { sh: sh.into() }),
+        ("exec", Some(sh)) if !sh.trim().is_empty() => agent(Command::Exec {
+            sh: sh.into(),
+            env: Default::default(),
+        }),
         ("alloc-page", None) => agent(Command::AllocPage),
         ("touch-page", Some(a)) => {
             let (n, write) = match a.split_once(':') {

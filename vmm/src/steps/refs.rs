@@ -57,6 +57,35 @@ impl Refs {
         }
     }
 
+    /// `cmd` with the references it names resolved: a `page-info` target's
+    /// PFN, an `exec` command line's shell variables.
+    pub fn resolve(&self, cmd: &Command, pfn: Option<&Target>) -> Result<Command, String> {
+        let mut cmd = cmd.clone();
+        match (pfn, &mut cmd) {
+            (Some(t), Command::PageInfo { pfn: p }) => *p = self.pfn(t)?,
+            (_, Command::Exec { sh, env }) => *env = self.shell_vars(sh),
+            _ => {}
+        }
+        Ok(cmd)
+    }
+
+    /// The shell variables an `exec` command line names, for every bound
+    /// reference: `<name>_pfn` (the PFN) and `<name>_pa` (its physical
+    /// address), both in hex (`page0_pa=0x1234000`).
+    pub fn shell_vars(&self, sh: &str) -> BTreeMap<String, String> {
+        let mut vars = BTreeMap::new();
+        for (name, pfn) in &self.pfns {
+            let (v_pfn, v_pa) = (format!("{name}_pfn"), format!("{name}_pa"));
+            if sh.contains(&v_pfn) {
+                vars.insert(v_pfn, format!("{pfn:#x}"));
+            }
+            if sh.contains(&v_pa) {
+                vars.insert(v_pa, format!("{:#x}", pfn.saturating_mul(4096)));
+            }
+        }
+        vars
+    }
+
     /// The virtual address of page holder `name` (`page0`) in its process.
     pub fn vaddr(&self, name: &str) -> Option<u64> {
         self.vaddrs.get(name).copied()

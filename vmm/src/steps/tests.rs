@@ -17,7 +17,8 @@ fn agent_steps() {
     assert_eq!(
         parse("exec:cat /proc/cpuinfo"),
         Ok(agent(Command::Exec {
-            sh: "cat /proc/cpuinfo".into()
+            sh: "cat /proc/cpuinfo".into(),
+            env: Default::default(),
         }))
     );
     assert_eq!(parse("poweroff"), Ok(agent(Command::Poweroff)));
@@ -63,7 +64,10 @@ fn agent_steps() {
     );
     assert_eq!(
         parse(r#"{"exec":{"sh":"nproc"}}"#),
-        Ok(agent(Command::Exec { sh: "nproc".into() }))
+        Ok(agent(Command::Exec {
+            sh: "nproc".into(),
+            env: Default::default(),
+        }))
     );
 }
 

@@ -276,6 +276,10 @@ pub fn evaluate(expect: &Expect, report: &RunReport, refs: &Refs) -> Verdict {
     }
     check_ghes(expect, report, refs, &mut f);
     check_host(expect, report, refs, &mut f);
+    if let Some(e) = &expect.einj {
+        guest_tools::check_einj(e, report, refs, &mut f);
+    }
+    guest_tools::check_exec(&expect.exec, report, &mut f);
     if let Some(k) = &expect.kho {
         check_kho(k, report, refs, &mut f);
     }
@@ -575,6 +579,7 @@ fn check_ghes(expect: &Expect, report: &RunReport, refs: &Refs, f: &mut Vec<Stri
 }
 
 mod boots;
+mod guest_tools;
 
 #[cfg(test)]
 mod tests;

@@ -389,3 +389,94 @@ fn a_boot_end_must_be_known() {
         "boot 1: unknown end 'crash' (reset, panic, or an outcome)"
     );
 }
+
+#[test]
+fn einj_requests_and_exec_results_are_checked() {
+    use ras::einj::{CommandStatus, Kind, Request};
+    let file = r#"
+name = "einj"
+steps = ["alloc-page", "exec:echo 1 > error_inject && echo injected", "poweroff"]
+[expect]
+outcome = "poweroff"
+einj = [
+    { error_type = 0x10, page = "page0", status = "success" },
+    { error_type = 0x80000000, status = "invalid-access" },
+]
+exec = { 2 = { status = 0, stdout_contains = ["injected"] } }
+"#;
+    let s = Scenario::parse(file).unwrap();
+    let einj = |error_type, gpa: Option<u64>, status| RasEvent::GuestEinj {
+        request: Request {
+            error_type,
+            ..Request::default()
+        },
+        kind: gpa.map(|_| Kind::Uncorrectable),
+        gpa,
+        status,
+        reason: None,
+        at_ms: 1,
+    };
+    let exec = |status, stdout: &str| StepRecord {
+        step: "exec:echo 1 > error_inject && echo injected".into(),
+        reply: Some(StepReply::Agent(Payload::Exec(guest_agent::ExecResult {
+            status,
+            stdout: stdout.into(),
+            stderr: "sh: write error: Invalid argument".into(),
+        }))),
+        error: None,
+        cut_short: false,
+        at_ms: 1,
+    };
+    let run = |events: Vec<RasEvent>, step: StepRecord| {
+        let mut r = report(OutcomeKind::Poweroff, "");
+        r.steps.insert(
+            0,
+            StepRecord {
+                step: "alloc-page".into(),
+                ..step.clone()
+            },
+        );
+        r.steps.insert(1, step);
+        r.ras_events = events;
+        evaluate(&s.expect, &r, &refs())
+    };
+    let good = vec![
+        einj(0x10, Some(0x1234 * 4096), CommandStatus::Success),
+        einj(0x8000_0000, None, CommandStatus::InvalidAccess),
+    ];
+    assert!(run(good.clone(), exec(0, "injected\n")).passed);
+    let v = run(
+        vec![
+            einj(0x10, Some(0x9999 * 4096), CommandStatus::InvalidAccess),
+            einj(0x8, None, CommandStatus::InvalidAccess),
+            einj(0x8, None, CommandStatus::InvalidAccess),
+        ],
+        exec(1, ""),
+    );
+    assert_eq!(
+        v.failures,
+        vec![
+            "the guest made 3 EINJ requests, expected 2",
+            "EINJ request 1 was answered invalid-access, expected success",
+            "EINJ request 1 named 0x9999000, expected page0 (0x1234000)",
+            "EINJ request 2 asked for error type 0x8, expected 0x80000000",
+            "step 2 exited 1, expected 0; stderr: sh: write error: Invalid argument",
+            "step 2's output lacks 'injected'; it was: ",
+        ]
+    );
+    // An exec expectation on a step that is not an exec fails by name.
+    let mut r = report(OutcomeKind::Poweroff, "");
+    r.ras_events = good;
+    r.steps.push(StepRecord {
+        step: "poweroff".into(),
+        reply: None,
+        error: None,
+        cut_short: false,
+        at_ms: 2,
+    });
+    let v = evaluate(&s.expect, &r, &refs());
+    assert_eq!(
+        v.failures,
+        vec!["step 2 (poweroff) returned no exec result"]
+    );
+}

@@ -3,8 +3,8 @@
 //! A reset ends the kernel that was told about pages; the memory itself
 //! lives on. Per page, by its [`Source`]:
 //!
-//! - a sticky page (`injected`, `host`: its host backing is hwpoisoned) is
-//!   either replaced by fresh zeroed memory, as QEMU does at every system
+//! - a sticky page (`injected`, `host`, `guest-einj`: its host backing is
+//!   hwpoisoned) is either replaced by fresh zeroed memory, as QEMU does at every system
 //!   reset (`kvm_unpoison_all` → `qemu_ram_remap`, accel/kvm/kvm-all.c and
 //!   system/physmem.c): [`Fate::Remapped`], gone from the ledger; or, when
 //!   the DRAM is to stay broken (`--keep-poison-on-reset`), kept bad:

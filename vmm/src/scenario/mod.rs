@@ -35,6 +35,9 @@ use thiserror::Error;
 
 use crate::outcome::OutcomeKind;
 
+mod guest_tools;
+pub use guest_tools::{ExpectEinj, ExpectExec};
+
 /// Largest scenario file read.
 const MAX_FILE: u64 = 1 << 20;
 
@@ -268,13 +271,20 @@ pub struct Expect {
     pub ledger: BTreeMap<String, ExpectLedger>,
     /// Host memory-error reports rasvmm recorded (early and at a vCPU).
     pub host_reports: Option<u32>,
+    /// The EINJ requests the guest made, in order, with rasvmm's answers
+    /// (none: any).
+    pub einj: Option<Vec<ExpectEinj>>,
+    /// `exec` steps (1-based) and what they must have returned.
+    #[serde(default)]
+    pub exec: BTreeMap<String, ExpectExec>,
 }
 
 /// A page's ledger entry, as an expectation names it.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExpectLedger {
-    /// Where it came from (`host`, `injected`, `reported`, `guest`).
+    /// Where it came from (`host`, `injected`, `reported`, `guest`,
+    /// `guest-einj`).
     pub source: Option<ras::ledger::Source>,
     /// Reports the guest must have been given, by name (`srao`, `srar`,
     /// `sea`, `unrecoverable`, `ghes-<source>-<severity>`).
