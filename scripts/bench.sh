@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks, for both architectures' guests: rasvmm against QEMU in one lab-host
 # run each, printed as ratios (boot to agent ready, on the project's kernel
-# and, for x86_64, on the kernel matrix's distribution kernels; a page going bad under a
+# with the default and the rasdaemon guest image and, for x86_64, on the
+# kernel matrix's distribution kernels; a page going bad under a
 # process to its SIGBUS, which QEMU cannot reach, and what QEMU did instead;
 # on x86_64 also machine-check injection to the guest's panic), rasvmm's
 # action-optional reports of the same page against each other (x86_64:
@@ -18,6 +19,8 @@ cargo build --quiet --release -p lab
 lab="$RASVMM_ROOT/target/release/rasvmm-lab"
 for arch in x86_64 aarch64; do
 	RASVMM_BACKEND=lab "$lab" bench-boot --arch "$arch" "$@"
+	# The rasdaemon guest image: rasdaemon started before the agent's hello.
+	RASVMM_BACKEND=lab "$lab" bench-boot --arch "$arch" --image rasdaemon "$@"
 	# The kernel matrix's distribution kernels (scenarios/matrix/), x86_64
 	# only: on arm64 QEMU's agent needs virtio-mmio, a module in Debian's
 	# kernels (docs/benchmarks.md).

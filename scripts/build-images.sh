@@ -7,8 +7,10 @@
 #   - static (musl) rasvmm and rasvmm-agent for ARCH;
 #   - the guest initramfs: busybox-static + rasvmm-agent + images/guest-init
 #     + the guest kernel as /boot/bzImage (aarch64: /boot/Image) for kexec;
+#   - the rasdaemon guest initramfs: the same plus Debian's rasdaemon and
+#     sqlite3 with their libraries (scripts/fetch-rasdaemon.sh);
 #   - the lab-host initramfs: busybox-static + rasvmm + guest kernel and
-#     initramfs + images/lab-init.
+#     both guest initramfs + images/lab-init.
 #   - the distribution kernels of the kernel matrix, unpatched
 #     (scripts/fetch-distro-kernels.sh ARCH: target/images/distro/ARCH/);
 #   - with --bench, also the bench lab-host initramfs: the lab image plus
@@ -81,15 +83,17 @@ bench_qemu() {
 # build_arch <arch>: the kernel, the static binaries and both initramfs of one
 # architecture, and its manifest (printed).
 build_arch() {
-	local arch=$1 out target image bin busybox kernel_dir stage
+	local arch=$1 out target image bin busybox kernel_dir stage cc
 	case "$arch" in
 	x86_64)
 		out=$images
 		image=bzImage
+		cc=gcc
 		;;
 	aarch64)
 		out=$images/aarch64
 		image=Image
+		cc=aarch64-linux-gnu-gcc
 		;;
 	esac
 	mkdir -p "$out"
@@ -115,6 +119,17 @@ build_arch() {
 	mkdir -p "$stage/guest/boot"
 	cp "$kernel_dir/$image" "$stage/guest/boot/$image"
 	pack "$stage/guest" "$out/guest-initramfs.cpio"
+	# The rasdaemon image: the same, plus Debian's rasdaemon and sqlite3
+	# with their libraries, and the shim that spares rasdaemon its 30 s wait
+	# for each trace event the guest kernel lacks (the file says why); the
+	# guest's init starts rasdaemon when present.
+	cp -a "$("$RASVMM_ROOT/scripts/fetch-rasdaemon.sh" "$arch")/." "$stage/guest/"
+	mkdir -p "$stage/guest/usr/lib/rasvmm"
+	"$cc" -shared -fPIC -O2 -Wall -Wextra -Werror \
+		-o "$stage/guest/usr/lib/rasvmm/rasdaemon-skip-missing-events.so" \
+		"$RASVMM_ROOT/images/rasdaemon-skip-missing-events.c" ||
+		die "$cc could not build images/rasdaemon-skip-missing-events.c"
+	pack "$stage/guest" "$out/guest-initramfs-rasdaemon.cpio"
 
 	base_root "$stage/lab"
 	mkdir -p "$stage/lab/guest"
@@ -126,6 +141,7 @@ build_arch() {
 		objcopy --strip-all "$kernel_dir/vmlinux" "$stage/lab/guest/vmlinux"
 	fi
 	cp "$out/guest-initramfs.cpio" "$stage/lab/guest/initramfs.cpio"
+	cp "$out/guest-initramfs-rasdaemon.cpio" "$stage/lab/guest/initramfs-rasdaemon.cpio"
 	install -m 0755 "$RASVMM_ROOT/images/lab-init" "$stage/lab/init"
 	pack "$stage/lab" "$out/lab-initramfs.cpio.gz"
 
@@ -141,6 +157,7 @@ build_arch() {
 	vmlinux=$kernel_dir/vmlinux
 	kernel_version=$(head -n1 "$kernel_dir/VERSION")
 	guest_initramfs=$out/guest-initramfs.cpio
+	guest_rasdaemon_initramfs=$out/guest-initramfs-rasdaemon.cpio
 	lab_initramfs=$out/lab-initramfs.cpio.gz
 	rasvmm=$bin/rasvmm
 	$([ -n "$bench" ] && echo "lab_bench_initramfs=$out/lab-bench-initramfs.cpio.gz")

@@ -23,38 +23,7 @@ esac
 cache="$RASVMM_CACHE/distro-kernels/$arch"
 out="$RASVMM_ROOT/target/images/distro/$arch"
 mkdir -p "$cache" "$out"
-apt_dir="$RASVMM_CACHE/apt-distro-$debarch"
-mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial"
-mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null |
-	grep -v '^[[:space:]]*#' | grep -oE 'https?://[^ ]*/debian/?( |$)' | head -n1 | tr -d ' ' || true)
-mirror=${mirror:-http://deb.debian.org/debian}
-security=${mirror%/debian*}/debian-security
-keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-[ -r "$keyring" ] || die "$keyring is missing: install debian-archive-keyring"
-cat >"$apt_dir/sources.list" <<LIST
-deb [arch=$debarch signed-by=$keyring] $mirror trixie main
-deb [arch=$debarch signed-by=$keyring] $mirror trixie-backports main
-deb [arch=$debarch signed-by=$keyring] $security trixie-security main
-LIST
-touch "$apt_dir/status"
-apt_opts=(-o "APT::Architecture=$debarch" -o "APT::Architectures::=$debarch"
-	-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o "Dir::Etc::sourceparts=-"
-	-o "Dir::State::Lists=$apt_dir/lists" -o "Dir::State::status=$apt_dir/status"
-	-o "Dir::Cache::archives=$apt_dir/archives" -o "Dir::Cache::pkgcache=" -o "Dir::Cache::srcpkgcache="
-	-o "APT::Get::List-Cleanup=0")
-
-# Updates the lists once a day at most: a warm run needs no network.
-stamp="$apt_dir/updated"
-if [ -z "$(find "$stamp" -mmin -1440 2>/dev/null)" ]; then
-	log "apt-get update for Debian's $debarch kernels (private lists: $apt_dir)"
-	if apt-get "${apt_opts[@]}" update -qq >"$apt_dir/update.log" 2>&1; then
-		touch "$stamp"
-	elif [ ! -e "$stamp" ]; then
-		die "apt-get update failed; see $apt_dir/update.log"
-	else
-		log "apt-get update failed (see $apt_dir/update.log); using yesterday's lists"
-	fi
-fi
+distro_apt_init "$debarch"
 
 # fetch <name> <package regex>: the newest package matching, its kernel image.
 fetch() {

@@ -50,36 +50,7 @@ file "$qemu" | grep -q 'ARM aarch64.*dynamically linked' ||
 	die "qemu-system-arm:arm64 $version has no aarch64 qemu-system-aarch64: $(file -b "$qemu")"
 
 rm -rf "$root.tmp"
-mkdir -p "$root.tmp/usr/bin"
-cp "$qemu" "$root.tmp/usr/bin/"
-# keep <path in the unpacked tree>: copies it (its target, if a symlink) to
-# the same path in the root.
-keep() {
-	mkdir -p "$root.tmp$(dirname "$1")"
-	cp -L "$tmp/all$1" "$root.tmp$1"
-}
-interp=$(readelf -l "$qemu" | sed -n 's/.*interpreter: \(.*\)]/\1/p')
-[ -e "$tmp/all$interp" ] || die "the dynamic loader $interp is not in the unpacked packages"
-keep "$interp"
-# The DT_NEEDED closure, breadth first, resolved in the loader's multiarch
-# directories.
-queue=("$qemu")
-declare -A seen=()
-while [ ${#queue[@]} -gt 0 ]; do
-	elf=${queue[0]}
-	queue=("${queue[@]:1}")
-	for so in $(readelf -d "$elf" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
-		[ -n "${seen[$so]:-}" ] && continue
-		seen[$so]=1
-		path=""
-		for d in /lib/aarch64-linux-gnu /usr/lib/aarch64-linux-gnu; do
-			[ -e "$tmp/all$d/$so" ] && path=$d/$so && break
-		done
-		[ -n "$path" ] || die "$so (needed by $(basename "$elf")) is in none of the unpacked packages"
-		keep "$path"
-		queue+=("$tmp/all$path")
-	done
-done
+elf_closure "$tmp/all" "$root.tmp" aarch64-linux-gnu /usr/bin/qemu-system-aarch64
 rm -rf "$root"
 mv "$root.tmp" "$root"
 echo "$version" >"$dir/VERSION"

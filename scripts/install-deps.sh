@@ -2,13 +2,14 @@
 # Installs what rasvmm's builds and tests need on a Debian machine, only what
 # is missing: QEMU (the x86_64 and aarch64 lab hosts), busybox-static
 # (initramfs; the arm64 one fetched into the cache by fetch-busybox.sh), the
-# kernel build tools and the aarch64 cross compiler, Rust's
+# kernel build tools, the C compilers (the kernels, the rasdaemon image's shim)
+# and the aarch64 cross compiler with its C library, Rust's
 # x86_64-unknown-linux-musl and aarch64-unknown-linux-musl targets (static
 # binaries), and cargo-fuzz (the parsers' fuzz targets).
 source "$(dirname "$0")/lib.sh"
 
 packages=(qemu-system-x86 qemu-system-arm busybox-static flex bison bc libelf-dev libssl-dev cpio xz-utils
-	gzip file make gcc binutils gcc-aarch64-linux-gnu debian-archive-keyring)
+	gzip file make gcc libc6-dev binutils gcc-aarch64-linux-gnu libc6-dev-arm64-cross debian-archive-keyring)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

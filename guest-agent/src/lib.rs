@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 mod kernel_feature;
+pub mod rasdaemon;
 
 pub use kernel_feature::KernelFeature;
 
@@ -152,6 +153,14 @@ pub enum Command {
         /// New value, if setting.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         value: Option<String>,
+    },
+    /// Read what rasdaemon recorded (the rasdaemon guest image), waiting
+    /// up to [`rasdaemon::MAX_WAIT_MS`] until its tables hold `at_least`
+    /// rows in all.
+    Rasdaemon {
+        /// Rows to wait for.
+        #[serde(default)]
+        at_least: u32,
     },
     /// Sync and power the guest off.
     Poweroff,
@@ -355,6 +364,8 @@ pub enum Payload {
     PageInfo(PageInfo),
     /// From `sysctl`.
     Sysctl(SysctlValue),
+    /// From `rasdaemon`.
+    Rasdaemon(rasdaemon::RasdaemonView),
     /// From `poweroff`: sent before the guest goes down.
     Done,
 }

@@ -40,6 +40,7 @@ mod cpio;
 mod features;
 mod forge;
 mod procfs;
+mod rasdaemon_db;
 
 use procfs::{
     exec, guest_poison, kernel_pages, online_cpus, page_info, pfn_of, read_trimmed, sysctl,
@@ -179,6 +180,9 @@ impl Agent {
             Command::GuestPoison { op, pfns } => guest_poison(op, &pfns).map(|()| Payload::Done),
             Command::PageInfo { pfn } => page_info(pfn).map(Payload::PageInfo),
             Command::Sysctl { name, value } => sysctl(&name, value.as_deref()).map(Payload::Sysctl),
+            Command::Rasdaemon { at_least } => {
+                rasdaemon_db::rasdaemon(at_least).map(Payload::Rasdaemon)
+            }
             Command::Poweroff => {
                 // SAFETY: sync() has no preconditions.
                 unsafe { libc::sync() };

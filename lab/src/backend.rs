@@ -196,6 +196,8 @@ pub struct Manifest {
     pub kernel_version: String,
     /// Guest initramfs.
     pub guest_initramfs: PathBuf,
+    /// The rasdaemon guest initramfs (the guest initramfs with rasdaemon).
+    pub guest_rasdaemon_initramfs: PathBuf,
     /// Lab-host initramfs.
     pub lab_initramfs: PathBuf,
     /// Static rasvmm for direct runs.
@@ -246,6 +248,7 @@ impl Manifest {
             vmlinux: file("vmlinux")?,
             kernel_version: get("kernel_version")?,
             guest_initramfs: file("guest_initramfs")?,
+            guest_rasdaemon_initramfs: file("guest_rasdaemon_initramfs")?,
             lab_initramfs: file("lab_initramfs")?,
             rasvmm: file("rasvmm")?,
             lab_bench_initramfs: kv

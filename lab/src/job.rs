@@ -13,6 +13,20 @@ use crate::{Backend, Error};
 /// (`--kernel @vmlinux`), wherever the backend keeps it.
 pub const VMLINUX_PLACEHOLDER: &str = "@vmlinux";
 
+/// In a job's arguments, stands for the rasdaemon guest initramfs
+/// (`--initramfs @rasdaemon-initramfs`), wherever the backend keeps it.
+pub const RASDAEMON_INITRAMFS_PLACEHOLDER: &str = "@rasdaemon-initramfs";
+
+/// Where a backend keeps what a job's placeholders name.
+pub(crate) struct Places<'a> {
+    /// The guest kernel as an ELF vmlinux.
+    pub vmlinux: &'a str,
+    /// The rasdaemon guest initramfs.
+    pub rasdaemon_initramfs: &'a str,
+    /// The job's files.
+    pub job_dir: &'a str,
+}
+
 /// In a job's arguments, `@job/<name>` names file `<name>` of [`Job::files`]
 /// wherever the backend puts it.
 pub const JOB_FILE_PREFIX: &str = "@job/";
@@ -39,12 +53,15 @@ impl Job {
     }
 }
 
-/// Replaces the placeholders in one argument: `@vmlinux` and `@job/<name>`.
-pub(crate) fn map_arg(arg: &str, vmlinux: &str, job_dir: &str) -> String {
+/// Replaces the placeholders in one argument: `@vmlinux`,
+/// `@rasdaemon-initramfs` and `@job/<name>`.
+pub(crate) fn map_arg(arg: &str, places: &Places<'_>) -> String {
     if arg == VMLINUX_PLACEHOLDER {
-        vmlinux.to_string()
+        places.vmlinux.to_string()
+    } else if arg == RASDAEMON_INITRAMFS_PLACEHOLDER {
+        places.rasdaemon_initramfs.to_string()
     } else if let Some(name) = arg.strip_prefix(JOB_FILE_PREFIX) {
-        format!("{job_dir}/{name}")
+        format!("{}/{name}", places.job_dir)
     } else {
         arg.to_string()
     }

@@ -152,6 +152,8 @@ fn check_name(name: &str) -> Result<(), String> {
 pub struct KernelImages {
     /// Arguments added to each run (`--kernel`, `--initramfs`).
     pub args: Vec<String>,
+    /// The same for a run that needs the rasdaemon guest image.
+    pub rasdaemon_args: Vec<String>,
     /// Job files (name, path).
     pub files: Vec<(String, PathBuf)>,
 }
@@ -161,6 +163,10 @@ pub fn images(lab: &Lab, k: &GuestKernel) -> Result<KernelImages, Error> {
     let Some(path) = &k.path else {
         return Ok(KernelImages {
             args: Vec::new(),
+            rasdaemon_args: vec![
+                "--initramfs".into(),
+                crate::RASDAEMON_INITRAMFS_PLACEHOLDER.into(),
+            ],
             files: Vec::new(),
         });
     };
@@ -173,24 +179,40 @@ pub fn images(lab: &Lab, k: &GuestKernel) -> Result<KernelImages, Error> {
     let root = dir.join("root");
     std::fs::create_dir_all(root.join("boot")).map_err(|e| io(&root, e))?;
     std::fs::copy(path, root.join(boot)).map_err(|e| io(path, e))?;
-    // The project's guest initramfs, then an archive whose /boot kernel
+    // Each guest image of the project, then an archive whose /boot kernel
     // replaces the project's (the kernel's unpacker takes the later entry).
-    let base = &lab.manifest.guest_initramfs;
-    let mut img = std::fs::read(base).map_err(|e| io(base, e))?;
-    img.resize(img.len().div_ceil(512) * 512, 0);
-    img.extend(newc_archive(&root, &[boot.to_string()])?);
-    let initramfs = dir.join("initramfs.cpio");
-    std::fs::write(&initramfs, img).map_err(|e| io(&initramfs, e))?;
+    let kernel_archive = newc_archive(&root, &[boot.to_string()])?;
     let kname = format!("kernel-{}", k.name);
-    let iname = format!("initramfs-{}.cpio", k.name);
-    Ok(KernelImages {
-        args: vec![
+    let mut files = vec![(kname.clone(), path.clone())];
+    let mut args = Vec::new();
+    for (base, iname) in [
+        (
+            &lab.manifest.guest_initramfs,
+            format!("initramfs-{}.cpio", k.name),
+        ),
+        (
+            &lab.manifest.guest_rasdaemon_initramfs,
+            format!("initramfs-rasdaemon-{}.cpio", k.name),
+        ),
+    ] {
+        let mut img = std::fs::read(base).map_err(|e| io(base, e))?;
+        img.resize(img.len().div_ceil(512) * 512, 0);
+        img.extend_from_slice(&kernel_archive);
+        let initramfs = dir.join(&iname);
+        std::fs::write(&initramfs, img).map_err(|e| io(&initramfs, e))?;
+        args.push(vec![
             "--kernel".into(),
             format!("{}{kname}", crate::JOB_FILE_PREFIX),
             "--initramfs".into(),
             format!("{}{iname}", crate::JOB_FILE_PREFIX),
-        ],
-        files: vec![(kname, path.clone()), (iname, initramfs)],
+        ]);
+        files.push((iname, initramfs));
+    }
+    let rasdaemon_args = args.pop().unwrap_or_default();
+    Ok(KernelImages {
+        args: args.pop().unwrap_or_default(),
+        rasdaemon_args,
+        files,
     })
 }
 

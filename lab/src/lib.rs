@@ -40,8 +40,11 @@ use framing::newc_archive;
 pub use framing::{parse_results, LabOutput};
 use framing::{take_run, RunsSoFar};
 use host::{lab_cmdline, lab_setting, machine_args, output_args};
-use job::{job_file_name, map_arg};
-pub use job::{Job, JobResult, RunResult, JOB_FILE_PREFIX, VMLINUX_PLACEHOLDER};
+use job::{job_file_name, map_arg, Places};
+pub use job::{
+    Job, JobResult, RunResult, JOB_FILE_PREFIX, RASDAEMON_INITRAMFS_PLACEHOLDER,
+    VMLINUX_PLACEHOLDER,
+};
 
 /// The x86_64 guest kernel's path inside the lab host (see
 /// scripts/build-images.sh; [`Arch::lab_guest_kernel`] for every arch).
@@ -50,6 +53,8 @@ pub const LAB_GUEST_KERNEL: &str = "/guest/bzImage";
 pub const LAB_GUEST_VMLINUX: &str = "/guest/vmlinux";
 /// The guest initramfs's path inside the lab host.
 pub const LAB_GUEST_INITRAMFS: &str = "/guest/initramfs.cpio";
+/// The rasdaemon guest initramfs's path inside the lab host.
+pub const LAB_GUEST_RASDAEMON_INITRAMFS: &str = "/guest/initramfs-rasdaemon.cpio";
 
 /// Lab host memory: room for several nested guests.
 const LAB_MEMORY: &str = "2048";
@@ -352,10 +357,17 @@ impl Lab {
                 cmd.arg("--initramfs").arg(&self.manifest.guest_initramfs);
             }
             let vmlinux = self.manifest.vmlinux.display().to_string();
-            let args: Vec<String> = args
-                .iter()
-                .map(|a| map_arg(a, &vmlinux, &job_dir))
-                .collect();
+            let rasdaemon = self
+                .manifest
+                .guest_rasdaemon_initramfs
+                .display()
+                .to_string();
+            let places = Places {
+                vmlinux: &vmlinux,
+                rasdaemon_initramfs: &rasdaemon,
+                job_dir: &job_dir,
+            };
+            let args: Vec<String> = args.iter().map(|a| map_arg(a, &places)).collect();
             let out = cmd
                 .arg("--console")
                 .arg(&console)
@@ -405,6 +417,11 @@ impl Lab {
             }
             None => "",
         };
+        let places = Places {
+            vmlinux,
+            rasdaemon_initramfs: LAB_GUEST_RASDAEMON_INITRAMFS,
+            job_dir: "/job",
+        };
         for (i, args) in job.runs.iter().enumerate() {
             let given = |opt: &str| args.iter().any(|a| a == opt);
             let kernel = if given("--kernel") {
@@ -425,7 +442,7 @@ impl Lab {
                  lab_emit console-{i} /tmp/console-{i}.log\n\
                  lab_emit stderr-{i} /tmp/stderr-{i}.log\n",
                 args.iter()
-                    .map(|a| shell_quote(&map_arg(a, vmlinux, "/job")))
+                    .map(|a| shell_quote(&map_arg(a, &places)))
                     .collect::<Vec<_>>()
                     .join(" ")
             );
@@ -615,12 +632,24 @@ mod tests {
 
     #[test]
     fn placeholders_map_per_backend() {
+        let lab = Places {
+            vmlinux: LAB_GUEST_VMLINUX,
+            rasdaemon_initramfs: LAB_GUEST_RASDAEMON_INITRAMFS,
+            job_dir: "/job",
+        };
+        assert_eq!(map_arg("@vmlinux", &lab), "/guest/vmlinux");
         assert_eq!(
-            map_arg("@vmlinux", "/guest/vmlinux", "/job"),
-            "/guest/vmlinux"
+            map_arg("@rasdaemon-initramfs", &lab),
+            "/guest/initramfs-rasdaemon.cpio"
         );
-        assert_eq!(map_arg("@job/a.toml", "/v", "/tmp/x"), "/tmp/x/a.toml");
-        assert_eq!(map_arg("--scenario", "/v", "/job"), "--scenario");
+        let direct = Places {
+            vmlinux: "/v",
+            rasdaemon_initramfs: "/r.cpio",
+            job_dir: "/tmp/x",
+        };
+        assert_eq!(map_arg("@job/a.toml", &direct), "/tmp/x/a.toml");
+        assert_eq!(map_arg("@rasdaemon-initramfs", &direct), "/r.cpio");
+        assert_eq!(map_arg("--scenario", &lab), "--scenario");
         assert!(job_file_name("10-a.toml").is_ok());
         for bad in ["", "../x", "a/b", ".hidden", "a b"] {
             assert!(job_file_name(bad).is_err(), "{bad}");

@@ -158,6 +158,7 @@ pub fn features_check(
         features: None,
         retried: None,
         diagnosis: Vec::new(),
+        views: Vec::new(),
         seconds: 0.0,
         report: serde_json::Value::Null,
     })
@@ -230,6 +231,7 @@ mod tests {
             features,
             retried: None,
             diagnosis: Vec::new(),
+            views: Vec::new(),
             seconds: 1.0,
             report: serde_json::Value::Null,
         }

@@ -314,6 +314,7 @@ mod tests {
             features: None,
             retried: None,
             diagnosis: vec![],
+            views: Vec::new(),
             seconds: 1.0,
             report: serde_json::Value::Null,
         };

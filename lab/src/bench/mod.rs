@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use lab::{Arch, Backend, Lab, LAB_GUEST_INITRAMFS};
+use lab::{Arch, Backend, Lab, LAB_GUEST_INITRAMFS, LAB_GUEST_RASDAEMON_INITRAMFS};
 use serde_json::Value;
 
 use crate::chain;
@@ -39,6 +39,9 @@ struct Peer {
     /// The guest kernel inside the lab host (the project's, unless a
     /// benchmark is given another).
     kernel: String,
+    /// The guest initramfs inside the lab host (the default image, unless
+    /// a benchmark is given another).
+    initramfs: &'static str,
 }
 
 impl Peer {
@@ -59,6 +62,7 @@ impl Peer {
                 boot_cpu: ("intel", "qemu64,vendor=GenuineIntel"),
                 inject_cpu: ("amd", "qemu64"),
                 kernel: arch.lab_guest_kernel().into(),
+                initramfs: LAB_GUEST_INITRAMFS,
             },
             // virt: QEMU's firmware-less direct boot with a device tree. It
             // has one PL011 (the console), so the agent talks on a virtio
@@ -73,6 +77,7 @@ impl Peer {
                 boot_cpu: ("host", "host"),
                 inject_cpu: ("host", "host"),
                 kernel: arch.lab_guest_kernel().into(),
+                initramfs: LAB_GUEST_INITRAMFS,
             },
         }
     }
@@ -84,10 +89,11 @@ impl Peer {
     fn qemu(&self, cpu: &str, console: &str, agent: &str) -> String {
         format!(
             "{machine} -cpu {cpu} -m 256 -smp 1 -nodefaults -no-user-config -display none \
-             -no-reboot -kernel {kernel} -initrd {LAB_GUEST_INITRAMFS} -append \"$CMDLINE{extra}\" \
+             -no-reboot -kernel {kernel} -initrd {initramfs} -append \"$CMDLINE{extra}\" \
              -chardev {console},id=console -chardev {agent},id=agent {devices}",
             machine = self.qemu_machine,
             kernel = self.kernel,
+            initramfs = self.initramfs,
             extra = self.qemu_agent_arg,
             devices = self.qemu_devices,
         )
@@ -163,21 +169,33 @@ ram_pfn() {{
 /// run by run in one lab host.
 ///
 /// `--kernel [NAME=]PATH` boots that kernel in both instead of the
-/// project's (the kernel matrix's distribution kernels, for example).
+/// project's (the kernel matrix's distribution kernels, for example);
+/// `--image rasdaemon` boots the rasdaemon guest image in both (rasdaemon
+/// started before the agent's hello).
 pub fn boot(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
     let mut rest = Vec::new();
     let mut kernel = None;
+    let mut rasdaemon = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "--kernel" {
             let k = it.next().ok_or("--kernel needs [NAME=]PATH")?;
             kernel = Some(lab::kernels::GuestKernel::from_arg(k)?);
+        } else if a == "--image" {
+            match it.next().map(String::as_str) {
+                Some("rasdaemon") => rasdaemon = true,
+                Some("default") => rasdaemon = false,
+                _ => return Err("--image needs default or rasdaemon".into()),
+            }
         } else {
             rest.push(a.clone());
         }
     }
     let (runs, lab, image) = setup("bench-boot", arch, &rest)?;
     let mut peer = Peer::of(arch);
+    if rasdaemon {
+        peer.initramfs = LAB_GUEST_RASDAEMON_INITRAMFS;
+    }
     let mut files = Vec::new();
     let mut kernel_name = lab.manifest.kernel_version.clone();
     if let Some(k) = kernel.as_ref().filter(|k| k.path.is_some()) {
@@ -191,7 +209,7 @@ pub fn boot(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
     let script = format!(
         r#"CMDLINE={cmdline}
 for i in $(seq 1 {runs}); do
-	rasvmm run --kernel {kernel} --initramfs {LAB_GUEST_INITRAMFS} --cmdline "$CMDLINE" \
+	rasvmm run --kernel {kernel} --initramfs {initramfs} --cmdline "$CMDLINE" \
 		--memory 256 --vcpus 1 --cpu {rasvmm_cpu} --console none --json /tmp/r-$i.json --agent poweroff 2>/dev/null
 	lab_emit rasvmm-$i /tmp/r-$i.json
 	lab-timer /tmp/agent-$i.log '{{"hello"' 60 -- {qemu} >/tmp/q-$i.txt 2>&1
@@ -200,6 +218,7 @@ done
 "#,
         cmdline = lab::shell_quote(peer.cmdline),
         kernel = peer.kernel,
+        initramfs = peer.initramfs,
         rasvmm_cpu = peer.boot_cpu.0,
         qemu = peer.qemu(peer.boot_cpu.1, "null", "file,path=/tmp/agent-$i.log"),
     );
@@ -240,8 +259,9 @@ done
         qemu_rss.push(timer_field(&q, "maxrss_kib").unwrap_or(0.0));
     }
     println!(
-        "boot to agent ready, {runs} runs each, one {arch} lab host ({}), guest {kernel_name}:",
-        res.backend
+        "boot to agent ready, {runs} runs each, one {arch} lab host ({}), guest {kernel_name}, {} image:",
+        res.backend,
+        if rasdaemon { "rasdaemon" } else { "default" }
     );
     let rm = report_ms("rasvmm", &mut rasvmm_ms);
     let qm = report_ms("QEMU  ", &mut qemu_ms);

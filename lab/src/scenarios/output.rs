@@ -19,6 +19,9 @@ pub fn table(results: &[ScenarioResult]) -> String {
             r.label(),
             r.seconds
         );
+        for v in &r.views {
+            s += &format!("    {v}\n");
+        }
         for f in &r.failures {
             s += &format!("    - {f}\n");
         }
@@ -211,6 +214,7 @@ mod tests {
             } else {
                 vec!["console/vCPU: rasvmm: vCPU 1 when it stopped: rip 0x1".into()]
             },
+            views: Vec::new(),
             seconds: 1.5,
             report: Value::Null,
         }

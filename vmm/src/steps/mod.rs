@@ -15,6 +15,7 @@
 //! | `host-poison:vmm` | the same for a page of rasvmm's own memory, outside guest RAM |
 //! | `page-info:<pfn\|ref>` | kpageflags and HardwareCorrupted for a page |
 //! | `sysctl:<name>[=<value>]` | read or set a sysctl |
+//! | `rasdaemon[:<rows>]` | read what rasdaemon recorded (the rasdaemon guest image), once its tables hold `rows` rows (at most 10 s) |
 //! | `poweroff` | power the guest off |
 //! | `forge-kho:<bad-magic\|overfull\|huge-blob\|wild-pointer\|consistent>` | test only: the agent writes a forged KHO root into its own memory: kexec count 1000 with a broken hwpoison subtree, or (`consistent`) a valid one with kexec count u32::MAX listing PFN 0x1234 |
 //! | `forge-kho:bare-roots[:<n>]` | test only: the agent writes n (default 16, at most 256) bare KHO roots into the lowest-addressed pages it can get |
@@ -236,6 +237,13 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
             env: Default::default(),
         }),
         ("alloc-page", None) => agent(Command::AllocPage),
+        ("rasdaemon", None) => agent(Command::Rasdaemon { at_least: 0 }),
+        ("rasdaemon", Some(n)) => {
+            let at_least = number(n)
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| bad("expected rasdaemon[:<rows>]"))?;
+            agent(Command::Rasdaemon { at_least })
+        }
         ("touch-page", Some(a)) => {
             let (n, write) = match a.split_once(':') {
                 Some((n, "write")) => (n, true),
@@ -496,40 +504,9 @@ pub fn parse(s: &str) -> Result<Step, ParseError> {
         }
         _ => Err(bad(
             "expected exec, alloc-page, touch-page, spin-page, kernel-pages, guest-poison, host-poison, page-info, \
-             sysctl, poweroff, kexec, kexec-load, kexec-reboot, inject, poison, ghes-memory, ghes-raw, forge-kho, kho-scan, kho-corrupt, wait, \
+             sysctl, rasdaemon, poweroff, kexec, kexec-load, kexec-reboot, inject, poison, ghes-memory, ghes-raw, forge-kho, kho-scan, kho-corrupt, wait, \
              wait-console, wait-boot, or JSON",
         )),
-    }
-}
-
-/// A number as users write it: decimal digits, or `0x` and hex digits,
-/// nothing else (no sign, no underscore, no whitespace, no `0X`); `None`
-/// when it is not one or does not fit 64 bits. Every number rasvmm reads
-/// from a user goes through here.
-pub fn number(v: &str) -> Option<u64> {
-    let (digits, radix) = match v.strip_prefix("0x") {
-        Some(h) => (h, 16),
-        None => (v, 10),
-    };
-    let valid = !digits.is_empty()
-        && digits.bytes().all(|b| match radix {
-            16 => b.is_ascii_hexdigit(),
-            _ => b.is_ascii_digit(),
-        });
-    if !valid {
-        return None;
-    }
-    u64::from_str_radix(digits, radix).ok()
-}
-
-/// Whether a JSON value holds a control character in any string or key.
-fn has_control(v: &serde_json::Value) -> bool {
-    let bad = |s: &str| s.chars().any(char::is_control);
-    match v {
-        serde_json::Value::String(s) => bad(s),
-        serde_json::Value::Array(a) => a.iter().any(has_control),
-        serde_json::Value::Object(o) => o.iter().any(|(k, v)| bad(k) || has_control(v)),
-        _ => false,
     }
 }
 
@@ -587,9 +564,12 @@ impl std::fmt::Display for StepError {
     }
 }
 
+mod grammar;
 mod kho_edit;
 mod refs;
 
+use grammar::has_control;
+pub use grammar::number;
 use kho_edit::{edit, MAX_EDITS};
 pub use refs::Refs;
 

@@ -465,3 +465,45 @@ fn steps_on_a_condition() {
         assert!(e.contains(why), "{bad}: {e}");
     }
 }
+
+#[test]
+fn rasdaemon_steps_and_exec_variables() {
+    assert_eq!(
+        parse("rasdaemon"),
+        Ok(agent(Command::Rasdaemon { at_least: 0 }))
+    );
+    assert_eq!(
+        parse("rasdaemon:3"),
+        Ok(agent(Command::Rasdaemon { at_least: 3 }))
+    );
+    assert!(parse("rasdaemon:-1").is_err() && parse("rasdaemon:0x100000000").is_err());
+    let mut refs = Refs::default();
+    refs.learn(
+        &Command::AllocPage,
+        &guest_agent::Payload::Page(guest_agent::PageRecord {
+            page: 0,
+            pid: 1,
+            vaddr: 0x7f00_0000_0000,
+            pfn: 0x1234,
+            cpu: 0,
+        }),
+        None,
+    );
+    let Ok(Command::Exec { env, .. }) = refs.resolve(
+        &Command::Exec {
+            sh: "echo $page0_pa > param1; echo $page0_pfn $page1_pa".into(),
+            env: Default::default(),
+        },
+        None,
+    ) else {
+        panic!("exec resolves");
+    };
+    // Only what the line names, and only references that exist.
+    assert_eq!(
+        env.into_iter().collect::<Vec<_>>(),
+        vec![
+            ("page0_pa".to_string(), "0x1234000".to_string()),
+            ("page0_pfn".to_string(), "0x1234".to_string())
+        ]
+    );
+}

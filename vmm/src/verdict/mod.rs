@@ -280,6 +280,9 @@ pub fn evaluate(expect: &Expect, report: &RunReport, refs: &Refs) -> Verdict {
         guest_tools::check_einj(e, report, refs, &mut f);
     }
     guest_tools::check_exec(&expect.exec, report, &mut f);
+    if let Some(r) = &expect.rasdaemon {
+        guest_tools::check_rasdaemon(r, report, refs, &mut f);
+    }
     if let Some(k) = &expect.kho {
         check_kho(k, report, refs, &mut f);
     }

@@ -480,3 +480,75 @@ exec = { 2 = { status = 0, stdout_contains = ["injected"] } }
         vec!["step 2 (poweroff) returned no exec result"]
     );
 }
+
+#[test]
+fn rasdaemon_records_are_checked() {
+    use guest_agent::rasdaemon::{McEvent, MceRecord, MemoryFailureEvent, RasdaemonView};
+    let file = r#"
+name = "rasdaemon"
+steps = ["rasdaemon:2"]
+[guest]
+image = "rasdaemon"
+[expect]
+outcome = "poweroff"
+[expect.rasdaemon]
+mce_record = [{ bank = 9, status = 0xbc00080000000000, page = "page0" }]
+memory_failure = [{ page = "page0", page_type = "dirty LRU page", action_result = "Recovered" }]
+"#;
+    let s = Scenario::parse(file).unwrap();
+    let with = |view: Option<RasdaemonView>| {
+        let mut r = report(OutcomeKind::Poweroff, "");
+        if let Some(v) = view {
+            r.steps.push(StepRecord {
+                step: "rasdaemon:2".into(),
+                reply: Some(StepReply::Agent(Payload::Rasdaemon(v))),
+                error: None,
+                cut_short: false,
+                at_ms: 2,
+            });
+        }
+        evaluate(&s.expect, &r, &refs()).failures
+    };
+    let good = RasdaemonView {
+        running: true,
+        mce_record: vec![MceRecord {
+            bank: 9,
+            status: 0xbc00_0800_0000_0000,
+            addr: 0x0123_4000,
+            ..MceRecord::default()
+        }],
+        memory_failure_event: vec![MemoryFailureEvent {
+            pfn: 0x1234,
+            page_type: "dirty LRU page".into(),
+            action_result: "Recovered".into(),
+            ..MemoryFailureEvent::default()
+        }],
+        mc_event: vec![McEvent::default()],
+        log_tail: vec!["rasdaemon: Listening to events for cpus 0 to 0".into()],
+    };
+    assert_eq!(with(Some(good.clone())), Vec::<String>::new());
+    assert_eq!(
+        with(None),
+        vec!["no rasdaemon step read rasdaemon's records"]
+    );
+    let mut stopped = good.clone();
+    stopped.running = false;
+    assert!(
+        with(Some(stopped))[0].starts_with("rasdaemon is not running in the guest; its log ends")
+    );
+    let empty = RasdaemonView {
+        running: true,
+        ..RasdaemonView::default()
+    };
+    assert_eq!(with(Some(empty)), vec!["rasdaemon recorded nothing"]);
+    let mut wrong = good;
+    wrong.mce_record[0].bank = 4;
+    wrong.memory_failure_event[0].action_result = "Failed".into();
+    assert_eq!(
+        with(Some(wrong)),
+        vec![
+            "rasdaemon has no mce_record in bank 9 with status 0xbc00080000000000 at page0; it has bank 4 status 0xbc00080000000000 addr 0x1234000",
+            "rasdaemon has no memory_failure_event for page0 (0x1234), dirty LRU page, Recovered; it has 0x1234 dirty LRU page: Failed",
+        ]
+    );
+}
