@@ -26,11 +26,19 @@
 #include <unistd.h>
 
 static const char instance[] = "/instances/rasdaemon/events/";
-static char missing[PATH_MAX];
-static int skip_sleep;
+/* Per thread: rasdaemon's per-CPU threads may open events too. */
+static __thread char missing[PATH_MAX];
+static __thread int skip_sleep;
 
 static int (*real_access)(const char *, int);
 static int (*real_usleep)(useconds_t);
+
+/* Resolved before main(); without them every call fails as ENOSYS. */
+__attribute__((constructor)) static void resolve(void)
+{
+	real_access = (int (*)(const char *, int))dlsym(RTLD_NEXT, "access");
+	real_usleep = (int (*)(useconds_t))dlsym(RTLD_NEXT, "usleep");
+}
 
 /* Whether the kernel has the event whose instance format file is path. */
 static int kernel_has_event(const char *path, const char *at)
@@ -57,8 +65,10 @@ int access(const char *path, int mode)
 	const char *at;
 	int r;
 
-	if (!real_access)
-		real_access = (int (*)(const char *, int))dlsym(RTLD_NEXT, "access");
+	if (!real_access) {
+		errno = ENOSYS;
+		return -1;
+	}
 	skip_sleep = 0;
 	if (missing[0] && !strcmp(path, missing)) {
 		skip_sleep = 1;
@@ -82,7 +92,9 @@ int usleep(useconds_t usec)
 		skip_sleep = 0;
 		return 0;
 	}
-	if (!real_usleep)
-		real_usleep = (int (*)(useconds_t))dlsym(RTLD_NEXT, "usleep");
+	if (!real_usleep) {
+		errno = ENOSYS;
+		return -1;
+	}
 	return real_usleep(usec);
 }

@@ -75,7 +75,9 @@ bench_qemu() {
 	aarch64)
 		# The host's qemu-system-aarch64 is an x86_64 binary: Debian's arm64
 		# one, its loader and libraries (-M virt -kernel needs no firmware).
-		cp -a "$("$RASVMM_ROOT/scripts/fetch-qemu.sh" aarch64)/." "$2/"
+		local qemu_root
+		qemu_root=$("$RASVMM_ROOT/scripts/fetch-qemu.sh" aarch64)
+		cp -a "$qemu_root/." "$2/"
 		;;
 	esac
 }
@@ -83,7 +85,7 @@ bench_qemu() {
 # build_arch <arch>: the kernel, the static binaries and both initramfs of one
 # architecture, and its manifest (printed).
 build_arch() {
-	local arch=$1 out target image bin busybox kernel_dir stage cc
+	local arch=$1 out target image bin busybox kernel_dir stage cc rasdaemon_root
 	case "$arch" in
 	x86_64)
 		out=$images
@@ -123,7 +125,10 @@ build_arch() {
 	# with their libraries, and the shim that spares rasdaemon its 30 s wait
 	# for each trace event the guest kernel lacks (the file says why); the
 	# guest's init starts rasdaemon when present.
-	cp -a "$("$RASVMM_ROOT/scripts/fetch-rasdaemon.sh" "$arch")/." "$stage/guest/"
+	# (Assigned first: a failure inside "$(...)" as an argument would not
+	# stop the script, and cp would copy "/.".)
+	rasdaemon_root=$("$RASVMM_ROOT/scripts/fetch-rasdaemon.sh" "$arch")
+	cp -a "$rasdaemon_root/." "$stage/guest/"
 	mkdir -p "$stage/guest/usr/lib/rasvmm"
 	"$cc" -shared -fPIC -O2 -Wall -Wextra -Werror \
 		-o "$stage/guest/usr/lib/rasvmm/rasdaemon-skip-missing-events.so" \

@@ -1,8 +1,8 @@
 //! The guest's accesses to the EINJ window (hostile input): any sequence of
 //! reads and writes, at any offset and width, must neither panic nor leave
 //! the window inconsistent; every request it hands out is one EXECUTE,
-//! answered before the next; validation accepts only the memory types, with
-//! the page inside the address the guest named.
+//! answered (a stale answer ignored) before the next; validation accepts
+//! only the memory types, with the page inside the address the guest named.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -21,14 +21,18 @@ fuzz_target!(|data: &[u8]| {
         if write {
             let n = width.min(rest.len());
             let was_busy = w.busy();
-            if let Some(r) = w.write(offset, &rest[..n]) {
+            if let Some(op) = w.write(offset, &rest[..n]) {
                 assert!(!was_busy && w.busy());
+                let r = op.request;
                 if let Ok(p) = validate(&r) {
                     assert!(matches!(p.kind, Kind::Correctable | Kind::Uncorrectable | Kind::Fatal));
                     assert_eq!(p.page % 4096, 0);
                     assert_eq!(p.page, r.memory_address & r.memory_address_range & !0xfff);
                 }
-                w.complete(CommandStatus::InvalidAccess);
+                // A stale answer changes nothing; the right one ends it.
+                w.complete(op.id.wrapping_add(1), CommandStatus::Success);
+                assert!(w.busy());
+                w.complete(op.id, CommandStatus::InvalidAccess);
                 assert!(!w.busy());
             }
             rest = &rest[n..];

@@ -155,8 +155,8 @@ pub enum Command {
         value: Option<String>,
     },
     /// Read what rasdaemon recorded (the rasdaemon guest image), waiting
-    /// up to [`rasdaemon::MAX_WAIT_MS`] until its tables hold `at_least`
-    /// rows in all.
+    /// up to [`rasdaemon::MAX_WAIT_MS`] until its output shows `at_least`
+    /// recorded events.
     Rasdaemon {
         /// Rows to wait for.
         #[serde(default)]

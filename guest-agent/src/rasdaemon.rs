@@ -12,10 +12,13 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-/// Most rows the agent reads from one table.
-pub const MAX_ROWS: usize = 256;
+/// Most rows the agent reads from one table (the newest).
+pub const MAX_ROWS: usize = 64;
 /// Longest text field kept, in bytes.
 pub const MAX_TEXT: usize = 512;
+/// Most bytes a view takes as JSON: the oldest rows are left out beyond it,
+/// so the reply fits one protocol line ([`crate::MAX_LINE`]).
+pub const MAX_VIEW_BYTES: usize = 48 * 1024;
 /// Longest the agent waits for the rows a request asks for.
 pub const MAX_WAIT_MS: u64 = 10_000;
 
@@ -44,6 +47,36 @@ impl RasdaemonView {
     /// Rows in all tables.
     pub fn rows(&self) -> usize {
         self.mc_event.len() + self.mce_record.len() + self.memory_failure_event.len()
+    }
+
+    /// Leaves out the oldest rows (from the longest table first) and then
+    /// log lines until the view takes at most [`MAX_VIEW_BYTES`] as JSON.
+    pub fn fit(&mut self) {
+        let size = |v: &Self| serde_json::to_vec(v).map_or(usize::MAX, |b| b.len());
+        while size(self) > MAX_VIEW_BYTES {
+            let longest = [
+                self.mc_event.len(),
+                self.mce_record.len(),
+                self.memory_failure_event.len(),
+            ];
+            match longest.iter().enumerate().max_by_key(|(_, n)| **n) {
+                Some((_, 0)) | None => {
+                    if self.log_tail.is_empty() {
+                        return;
+                    }
+                    self.log_tail.remove(0);
+                }
+                Some((0, _)) => {
+                    self.mc_event.remove(0);
+                }
+                Some((1, _)) => {
+                    self.mce_record.remove(0);
+                }
+                Some(_) => {
+                    self.memory_failure_event.remove(0);
+                }
+            }
+        }
     }
 }
 
@@ -201,6 +234,26 @@ mod tests {
             (e[0].address, e[0].err_count, e[0].driver_detail.as_str()),
             (0x31ee000, 1, "")
         );
+    }
+
+    #[test]
+    fn a_view_fits_one_protocol_line() {
+        let row = McEvent {
+            err_msg: "x".repeat(MAX_TEXT),
+            driver_detail: "y".repeat(MAX_TEXT),
+            ..McEvent::default()
+        };
+        let mut v = RasdaemonView {
+            running: true,
+            mc_event: vec![row; MAX_ROWS],
+            log_tail: vec!["z".repeat(MAX_TEXT); 20],
+            ..RasdaemonView::default()
+        };
+        v.fit();
+        let len = serde_json::to_vec(&v).unwrap().len();
+        assert!(len <= MAX_VIEW_BYTES && MAX_VIEW_BYTES < crate::MAX_LINE);
+        assert!(!v.mc_event.is_empty() && v.mc_event.len() < MAX_ROWS);
+        assert_eq!(v.log_tail.len(), 20, "rows go before log lines");
     }
 
     #[test]

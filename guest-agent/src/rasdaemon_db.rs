@@ -2,6 +2,12 @@
 //! Debian's sqlite3, which the image carries as a rasdaemon dependency, and
 //! whether rasdaemon runs. A table rasdaemon does not have (mce_record on
 //! arm64) or a database not written yet reads as no rows.
+//!
+//! The database is read once, after rasdaemon's output shows the events
+//! asked for, never polled while rasdaemon writes: rasdaemon commits without
+//! a busy timeout, so a reader holding the database at that moment makes it
+//! drop the record (seen in CI: a memory_failure_event lost). rasdaemon
+//! prints each event after its handler stored it.
 
 use std::path::Path;
 use std::process::{Command as ProcCommand, Stdio};
@@ -17,7 +23,12 @@ const DATABASE: &str = "/var/lib/rasdaemon/ras-mc_event.db";
 /// Its output, as the guest's init redirects it.
 const LOG: &str = "/var/log/rasdaemon.log";
 
-/// What rasdaemon recorded, once its tables hold `at_least` rows (or
+/// The events whose rows the view reads, as rasdaemon's output names them.
+const EVENTS: [&str; 3] = ["mc_event", "mce_record", "memory_failure_event"];
+/// Most of rasdaemon's output read to count its events.
+const MAX_LOG: u64 = 4 << 20;
+
+/// What rasdaemon recorded, once its output shows `at_least` events (or
 /// [`MAX_WAIT_MS`] passed, or rasdaemon is not running).
 pub(crate) fn rasdaemon(at_least: u32) -> Result<RasdaemonView, String> {
     if !Path::new(RASDAEMON).exists() {
@@ -27,24 +38,40 @@ pub(crate) fn rasdaemon(at_least: u32) -> Result<RasdaemonView, String> {
         );
     }
     let deadline = Instant::now() + Duration::from_millis(MAX_WAIT_MS);
-    loop {
-        let view = read()?;
-        let enough = view.rows() >= usize::try_from(at_least).unwrap_or(usize::MAX);
-        if enough || !view.running || Instant::now() >= deadline {
-            return Ok(view);
-        }
+    let want = usize::try_from(at_least).unwrap_or(usize::MAX);
+    while running() && events_logged() < want && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
+    read()
+}
+
+/// Events rasdaemon has printed: one line each, in the trace's format
+/// (`<comm>-<pid> [<cpu>] <flags> <time> mc_event ...`), unlike its own
+/// messages, which start `rasdaemon:` (some name the events too: "mc_event
+/// store: ...").
+fn events_logged() -> usize {
+    use std::io::Read;
+    let mut text = Vec::new();
+    if let Ok(f) = std::fs::File::open(LOG) {
+        let _ = f.take(MAX_LOG).read_to_end(&mut text);
+    }
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("rasdaemon:"))
+        .filter(|l| l.split_whitespace().any(|w| EVENTS.contains(&w)))
+        .count()
 }
 
 fn read() -> Result<RasdaemonView, String> {
-    Ok(RasdaemonView {
+    let mut view = RasdaemonView {
         running: running(),
         mc_event: rows("mc_event")?,
         mce_record: rows("mce_record")?,
         memory_failure_event: rows("memory_failure_event")?,
         log_tail: log_tail(),
-    })
+    };
+    view.fit();
+    Ok(view)
 }
 
 /// Whether a process named rasdaemon runs.
@@ -63,15 +90,16 @@ fn running() -> bool {
         })
 }
 
-/// A table's rows, oldest first, at most [`MAX_ROWS`].
+/// A table's newest rows, at most [`MAX_ROWS`], oldest first.
 fn rows<T: DeserializeOwned>(table: &str) -> Result<Vec<T>, String> {
     if !Path::new(DATABASE).exists() {
         return Ok(Vec::new());
     }
+    // rasdaemon may be writing: wait for its lock rather than fail.
     let out = ProcCommand::new("sqlite3")
-        .args(["-readonly", "-json", DATABASE])
+        .args(["-readonly", "-json", "-cmd", ".timeout 2000", DATABASE])
         .arg(format!(
-            "SELECT * FROM {table} ORDER BY id LIMIT {MAX_ROWS}"
+            "SELECT * FROM (SELECT * FROM {table} ORDER BY id DESC LIMIT {MAX_ROWS}) ORDER BY id"
         ))
         .stdin(Stdio::null())
         .output()
@@ -89,10 +117,17 @@ fn rows<T: DeserializeOwned>(table: &str) -> Result<Vec<T>, String> {
     serde_json::from_slice(&out.stdout).map_err(|e| format!("rasdaemon's {table} rows: {e}"))
 }
 
-/// The last lines of rasdaemon's output.
+/// The last lines of rasdaemon's output (from its last 4 KiB).
 fn log_tail() -> Vec<String> {
-    let text = std::fs::read(LOG).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text[text.len().saturating_sub(4096)..]).into_owned();
+    use std::io::{Read, Seek, SeekFrom};
+    let mut tail = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(LOG) {
+        if f.seek(SeekFrom::End(-4096)).is_err() {
+            let _ = f.seek(SeekFrom::Start(0));
+        }
+        let _ = f.take(4096).read_to_end(&mut tail);
+    }
+    let text = String::from_utf8_lossy(&tail).into_owned();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..]
         .iter()

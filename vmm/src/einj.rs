@@ -27,9 +27,9 @@ impl EinjDevice {
         }
     }
 
-    /// Answers the request in progress.
-    pub fn complete(&mut self, status: CommandStatus) {
-        self.window.complete(status);
+    /// Answers operation `id` (nothing, if the guest abandoned it).
+    pub fn complete(&mut self, id: u64, status: CommandStatus) {
+        self.window.complete(id, status);
     }
 }
 
@@ -39,10 +39,10 @@ impl BusDevice for EinjDevice {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let Some(request) = self.window.write(offset, data) {
-            if self.tx.send(VmEvent::Einj(request)).is_err() {
+        if let Some(op) = self.window.write(offset, data) {
+            if self.tx.send(VmEvent::Einj(op)).is_err() {
                 // No session to act on it (the run is ending).
-                self.window.complete(CommandStatus::UnknownFailure);
+                self.window.complete(op.id, CommandStatus::UnknownFailure);
             }
         }
     }

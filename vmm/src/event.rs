@@ -99,7 +99,7 @@ pub enum VmEvent {
     },
     /// The guest asked for an error injection through ACPI EINJ
     /// (EXECUTE_OPERATION); the EINJ device is busy until it is answered.
-    Einj(ras::einj::Request),
+    Einj(ras::einj::Operation),
     /// A control API request.
     Api(crate::api::ApiCall),
     /// A vCPU stopped running.

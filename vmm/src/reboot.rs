@@ -83,10 +83,9 @@ impl Session {
                 // into the ledger as the host's (no kernel runs to tell),
                 // and is remapped or kept with the others.
                 VmEvent::HostMemoryError { code, hva } => self.host_report(code, hva, false),
-                // The old boot's agent and EINJ window (both gone),
-                // further resets and stops.
+                VmEvent::Einj(op) => self.einj_cut_off(op),
+                // The old boot's agent, further resets and stops.
                 VmEvent::Agent(_)
-                | VmEvent::Einj(_)
                 | VmEvent::Reset
                 | VmEvent::PowerOff
                 | VmEvent::Stopped { .. } => {}

@@ -45,6 +45,10 @@ pub fn run_expecting(
                     "error: rasvmm watchdog: run did not end {} s after its deadline",
                     WATCHDOG_GRACE.as_secs()
                 );
+                // Where each thread is, so that the log shows what hung.
+                for line in thread_states() {
+                    eprintln!("rasvmm watchdog: {line}");
+                }
                 std::process::exit(3);
             }
         })
@@ -155,4 +159,35 @@ fn not_offered(session: &mut Session, scenario: &Scenario) -> Vec<KernelFeature>
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One line per thread of this process: its name, state, and the system
+/// call it is in with its first argument (/proc/self/task/*/syscall: on
+/// x86_64 202 is futex, a lock; 232 epoll_wait; on arm64 98 is futex, 22
+/// epoll_pwait), for the watchdog's diagnosis.
+fn thread_states() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return vec!["(no /proc/self/task)".into()];
+    };
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    dir.flatten()
+        .take(256)
+        .map(|t| {
+            let state = read(t.path().join("status"))
+                .lines()
+                .find_map(|l| l.strip_prefix("State:").map(|s| s.trim().to_string()))
+                .unwrap_or_default();
+            let syscall: Vec<String> = read(t.path().join("syscall"))
+                .split_whitespace()
+                .take(2)
+                .map(String::from)
+                .collect();
+            format!(
+                "thread {} ({}): {state}, syscall {}",
+                read(t.path().join("comm")).trim(),
+                t.file_name().to_string_lossy(),
+                syscall.join(" ")
+            )
+        })
+        .collect()
 }

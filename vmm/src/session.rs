@@ -361,11 +361,16 @@ impl Session {
         if let Err(e) = lock(self.vm.agent()).send(&line) {
             return Err(StepError::Agent(e.to_string()));
         }
-        let boot = self.boots.ended.len();
+        let (boot, refused) = (self.boots.ended.len(), self.agent_errors.len());
         while self.outcome.is_none() {
             if self.boots.ended.len() != boot {
                 // The agent that was asked is gone with its boot.
                 return Err(StepError::Rebooted);
+            }
+            if let Some(e) = self.agent_errors.get(refused) {
+                // Most likely the reply itself (too long, say): not waited
+                // for until the deadline.
+                return Err(StepError::Agent(format!("rasvmm refused its reply: {e}")));
             }
             if let Some(AgentMessage::Reply(r)) = self.step() {
                 if r.id == id {
@@ -492,7 +497,7 @@ impl Session {
             VmEvent::Ras(e) => self.ras_event(e),
             VmEvent::HostMemoryError { code, hva } => self.host_report(code, hva, true),
             VmEvent::Api(call) => self.serve_api(call),
-            VmEvent::Einj(request) => self.guest_einj(&request),
+            VmEvent::Einj(op) => self.guest_einj(op),
             VmEvent::Stopped { vcpu, stop } => {
                 let o = match stop {
                     VcpuStop::TripleFault(state) => self.classifier.triple_fault(vcpu, &state),

@@ -4,19 +4,35 @@
 //! guest's wait on the busy bit.
 
 use devices::bus::lock;
-use ras::einj::Request;
+use ras::einj::{CommandStatus, Operation};
 
+use crate::event::RasEvent;
 use crate::session::Session;
 
 impl Session {
     /// Answers the guest's EINJ request.
-    pub(crate) fn guest_einj(&mut self, request: &Request) {
-        let answer = self.vm.ras().guest_einj(request);
+    pub(crate) fn guest_einj(&mut self, op: Operation) {
+        let answer = self.vm.ras().guest_einj(&op.request);
         // Recorded before the guest can read the status and go on.
         self.record(answer.event);
         if let Some(effect) = answer.effect {
             self.record_ghes(effect);
         }
-        lock(self.vm.einj()).complete(answer.status);
+        if let Some(einj) = self.vm.einj() {
+            lock(einj).complete(op.id, answer.status);
+        }
+    }
+
+    /// Records an EINJ request the old boot made that the guest's reset
+    /// cut off before rasvmm answered it: nothing was done.
+    pub(crate) fn einj_cut_off(&mut self, op: Operation) {
+        self.record(RasEvent::GuestEinj {
+            request: op.request,
+            kind: None,
+            gpa: None,
+            status: CommandStatus::UnknownFailure,
+            reason: Some("the guest reset before rasvmm answered; nothing was done".into()),
+            at_ms: self.vm.ras().now_ms(),
+        });
     }
 }

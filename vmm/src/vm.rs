@@ -98,8 +98,8 @@ pub struct Vm {
     events_tx: EventSender,
     /// The current boot's agent UART (the last boot's if none runs).
     agent: Arc<Mutex<AgentPort>>,
-    /// The current boot's EINJ window.
-    einj: Arc<Mutex<EinjDevice>>,
+    /// The current boot's EINJ window, if its tables offer EINJ.
+    einj: Option<Arc<Mutex<EinjDevice>>>,
     started: Instant,
     config: VmConfig,
     kvm: Kvm,
@@ -253,9 +253,9 @@ impl Vm {
         &self.agent
     }
 
-    /// The current boot's EINJ window.
-    pub(crate) fn einj(&self) -> &Arc<Mutex<EinjDevice>> {
-        &self.einj
+    /// The current boot's EINJ window, if its tables offer EINJ.
+    pub(crate) fn einj(&self) -> Option<&Arc<Mutex<EinjDevice>>> {
+        self.einj.as_ref()
     }
 
     /// The RAS controller: every memory error goes through it.

@@ -239,7 +239,7 @@ pub fn table(base: u64, oem_id: [u8; 6], oem_table_id: [u8; 8]) -> Sdt {
 }
 
 /// An injection the OS asked for: the SET_ERROR_TYPE_WITH_ADDRESS data
-/// structure as it stood at EXECUTE_OPERATION (or the ACPI 4 error type).
+/// structure as it stood at EXECUTE_OPERATION.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     /// Error type (one bit, §18.6.4).
@@ -327,6 +327,16 @@ pub fn validate(r: &Request) -> Result<Planned, Refusal> {
     Ok(Planned { kind, page })
 }
 
+/// An EXECUTE_OPERATION: the request, and the id its answer must carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Operation {
+    /// Which operation of this window (answers to an abandoned one are
+    /// ignored).
+    pub id: u64,
+    /// What the guest asked for.
+    pub request: Request,
+}
+
 /// The EINJ register window at `base`, as the guest reads and writes it.
 #[derive(Debug, Clone)]
 pub struct Window {
@@ -334,6 +344,10 @@ pub struct Window {
     /// Bytes the guest reads: registers, the data structure, the trigger
     /// table.
     image: Vec<u8>,
+    /// The operation EXECUTE_OPERATION started and not yet answered.
+    in_flight: Option<u64>,
+    /// The next operation's id.
+    next_id: u64,
 }
 
 fn put(image: &mut [u8], off: u64, bytes: &[u8]) {
@@ -366,7 +380,12 @@ impl Window {
         trigger[0..4].copy_from_slice(&TRIGGER_TABLE_SIZE.to_le_bytes());
         trigger[8..12].copy_from_slice(&TRIGGER_TABLE_SIZE.to_le_bytes());
         put(&mut image[..], TRIGGER_TABLE, &trigger);
-        Self { base, image }
+        Self {
+            base,
+            image,
+            in_flight: None,
+            next_id: 1,
+        }
     }
 
     /// `len` bytes of the image at `offset`, if they are inside it.
@@ -391,13 +410,21 @@ impl Window {
 
     /// Whether an operation is in progress.
     pub fn busy(&self) -> bool {
-        self.bytes(BUSY, 1).is_some_and(|b| b[0] & 1 != 0)
+        self.in_flight.is_some()
     }
 
-    /// A guest write of `data` at `offset`. Returns the request an
-    /// EXECUTE_OPERATION asks for; the busy bit then stays set until
-    /// [`Window::complete`]. Writes to read-only registers are dropped.
-    pub fn write(&mut self, offset: u64, data: &[u8]) -> Option<Request> {
+    fn set_busy(&mut self, busy: bool) {
+        put(&mut self.image[..], BUSY, &u64::from(busy).to_le_bytes());
+    }
+
+    /// A guest write of `data` at `offset`. Returns the operation an
+    /// EXECUTE_OPERATION starts; the busy bit then stays set until
+    /// [`Window::complete`] answers it. A BEGIN_OPERATION while busy (the
+    /// OS gave up waiting, Linux after about a second) abandons the
+    /// operation in flight: its answer, when it comes, is ignored. Writes
+    /// to read-only registers, and to the data structure while busy, are
+    /// dropped.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Option<Operation> {
         let end = offset.checked_add(data.len() as u64)?;
         let writable = |lo: u64, hi: u64| offset >= lo && end <= hi;
         if writable(PARAMETERS, PARAMETERS + PARAMETERS_SIZE)
@@ -414,45 +441,52 @@ impl Window {
         let mut v = [0u8; 8];
         v[..data.len()].copy_from_slice(data);
         match u64::from_le_bytes(v) {
-            CMD_BEGIN if !self.busy() => {
+            CMD_BEGIN => {
+                self.in_flight = None;
+                self.set_busy(false);
                 put(&mut self.image[..], STATUS, &0u64.to_le_bytes());
                 None
             }
             CMD_EXECUTE if !self.busy() => {
-                put(&mut self.image[..], BUSY, &1u64.to_le_bytes());
-                Some(self.request())
+                let id = self.next_id;
+                self.next_id = self.next_id.wrapping_add(1);
+                self.in_flight = Some(id);
+                self.set_busy(true);
+                Some(Operation {
+                    id,
+                    request: self.request(),
+                })
             }
-            // END_OPERATION, and anything while busy: nothing to do.
+            // END_OPERATION, and EXECUTE while busy: nothing to do.
             _ => None,
         }
     }
 
-    /// The request the data structure (or, without a type in it, the ACPI 4
-    /// error type register) holds.
+    /// The request the SET_ERROR_TYPE_WITH_ADDRESS data structure holds.
+    /// (SET_ERROR_TYPE's register, the ACPI 4 form, carries no address: an
+    /// OS that uses only it names no memory and is refused.)
     fn request(&self) -> Request {
         let p = self.bytes(PARAMETERS, PARAMETERS_LEN).unwrap_or(&[]);
         let field32 = |o| le32(p, o).unwrap_or(0);
         let field64 = |o| le64(p, o).unwrap_or(0);
-        let mut r = Request {
+        Request {
             error_type: field32(0),
             vendor_extension: field32(4),
             flags: field32(8),
             memory_address: field64(16),
             memory_address_range: field64(24),
-        };
-        if r.error_type == 0 {
-            r.error_type = self
-                .bytes(ERROR_TYPE, 4)
-                .and_then(|b| le32(b, 0))
-                .unwrap_or(0);
         }
-        r
     }
 
-    /// Ends the operation EXECUTE_OPERATION started, with `status`.
-    pub fn complete(&mut self, status: CommandStatus) {
+    /// Answers operation `id` with `status`, if it is still the one in
+    /// flight (an abandoned one's answer is dropped).
+    pub fn complete(&mut self, id: u64, status: CommandStatus) {
+        if self.in_flight != Some(id) {
+            return;
+        }
+        self.in_flight = None;
         put(&mut self.image[..], STATUS, &(status as u64).to_le_bytes());
-        put(&mut self.image[..], BUSY, &0u64.to_le_bytes());
+        self.set_busy(false);
     }
 }
 

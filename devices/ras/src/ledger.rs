@@ -177,6 +177,17 @@ impl Ledger {
         self.pages.contains_key(&page_of(gpa))
     }
 
+    /// Whether the page containing `gpa` can be entered: it is in the
+    /// ledger already, or the ledger is not full.
+    pub fn has_room_for(&self, gpa: u64) -> bool {
+        self.contains(gpa) || self.pages.len() < MAX_PAGES
+    }
+
+    /// Pages that came from `source`.
+    pub fn count(&self, source: Source) -> usize {
+        self.pages.values().filter(|e| e.source == source).count()
+    }
+
     /// Whether the page containing `gpa` is sticky-poisoned.
     pub fn is_sticky(&self, gpa: u64) -> bool {
         self.pages

@@ -181,7 +181,7 @@ pub fn create_devices(vm: &VmFd, config: &VmConfig, tx: &EventSender) -> Result<
         agent.clone(),
     )
     .map_err(Error::Bus)?;
-    let einj = super::einj_device(&mut bus, layout::EINJ_START, tx)?;
+    let einj = super::einj_device(&mut bus, layout::EINJ_START, config, tx)?;
     Ok(Devices {
         pio: Bus::new(),
         mmio: bus,

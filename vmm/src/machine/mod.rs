@@ -90,23 +90,30 @@ pub struct Devices {
     pub mmio: devices::bus::Bus,
     /// The agent's UART (also on one of the buses).
     pub agent: std::sync::Arc<std::sync::Mutex<crate::agent::AgentPort>>,
-    /// The EINJ register window (also on the MMIO bus).
-    pub einj: std::sync::Arc<std::sync::Mutex<crate::einj::EinjDevice>>,
+    /// The EINJ register window (also on the MMIO bus), if the guest's
+    /// tables offer EINJ (a Linux boot with ACPI tables).
+    pub einj: Option<std::sync::Arc<std::sync::Mutex<crate::einj::EinjDevice>>>,
 }
 
-/// The EINJ device at `base`, placed on the MMIO bus.
+/// The EINJ device at `base`, placed on the MMIO bus, if `config`'s guest
+/// gets an EINJ table: a Linux boot with ACPI tables.
 fn einj_device(
     mmio: &mut devices::bus::Bus,
     base: u64,
+    config: &crate::config::VmConfig,
     tx: &crate::event::EventSender,
-) -> Result<std::sync::Arc<std::sync::Mutex<crate::einj::EinjDevice>>, Error> {
+) -> Result<Option<std::sync::Arc<std::sync::Mutex<crate::einj::EinjDevice>>>, Error> {
+    use crate::config::{BootSource, BootTables};
+    if !matches!(config.boot, BootSource::Linux { .. }) || config.tables != BootTables::Acpi {
+        return Ok(None);
+    }
     let einj = std::sync::Arc::new(std::sync::Mutex::new(crate::einj::EinjDevice::new(
         base,
         tx.clone(),
     )));
     mmio.insert(base, ras::einj::WINDOW_SIZE, einj.clone())
         .map_err(Error::Bus)?;
-    Ok(einj)
+    Ok(Some(einj))
 }
 
 /// Where the guest console goes, as a writer (`None`: only the in-memory

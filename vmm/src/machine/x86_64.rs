@@ -250,7 +250,7 @@ pub fn create_devices(vm: &VmFd, config: &VmConfig, tx: &EventSender) -> Result<
     // Every other device is on port I/O; the EINJ window's data structure
     // must be memory the OS maps (ACPI 5 SET_ERROR_TYPE_WITH_ADDRESS).
     let mut mmio = Bus::new();
-    let einj = super::einj_device(&mut mmio, layout::EINJ_START, tx)?;
+    let einj = super::einj_device(&mut mmio, layout::EINJ_START, config, tx)?;
     Ok(Devices {
         pio: bus,
         mmio,

@@ -12,6 +12,11 @@ use ras::ledger;
 use super::{lock, GhesInjection, RasController, RasError};
 use crate::event::RasEvent;
 
+/// Most pages the guest may make bad through EINJ in one run: each takes a
+/// frame of host memory offline (MADV_HWPOISON), and the guest is the
+/// system under test.
+pub const MAX_GUEST_EINJ_PAGES: usize = 256;
+
 /// What rasvmm answered an EINJ request.
 #[derive(Debug)]
 pub struct EinjAnswer {
@@ -67,6 +72,17 @@ impl RasController {
             );
         }
         let done = match planned.kind {
+            Kind::Uncorrectable
+                if !lock(&self.ledger).is_sticky(planned.page)
+                    && lock(&self.ledger).count(ledger::Source::GuestEinj)
+                        >= MAX_GUEST_EINJ_PAGES =>
+            {
+                let why = format!(
+                    "the guest has made {MAX_GUEST_EINJ_PAGES} pages bad through EINJ, the most \
+                     rasvmm takes host memory offline for"
+                );
+                return answer(CommandStatus::UnknownFailure, kind, gpa, Some(why), None);
+            }
             Kind::Uncorrectable => self.make_bad(planned.page, ledger::Source::GuestEinj),
             Kind::Correctable | Kind::Fatal => self.ghes_memory_error(&GhesInjection {
                 source: arch::ras::DEFAULT_GHES_SOURCE,

@@ -251,6 +251,11 @@ impl RasController {
             Err(RasError::AlreadyBad(_)) => return Ok(poisoned),
             r => r?,
         };
+        // A page the ledger could not hold would be bad and untracked (never
+        // remapped at a reset): refused before the host poisons it.
+        if !lock(&self.ledger).has_room_for(gpa) {
+            return Err(ledger::Error::Full.into());
+        }
         let (r, err) = vcpu::expecting_sigbus(|| {
             // SAFETY: `hva` is the start of a page of rasvmm's guest mapping;
             // MADV_HWPOISON unmaps it and marks the backing frame poisoned,

@@ -3,7 +3,35 @@
 //! answers; the status and output of `exec` steps (a lab's shell scripts);
 //! and what rasdaemon recorded.
 
+use guest_agent::Command;
 use serde::{Deserialize, Serialize};
+
+use crate::steps::Step;
+
+/// Checks an `exec` expectation's key: the 1-based number of an `exec` step.
+pub(super) fn check_exec_key(index: &str, steps: &[Step]) -> Result<(), String> {
+    let step = crate::steps::number(index)
+        .and_then(|i| usize::try_from(i).ok())
+        .and_then(|i| i.checked_sub(1))
+        .and_then(|i| steps.get(i))
+        .map(|s| match s {
+            Step::When { step, .. } => step.as_ref(),
+            s => s,
+        });
+    match step {
+        Some(Step::Agent {
+            cmd: Command::Exec { .. },
+            ..
+        }) => Ok(()),
+        Some(_) => Err(format!(
+            "expect.exec.{index}: step {index} is not an exec step"
+        )),
+        None => Err(format!(
+            "expect.exec.{index}: there is no step {index} (the scenario has {})",
+            steps.len()
+        )),
+    }
+}
 
 /// One EINJ request the guest made, as an expectation names it.
 #[derive(Debug, Clone, Deserialize, Serialize)]

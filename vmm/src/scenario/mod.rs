@@ -381,8 +381,9 @@ impl Scenario {
                 None => msg,
             }
         })?;
+        let mut steps = Vec::with_capacity(s.steps.len());
         for (i, st) in s.steps.iter().enumerate() {
-            crate::steps::parse(st).map_err(|e| format!("step {}: {e}", i + 1))?;
+            steps.push(crate::steps::parse(st).map_err(|e| format!("step {}: {e}", i + 1))?);
         }
         if let Some(p) = &s.guest.poison_report {
             crate::config::PoisonReport::parse(p).map_err(|e| e.to_string())?;
@@ -407,6 +408,9 @@ impl Scenario {
         for e in all {
             for sig in e.signals.iter().flatten() {
                 signal_code(&sig.code)?;
+            }
+            for index in e.exec.keys() {
+                guest_tools::check_exec_key(index, &steps)?;
             }
             for (i, b) in e.boots.iter().flatten().enumerate() {
                 match b.end.as_deref() {

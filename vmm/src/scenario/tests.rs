@@ -164,3 +164,24 @@ fn every_scenario_in_the_repository_parses() {
     }
     assert!(n > 20, "{n} scenario files");
 }
+
+#[test]
+fn exec_expectations_name_exec_steps() {
+    let with = |exec: &str| {
+        Scenario::parse(&format!(
+            "name = \"x\"\nsteps = [\"alloc-page\", \"exec:true\", \"if einj: exec:true\"]\n\
+             [expect]\noutcome = \"poweroff\"\nexec = {{ {exec} }}"
+        ))
+    };
+    assert!(with("2 = { status = 0 }").is_ok());
+    assert!(with("3 = { status = 0 }").is_ok());
+    assert_eq!(
+        with("1 = { status = 0 }").unwrap_err(),
+        "expect.exec.1: step 1 is not an exec step"
+    );
+    assert_eq!(
+        with("9 = { status = 0 }").unwrap_err(),
+        "expect.exec.9: there is no step 9 (the scenario has 3)"
+    );
+    assert!(with("two = { status = 0 }").is_err());
+}

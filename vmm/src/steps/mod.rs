@@ -15,7 +15,7 @@
 //! | `host-poison:vmm` | the same for a page of rasvmm's own memory, outside guest RAM |
 //! | `page-info:<pfn\|ref>` | kpageflags and HardwareCorrupted for a page |
 //! | `sysctl:<name>[=<value>]` | read or set a sysctl |
-//! | `rasdaemon[:<rows>]` | read what rasdaemon recorded (the rasdaemon guest image), once its tables hold `rows` rows (at most 10 s) |
+//! | `rasdaemon[:<events>]` | read what rasdaemon recorded (the rasdaemon guest image), once its output shows `events` recorded events (at most 10 s) |
 //! | `poweroff` | power the guest off |
 //! | `forge-kho:<bad-magic\|overfull\|huge-blob\|wild-pointer\|consistent>` | test only: the agent writes a forged KHO root into its own memory: kexec count 1000 with a broken hwpoison subtree, or (`consistent`) a valid one with kexec count u32::MAX listing PFN 0x1234 |
 //! | `forge-kho:bare-roots[:<n>]` | test only: the agent writes n (default 16, at most 256) bare KHO roots into the lowest-addressed pages it can get |

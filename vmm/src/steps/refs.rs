@@ -71,10 +71,12 @@ impl Refs {
 
     /// The shell variables an `exec` command line names, for every bound
     /// reference: `<name>_pfn` (the PFN) and `<name>_pa` (its physical
-    /// address), both in hex (`page0_pa=0x1234000`).
+    /// address), both in hex (`page0_pa=0x1234000`); a `-` in a name is `_`
+    /// in its variables (`page_table0_pa`).
     pub fn shell_vars(&self, sh: &str) -> BTreeMap<String, String> {
         let mut vars = BTreeMap::new();
         for (name, pfn) in &self.pfns {
+            let name = name.replace('-', "_");
             let (v_pfn, v_pa) = (format!("{name}_pfn"), format!("{name}_pa"));
             if sh.contains(&v_pfn) {
                 vars.insert(v_pfn, format!("{pfn:#x}"));

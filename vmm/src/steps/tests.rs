@@ -489,9 +489,19 @@ fn rasdaemon_steps_and_exec_variables() {
         }),
         None,
     );
+    refs.learn(
+        &Command::KernelPages {
+            kind: KernelPageKind::PageTable,
+            count: 1,
+            stride: 0,
+            poison: false,
+        },
+        &guest_agent::Payload::KernelPages(vec![0x55]),
+        None,
+    );
     let Ok(Command::Exec { env, .. }) = refs.resolve(
         &Command::Exec {
-            sh: "echo $page0_pa > param1; echo $page0_pfn $page1_pa".into(),
+            sh: "echo $page0_pa > param1; echo $page0_pfn $page1_pa $page_table0_pa".into(),
             env: Default::default(),
         },
         None,
@@ -503,7 +513,8 @@ fn rasdaemon_steps_and_exec_variables() {
         env.into_iter().collect::<Vec<_>>(),
         vec![
             ("page0_pa".to_string(), "0x1234000".to_string()),
-            ("page0_pfn".to_string(), "0x1234".to_string())
+            ("page0_pfn".to_string(), "0x1234".to_string()),
+            ("page_table0_pa".to_string(), "0x55000".to_string()),
         ]
     );
 }

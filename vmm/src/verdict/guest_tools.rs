@@ -56,7 +56,7 @@ pub(super) fn check_einj(
         if let Some(page) = &w.page {
             match refs.named_pfn(page) {
                 None => f.push(format!("'{page}' was never reported")),
-                Some(pfn) if *gpa != pfn.checked_mul(4096) => f.push(format!(
+                Some(pfn) if gpa.is_none() || *gpa != pfn.checked_mul(4096) => f.push(format!(
                     "EINJ request {n} named {}, expected {page} ({:#x})",
                     gpa.map_or("no page".to_string(), |a| format!("{a:#x}")),
                     pfn.saturating_mul(4096)

@@ -49,7 +49,7 @@ fn entries(t: &[u8]) -> Vec<Entry> {
 }
 
 /// Linux's apei_exec_run() for `action` over the window: returns the output.
-fn run(es: &[Entry], w: &mut Window, action: u8, input: u64) -> (u64, Option<Request>) {
+fn run(es: &[Entry], w: &mut Window, action: u8, input: u64) -> (u64, Option<Operation>) {
     let mut out = 0;
     let mut req = None;
     let mut found = false;
@@ -110,14 +110,15 @@ fn inject(
     for (i, chunk) in p.chunks(8).enumerate() {
         w.write(off + 8 * i as u64, chunk);
     }
-    let (_, req) = run(es, w, action::EXECUTE_OPERATION, 0);
-    let req = req.expect("EXECUTE_OPERATION asks the VMM");
+    let (_, op) = run(es, w, action::EXECUTE_OPERATION, 0);
+    let op = op.expect("EXECUTE_OPERATION asks the VMM");
+    let req = op.request;
     assert_eq!(
         run(es, w, action::CHECK_BUSY_STATUS, 0).0,
         1,
         "busy until answered"
     );
-    w.complete(answer(req));
+    w.complete(op.id, answer(req));
     assert_eq!(run(es, w, action::CHECK_BUSY_STATUS, 0).0, 0);
     let status = run(es, w, action::GET_COMMAND_STATUS, 0).0;
     // The trigger table: header only, as einj_check_trigger_header() wants.
@@ -194,7 +195,7 @@ fn writes_while_busy_and_to_read_only_registers_change_nothing() {
     let mut w = Window::new(BASE);
     w.write(PARAMETERS, &0x10u32.to_le_bytes());
     w.write(PARAMETERS + 8, &FLAG_MEMORY.to_le_bytes());
-    assert!(w.write(COMMAND, &2u64.to_le_bytes()).is_some());
+    let op = w.write(COMMAND, &2u64.to_le_bytes()).unwrap();
     assert!(w.busy());
     // A second EXECUTE and new parameters while busy are dropped.
     assert!(w.write(COMMAND, &2u64.to_le_bytes()).is_none());
@@ -215,7 +216,31 @@ fn writes_while_busy_and_to_read_only_registers_change_nothing() {
     w.read(WINDOW_SIZE - 4, &mut far);
     assert_eq!(far, [0; 8]);
     assert!(w.write(u64::MAX - 2, &[1, 2, 3, 4]).is_none());
-    w.complete(CommandStatus::Success);
+    w.complete(op.id, CommandStatus::Success);
+    assert!(!w.busy());
+}
+
+#[test]
+fn an_abandoned_operation_never_answers_the_next() {
+    let t = table(BASE, *b"RASVMM", *b"RASVMM  ");
+    let es = entries(t.as_slice());
+    let mut w = Window::new(BASE);
+    // The OS gives up on an operation the VMM has not answered ...
+    run(&es, &mut w, action::BEGIN_OPERATION, 0);
+    w.write(PARAMETERS, &0x10u32.to_le_bytes());
+    w.write(PARAMETERS + 8, &FLAG_MEMORY.to_le_bytes());
+    let (_, old) = run(&es, &mut w, action::EXECUTE_OPERATION, 0);
+    let old = old.unwrap();
+    // ... and begins the next: not busy, its own parameters taken.
+    let (status, req) = inject(&mut w, &es, 0x8, 0, 0x9000, !0xfff, |_| {
+        CommandStatus::InvalidAccess
+    });
+    assert_eq!((status, req.error_type), (2, 0x8));
+    // The late answer to the first changes nothing.
+    w.complete(old.id, CommandStatus::Success);
+    let mut v = [0u8; 8];
+    w.read(STATUS, &mut v);
+    assert_eq!(u64::from_le_bytes(v), 2);
     assert!(!w.busy());
 }
 
@@ -292,9 +317,9 @@ fn any_guest_write_sequence_is_safe() {
         let off = seed % (WINDOW_SIZE + 16);
         let len = (seed >> 20) as usize % 9;
         let data = seed.to_le_bytes();
-        if let Some(r) = w.write(off, &data[..len]) {
-            let _ = validate(&r);
-            w.complete(CommandStatus::UnknownFailure);
+        if let Some(op) = w.write(off, &data[..len]) {
+            let _ = validate(&op.request);
+            w.complete(op.id, CommandStatus::UnknownFailure);
         }
         let mut out = [0u8; 8];
         w.read(off, &mut out[..len]);
