@@ -97,6 +97,11 @@ impl<'a> RunsSoFar<'a> {
         }
     }
 
+    /// How many runs have finished so far.
+    pub(crate) fn finished(&self) -> usize {
+        self.next
+    }
+
     pub(crate) fn poll(&mut self, on_run: &mut dyn FnMut(usize, &RunResult)) {
         use std::io::{Read, Seek, SeekFrom};
         let Ok(mut f) = std::fs::File::open(self.path) else {

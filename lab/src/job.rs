@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{Backend, Error};
 
@@ -40,6 +40,13 @@ pub struct Job {
     pub timeout: Duration,
     /// Files the runs need (name, source path), named `@job/<name>` in arguments.
     pub files: Vec<(String, PathBuf)>,
+    /// Longest each run may take, counted from the end of the run before
+    /// it (the first run's from the lab host's start, whose boot is
+    /// added). A run past its limit means the lab host stopped making
+    /// progress (rasvmm ends every run by its own deadline): the job ends
+    /// there, incomplete, instead of waiting out [`Job::timeout`]. Runs
+    /// without an entry have only the job's limit.
+    pub run_limits: Vec<Duration>,
 }
 
 impl Job {
@@ -49,7 +56,59 @@ impl Job {
             runs: vec![args.iter().map(|s| s.to_string()).collect()],
             timeout,
             files: Vec::new(),
+            run_limits: Vec::new(),
         }
+    }
+}
+
+/// Watches a job's runs against [`Job::run_limits`]: which run is under
+/// way, since when, and whether it has overstayed.
+#[derive(Debug)]
+pub(crate) struct RunDeadlines<'a> {
+    limits: &'a [Duration],
+    /// Added to the first run's limit: the lab host boots before it.
+    first_extra: Duration,
+    /// The run under way (runs before it have finished).
+    run: usize,
+    since: Instant,
+}
+
+/// A run that overstayed its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Overdue {
+    /// Its index in the job.
+    pub run: usize,
+    /// The limit it had, the lab host's boot included for the first run.
+    pub limit: Duration,
+}
+
+impl<'a> RunDeadlines<'a> {
+    pub(crate) fn new(limits: &'a [Duration], first_extra: Duration, start: Instant) -> Self {
+        RunDeadlines {
+            limits,
+            first_extra,
+            run: 0,
+            since: start,
+        }
+    }
+
+    /// Notes that `finished` runs have finished by `now`; the run under way
+    /// if it is past its limit.
+    pub(crate) fn check(&mut self, finished: usize, now: Instant) -> Option<Overdue> {
+        if finished > self.run {
+            self.run = finished;
+            self.since = now;
+        }
+        let extra = if self.run == 0 {
+            self.first_extra
+        } else {
+            Duration::ZERO
+        };
+        let limit = *self.limits.get(self.run)? + extra;
+        (now.saturating_duration_since(self.since) > limit).then_some(Overdue {
+            run: self.run,
+            limit,
+        })
     }
 }
 
@@ -153,5 +212,47 @@ impl JobResult {
             Some(why) => Err(Error::Lab(why)),
             None => Ok(self),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_is_overdue_only_past_its_own_limit() {
+        let s = Duration::from_secs;
+        let limits = [s(30), s(90)];
+        let t0 = Instant::now();
+        let mut d = RunDeadlines::new(&limits, s(60), t0);
+        // The first run has the lab host's boot on top of its limit.
+        assert_eq!(d.check(0, t0 + s(89)), None);
+        assert_eq!(
+            d.check(0, t0 + s(91)),
+            Some(Overdue {
+                run: 0,
+                limit: s(90)
+            })
+        );
+        // Its end restarts the clock for the next run, at its own limit.
+        assert_eq!(d.check(1, t0 + s(95)), None);
+        assert_eq!(d.check(1, t0 + s(184)), None);
+        assert_eq!(
+            d.check(1, t0 + s(186)),
+            Some(Overdue {
+                run: 1,
+                limit: s(90)
+            })
+        );
+        // Past the last limit only the job's own limit counts.
+        assert_eq!(d.check(2, t0 + s(200)), None);
+        assert_eq!(d.check(2, t0 + s(9000)), None);
+    }
+
+    #[test]
+    fn no_limits_never_overdue() {
+        let t0 = Instant::now();
+        let mut d = RunDeadlines::new(&[], Duration::from_secs(1), t0);
+        assert_eq!(d.check(0, t0 + Duration::from_secs(3600)), None);
     }
 }

@@ -40,7 +40,7 @@ use framing::newc_archive;
 pub use framing::{parse_results, LabOutput};
 use framing::{take_run, RunsSoFar};
 use host::{lab_cmdline, lab_setting, machine_args, output_args};
-use job::{job_file_name, map_arg, Places};
+use job::{job_file_name, map_arg, Places, RunDeadlines};
 pub use job::{
     Job, JobResult, RunResult, JOB_FILE_PREFIX, RASDAEMON_INITRAMFS_PLACEHOLDER,
     VMLINUX_PLACEHOLDER,
@@ -81,6 +81,17 @@ pub enum Error {
     /// A lab host or script did not finish in time.
     #[error("{0} did not finish in time (see {1})")]
     LabTimeout(String, String),
+    /// One run of a job overstayed its own limit: the lab host stopped
+    /// making progress.
+    #[error("run {run} of the job did not finish within {secs} s of the one before it: the lab host stopped making progress (see {log})")]
+    LabStalled {
+        /// The run's index in the job.
+        run: usize,
+        /// Its limit in seconds.
+        secs: u64,
+        /// The lab host's console log.
+        log: String,
+    },
     /// The lab host reported a problem.
     #[error("Lab host error: {0}")]
     Lab(String),
@@ -208,6 +219,7 @@ impl Lab {
                     runs: vec![],
                     timeout,
                     files: files.to_vec(),
+                    run_limits: Vec::new(),
                 };
                 self.run_lab(
                     &job,
@@ -260,7 +272,7 @@ impl Lab {
             }
             s
         });
-        wait_child(&mut child, start + timeout, "sh", &path, &mut || {})?;
+        wait_child(&mut child, start + timeout, "sh", &path, &mut || None)?;
         let text = reader.join().unwrap_or_default();
         let parsed = parse_results(&text);
         if !parsed.done {
@@ -300,6 +312,7 @@ impl Lab {
             runs: vec![],
             timeout,
             files: files.to_vec(),
+            run_limits: Vec::new(),
         };
         self.run_lab(&job, initramfs, Some(script), &mut |_, _| {})?
             .complete()
@@ -319,6 +332,7 @@ impl Lab {
             runs: vec![],
             timeout,
             files: Vec::new(),
+            run_limits: Vec::new(),
         };
         self.run_lab(&job, initramfs, Some(script), &mut |_, _| {})
     }
@@ -508,8 +522,16 @@ impl Lab {
             .spawn()
             .map_err(|e| Error::Spawn(qemu.into(), e))?;
         let mut progress = RunsSoFar::new(&results);
+        let mut deadlines = RunDeadlines::new(&job.run_limits, LAB_MARGIN, start);
         let waited = wait_child(&mut child, start + limit, qemu, &lab_console, &mut || {
-            progress.poll(on_run)
+            progress.poll(on_run);
+            deadlines
+                .check(progress.finished(), Instant::now())
+                .map(|o| Error::LabStalled {
+                    run: o.run,
+                    secs: o.limit.as_secs(),
+                    log: lab_console.display().to_string(),
+                })
         });
         progress.poll(on_run);
         let text = std::fs::read_to_string(&results).unwrap_or_default();
@@ -519,7 +541,7 @@ impl Lab {
         }
         let tail = |p: &Path, n| last_lines(&std::fs::read_to_string(p).unwrap_or_default(), n);
         let incomplete = match waited {
-            Err(e @ Error::LabTimeout(..)) => Some(format!(
+            Err(e @ (Error::LabTimeout(..) | Error::LabStalled { .. })) => Some(format!(
                 "{e}; the lab console ends: {}",
                 tail(&lab_console, 15)
             )),
@@ -569,16 +591,21 @@ pub fn last_lines(text: &str, n: usize) -> String {
 }
 
 /// Waits for `child` until `deadline`; past it, kills it and reports a
-/// timeout naming `log`, the file that shows how far it got.
+/// timeout naming `log`, the file that shows how far it got. `tick` runs
+/// every poll; an error from it kills the child and is returned.
 fn wait_child(
     child: &mut std::process::Child,
     deadline: Instant,
     what: &str,
     log: &Path,
-    tick: &mut dyn FnMut(),
+    tick: &mut dyn FnMut() -> Option<Error>,
 ) -> Result<std::process::ExitStatus, Error> {
     loop {
-        tick();
+        if let Some(e) = tick() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
         match child.try_wait() {
             Ok(Some(status)) => return Ok(status),
             Ok(None) if Instant::now() > deadline => {
@@ -654,6 +681,34 @@ mod tests {
         for bad in ["", "../x", "a/b", ".hidden", "a b"] {
             assert!(job_file_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_stalled_run_ends_the_child_at_once() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let start = Instant::now();
+        let mut ticks = 0;
+        let res = wait_child(
+            &mut child,
+            start + Duration::from_secs(60),
+            "sleep",
+            Path::new("log"),
+            &mut || {
+                ticks += 1;
+                (ticks == 2).then(|| Error::LabStalled {
+                    run: 3,
+                    secs: 90,
+                    log: "log".into(),
+                })
+            },
+        );
+        assert!(
+            matches!(res, Err(Error::LabStalled { run: 3, .. })),
+            "{res:?}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // Killed and reaped.
+        assert!(child.try_wait().unwrap().is_some());
     }
 
     #[test]

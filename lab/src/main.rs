@@ -134,6 +134,7 @@ fn run(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
         runs: vec![args.to_vec()],
         timeout,
         files: Vec::new(),
+        run_limits: Vec::new(),
     };
     let res = lab.run(&job).map_err(|e| chain(&e))?;
     let r = res.runs.first().ok_or("the job produced no run")?;

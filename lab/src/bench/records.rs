@@ -85,6 +85,7 @@ pub fn ghes(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
         runs: job_runs,
         timeout: Duration::from_secs(60 + 45 * u64::from(runs)),
         files: Vec::new(),
+        run_limits: Vec::new(),
     };
     let names: Vec<&str> = arms.iter().map(|(name, ..)| name.trim()).collect();
     eprintln!(

@@ -321,6 +321,9 @@ const CLOCK_CHECK: [&str; 8] = [
     "poweroff",
 ];
 
+/// The clock check's own deadline, as given in [`CLOCK_CHECK`].
+const CLOCK_CHECK_TIMEOUT_S: f64 = 30.0;
+
 /// Longest a guest's `sleep 1` (two agent round trips included) may take
 /// in a healthy lab host: about 1.2 s is usual, and a stalled one takes
 /// more than 4 s (a 1-second poll timer did not fire within 4 s).
@@ -368,8 +371,11 @@ fn job(scenarios: &[(PathBuf, Scenario)], on: &On) -> Job {
     let mut check: Vec<String> = on.images.args.clone();
     check.extend(CLOCK_CHECK.iter().map(|a| a.to_string()));
     job.runs.push(check);
+    job.run_limits.push(Duration::from_secs_f64(
+        CLOCK_CHECK_TIMEOUT_S + PER_SCENARIO_MARGIN,
+    ));
     job.files.extend(on.images.files.iter().cloned());
-    let mut budget = 60.0 + 30.0 + PER_SCENARIO_MARGIN;
+    let mut budget = 60.0 + CLOCK_CHECK_TIMEOUT_S + PER_SCENARIO_MARGIN;
     for (f, s) in scenarios {
         let name = f
             .file_name()
@@ -383,7 +389,13 @@ fn job(scenarios: &[(PathBuf, Scenario)], on: &On) -> Job {
         args.extend(["--scenario".into(), format!("{JOB_FILE_PREFIX}{name}")]);
         job.runs.push(args);
         job.files.push((name, f.clone()));
-        budget += s.guest.timeout_s.unwrap_or(vmm::config::DEFAULT_TIMEOUT_S) + PER_SCENARIO_MARGIN;
+        // rasvmm ends the run by its own deadline; past it and the margin,
+        // the lab host has stopped (a frozen lab host then costs this, not
+        // the whole job's budget).
+        let limit =
+            s.guest.timeout_s.unwrap_or(vmm::config::DEFAULT_TIMEOUT_S) + PER_SCENARIO_MARGIN;
+        job.run_limits.push(Duration::from_secs_f64(limit));
+        budget += limit;
     }
     job.timeout = Duration::from_secs_f64(budget);
     job

@@ -263,3 +263,36 @@ fn a_rasdaemon_scenario_runs_on_the_rasdaemon_image() {
     )
     .is_err());
 }
+
+#[test]
+fn every_run_of_a_suite_job_has_its_own_limit() {
+    let images = project_images();
+    let on = On {
+        kernel: "k",
+        images: &images,
+    };
+    let parse = |t: &str| Scenario::parse(t).unwrap();
+    let quick = parse(
+        "name = \"a\"\nsteps = []\n[guest]\ntimeout_s = 20\n[expect]\noutcome = \"poweroff\"",
+    );
+    let plain = parse("name = \"b\"\nsteps = []\n[expect]\noutcome = \"poweroff\"");
+    let j = job(
+        &[
+            (PathBuf::from("a.toml"), quick),
+            (PathBuf::from("b.toml"), plain),
+        ],
+        &on,
+    );
+    assert_eq!(CLOCK_CHECK[1].parse::<f64>(), Ok(CLOCK_CHECK_TIMEOUT_S));
+    let secs: Vec<f64> = j.run_limits.iter().map(|d| d.as_secs_f64()).collect();
+    assert_eq!(
+        secs,
+        vec![
+            CLOCK_CHECK_TIMEOUT_S + PER_SCENARIO_MARGIN,
+            20.0 + PER_SCENARIO_MARGIN,
+            vmm::config::DEFAULT_TIMEOUT_S + PER_SCENARIO_MARGIN
+        ]
+    );
+    // The job's own budget still holds them all, and the lab host's boot.
+    assert!(j.timeout.as_secs_f64() >= secs.iter().sum::<f64>() + 60.0);
+}
