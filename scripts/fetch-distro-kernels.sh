@@ -14,11 +14,7 @@
 # A suite that no longer carries a series is an error naming what it has.
 source "$(dirname "$0")/lib.sh"
 arch=${1:-}
-case "$arch" in
-x86_64) debarch=amd64 ;;
-aarch64) debarch=arm64 ;;
-*) die "usage: fetch-distro-kernels.sh x86_64|aarch64" ;;
-esac
+debarch=$(debian_arch "$arch" fetch-distro-kernels.sh) || exit 1
 
 cache="$RASVMM_CACHE/distro-kernels/$arch"
 out="$RASVMM_ROOT/target/images/distro/$arch"

@@ -14,11 +14,7 @@
 source "$(dirname "$0")/lib.sh"
 
 arch=${1:-}
-case "$arch" in
-x86_64) debarch=amd64 ;;
-aarch64) debarch=arm64 ;;
-*) die "usage: fetch-rasdaemon.sh x86_64|aarch64" ;;
-esac
+debarch=$(debian_arch "$arch" fetch-rasdaemon.sh) || exit 1
 multiarch=$arch-linux-gnu
 
 dir="$RASVMM_CACHE/rasdaemon/$arch"

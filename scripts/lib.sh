@@ -59,6 +59,16 @@ arm64_apt_init() {
 	arm64_apt_ready=1
 }
 
+# debian_arch <arch>: Debian's name for the architecture (x86_64 -> amd64,
+# aarch64 -> arm64); fails for any other, naming <usage>.
+debian_arch() {
+	case "$1" in
+	x86_64) echo amd64 ;;
+	aarch64) echo arm64 ;;
+	*) die "usage: $2 x86_64|aarch64" ;;
+	esac
+}
+
 # distro_apt_init <debarch>: a private apt set-up for Debian trixie's
 # <debarch> (amd64, arm64) packages, with backports and security, in
 # $RASVMM_CACHE/apt-distro-<debarch> (the machine's apt configuration is not

@@ -4,9 +4,8 @@
 //! guest's wait on the busy bit.
 
 use devices::bus::lock;
-use ras::einj::{CommandStatus, Operation};
+use ras::einj::Operation;
 
-use crate::event::RasEvent;
 use crate::session::Session;
 
 impl Session {
@@ -26,13 +25,7 @@ impl Session {
     /// Records an EINJ request the old boot made that the guest's reset
     /// cut off before rasvmm answered it: nothing was done.
     pub(crate) fn einj_cut_off(&mut self, op: Operation) {
-        self.record(RasEvent::GuestEinj {
-            request: op.request,
-            kind: None,
-            gpa: None,
-            status: CommandStatus::UnknownFailure,
-            reason: Some("the guest reset before rasvmm answered; nothing was done".into()),
-            at_ms: self.vm.ras().now_ms(),
-        });
+        let event = self.vm.ras().einj_cut_off(&op.request);
+        self.record(event);
     }
 }

@@ -374,7 +374,7 @@ fn assemble(
         }
         None => None,
     };
-    let devices = machine::create_devices(&vm, config, tx)?;
+    let devices = machine::create_devices(&vm, config, &loaded, tx)?;
     Ok(Assembled {
         vm,
         irqchip,

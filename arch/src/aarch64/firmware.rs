@@ -95,6 +95,9 @@ pub struct Firmware {
     pub firmware_range: (u64, u64),
     /// Where the kernel Image goes.
     pub kernel_addr: u64,
+    /// The EINJ register window's address, if the tables offer EINJ (ACPI
+    /// mode): the VMM traps it there.
+    pub einj: Option<u64>,
 }
 
 /// The UARTs the tables describe: console (ttyAMA0), then agent (ttyAMA1).
@@ -168,10 +171,13 @@ pub fn build(cfg: &Config<'_>) -> Result<Firmware, Error> {
                 ghes: Vec::new(),
                 firmware_range: (layout::FDT_START, end),
                 kernel_addr: layout::KERNEL_START,
+                // A device-tree guest has no APEI.
+                einj: None,
             })
         }
         BootMode::Acpi => {
             let error_intid = layout::GHES_SPI + layout::SPI_BASE;
+            let einj = Some(layout::EINJ_START);
             let (sources, used) =
                 ghes::layout_for(&Notification::AARCH64, layout::GHES_START, error_intid);
             debug_assert!(used <= layout::GHES_SIZE);
@@ -180,7 +186,7 @@ pub fn build(cfg: &Config<'_>) -> Result<Firmware, Error> {
                 uarts: &uarts,
                 ghes: &sources,
                 error_intid: Some(error_intid),
-                einj: Some(layout::EINJ_START),
+                einj,
             })
             .map_err(Error::Acpi)?;
             let map = efi::memory_map(
@@ -213,6 +219,7 @@ pub fn build(cfg: &Config<'_>) -> Result<Firmware, Error> {
                 ghes: sources,
                 firmware_range: (layout::RAM_START, layout::GHES_START + layout::GHES_SIZE),
                 kernel_addr: layout::KERNEL_START,
+                einj,
             })
         }
     }
@@ -256,6 +263,8 @@ mod tests {
         let kinds: Vec<_> = f.ghes.iter().map(|s| s.notify).collect();
         assert_eq!(kinds, Notification::AARCH64);
         assert!(f.ghes.iter().all(|s| s.gsi == 35));
+        // The tables offer EINJ, whose window the VMM must trap.
+        assert_eq!(f.einj, Some(layout::EINJ_START));
         // The GHES area's registers point at the blocks.
         let (base, g) = f
             .blobs
@@ -291,6 +300,7 @@ mod tests {
         let f = build(&cfg(BootMode::DeviceTree)).unwrap();
         assert_eq!(f.blobs.len(), 1);
         assert!(f.ghes.is_empty());
+        assert_eq!(f.einj, None);
         assert_eq!(f.firmware_range.0, layout::FDT_START);
     }
 

@@ -72,6 +72,8 @@ pub struct Loaded {
     pub ghes_sources: Vec<SourceLayout>,
     /// Guest pages rasvmm itself reads and writes: never to be poisoned.
     pub firmware: std::ops::Range<u64>,
+    /// The EINJ register window's address, if the tables offer EINJ.
+    pub einj: Option<u64>,
 }
 
 /// Loads `image` into `memory` with its firmware tables.
@@ -123,5 +125,6 @@ pub fn load(memory: &GuestMemoryMmap, image: Image<'_>, m: Machine) -> Result<Lo
         fdt: fw.fdt_addr,
         ghes_sources: fw.ghes,
         firmware: fw.firmware_range.0..fw.firmware_range.1,
+        einj: fw.einj,
     })
 }

@@ -89,6 +89,9 @@ pub struct Loaded {
     /// Guest pages rasvmm itself reads and writes (ACPI tables, GHES
     /// blocks): never to be poisoned.
     pub firmware: std::ops::Range<u64>,
+    /// The EINJ register window's address, if the tables offer EINJ (Linux
+    /// guests only): the VMM traps it there.
+    pub einj: Option<u64>,
 }
 
 /// Loads `image` into `memory` and writes the boot tables.
@@ -109,6 +112,7 @@ pub fn load(memory: &GuestMemoryMmap, image: Image<'_>, m: Machine) -> Result<Lo
                 entry: load_addr,
                 ghes_sources: None,
                 firmware,
+                einj: None,
             })
         }
         Image::Linux {
@@ -121,6 +125,8 @@ pub fn load(memory: &GuestMemoryMmap, image: Image<'_>, m: Machine) -> Result<Lo
                 entry,
                 ghes_sources: Some(sources),
                 firmware,
+                // write_acpi_tables offers EINJ there.
+                einj: Some(layout::EINJ_START),
             })
         }
     }

@@ -114,6 +114,7 @@ pub fn load(_kvm: &Kvm, memory: &GuestMemoryMmap, config: &VmConfig) -> Result<L
         // A device-tree guest has no APEI: no sources to report through.
         ghes_sources: (!l.ghes_sources.is_empty()).then_some(l.ghes_sources),
         firmware: l.firmware,
+        einj: l.einj,
     })
 }
 
@@ -159,7 +160,12 @@ pub fn create_irqchip(vm: &VmFd) -> Result<Irqchip, Error> {
 
 /// The devices, all on MMIO: the console and agent PL011s and the EINJ
 /// window.
-pub fn create_devices(vm: &VmFd, config: &VmConfig, tx: &EventSender) -> Result<Devices, Error> {
+pub fn create_devices(
+    vm: &VmFd,
+    config: &VmConfig,
+    loaded: &Loaded,
+    tx: &EventSender,
+) -> Result<Devices, Error> {
     let mut bus = Bus::new();
     let console = Pl011::new(
         irqfd(vm, layout::CONSOLE_UART.spi)?,
@@ -181,7 +187,7 @@ pub fn create_devices(vm: &VmFd, config: &VmConfig, tx: &EventSender) -> Result<
         agent.clone(),
     )
     .map_err(Error::Bus)?;
-    let einj = super::einj_device(&mut bus, layout::EINJ_START, config, tx)?;
+    let einj = super::einj_device(&mut bus, loaded, tx)?;
     Ok(Devices {
         pio: Bus::new(),
         mmio: bus,

@@ -68,6 +68,9 @@ pub struct Loaded {
     /// Guest pages rasvmm itself reads and writes (firmware tables, GHES
     /// blocks): never to be poisoned.
     pub firmware: Range<u64>,
+    /// The EINJ register window's address, if the guest's tables offer
+    /// EINJ: the device goes there.
+    pub einj: Option<u64>,
 }
 
 /// A vCPU created and configured, its thread not started yet.
@@ -95,18 +98,16 @@ pub struct Devices {
     pub einj: Option<std::sync::Arc<std::sync::Mutex<crate::einj::EinjDevice>>>,
 }
 
-/// The EINJ device at `base`, placed on the MMIO bus, if `config`'s guest
-/// gets an EINJ table: a Linux boot with ACPI tables.
+/// The EINJ device, placed on the MMIO bus at the window the guest's
+/// tables offer (`loaded.einj`), if they offer one.
 fn einj_device(
     mmio: &mut devices::bus::Bus,
-    base: u64,
-    config: &crate::config::VmConfig,
+    loaded: &Loaded,
     tx: &crate::event::EventSender,
 ) -> Result<Option<std::sync::Arc<std::sync::Mutex<crate::einj::EinjDevice>>>, Error> {
-    use crate::config::{BootSource, BootTables};
-    if !matches!(config.boot, BootSource::Linux { .. }) || config.tables != BootTables::Acpi {
+    let Some(base) = loaded.einj else {
         return Ok(None);
-    }
+    };
     let einj = std::sync::Arc::new(std::sync::Mutex::new(crate::einj::EinjDevice::new(
         base,
         tx.clone(),

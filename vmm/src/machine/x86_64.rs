@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use arch::x86_64::vm as arch_vm;
-use arch::x86_64::{acpi, board, cpuid, layout, loader, mce as kvm_mce, regs};
+use arch::x86_64::{acpi, board, cpuid, loader, mce as kvm_mce, regs};
 use devices::bus::Bus;
 use devices::legacy::{Cmos, FnTrigger, PowerPorts, SerialPort, I8042};
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
@@ -136,6 +136,7 @@ pub fn load(kvm: &Kvm, memory: &GuestMemoryMmap, config: &VmConfig) -> Result<Lo
         boot_arg: 0,
         ghes_sources: l.ghes_sources,
         firmware: l.firmware,
+        einj: l.einj,
     })
 }
 
@@ -211,7 +212,12 @@ pub fn create_irqchip(_vm: &VmFd) -> Result<Irqchip, Error> {
 
 /// The devices: on port I/O COM1 (console), COM2 (agent), the i8042 reset
 /// line, CMOS and the ACPI power device; on MMIO the EINJ window.
-pub fn create_devices(vm: &VmFd, config: &VmConfig, tx: &EventSender) -> Result<Devices, Error> {
+pub fn create_devices(
+    vm: &VmFd,
+    config: &VmConfig,
+    loaded: &Loaded,
+    tx: &EventSender,
+) -> Result<Devices, Error> {
     let mut bus = Bus::new();
     let place = |bus: &mut Bus, slot: board::Slot, dev| {
         bus.insert(slot.base, slot.len, dev).map_err(Error::Bus)
@@ -250,7 +256,7 @@ pub fn create_devices(vm: &VmFd, config: &VmConfig, tx: &EventSender) -> Result<
     // Every other device is on port I/O; the EINJ window's data structure
     // must be memory the OS maps (ACPI 5 SET_ERROR_TYPE_WITH_ADDRESS).
     let mut mmio = Bus::new();
-    let einj = super::einj_device(&mut mmio, layout::EINJ_START, config, tx)?;
+    let einj = super::einj_device(&mut mmio, loaded, tx)?;
     Ok(Devices {
         pio: bus,
         mmio,

@@ -29,18 +29,43 @@ pub struct EinjAnswer {
 }
 
 impl RasController {
+    /// The event for an EINJ request and its answer.
+    fn einj_event(
+        &self,
+        request: &Request,
+        kind: Option<Kind>,
+        gpa: Option<u64>,
+        status: CommandStatus,
+        reason: Option<String>,
+    ) -> RasEvent {
+        RasEvent::GuestEinj {
+            request: *request,
+            kind,
+            gpa,
+            status,
+            reason,
+            at_ms: self.now_ms(),
+        }
+    }
+
+    /// The event for an EINJ request of the old boot that the guest's reset
+    /// cut off before rasvmm answered it: nothing was done.
+    pub fn einj_cut_off(&self, request: &Request) -> RasEvent {
+        let why = "the guest reset before rasvmm answered; nothing was done";
+        self.einj_event(
+            request,
+            None,
+            None,
+            CommandStatus::UnknownFailure,
+            Some(why.into()),
+        )
+    }
+
     /// Carries out an EINJ request the guest made.
     pub fn guest_einj(&self, request: &Request) -> EinjAnswer {
         let answer = |status, kind, gpa, reason: Option<String>, effect| EinjAnswer {
             status,
-            event: RasEvent::GuestEinj {
-                request: *request,
-                kind,
-                gpa,
-                status,
-                reason,
-                at_ms: self.now_ms(),
-            },
+            event: self.einj_event(request, kind, gpa, status, reason),
             effect,
         };
         let planned = match einj::validate(request) {
