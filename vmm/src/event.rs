@@ -151,8 +151,9 @@ pub enum RasEvent {
         broadcast: bool,
         /// When.
         at_ms: u64,
-        /// rasvmm's own share, microseconds: from the request reaching the
-        /// RAS controller to the last vCPU's injection ioctl returning.
+        /// rasvmm's own share, microseconds: from the request reaching
+        /// rasvmm (the API connection read its line, or the step began) to
+        /// the last vCPU's injection ioctl returning.
         #[serde(default)]
         vmm_us: u64,
         /// The refusal or failure, if any.
@@ -296,6 +297,27 @@ pub enum RasEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         result: Option<String>,
     },
+}
+
+impl RasEvent {
+    /// When it happened, milliseconds from VMM start, for the events that
+    /// say.
+    pub fn at_ms(&self) -> Option<u64> {
+        match self {
+            RasEvent::Poisoned { at_ms, .. }
+            | RasEvent::Injected { at_ms, .. }
+            | RasEvent::InjectedRaw { at_ms, .. }
+            | RasEvent::Consumed { at_ms, .. }
+            | RasEvent::GhesReported { at_ms, .. }
+            | RasEvent::GuestKexec { at_ms, .. }
+            | RasEvent::GuestEinj { at_ms, .. }
+            | RasEvent::HostPoisoned { at_ms, .. }
+            | RasEvent::HostMemoryError { at_ms, .. } => Some(*at_ms),
+            RasEvent::GuestDecoded { .. }
+            | RasEvent::NotifyFailed { .. }
+            | RasEvent::KhoScanned { .. } => None,
+        }
+    }
 }
 
 /// The two host memory-error reports (siginfo si_code of SIGBUS).

@@ -67,7 +67,7 @@ pub fn run_expecting(
     let steps = if missing.is_empty() { steps } else { &[] };
     let mut records = Vec::new();
     for (text, step) in steps {
-        let result = session.perform(step);
+        let result = session.perform(step, std::time::Instant::now());
         let at_ms = ms(session.elapsed());
         let (reply, error) = match result {
             Ok(p) => (p, None),
@@ -152,7 +152,7 @@ fn not_offered(session: &mut Session, scenario: &Scenario) -> Vec<KernelFeature>
             pfn: None,
             bind: None,
         };
-        let _ = session.perform(&poweroff);
+        let _ = session.perform(&poweroff, std::time::Instant::now());
     }
     missing
 }

@@ -141,9 +141,14 @@ impl Session {
         }
     }
 
-    /// Performs one step, resolving references; returns what agent and
-    /// kho-scan steps read.
-    pub fn perform(&mut self, step: &Step) -> Result<Option<StepReply>, StepError> {
+    /// Performs one step that reached rasvmm at `received` (an injection's
+    /// `vmm_us` starts there), resolving references; returns what agent
+    /// and kho-scan steps read.
+    pub fn perform(
+        &mut self,
+        step: &Step,
+        received: Instant,
+    ) -> Result<Option<StepReply>, StepError> {
         let failed = |e: RasError| StepError::Failed(e.to_string());
         match step {
             Step::Agent { cmd, pfn, bind } => {
@@ -168,7 +173,7 @@ impl Session {
                     vcpu: *vcpu,
                     local: *local,
                 };
-                self.inject(&inj).map_err(failed)?;
+                self.inject(&inj, received).map_err(failed)?;
                 Ok(None)
             }
             Step::Poison(target) => {
@@ -250,7 +255,7 @@ impl Session {
                 true if self.lacks(*feature) => Ok(Some(StepReply::NotOffered {
                     not_offered: *feature,
                 })),
-                true => self.perform(step),
+                true => self.perform(step, received),
             },
         }
     }
@@ -272,20 +277,6 @@ impl Session {
                 .map_err(|e| e.to_string()),
             _ => Ok(()),
         }
-    }
-
-    /// Injects a memory error (see [`RasController::inject`]).
-    pub fn inject(&mut self, inj: &Injection) -> Result<(), RasError> {
-        let e = self.vm.ras().inject(inj)?;
-        self.record_ghes(e);
-        Ok(())
-    }
-
-    /// Poisons a page (see [`RasController::poison`]).
-    pub fn poison(&mut self, gpa: u64) -> Result<(), RasError> {
-        let e = self.vm.ras().poison(gpa)?;
-        self.record(e);
-        Ok(())
     }
 
     /// Lets the guest run for `d` (or until the run ends).

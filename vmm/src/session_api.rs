@@ -15,7 +15,11 @@ use crate::steps::{self, Step};
 impl Session {
     /// Serves one control API request.
     pub(crate) fn serve_api(&mut self, call: ApiCall) {
-        let ApiCall { envelope, reply } = call;
+        let ApiCall {
+            envelope,
+            reply,
+            received,
+        } = call;
         let id = envelope.id;
         let answer = match envelope.request {
             Request::Step(text) => match steps::parse(&text) {
@@ -53,7 +57,7 @@ impl Session {
                         }
                     }
                 },
-                Ok(step) => match self.perform(&step) {
+                Ok(step) => match self.perform(&step, received) {
                     Ok(_) => Answer::ok(id, serde_json::Value::Null),
                     Err(e) => Answer::err(id, e),
                 },
@@ -66,7 +70,7 @@ impl Session {
                     misc: raw.misc,
                     mcg_status: raw.mcg_status,
                 };
-                match self.vm.ras().inject_record(raw.vcpu, &record) {
+                match self.vm.ras().inject_record(raw.vcpu, &record, received) {
                     Ok(event) => {
                         self.record(event);
                         Answer::ok(id, serde_json::Value::Null)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::config::HostMceKill;
 use crate::event::RasEvent;
 use crate::host_poison::{self, VmmPage};
-use crate::ras_controller::HostReport;
+use crate::ras_controller::{HostReport, Injection, RasError};
 use crate::session::{Session, MAX_RAS_EVENTS};
 use crate::steps::{HostPoisonTarget, StepError};
 
@@ -18,6 +18,20 @@ use crate::steps::{HostPoisonTarget, StepError};
 const REPORT_WAIT: Duration = Duration::from_secs(5);
 
 impl Session {
+    /// Injects a memory error (see [`crate::ras_controller::RasController::inject`]).
+    pub fn inject(&mut self, inj: &Injection, received: Instant) -> Result<(), RasError> {
+        let e = self.vm.ras().inject(inj, received)?;
+        self.record_ghes(e);
+        Ok(())
+    }
+
+    /// Poisons a page (see [`crate::ras_controller::RasController::poison`]).
+    pub fn poison(&mut self, gpa: u64) -> Result<(), RasError> {
+        let e = self.vm.ras().poison(gpa)?;
+        self.record(e);
+        Ok(())
+    }
+
     /// Records an event, remembering the address of every CPER record it
     /// says rasvmm wrote (a GHES report, an injection or a consumption
     /// reported with a record), for checking the guest's decode.

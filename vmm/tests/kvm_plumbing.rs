@@ -384,11 +384,16 @@ fn a_thousand_injections_and_rasvmms_share_of_each() {
         mcg_status: 0,
     };
     let mut us: Vec<u64> = (0..1000)
-        .map(|i| match vm.ras().inject_record(0, &corrected) {
-            Ok(RasEvent::InjectedRaw {
-                vmm_us, vcpu: 0, ..
-            }) => vmm_us,
-            other => panic!("injection {i}: {other:?}"),
+        .map(|i| {
+            match vm
+                .ras()
+                .inject_record(0, &corrected, std::time::Instant::now())
+            {
+                Ok(RasEvent::InjectedRaw {
+                    vmm_us, vcpu: 0, ..
+                }) => vmm_us,
+                other => panic!("injection {i}: {other:?}"),
+            }
         })
         .collect();
     us.sort_unstable();

@@ -155,6 +155,9 @@ pub struct ApiCall {
     /// Where the answer goes (and, for subscribers, events): bounded, never
     /// blocking, failing once the connection is gone.
     pub reply: Reply,
+    /// When rasvmm had the whole request line: where an injection's
+    /// `vmm_us` starts.
+    pub received: std::time::Instant,
 }
 
 /// Parses a request line (without its newline); the error is what to

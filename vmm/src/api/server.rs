@@ -344,6 +344,7 @@ impl<S: Submit> Conn<'_, S> {
 
     /// Serves one request line; false when the connection must end.
     fn handle(&mut self, line: &[u8]) -> bool {
+        let received = Instant::now();
         let envelope = match decode(line) {
             Ok(e) => e,
             Err(e) => return self.say(Answer::err(0, e)),
@@ -357,7 +358,11 @@ impl<S: Submit> Conn<'_, S> {
                     id: 0,
                     request: Request::Subscribe,
                 };
-                events.submit(ApiCall { envelope, reply })
+                events.submit(ApiCall {
+                    envelope,
+                    reply,
+                    received,
+                })
             }) {
                 Ok(()) => {
                     self.subscribed = true;
@@ -379,6 +384,7 @@ impl<S: Submit> Conn<'_, S> {
         let call = ApiCall {
             envelope,
             reply: reply.clone(),
+            received,
         };
         if !self.events.submit(call) {
             return self.say(Answer::err(id, "the run is over"));

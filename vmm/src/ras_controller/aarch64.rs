@@ -17,7 +17,7 @@ use ras::ledger::Told;
 use ras::mce::{MceRecord, MemoryError};
 
 use super::consumption::Consumption;
-use super::{micros, GhesInjection, Injection, RasController, RasError, VCPU_ANSWER};
+use super::{micros, vcpu_answer, GhesInjection, Injection, RasController, RasError};
 use crate::event::RasEvent;
 use crate::vcpu::VcpuRequest;
 
@@ -78,8 +78,7 @@ impl RasController {
 
     /// Injects a named memory error: `srar` is an SEA with its record on
     /// `vcpu`, `srao` a recoverable record through the GSIV source.
-    pub fn inject(&self, inj: &Injection) -> Result<RasEvent, RasError> {
-        let received = Instant::now();
+    pub fn inject(&self, inj: &Injection, received: Instant) -> Result<RasEvent, RasError> {
         self.check_gpa(inj.gpa)?;
         self.check_vcpu(inj.vcpu)?;
         let source = match inj.error {
@@ -101,8 +100,7 @@ impl RasController {
                 if !sender.send(on_vcpu(inj.vcpu, reply)) {
                     return Err(RasError::VcpuGone(inj.vcpu));
                 }
-                rx.recv_timeout(VCPU_ANSWER)
-                    .map_err(|_| RasError::VcpuGone(inj.vcpu))??;
+                vcpu_answer(&rx).ok_or(RasError::VcpuGone(inj.vcpu))??;
                 Notification::Sea
             }
             MemoryError::Srao => {
@@ -140,7 +138,12 @@ impl RasController {
     }
 
     /// Raw machine-check records are x86's.
-    pub fn inject_record(&self, _vcpu: u8, _record: &MceRecord) -> Result<RasEvent, RasError> {
+    pub fn inject_record(
+        &self,
+        _vcpu: u8,
+        _record: &MceRecord,
+        _received: Instant,
+    ) -> Result<RasEvent, RasError> {
         Err(RasError::Unsupported(
             "raw machine-check records are x86's; on arm64 send a raw CPER record (ghes-raw)",
         ))

@@ -8,6 +8,8 @@
 //! A report for memory that is not guest RAM, or for rasvmm's own firmware
 //! pages, ends the run: rasvmm's own memory failed.
 
+use std::time::Instant;
+
 use devices::bus::lock;
 use ras::cper::Severity;
 use ras::ledger::{self, Told};
@@ -118,12 +120,15 @@ impl RasController {
             })?;
             return Ok(Told::Ghes { source, severity });
         }
-        self.inject(&Injection {
-            error: MemoryError::Srao,
-            gpa: page,
-            vcpu: 0,
-            local: false,
-        })?;
+        self.inject(
+            &Injection {
+                error: MemoryError::Srao,
+                gpa: page,
+                vcpu: 0,
+                local: false,
+            },
+            Instant::now(),
+        )?;
         Ok(Self::ACTION_OPTIONAL)
     }
 }

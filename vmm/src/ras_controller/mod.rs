@@ -53,6 +53,31 @@ fn micros(t: Instant) -> u64 {
 /// How long a vCPU may take to answer an injection request.
 const VCPU_ANSWER: Duration = Duration::from_secs(5);
 
+/// How long the requester spins for a vCPU's answer before it sleeps. A
+/// kicked vCPU usually answers within 20-60 us (exit, checks, one or two
+/// ioctls); sleeping adds a wake-up of the requesting thread to every
+/// injection (about 25 us at the median on this project's CI machines, 40
+/// at the 99th percentile; docs/benchmarks.md).
+const VCPU_ANSWER_SPIN: Duration = Duration::from_micros(150);
+
+/// A vCPU's answer on `rx`: spun for briefly, then waited for up to
+/// [`VCPU_ANSWER`]; `None` if it never came (the vCPU thread is gone or
+/// stuck).
+fn vcpu_answer<T>(rx: &std::sync::mpsc::Receiver<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        match rx.try_recv() {
+            Ok(v) => return Some(v),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
+            Err(std::sync::mpsc::TryRecvError::Empty) if start.elapsed() < VCPU_ANSWER_SPIN => {
+                std::hint::spin_loop()
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => break,
+        }
+    }
+    rx.recv_timeout(VCPU_ANSWER).ok()
+}
+
 /// Why a RAS request was refused. Nothing is injected or poisoned when a
 /// request is refused.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]

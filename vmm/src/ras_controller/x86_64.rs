@@ -13,7 +13,7 @@ use ras::ledger::Told;
 use ras::mce::{self, MceRecord, MemoryError, Planned};
 
 use super::consumption::Consumption;
-use super::{micros, Injection, RasController, RasError, VCPU_ANSWER};
+use super::{micros, vcpu_answer, Injection, RasController, RasError};
 use crate::event::RasEvent;
 use crate::vcpu::VcpuRequest;
 
@@ -77,8 +77,7 @@ impl RasController {
     }
 
     /// Injects a named memory error, checking every target vCPU first.
-    pub fn inject(&self, inj: &Injection) -> Result<RasEvent, RasError> {
-        let received = Instant::now();
+    pub fn inject(&self, inj: &Injection, received: Instant) -> Result<RasEvent, RasError> {
         self.check_gpa(inj.gpa)?;
         self.check_vcpu(inj.vcpu)?;
         if self.setup.mcg_cap == 0 {
@@ -105,8 +104,12 @@ impl RasController {
 
     /// Injects a raw record on `vcpu` (and its broadcast companions, by the
     /// one rule in [`mce::plan`]) after validating it against MCG_CAP.
-    pub fn inject_record(&self, vcpu: u8, record: &MceRecord) -> Result<RasEvent, RasError> {
-        let received = Instant::now();
+    pub fn inject_record(
+        &self,
+        vcpu: u8,
+        record: &MceRecord,
+        received: Instant,
+    ) -> Result<RasEvent, RasError> {
         let broadcast = self.deliver_record(vcpu, record)?;
         Ok(RasEvent::InjectedRaw {
             record: *record,
@@ -179,12 +182,12 @@ impl RasController {
                 }
                 todo = Vec::new();
                 for (p, rx) in replies {
-                    match rx.recv_timeout(VCPU_ANSWER) {
-                        Err(_) => return Err(RasError::VcpuGone(p.vcpu)),
-                        Ok(Err(kvm::Error::EventInFlight(..))) if attempt < IN_FLIGHT_TRIES => {
+                    match vcpu_answer(&rx) {
+                        None => return Err(RasError::VcpuGone(p.vcpu)),
+                        Some(Err(kvm::Error::EventInFlight(..))) if attempt < IN_FLIGHT_TRIES => {
                             todo.push(p)
                         }
-                        Ok(r) => r?,
+                        Some(r) => r?,
                     }
                 }
                 if todo.is_empty() {
