@@ -50,6 +50,9 @@ pub enum Error {
     /// Guest memory cannot be allocated.
     #[error("Cannot allocate {0} MiB of guest memory")]
     Memory(u64, #[source] vm_memory::mmap::FromRangesError),
+    /// Guest memory's mappings cannot be marked MADV_DONTFORK.
+    #[error("Cannot mark guest memory MADV_DONTFORK")]
+    Madvise(#[source] std::io::Error),
     /// Guest memory cannot be registered with KVM.
     #[error("Failed to register guest memory")]
     RegisterMemory(#[source] kvm_ioctls::Error),
@@ -310,22 +313,45 @@ impl Vm {
         joined.into_iter().all(|ok| ok)
     }
 
-    /// Guest RAM resident in this process, in KiB (for overhead accounting).
+    /// Guest RAM resident in this process, in KiB, as VmRSS counts it (for
+    /// overhead accounting; 0 if /proc/self/smaps cannot be read).
     pub fn guest_resident_kib(&self) -> u64 {
-        self.memory
+        let ranges: Vec<std::ops::Range<u64>> = self
+            .memory
             .iter()
-            .map(|r| resident_kib(r.as_ptr(), usize::try_from(r.len()).unwrap_or(0)))
-            .sum()
+            .map(|r| {
+                let start = r.as_ptr() as u64;
+                start..start.saturating_add(r.len())
+            })
+            .collect();
+        std::fs::read_to_string("/proc/self/smaps")
+            .map(|s| crate::report::rss_within_kib(&s, &ranges))
+            .unwrap_or(0)
     }
 }
 
 /// Guest RAM, not yet registered with any KVM VM.
+///
+/// Its mappings are MADV_DONTFORK, as QEMU's and Cloud Hypervisor's guest
+/// RAM is: a child rasvmm starts does not share them, and the flag keeps
+/// the kernel from merging them with rasvmm's own anonymous mappings, so
+/// /proc/self/smaps shows guest RAM apart (see [`Vm::guest_resident_kib`]).
 fn create_memory(mib: u64) -> Result<GuestMemoryMmap, Error> {
     let ranges: Vec<(GuestAddress, usize)> = machine::ram_regions(mib << 20)
         .into_iter()
         .map(|(s, l)| (GuestAddress(s), usize::try_from(l).unwrap_or(usize::MAX)))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(mib, e))
+    let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(mib, e))?;
+    for r in memory.iter() {
+        let len = usize::try_from(r.len()).unwrap_or(usize::MAX);
+        // SAFETY: `r` is one live mapping of `len` bytes that guest memory
+        // owns; MADV_DONTFORK only changes what a fork copies.
+        let rc = unsafe { libc::madvise(r.as_ptr().cast(), len, libc::MADV_DONTFORK) };
+        if rc != 0 {
+            return Err(Error::Madvise(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(memory)
 }
 
 /// Registers guest RAM with a KVM VM (each boot's).
@@ -446,11 +472,6 @@ fn kept_under_image(kvm: &Kvm, config: &VmConfig, kept: &[u64]) -> Result<Option
 }
 
 const PAGE: usize = 4096;
-
-/// Resident KiB of a mapping, by mincore(2).
-fn resident_kib(ptr: *mut u8, len: usize) -> u64 {
-    resident_pages(ptr, len) * (PAGE as u64 / 1024)
-}
 
 /// Resident pages of a mapping, by mincore(2) (0 if it cannot tell).
 fn resident_pages(ptr: *mut u8, len: usize) -> u64 {

@@ -184,3 +184,50 @@ fn clip_respects_char_boundaries() {
     assert_eq!(clip("héllo", 2), "h...");
     assert_eq!(clip("abc", 5), "abc");
 }
+
+#[test]
+#[allow(clippy::single_range_in_vec_init)]
+fn guest_rss_counts_only_mappings_inside_guest_ram() {
+    use super::rss_within_kib;
+    let smaps = "\
+55d0a0000000-55d0a0100000 r-xp 00000000 08:01 123 /usr/bin/rasvmm
+Size:               1024 kB
+Rss:                 700 kB
+7f0000000000-7f0008000000 rw-p 00000000 00:00 0
+Size:             131072 kB
+Rss:               40960 kB
+AnonHugePages:     40960 kB
+7f0008000000-7f0008001000 ---p 00000000 00:00 0
+Rss:                   4 kB
+7f0008001000-7f0010000000 rw-p 00000000 00:00 0
+Rss:                1000 kB
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
+Rss:                  40 kB
+";
+    // Guest RAM split into three mappings (an madvise split them), the
+    // binary and the stack outside.
+    let guest = [0x7f00_0000_0000..0x7f00_1000_0000];
+    assert_eq!(rss_within_kib(smaps, &guest), 40960 + 4 + 1000);
+    // A mapping that only overlaps a range is not inside it.
+    assert_eq!(
+        rss_within_kib(smaps, &[0x7f00_0000_0000..0x7f00_0400_0000]),
+        0
+    );
+    assert_eq!(rss_within_kib(smaps, &[]), 0);
+    // Two guest regions whose mappings touch (and merged): one range.
+    let split = [
+        0x7f00_0800_0000..0x7f00_1000_0000,
+        0x7f00_0000_0000..0x7f00_0800_0000,
+    ];
+    assert_eq!(rss_within_kib(smaps, &split), 40960 + 4 + 1000);
+    // Garbage counts nothing and does not panic.
+    for bad in [
+        "",
+        "Rss: 5 kB",
+        "zz-yy rw-p\nRss: 9 kB",
+        "1-0 rw-p\nRss: 9 kB",
+        "0-ffffffffffffffffff x\nRss: x kB",
+    ] {
+        assert_eq!(rss_within_kib(bad, &[0..u64::MAX]), 0, "{bad:?}");
+    }
+}
