@@ -7,6 +7,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use vmm::report::RunReport;
+
 use crate::{Backend, Error};
 
 /// In a job's arguments, stands for the guest kernel as an ELF vmlinux
@@ -157,28 +159,34 @@ pub struct RunResult {
 }
 
 impl RunResult {
+    /// The report as rasvmm's own type; the error says why there is none.
+    pub fn typed(&self) -> Result<RunReport, String> {
+        let value = self
+            .report
+            .clone()
+            .ok_or_else(|| format!("rasvmm wrote no report: {}", self.stderr.trim()))?;
+        serde_json::from_value(value).map_err(|e| format!("rasvmm's report does not parse: {e}"))
+    }
+
     /// The report's outcome, or "none".
-    pub fn outcome(&self) -> &str {
-        self.report
-            .as_ref()
-            .and_then(|r| r["outcome"].as_str())
-            .unwrap_or("none")
+    pub fn outcome(&self) -> &'static str {
+        self.typed().map_or("none", |r| r.outcome.as_str())
     }
 }
 
 impl fmt::Display for RunResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "exit {}; rasvmm said:\n{}", self.exit, self.stderr)?;
-        if let Some(r) = &self.report {
-            writeln!(f, "outcome: {} ({})", r["outcome"], r["detail"])?;
-            // Where each vCPU was, when rasvmm recorded it (a deadline, a
-            // triple fault, a VMM error).
-            let log = r["log"].as_array().map(Vec::as_slice).unwrap_or_default();
-            for l in log.iter().filter_map(|l| l.as_str()) {
-                if l.starts_with("rasvmm: ") {
+        match self.typed() {
+            Ok(r) => {
+                writeln!(f, "outcome: {} ({})", r.outcome.as_str(), r.detail)?;
+                // Where each vCPU was, when rasvmm recorded it (a deadline,
+                // a triple fault, a VMM error).
+                for l in r.log.iter().filter(|l| l.starts_with("rasvmm: ")) {
                     writeln!(f, "  {l}")?;
                 }
             }
+            Err(e) => writeln!(f, "{e}")?,
         }
         let tail: Vec<&str> = self.console.lines().rev().take(40).collect();
         writeln!(f, "guest console (last {} lines):", tail.len())?;

@@ -166,9 +166,9 @@ fn demo(arch: Arch) -> Result<ExitCode, String> {
     let res = lab.run(&job).map_err(|e| chain(&e))?;
     let r = res.runs.first().ok_or("the job produced no run")?;
     let ready = r
-        .report
-        .as_ref()
-        .and_then(|v| v["agent_ready_ms"].as_u64())
+        .typed()
+        .ok()
+        .and_then(|v| v.agent_ready_ms)
         .map_or("never".to_string(), |ms| {
             format!("{:.2} s", ms as f64 / 1000.0)
         });

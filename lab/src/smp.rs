@@ -11,8 +11,6 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::chain;
 
 /// Most runs of each VMM in one measurement.
@@ -94,15 +92,14 @@ done
         let (who, i) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
         println!("  failure: {who} run {i}");
         if who == "rasvmm" {
-            let r: Value = res
-                .files
-                .get(&format!("rasvmm-{i}"))
-                .and_then(|t| serde_json::from_str(t).ok())
-                .unwrap_or(Value::Null);
-            println!("    outcome {} ({})", r["outcome"], r["detail"]);
-            let log = r["log"].as_array().cloned().unwrap_or_default();
-            for line in log.iter().skip(log.len().saturating_sub(25)) {
-                println!("    | {}", line.as_str().unwrap_or(""));
+            match crate::bench::report(&res.files, &format!("rasvmm-{i}")) {
+                Ok(r) => {
+                    println!("    outcome {} ({})", r.outcome.as_str(), r.detail);
+                    for line in r.log.iter().skip(r.log.len().saturating_sub(25)) {
+                        println!("    | {line}");
+                    }
+                }
+                Err(e) => println!("    {e}"),
             }
             let err = res
                 .files

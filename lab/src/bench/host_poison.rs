@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use guest_agent::{Command, KernelPageKind, Request};
 use lab::{Arch, LAB_GUEST_INITRAMFS};
-use serde_json::Value;
 
 use super::inject::verdict_patterns;
 use super::*;
@@ -360,8 +359,10 @@ for i in $(seq 1 {runs}); do
                 }
                 verdicts.entry(o.verdict).or_default().push(o.ms);
                 if cpu.is_some() {
-                    if let Ok(r) = serde_json::from_str::<Value>(&file(&format!("{tag}-report"))) {
-                        own.extend(event_to_signal_ms(&r, &["host-memory-error"]));
+                    if let Ok(r) = report(&res.files, &format!("{tag}-report")) {
+                        own.extend(event_to_signal_ms(&r, |e| {
+                            matches!(e, RasEvent::HostMemoryError { .. })
+                        }));
                     }
                 }
             }

@@ -4,7 +4,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use lab::{Arch, LAB_GUEST_INITRAMFS};
-use serde_json::Value;
 
 use super::*;
 use crate::chain;
@@ -158,8 +157,10 @@ done
     let mut qemu_user = std::collections::BTreeSet::new();
     for i in 1..=runs {
         rs.push(ms(&format!("rasvmm-sigbus-{i}"))?);
-        if let Ok(report) = serde_json::from_str::<Value>(&file(&format!("rasvmm-report-{i}"))) {
-            r_own_user.extend(event_to_signal_ms(&report, &["poisoned"]));
+        if let Ok(report) = report(&res.files, &format!("rasvmm-report-{i}")) {
+            r_own_user.extend(event_to_signal_ms(&report, |e| {
+                matches!(e, RasEvent::Poisoned { .. })
+            }));
         }
         if x86 {
             r.push(ms(&format!("rasvmm-{i}"))?);

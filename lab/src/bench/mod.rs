@@ -1,11 +1,13 @@
 //! Benchmarks that print rasvmm's figures as ratios against QEMU measured in
 //! the same lab-host run (never timed assertions).
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use lab::{Arch, Backend, Lab, LAB_GUEST_INITRAMFS, LAB_GUEST_RASDAEMON_INITRAMFS};
-use serde_json::Value;
+use vmm::event::RasEvent;
+use vmm::report::RunReport;
 
 use crate::chain;
 
@@ -237,17 +239,14 @@ done
     let mut qemu_ms = Vec::new();
     let mut qemu_rss = Vec::new();
     for i in 1..=runs {
-        let r: Value = res
-            .files
-            .get(&format!("rasvmm-{i}"))
-            .and_then(|t| serde_json::from_str(t).ok())
-            .ok_or(format!("rasvmm run {i} wrote no report"))?;
-        let ready = r["agent_ready_ms"].as_u64().ok_or(format!(
+        let r = report(&res.files, &format!("rasvmm-{i}"))
+            .map_err(|e| format!("rasvmm run {i}: {e}"))?;
+        let ready = r.agent_ready_ms.ok_or(format!(
             "rasvmm run {i} never reached agent ready: {}",
-            r["detail"]
+            r.detail
         ))?;
         rasvmm_ms.push(ready as f64);
-        rasvmm_overhead.push(r["memory_use"]["vmm_overhead_kib"].as_u64().unwrap_or(0) as f64);
+        rasvmm_overhead.push(r.memory_use.vmm_overhead_kib as f64);
         let q = res
             .files
             .get(&format!("qemu-{i}"))
@@ -353,17 +352,24 @@ fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(0.0, f64::max)
 }
 
-/// From a rasvmm report, by the VMM's own clock: the first RAS event of
-/// one of `kinds` (an injection, a GHES report, a poisoning) to the first
+/// The rasvmm report a lab job emitted as file `name`, as rasvmm's type.
+pub(crate) fn report(files: &BTreeMap<String, String>, name: &str) -> Result<RunReport, String> {
+    let text = files.get(name).ok_or("it wrote no report")?;
+    serde_json::from_str(text).map_err(|e| format!("its report does not parse: {e}"))
+}
+
+/// From a rasvmm report, by the VMM's own clock: the first RAS event that
+/// `is` picks (an injection, a GHES report, a poisoning) to the first
 /// signal the agent reported.
-fn event_to_signal_ms(report: &Value, kinds: &[&str]) -> Option<f64> {
-    let at = report["ras_events"]
-        .as_array()?
-        .iter()
-        .find(|e| kinds.iter().any(|k| e["event"] == *k))?["at_ms"]
-        .as_u64()?;
-    let signal = report["signal_ms"].as_array()?.first()?.as_u64()?;
+fn event_to_signal_ms(report: &RunReport, is: fn(&RasEvent) -> bool) -> Option<f64> {
+    let at = report.ras_events.iter().find(|e| is(e))?.at_ms()?;
+    let signal = *report.signal_ms.first()?;
     Some(signal.checked_sub(at)? as f64)
+}
+
+/// An injection or a GHES report: what a latency is measured from.
+fn injected_or_reported(e: &RasEvent) -> bool {
+    matches!(e, RasEvent::GhesReported { .. } | RasEvent::Injected { .. })
 }
 
 /// Where the benchmark's machine check points: 32 MiB, guest RAM in both VMMs.
@@ -374,17 +380,42 @@ mod tests {
     use super::inject::{guest_mce_to_panic_ms, qemu_verdict};
     use super::*;
 
+    fn report_with(events: Vec<RasEvent>, signal_ms: Vec<u64>) -> RunReport {
+        let outcome = vmm::outcome::Outcome {
+            kind: vmm::outcome::OutcomeKind::Poweroff,
+            detail: String::new(),
+            log: Vec::new(),
+        };
+        let mut r = RunReport::new(outcome, "intel", 1, 256);
+        r.ras_events = events;
+        r.signal_ms = signal_ms;
+        r
+    }
+
     #[test]
     fn poison_to_signal_reads_the_report() {
-        let r = serde_json::json!({
-            "ras_events": [{"event": "poisoned", "at_ms": 100}, {"event": "consumed", "at_ms": 101}],
-            "signal_ms": [160]
-        });
-        assert_eq!(event_to_signal_ms(&r, &["poisoned"]), Some(60.0));
+        let poisoned = |e: &RasEvent| matches!(e, RasEvent::Poisoned { .. });
+        let r = report_with(
+            vec![
+                RasEvent::Poisoned {
+                    gpa: 0x1000,
+                    at_ms: 100,
+                },
+                RasEvent::GuestKexec {
+                    kexecs: 1,
+                    at_ms: 101,
+                },
+            ],
+            vec![160],
+        );
+        assert_eq!(event_to_signal_ms(&r, poisoned), Some(60.0));
         assert_eq!(
-            event_to_signal_ms(&serde_json::json!({}), &["poisoned"]),
+            event_to_signal_ms(&report_with(vec![], vec![160]), poisoned),
             None
         );
+        // A signal before the event is no latency.
+        let early = report_with(r.ras_events.clone(), vec![50]);
+        assert_eq!(event_to_signal_ms(&early, poisoned), None);
     }
 
     #[test]
@@ -405,16 +436,22 @@ mod tests {
 
     #[test]
     fn latency_is_injection_to_first_signal() {
-        let r = serde_json::json!({
-            "ras_events": [{"event": "poisoned", "at_ms": 1}, {"event": "ghes-reported", "at_ms": 2000}],
-            "signal_ms": [2042, 3000]
-        });
-        assert_eq!(
-            event_to_signal_ms(&r, &["ghes-reported", "injected"]),
-            Some(42.0)
+        let r = report_with(
+            vec![
+                RasEvent::Poisoned { gpa: 0, at_ms: 1 },
+                RasEvent::GhesReported {
+                    source: ras::ghes::Notification::Nmi,
+                    severity: ras::cper::Severity::Recoverable,
+                    gpa: Some(0x1000),
+                    submitted: ras::ghes::Submitted::Written,
+                    at_ms: 2000,
+                },
+            ],
+            vec![2042, 3000],
         );
+        assert_eq!(event_to_signal_ms(&r, injected_or_reported), Some(42.0));
         assert_eq!(
-            event_to_signal_ms(&serde_json::json!({"ras_events": []}), &["injected"]),
+            event_to_signal_ms(&report_with(vec![], vec![]), injected_or_reported),
             None
         );
     }

@@ -95,15 +95,11 @@ pub fn ghes(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
     let res = lab.run(&job).map_err(|e| chain(&e))?;
     let mut latency: Vec<Vec<f64>> = vec![Vec::new(); arms.len()];
     for (i, r) in res.runs.iter().enumerate() {
-        let report = r.report.as_ref().ok_or(format!(
-            "run {} wrote no report: {}",
-            i + 1,
-            r.stderr.trim()
-        ))?;
-        let ms = event_to_signal_ms(report, &["ghes-reported", "injected"]).ok_or(format!(
+        let report = r.typed().map_err(|e| format!("run {}: {e}", i + 1))?;
+        let ms = event_to_signal_ms(&report, injected_or_reported).ok_or(format!(
             "run {} saw no injection and signal: {}",
             i + 1,
-            report["detail"]
+            report.detail
         ))?;
         latency[i % arms.len()].push(ms);
     }

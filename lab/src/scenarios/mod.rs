@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use vmm::report::RunReport;
 use vmm::scenario::Scenario;
 
 use crate::kernels::{GuestKernel, KernelImages};
@@ -334,11 +333,7 @@ const CLOCK_CHECK_LIMIT_MS: u64 = 3500;
 fn clock_check(r: Option<&RunResult>) -> Result<Option<u64>, String> {
     // The lab host stopped before it: that is handled as a stop.
     let Some(r) = r else { return Ok(None) };
-    let report: RunReport = r
-        .report
-        .clone()
-        .and_then(|v| serde_json::from_value(v).ok())
-        .ok_or_else(|| format!("no report (outcome {})", r.outcome()))?;
+    let report = r.typed()?;
     if report.outcome != vmm::outcome::OutcomeKind::Poweroff {
         return Err(format!("outcome {}", report.outcome.as_str()));
     }
@@ -405,11 +400,7 @@ fn job(scenarios: &[(PathBuf, Scenario)], on: &On) -> Job {
 /// as the report's own type.
 fn judge(s: &Scenario, r: &RunResult, kernel: &str) -> ScenarioResult {
     let value = r.report.clone().unwrap_or(Value::Null);
-    let typed: Result<RunReport, String> = match &r.report {
-        None => Err(format!("rasvmm wrote no report: {}", r.stderr.trim())),
-        Some(v) => serde_json::from_value(v.clone())
-            .map_err(|e| format!("rasvmm's report does not parse: {e}")),
-    };
+    let typed = r.typed();
     let features = typed.as_ref().ok().and_then(|r| r.guest_features.clone());
     let (passed, failures, cpu, seconds, diagnosis, not_applicable) = match &typed {
         Ok(report) => {

@@ -1,6 +1,7 @@
 //! The suite's unit tests.
 
 use super::*;
+use vmm::report::RunReport;
 #[test]
 fn the_built_in_suite_parses() {
     let all = load_dir(&default_dir()).unwrap();
