@@ -49,6 +49,9 @@ pub struct Job {
     /// there, incomplete, instead of waiting out [`Job::timeout`]. Runs
     /// without an entry have only the job's limit.
     pub run_limits: Vec<Duration>,
+    /// Longest the lab host may send nothing on its results channel (for
+    /// scripts that emit as they go): past it, it stopped making progress.
+    pub silence_limit: Option<Duration>,
 }
 
 impl Job {
@@ -59,6 +62,7 @@ impl Job {
             timeout,
             files: Vec::new(),
             run_limits: Vec::new(),
+            silence_limit: None,
         }
     }
 }

@@ -81,14 +81,13 @@ pub enum Error {
     /// A lab host or script did not finish in time.
     #[error("{0} did not finish in time (see {1})")]
     LabTimeout(String, String),
-    /// One run of a job overstayed its own limit: the lab host stopped
-    /// making progress.
-    #[error("run {run} of the job did not finish within {secs} s of the one before it: the lab host stopped making progress (see {log})")]
+    /// One run of a job overstayed its own limit, or the job sent nothing
+    /// for longer than it may: the lab host stopped making progress.
+    #[error("{what}: the lab host stopped making progress (see {log})")]
     LabStalled {
-        /// The run's index in the job.
-        run: usize,
-        /// Its limit in seconds.
-        secs: u64,
+        /// What overstayed: "run 3 of the job did not finish within 90 s
+        /// of the one before it".
+        what: String,
         /// The lab host's console log.
         log: String,
     },
@@ -220,6 +219,7 @@ impl Lab {
                     timeout,
                     files: files.to_vec(),
                     run_limits: Vec::new(),
+                    silence_limit: None,
                 };
                 self.run_lab(
                     &job,
@@ -313,26 +313,29 @@ impl Lab {
             timeout,
             files: files.to_vec(),
             run_limits: Vec::new(),
+            silence_limit: None,
         };
         self.run_lab(&job, initramfs, Some(script), &mut |_, _| {})?
             .complete()
     }
 
-    /// Like [`Lab::run_script`], but a lab host that stops part-way still
-    /// returns what the script emitted until then, with the reason in
-    /// `incomplete` (for measurements that count failures, the lab host's
-    /// own death included).
+    /// Like [`Lab::run_script`], but a lab host that stops part-way, or
+    /// emits nothing for `silence`, still returns what the script emitted
+    /// until then, with the reason in `incomplete` (for measurements that
+    /// count failures, the lab host's own death included).
     pub fn run_script_partial(
         &self,
         script: &str,
         initramfs: &Path,
         timeout: Duration,
+        silence: Duration,
     ) -> Result<JobResult, Error> {
         let job = Job {
             runs: vec![],
             timeout,
             files: Vec::new(),
             run_limits: Vec::new(),
+            silence_limit: Some(silence),
         };
         self.run_lab(&job, initramfs, Some(script), &mut |_, _| {})
     }
@@ -523,15 +526,30 @@ impl Lab {
             .map_err(|e| Error::Spawn(qemu.into(), e))?;
         let mut progress = RunsSoFar::new(&results);
         let mut deadlines = RunDeadlines::new(&job.run_limits, LAB_MARGIN, start);
+        let mut heard = (0u64, start);
         let waited = wait_child(&mut child, start + limit, qemu, &lab_console, &mut || {
             progress.poll(on_run);
-            deadlines
-                .check(progress.finished(), Instant::now())
-                .map(|o| Error::LabStalled {
-                    run: o.run,
-                    secs: o.limit.as_secs(),
-                    log: lab_console.display().to_string(),
-                })
+            let now = Instant::now();
+            let len = std::fs::metadata(&results).map_or(0, |m| m.len());
+            if len != heard.0 {
+                heard = (len, now);
+            }
+            let what = match (deadlines.check(progress.finished(), now), job.silence_limit) {
+                (Some(o), _) => format!(
+                    "run {} of the job did not finish within {} s of the one before it",
+                    o.run,
+                    o.limit.as_secs()
+                ),
+                // The lab host's own boot comes before its first word.
+                (None, Some(quiet)) if now - heard.1 > quiet + LAB_MARGIN * u32::from(len == 0) => {
+                    format!("the job sent nothing for {} s", quiet.as_secs())
+                }
+                _ => return None,
+            };
+            Some(Error::LabStalled {
+                what,
+                log: lab_console.display().to_string(),
+            })
         });
         progress.poll(on_run);
         let text = std::fs::read_to_string(&results).unwrap_or_default();
@@ -696,14 +714,13 @@ mod tests {
             &mut || {
                 ticks += 1;
                 (ticks == 2).then(|| Error::LabStalled {
-                    run: 3,
-                    secs: 90,
+                    what: "run 3".into(),
                     log: "log".into(),
                 })
             },
         );
         assert!(
-            matches!(res, Err(Error::LabStalled { run: 3, .. })),
+            matches!(res, Err(Error::LabStalled { ref what, .. }) if what == "run 3"),
             "{res:?}"
         );
         assert!(start.elapsed() < Duration::from_secs(5));

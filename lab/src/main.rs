@@ -135,6 +135,7 @@ fn run(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
         timeout,
         files: Vec::new(),
         run_limits: Vec::new(),
+        silence_limit: None,
     };
     let res = lab.run(&job).map_err(|e| chain(&e))?;
     let r = res.runs.first().ok_or("the job produced no run")?;

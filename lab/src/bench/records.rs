@@ -86,6 +86,7 @@ pub fn ghes(arch: Arch, args: &[String]) -> Result<ExitCode, String> {
         timeout: Duration::from_secs(60 + 45 * u64::from(runs)),
         files: Vec::new(),
         run_limits: Vec::new(),
+        silence_limit: None,
     };
     let names: Vec<&str> = arms.iter().map(|(name, ..)| name.trim()).collect();
     eprintln!(

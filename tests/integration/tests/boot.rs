@@ -48,6 +48,7 @@ fn job() -> Job {
         timeout: Duration::from_secs(240),
         files: Vec::new(),
         run_limits: Vec::new(),
+        silence_limit: None,
     }
 }
 
