@@ -12,12 +12,16 @@
 //! into scenario files of at most [`CHUNK_BYTES`] (rasvmm reads at most
 //! 1 MiB of scenario), one rasvmm run each, all in one lab-host boot.
 //!
+//! Both architectures: x86_64's agent is COM2 (a 16550A on port I/O),
+//! aarch64's the second PL011 (MMIO), each with its own receive FIFO.
+//!
 //! Requests per variant: [`DEFAULT_COUNT`] on hardware KVM; in the lab host
-//! the channel moves only a few KiB/s (every byte is two nested port-I/O
-//! exits), so there the defaults are [`LAB_QUIET`] and [`LAB_FLOOD`] to stay
-//! near four minutes. `RASVMM_ROUNDTRIP_COUNT` sets both,
-//! `RASVMM_ROUNDTRIP_SEED` the seed. The test prints counts, bytes, timing,
-//! a fit of time against size, and what 1,000 requests would take.
+//! the channel moves only a few KiB/s (every byte is two nested exits), so
+//! there the defaults are [`LabCounts`] per architecture, to stay near four
+//! minutes (x86_64) and one (aarch64). `RASVMM_ROUNDTRIP_COUNT` sets both
+//! variants' counts, `RASVMM_ROUNDTRIP_SEED` the seed. The test prints
+//! counts, bytes, timing, a fit of time against size, and what 1,000
+//! requests would take.
 
 // All of this file is test code: a failed unwrap is a failed test, and the
 // size arithmetic stays far below any truncation.
@@ -27,15 +31,19 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use guest_agent::{encode, Command, Request, MAX_LINE};
-use lab::{Backend, Lab};
+use lab::{Arch, Backend, Lab};
 use serde_json::Value;
 
 /// Requests per variant on hardware KVM.
 const DEFAULT_COUNT: usize = 1000;
-/// Requests with a quiet console in the lab host.
-const LAB_QUIET: usize = 40;
-/// Requests with a flooded console in the lab host.
-const LAB_FLOOD: usize = 20;
+/// Requests with a quiet and with a flooded console in the lab host.
+struct LabCounts {
+    quiet: usize,
+    flood: usize,
+}
+
+/// The two tests share the machine's two cores: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Payloads up to this size are echoed back in full (the rest by length
 /// and CRC-32): keeps the reports small enough to bring back from the lab.
 const ECHO_MAX: usize = 2048;
@@ -44,7 +52,14 @@ const CHUNK_BYTES: usize = 900 * 1024;
 /// Payload characters: nothing that needs quoting in sh or JSON.
 const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.,";
 
-const FLOOD: &str = "yes rasvmm-console-flood-0123456789 >/dev/ttyS0 2>&1 </dev/null &";
+/// The guest's console flood: its console device is named as the lab
+/// host's (the same kernel).
+fn flood(arch: Arch) -> String {
+    format!(
+        "yes rasvmm-console-flood-0123456789 >/dev/{} 2>&1 </dev/null &",
+        arch.console()
+    )
+}
 
 /// xorshift64*: a small, seeded generator (no dependency).
 struct Rng(u64);
@@ -118,8 +133,8 @@ struct Variant {
 }
 
 /// `count` probes (module docs), placed in chunks after `before` steps.
-fn variant(name: &'static str, before: &[&str], count: usize, rng: &mut Rng) -> Variant {
-    let before: Vec<String> = before.iter().map(|s| s.to_string()).collect();
+fn variant(name: &'static str, before: &[String], count: usize, rng: &mut Rng) -> Variant {
+    let before = before.to_vec();
     let first_id = u64::try_from(before.len()).unwrap() + 1;
     // Overhead of a line for request ids of up to five digits.
     let over = line_len(10_000, &command(""));
@@ -272,26 +287,49 @@ fn fit(times: &[(usize, f64)]) -> (f64, f64) {
 }
 
 #[test]
-fn agent_round_trips_with_a_quiet_and_a_flooded_console() {
-    let lab = Lab::new().unwrap_or_else(|e| panic!("{e} ({:?})", std::error::Error::source(&e)));
+fn x86_64_agent_round_trips_with_a_quiet_and_a_flooded_console() {
+    round_trips(
+        Arch::X86_64,
+        LabCounts {
+            quiet: 40,
+            flood: 20,
+        },
+    );
+}
+
+#[test]
+fn aarch64_agent_round_trips_with_a_quiet_and_a_flooded_console() {
+    round_trips(
+        Arch::Aarch64,
+        LabCounts {
+            quiet: 20,
+            flood: 10,
+        },
+    );
+}
+
+fn round_trips(arch: Arch, in_lab: LabCounts) {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let lab =
+        Lab::for_arch(arch).unwrap_or_else(|e| panic!("{e} ({:?})", std::error::Error::source(&e)));
     let env = |k: &str| std::env::var(k).ok().and_then(|s| s.parse::<u64>().ok());
     let (quiet_n, flood_n) = match (env("RASVMM_ROUNDTRIP_COUNT"), lab.backend) {
         (Some(n), _) => (n as usize, n as usize),
         (None, Backend::Direct) => (DEFAULT_COUNT, DEFAULT_COUNT),
-        (None, Backend::Lab) => (LAB_QUIET, LAB_FLOOD),
+        (None, Backend::Lab) => (in_lab.quiet, in_lab.flood),
     };
     let (quiet_n, flood_n) = (quiet_n.max(5), flood_n.max(5));
     let seed = env("RASVMM_ROUNDTRIP_SEED").unwrap_or(0x5eed_0a11) | 1;
     lab::progress(&format!(
-        "agent round trips on {}: {quiet_n} requests, then {flood_n} with the console flooded; seed {seed}",
+        "agent round trips on {} ({arch} guests): {quiet_n} requests, then {flood_n} with the console flooded; seed {seed}",
         lab.backend
     ));
     let mut rng = Rng(seed);
     let variants = [
         variant("quiet", &[], quiet_n, &mut rng),
-        variant("flood", &[FLOOD], flood_n, &mut rng),
+        variant("flood", &[flood(arch)], flood_n, &mut rng),
     ];
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("agent-roundtrip");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("agent-roundtrip-{arch}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let mut files = Vec::new();
