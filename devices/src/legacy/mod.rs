@@ -10,6 +10,7 @@ pub mod linux8250;
 mod misc;
 mod pl011;
 mod serial;
+mod uart;
 
 pub use misc::{Cmos, PowerPorts};
 pub use pl011::Pl011;

@@ -44,13 +44,11 @@
 //! low when it returns unless more than 65,792 bytes arrive within one
 //! interrupt (the agent protocol's longest line is 65,537 bytes).
 
-use std::collections::VecDeque;
 use std::io::Write;
 
-use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::serial::EventFdTrigger;
+use super::uart::UartCore;
 use super::Uart;
 use crate::bus::BusDevice;
 
@@ -113,11 +111,7 @@ pub struct Pl011<W: Write + Send> {
     ifls: u32,
     imsc: u32,
     dmacr: u32,
-    rx: VecDeque<u8>,
-    /// The interrupt line's level as last computed.
-    line: bool,
-    irq: EventFdTrigger,
-    out: W,
+    core: UartCore<W>,
 }
 
 impl<W: Write + Send> Pl011<W> {
@@ -132,53 +126,22 @@ impl<W: Write + Send> Pl011<W> {
             ifls: IFLS_RESET,
             imsc: 0,
             dmacr: 0,
-            rx: VecDeque::with_capacity(FIFO_SIZE),
-            line: false,
-            irq: EventFdTrigger::new(irq),
-            out,
+            core: UartCore::new(irq, out, FIFO_SIZE),
         }
-    }
-
-    /// Queues bytes for the guest to read, as many as the receive FIFO has
-    /// room for; returns how many were queued. None in loopback, where the
-    /// receiver is cut off from the line.
-    pub fn enqueue(&mut self, bytes: &[u8]) -> usize {
-        if self.cr & CR_LBE != 0 {
-            return 0;
-        }
-        let n = bytes.len().min(FIFO_SIZE - self.rx.len());
-        self.rx.extend(&bytes[..n]);
-        self.update_irq();
-        n
-    }
-
-    /// Whether received bytes wait in the FIFO for the guest.
-    pub fn rx_waiting(&self) -> bool {
-        !self.rx.is_empty()
-    }
-
-    /// Whether the interrupt line is asserted (`MIS != 0`).
-    pub fn irq_asserted(&self) -> bool {
-        self.line
-    }
-
-    /// The output sink.
-    pub fn writer_mut(&mut self) -> &mut W {
-        &mut self.out
     }
 
     /// The raw interrupt status: a function of the FIFOs (module docs).
     fn ris(&self) -> u32 {
-        let rx = if self.rx.is_empty() { 0 } else { INT_RX };
+        let rx = if self.core.rx_waiting() { INT_RX } else { 0 };
         rx | INT_TX
     }
 
     fn fr(&self) -> u32 {
         let mut fr = FR_TXFE | FR_CTS | FR_DSR | FR_DCD;
-        if self.rx.is_empty() {
+        if !self.core.rx_waiting() {
             fr |= FR_RXFE;
         }
-        if self.rx.len() >= FIFO_SIZE {
+        if self.core.rx_full() {
             fr |= FR_RXFF;
         }
         fr
@@ -187,17 +150,12 @@ impl<W: Write + Send> Pl011<W> {
     /// Recomputes the interrupt line and raises an edge if it went high.
     fn update_irq(&mut self) {
         let level = self.ris() & self.imsc != 0;
-        if level && !self.line {
-            // An eventfd write fails only when its counter would overflow,
-            // that is with an edge already pending.
-            let _ = self.irq.trigger();
-        }
-        self.line = level;
+        self.core.set_line(level);
     }
 
     fn read_reg(&mut self, offset: u64) -> u32 {
         match offset {
-            DR => self.rx.pop_front().map_or(0, u32::from),
+            DR => self.core.read_byte().map_or(0, u32::from),
             RSR => 0,
             FR => self.fr(),
             ILPR => self.ilpr,
@@ -225,14 +183,9 @@ impl<W: Write + Send> Pl011<W> {
             DR => {
                 let byte = v.to_le_bytes()[0];
                 if self.cr & CR_LBE != 0 {
-                    if self.rx.len() < FIFO_SIZE {
-                        self.rx.push_back(byte);
-                    }
+                    self.core.loop_back(byte);
                 } else {
-                    // An output sink error (a closed console file) must not
-                    // stop the guest; the byte is lost as on a
-                    // disconnected line.
-                    let _ = self.out.write_all(&[byte]).and_then(|()| self.out.flush());
+                    self.core.transmit(byte);
                 }
             }
             // ECR: clears receive errors, of which there are none.
@@ -286,23 +239,32 @@ impl<W: Write + Send> Uart<W> for Pl011<W> {
     fn new(irq: EventFd, out: W) -> Self {
         Pl011::new(irq, out)
     }
+    /// None in loopback, where the receiver is cut off from the line.
     fn enqueue(&mut self, bytes: &[u8]) -> usize {
-        Pl011::enqueue(self, bytes)
+        if self.cr & CR_LBE != 0 {
+            return 0;
+        }
+        let n = self.core.receive(bytes);
+        self.update_irq();
+        n
     }
     fn rx_waiting(&self) -> bool {
-        Pl011::rx_waiting(self)
+        self.core.rx_waiting()
     }
+    /// Asserted when `MIS != 0`.
     fn irq_asserted(&self) -> bool {
-        Pl011::irq_asserted(self)
+        self.core.line()
     }
     fn writer_mut(&mut self) -> &mut W {
-        Pl011::writer_mut(self)
+        self.core.out_mut()
     }
 }
 
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
+    use std::collections::VecDeque;
+
     use super::*;
 
     fn eventfd() -> EventFd {

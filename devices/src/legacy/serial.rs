@@ -52,12 +52,13 @@
 //! line-status or modem-status interrupts (their conditions never arise),
 //! and loopback through MCR.
 
-use std::collections::VecDeque;
 use std::io::{self, Write};
 
 use vm_superio::{I8042Device, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::uart::UartCore;
+use super::Uart;
 use crate::bus::BusDevice;
 
 /// The 16550A receive FIFO's size.
@@ -128,15 +129,11 @@ pub struct SerialPort<W: Write + Send> {
     scr: u8,
     dll: u8,
     dlm: u8,
-    rx: VecDeque<u8>,
     /// The THRE interrupt's latch: set when the transmit holding register
     /// becomes empty (at once after a THR write here) and when IER.THRI is
     /// turned on; cleared by an IIR read that reports it, or a THR write.
     thr_ipending: bool,
-    /// The interrupt line's level as last computed.
-    line: bool,
-    irq: EventFdTrigger,
-    out: W,
+    core: UartCore<W>,
 }
 
 impl<W: Write + Send> SerialPort<W> {
@@ -149,40 +146,9 @@ impl<W: Write + Send> SerialPort<W> {
             scr: 0,
             dll: 0x0c, // 9600 bps
             dlm: 0,
-            rx: VecDeque::with_capacity(FIFO_SIZE),
             thr_ipending: false,
-            line: false,
-            irq: EventFdTrigger::new(irq),
-            out,
+            core: UartCore::new(irq, out, FIFO_SIZE),
         }
-    }
-
-    /// Queues bytes for the guest to read, as many as the receive FIFO has
-    /// room for; returns how many were queued.
-    pub fn enqueue(&mut self, bytes: &[u8]) -> usize {
-        if self.mcr & MCR_LOOP != 0 {
-            // In loopback the receiver is cut off from the line.
-            return 0;
-        }
-        let n = bytes.len().min(FIFO_SIZE - self.rx.len());
-        self.rx.extend(&bytes[..n]);
-        self.update_irq();
-        n
-    }
-
-    /// Whether received bytes wait in the FIFO for the guest.
-    pub fn rx_waiting(&self) -> bool {
-        !self.rx.is_empty()
-    }
-
-    /// Whether the interrupt line is asserted (IIR names a condition).
-    pub fn irq_asserted(&self) -> bool {
-        self.line
-    }
-
-    /// The output sink.
-    pub fn writer_mut(&mut self) -> &mut W {
-        &mut self.out
     }
 
     fn dlab(&self) -> bool {
@@ -190,14 +156,14 @@ impl<W: Write + Send> SerialPort<W> {
     }
 
     fn lsr(&self) -> u8 {
-        let dr = if self.rx.is_empty() { 0 } else { LSR_DR };
+        let dr = if self.core.rx_waiting() { LSR_DR } else { 0 };
         LSR_THRE | LSR_TEMT | dr
     }
 
     /// The interrupt identification, highest priority first (receiver line
     /// status and modem status never arise here).
     fn iir_id(&self) -> u8 {
-        if self.ier & IER_RDI != 0 && !self.rx.is_empty() {
+        if self.ier & IER_RDI != 0 && self.core.rx_waiting() {
             IIR_RDI
         } else if self.ier & IER_THRI != 0 && self.thr_ipending {
             IIR_THRI
@@ -209,12 +175,7 @@ impl<W: Write + Send> SerialPort<W> {
     /// Recomputes the interrupt line and raises an edge if it went high.
     fn update_irq(&mut self) {
         let level = self.iir_id() != IIR_NO_INT;
-        if level && !self.line {
-            // An eventfd write fails only when its counter would overflow,
-            // that is with an edge already pending.
-            let _ = self.irq.trigger();
-        }
-        self.line = level;
+        self.core.set_line(level);
     }
 
     fn msr(&self) -> u8 {
@@ -240,7 +201,7 @@ impl<W: Write + Send> SerialPort<W> {
         match offset {
             DATA if self.dlab() => self.dll,
             IER if self.dlab() => self.dlm,
-            DATA => self.rx.pop_front().unwrap_or(0),
+            DATA => self.core.read_byte().unwrap_or(0),
             IER => self.ier,
             IIR => {
                 let id = self.iir_id();
@@ -266,14 +227,9 @@ impl<W: Write + Send> SerialPort<W> {
             IER if self.dlab() => self.dlm = v,
             DATA => {
                 if self.mcr & MCR_LOOP != 0 {
-                    if self.rx.len() < FIFO_SIZE {
-                        self.rx.push_back(v);
-                    }
+                    self.core.loop_back(v);
                 } else {
-                    // An output sink error (a closed console file) must not
-                    // stop the guest; the byte is lost as on a disconnected
-                    // line.
-                    let _ = self.out.write_all(&[v]).and_then(|()| self.out.flush());
+                    self.core.transmit(v);
                 }
                 // The byte leaves at once: THR is empty again.
                 self.thr_ipending = true;
@@ -315,21 +271,28 @@ impl<W: Write + Send> BusDevice for SerialPort<W> {
     }
 }
 
-impl<W: Write + Send> super::Uart<W> for SerialPort<W> {
+impl<W: Write + Send> Uart<W> for SerialPort<W> {
     fn new(irq: EventFd, out: W) -> Self {
         SerialPort::new(irq, out)
     }
     fn enqueue(&mut self, bytes: &[u8]) -> usize {
-        SerialPort::enqueue(self, bytes)
+        if self.mcr & MCR_LOOP != 0 {
+            // In loopback the receiver is cut off from the line.
+            return 0;
+        }
+        let n = self.core.receive(bytes);
+        self.update_irq();
+        n
     }
     fn rx_waiting(&self) -> bool {
-        SerialPort::rx_waiting(self)
+        self.core.rx_waiting()
     }
+    /// Asserted when IIR names a condition.
     fn irq_asserted(&self) -> bool {
-        SerialPort::irq_asserted(self)
+        self.core.line()
     }
     fn writer_mut(&mut self) -> &mut W {
-        SerialPort::writer_mut(self)
+        self.core.out_mut()
     }
 }
 
@@ -372,6 +335,8 @@ impl<T: Trigger + Send> BusDevice for I8042<T> {
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
+
+    use std::collections::VecDeque;
 
     use super::*;
     use crate::legacy::linux8250::Linux8250;

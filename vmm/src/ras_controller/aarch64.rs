@@ -125,16 +125,7 @@ impl RasController {
             // The SRAO record told the guest already (ghes_memory_error).
             self.reported(inj.gpa, Told::Sea);
         }
-        Ok(RasEvent::Injected {
-            error: inj.error,
-            gpa: inj.gpa,
-            vcpu: inj.vcpu,
-            broadcast: false,
-            at_ms: self.now_ms(),
-            vmm_us,
-            refused: None,
-            ghes: Some(source),
-        })
+        Ok(self.injected(inj, false, vmm_us, Some(source)))
     }
 
     /// Raw machine-check records are x86's.

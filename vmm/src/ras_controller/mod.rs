@@ -231,6 +231,26 @@ impl RasController {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// The event for an injection carried out (both architectures').
+    fn injected(
+        &self,
+        inj: &Injection,
+        broadcast: bool,
+        vmm_us: u64,
+        ghes: Option<Notification>,
+    ) -> RasEvent {
+        RasEvent::Injected {
+            error: inj.error,
+            gpa: inj.gpa,
+            vcpu: inj.vcpu,
+            broadcast,
+            at_ms: self.now_ms(),
+            vmm_us,
+            refused: None,
+            ghes,
+        }
+    }
+
     /// The poisoned pages.
     pub fn ledger(&self) -> Vec<ledger::Entry> {
         lock(&self.ledger).entries()

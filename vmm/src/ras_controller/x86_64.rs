@@ -90,16 +90,7 @@ impl RasController {
         let broadcast = self.deliver_record(inj.vcpu, &record)?;
         let vmm_us = micros(received);
         self.reported(inj.gpa, Told::MachineCheck(inj.error));
-        Ok(RasEvent::Injected {
-            error: inj.error,
-            gpa: inj.gpa,
-            vcpu: inj.vcpu,
-            broadcast,
-            at_ms: self.now_ms(),
-            vmm_us,
-            refused: None,
-            ghes: None,
-        })
+        Ok(self.injected(inj, broadcast, vmm_us, None))
     }
 
     /// Injects a raw record on `vcpu` (and its broadcast companions, by the
