@@ -43,11 +43,13 @@ pub struct Job {
     /// Files the runs need (name, source path), named `@job/<name>` in arguments.
     pub files: Vec<(String, PathBuf)>,
     /// Longest each run may take, counted from the end of the run before
-    /// it (the first run's from the lab host's start, whose boot is
-    /// added). A run past its limit means the lab host stopped making
-    /// progress (rasvmm ends every run by its own deadline): the job ends
-    /// there, incomplete, instead of waiting out [`Job::timeout`]. Runs
-    /// without an entry have only the job's limit.
+    /// it (the first run's from the job's start in the lab host). A run
+    /// past its limit means the lab host stopped making progress (rasvmm
+    /// ends every run by its own deadline, its watchdog 10 s after it at
+    /// the latest): the job ends there, incomplete, instead of waiting out
+    /// [`Job::timeout`]. With limits, the lab host's boot and its power-off
+    /// get two minutes each. Runs without an entry have only the job's
+    /// limit; so have jobs without limits.
     pub run_limits: Vec<Duration>,
     /// Longest the lab host may send nothing on its results channel (for
     /// scripts that emit as they go): past it, it stopped making progress.
@@ -67,54 +69,95 @@ impl Job {
     }
 }
 
-/// Watches a job's runs against [`Job::run_limits`]: which run is under
-/// way, since when, and whether it has overstayed.
+/// Watches a job's runs against [`Job::run_limits`]: which part of the job
+/// is under way (the lab host's boot, a run, its power-off), since when,
+/// and whether it has overstayed. Jobs without run limits have only the
+/// job's own.
 #[derive(Debug)]
 pub(crate) struct RunDeadlines<'a> {
     limits: &'a [Duration],
-    /// Added to the first run's limit: the lab host boots before it.
-    first_extra: Duration,
+    /// Longest the lab host may take to start the job (its boot) and to
+    /// power off after the last run.
+    margin: Duration,
+    started: bool,
     /// The run under way (runs before it have finished).
     run: usize,
     since: Instant,
 }
 
-/// A run that overstayed its limit.
+/// What overstayed its limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Overdue {
-    /// Its index in the job.
-    pub run: usize,
-    /// The limit it had, the lab host's boot included for the first run.
-    pub limit: Duration,
+pub(crate) enum Overdue {
+    /// The lab host did not start the job.
+    Boot(Duration),
+    /// Run `.0` did not finish.
+    Run(usize, Duration),
+    /// The lab host did not power off after the last run.
+    PowerOff(Duration),
+}
+
+impl fmt::Display for Overdue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Overdue::Boot(l) => write!(
+                f,
+                "the lab host did not start the job within {} s",
+                l.as_secs()
+            ),
+            Overdue::Run(i, l) => write!(
+                f,
+                "run {i} of the job did not finish within {} s of the one before it",
+                l.as_secs()
+            ),
+            Overdue::PowerOff(l) => write!(
+                f,
+                "the lab host did not power off within {} s of the last run",
+                l.as_secs()
+            ),
+        }
+    }
 }
 
 impl<'a> RunDeadlines<'a> {
-    pub(crate) fn new(limits: &'a [Duration], first_extra: Duration, start: Instant) -> Self {
+    pub(crate) fn new(limits: &'a [Duration], margin: Duration, start: Instant) -> Self {
         RunDeadlines {
             limits,
-            first_extra,
+            margin,
+            started: false,
             run: 0,
             since: start,
         }
     }
 
-    /// Notes that `finished` runs have finished by `now`; the run under way
-    /// if it is past its limit.
-    pub(crate) fn check(&mut self, finished: usize, now: Instant) -> Option<Overdue> {
+    /// Notes whether the job has `started` (the lab host said so on its
+    /// results channel) and how many runs have `finished` by `now`; what is
+    /// past its limit, if anything.
+    pub(crate) fn check(
+        &mut self,
+        started: bool,
+        finished: usize,
+        now: Instant,
+    ) -> Option<Overdue> {
+        if self.limits.is_empty() {
+            return None;
+        }
+        if started && !self.started {
+            self.started = true;
+            self.since = now;
+        }
         if finished > self.run {
             self.run = finished;
             self.since = now;
         }
-        let extra = if self.run == 0 {
-            self.first_extra
-        } else {
-            Duration::ZERO
+        let overdue = match self.limits.get(self.run) {
+            _ if !self.started => Overdue::Boot(self.margin),
+            Some(l) => Overdue::Run(self.run, *l),
+            None => Overdue::PowerOff(self.margin),
         };
-        let limit = *self.limits.get(self.run)? + extra;
-        (now.saturating_duration_since(self.since) > limit).then_some(Overdue {
-            run: self.run,
-            limit,
-        })
+        let limit = match overdue {
+            Overdue::Boot(l) | Overdue::Run(_, l) | Overdue::PowerOff(l) => l,
+        };
+        (now.saturating_duration_since(self.since) > limit).then_some(overdue)
     }
 }
 
@@ -232,39 +275,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_run_is_overdue_only_past_its_own_limit() {
+    fn each_part_of_a_job_is_overdue_only_past_its_own_limit() {
         let s = Duration::from_secs;
         let limits = [s(30), s(90)];
         let t0 = Instant::now();
         let mut d = RunDeadlines::new(&limits, s(60), t0);
-        // The first run has the lab host's boot on top of its limit.
-        assert_eq!(d.check(0, t0 + s(89)), None);
-        assert_eq!(
-            d.check(0, t0 + s(91)),
-            Some(Overdue {
-                run: 0,
-                limit: s(90)
-            })
-        );
+        // The lab host's boot, until it says the job started.
+        assert_eq!(d.check(false, 0, t0 + s(59)), None);
+        assert_eq!(d.check(false, 0, t0 + s(61)), Some(Overdue::Boot(s(60))));
+        // Run 0's clock starts with the job, whenever that is.
+        assert_eq!(d.check(true, 0, t0 + s(100)), None);
+        assert_eq!(d.check(true, 0, t0 + s(129)), None);
+        assert_eq!(d.check(true, 0, t0 + s(131)), Some(Overdue::Run(0, s(30))));
         // Its end restarts the clock for the next run, at its own limit.
-        assert_eq!(d.check(1, t0 + s(95)), None);
-        assert_eq!(d.check(1, t0 + s(184)), None);
+        assert_eq!(d.check(true, 1, t0 + s(135)), None);
+        assert_eq!(d.check(true, 1, t0 + s(224)), None);
+        assert_eq!(d.check(true, 1, t0 + s(226)), Some(Overdue::Run(1, s(90))));
+        // After the last run, the power-off.
+        assert_eq!(d.check(true, 2, t0 + s(230)), None);
         assert_eq!(
-            d.check(1, t0 + s(186)),
-            Some(Overdue {
-                run: 1,
-                limit: s(90)
-            })
+            d.check(true, 2, t0 + s(291)),
+            Some(Overdue::PowerOff(s(60)))
         );
-        // Past the last limit only the job's own limit counts.
-        assert_eq!(d.check(2, t0 + s(200)), None);
-        assert_eq!(d.check(2, t0 + s(9000)), None);
+        assert_eq!(
+            Overdue::Run(3, s(90)).to_string(),
+            "run 3 of the job did not finish within 90 s of the one before it"
+        );
     }
 
     #[test]
     fn no_limits_never_overdue() {
         let t0 = Instant::now();
         let mut d = RunDeadlines::new(&[], Duration::from_secs(1), t0);
-        assert_eq!(d.check(0, t0 + Duration::from_secs(3600)), None);
+        assert_eq!(d.check(false, 0, t0 + Duration::from_secs(3600)), None);
+        assert_eq!(d.check(true, 5, t0 + Duration::from_secs(3600)), None);
     }
 }

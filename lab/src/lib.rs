@@ -525,24 +525,33 @@ impl Lab {
             .spawn()
             .map_err(|e| Error::Spawn(qemu.into(), e))?;
         let mut progress = RunsSoFar::new(&results);
-        let mut deadlines = RunDeadlines::new(&job.run_limits, LAB_MARGIN, start);
+        // The lab host's boot may take the job's margin, and as long again
+        // on a slow machine; so may its power-off.
+        let mut deadlines = RunDeadlines::new(&job.run_limits, 2 * LAB_MARGIN, start);
         let mut heard = (0u64, start);
         let waited = wait_child(&mut child, start + limit, qemu, &lab_console, &mut || {
             progress.poll(on_run);
             let now = Instant::now();
+            // The lab host's first word on the results channel is the
+            // job's start (images/lab-init).
             let len = std::fs::metadata(&results).map_or(0, |m| m.len());
             if len != heard.0 {
                 heard = (len, now);
             }
-            let what = match (deadlines.check(progress.finished(), now), job.silence_limit) {
-                (Some(o), _) => format!(
-                    "run {} of the job did not finish within {} s of the one before it",
-                    o.run,
-                    o.limit.as_secs()
-                ),
-                // The lab host's own boot comes before its first word.
-                (None, Some(quiet)) if now - heard.1 > quiet + LAB_MARGIN * u32::from(len == 0) => {
+            let started = len > 0;
+            let what = match (
+                deadlines.check(started, progress.finished(), now),
+                job.silence_limit,
+            ) {
+                (Some(o), _) => o.to_string(),
+                (None, Some(quiet)) if started && now - heard.1 > quiet => {
                     format!("the job sent nothing for {} s", quiet.as_secs())
+                }
+                (None, Some(_)) if !started && now - start > 2 * LAB_MARGIN => {
+                    format!(
+                        "the lab host did not start the job within {} s",
+                        (2 * LAB_MARGIN).as_secs()
+                    )
                 }
                 _ => return None,
             };
@@ -559,6 +568,8 @@ impl Lab {
         }
         let tail = |p: &Path, n| last_lines(&std::fs::read_to_string(p).unwrap_or_default(), n);
         let incomplete = match waited {
+            // Every run and the script finished: only the power-off hung.
+            Err(Error::LabTimeout(..) | Error::LabStalled { .. }) if parsed.done => None,
             Err(e @ (Error::LabTimeout(..) | Error::LabStalled { .. })) => Some(format!(
                 "{e}; the lab console ends: {}",
                 tail(&lab_console, 15)
@@ -573,11 +584,14 @@ impl Lab {
         };
         let mut files = parsed.files;
         let mut runs = Vec::new();
-        // An incomplete job keeps only the runs that finished (in order).
+        // An incomplete job keeps only the runs that finished (in order),
+        // all their files sent: a run cut off while sending them is the
+        // one the lab host stopped in.
         let finished = if incomplete.is_some() {
             (0..job.runs.len())
                 .take_while(|i| parsed.exits.contains_key(i))
                 .count()
+                .min(progress.finished())
         } else {
             job.runs.len()
         };

@@ -63,9 +63,10 @@ done
             &script,
             &image,
             Duration::from_secs(120 + 60 * u64::from(runs_checked)),
-            // Each boot has 60 s and emits its tally line when it ends: a
-            // lab host silent for longer has frozen (docs/lab-host.md).
-            Duration::from_secs(90),
+            // Each boot has 60 s (rasvmm's watchdog 10 s more) and emits its
+            // tally line when it ends: a lab host silent for twice that has
+            // frozen (docs/lab-host.md).
+            Duration::from_secs(140),
         )
         .map_err(|e| chain(&e))?;
     // Each run's line was emitted as it finished, so a lab host that dies

@@ -152,8 +152,9 @@ pub enum RasEvent {
         /// When.
         at_ms: u64,
         /// rasvmm's own share, microseconds: from the request reaching
-        /// rasvmm (the API connection read its line, or the step began) to
-        /// the last vCPU's injection ioctl returning.
+        /// rasvmm (the API connection read its line, the step began, or,
+        /// for a host's early report, rasvmm began forwarding it) to the
+        /// last vCPU's injection ioctl returning.
         #[serde(default)]
         vmm_us: u64,
         /// The refusal or failure, if any.

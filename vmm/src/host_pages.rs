@@ -11,6 +11,9 @@
 //! hwpoison entry is one), and a one-byte process_vm_readv(2) of such a
 //! page fails with EFAULT where a direct read would raise SIGBUS; a page
 //! that is merely swapped out is read back in, as a direct read would.
+//!
+//! Also how much of guest RAM is resident, as the kernel's RSS counts it
+//! (for the report's memory use): [`rss_within_kib`].
 
 use std::fs::File;
 use std::io;
@@ -90,6 +93,53 @@ fn readable(hva: u64) -> bool {
     n == 1
 }
 
+/// Most mappings read from /proc/self/smaps: rasvmm has a few dozen.
+const MAX_SMAPS_MAPPINGS: usize = 4096;
+
+/// The `Rss:` of the mappings in `smaps` (/proc/PID/smaps text) that lie
+/// inside `ranges` (host addresses, start..end; ranges that touch count as
+/// one, as the kernel may merge their mappings), KiB: resident memory as
+/// VmRSS counts it, so the two can be subtracted. mincore(2) cannot be used
+/// for that: it also reports the zero pages KVM maps for reads of
+/// untouched guest memory, which VmRSS does not count.
+pub fn rss_within_kib(smaps: &str, ranges: &[std::ops::Range<u64>]) -> u64 {
+    let mut sorted = ranges.to_vec();
+    sorted.sort_by_key(|r| r.start);
+    let mut ranges: Vec<std::ops::Range<u64>> = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        match ranges.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => ranges.push(r),
+        }
+    }
+    let mut total = 0u64;
+    let mut inside = false;
+    let mut mappings = 0;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let Some(first) = words.next() else { continue };
+        if let Some((start, end)) = first.split_once('-') {
+            // A mapping's header: "start-end perms offset dev inode [path]".
+            mappings += 1;
+            if mappings > MAX_SMAPS_MAPPINGS {
+                break;
+            }
+            let hex = |s: &str| u64::from_str_radix(s, 16).ok();
+            inside = match (hex(start), hex(end)) {
+                (Some(s), Some(e)) => ranges.iter().any(|r| r.start <= s && e <= r.end && s < e),
+                _ => false,
+            };
+        } else if inside && first == "Rss:" {
+            let kib = words
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            total = total.saturating_add(kib);
+        }
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -109,5 +159,52 @@ mod tests {
         assert!(readable(hva));
         // An address rasvmm does not map cannot be read, and says so.
         assert!(!readable(8));
+    }
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)]
+    fn guest_rss_counts_only_mappings_inside_guest_ram() {
+        use super::rss_within_kib;
+        let smaps = "\
+    55d0a0000000-55d0a0100000 r-xp 00000000 08:01 123 /usr/bin/rasvmm
+    Size:               1024 kB
+    Rss:                 700 kB
+    7f0000000000-7f0008000000 rw-p 00000000 00:00 0
+    Size:             131072 kB
+    Rss:               40960 kB
+    AnonHugePages:     40960 kB
+    7f0008000000-7f0008001000 ---p 00000000 00:00 0
+    Rss:                   4 kB
+    7f0008001000-7f0010000000 rw-p 00000000 00:00 0
+    Rss:                1000 kB
+    7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
+    Rss:                  40 kB
+    ";
+        // Guest RAM split into three mappings (an madvise split them), the
+        // binary and the stack outside.
+        let guest = [0x7f00_0000_0000..0x7f00_1000_0000];
+        assert_eq!(rss_within_kib(smaps, &guest), 40960 + 4 + 1000);
+        // A mapping that only overlaps a range is not inside it.
+        assert_eq!(
+            rss_within_kib(smaps, &[0x7f00_0000_0000..0x7f00_0400_0000]),
+            0
+        );
+        assert_eq!(rss_within_kib(smaps, &[]), 0);
+        // Two guest regions whose mappings touch (and merged): one range.
+        let split = [
+            0x7f00_0800_0000..0x7f00_1000_0000,
+            0x7f00_0000_0000..0x7f00_0800_0000,
+        ];
+        assert_eq!(rss_within_kib(smaps, &split), 40960 + 4 + 1000);
+        // Garbage counts nothing and does not panic.
+        for bad in [
+            "",
+            "Rss: 5 kB",
+            "zz-yy rw-p\nRss: 9 kB",
+            "1-0 rw-p\nRss: 9 kB",
+            "0-ffffffffffffffffff x\nRss: x kB",
+        ] {
+            assert_eq!(rss_within_kib(bad, &[0..u64::MAX]), 0, "{bad:?}");
+        }
     }
 }

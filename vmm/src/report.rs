@@ -418,53 +418,6 @@ pub fn process_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Most mappings read from /proc/self/smaps: rasvmm has a few dozen.
-const MAX_SMAPS_MAPPINGS: usize = 4096;
-
-/// The `Rss:` of the mappings in `smaps` (/proc/PID/smaps text) that lie
-/// inside `ranges` (host addresses, start..end; ranges that touch count as
-/// one, as the kernel may merge their mappings), KiB: resident memory as
-/// VmRSS counts it, so the two can be subtracted. mincore(2) cannot be used
-/// for that: it also reports the zero pages KVM maps for reads of
-/// untouched guest memory, which VmRSS does not count.
-pub fn rss_within_kib(smaps: &str, ranges: &[std::ops::Range<u64>]) -> u64 {
-    let mut sorted = ranges.to_vec();
-    sorted.sort_by_key(|r| r.start);
-    let mut ranges: Vec<std::ops::Range<u64>> = Vec::with_capacity(sorted.len());
-    for r in sorted {
-        match ranges.last_mut() {
-            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-            _ => ranges.push(r),
-        }
-    }
-    let mut total = 0u64;
-    let mut inside = false;
-    let mut mappings = 0;
-    for line in smaps.lines() {
-        let mut words = line.split_whitespace();
-        let Some(first) = words.next() else { continue };
-        if let Some((start, end)) = first.split_once('-') {
-            // A mapping's header: "start-end perms offset dev inode [path]".
-            mappings += 1;
-            if mappings > MAX_SMAPS_MAPPINGS {
-                break;
-            }
-            let hex = |s: &str| u64::from_str_radix(s, 16).ok();
-            inside = match (hex(start), hex(end)) {
-                (Some(s), Some(e)) => ranges.iter().any(|r| r.start <= s && e <= r.end && s < e),
-                _ => false,
-            };
-        } else if inside && first == "Rss:" {
-            let kib = words
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-            total = total.saturating_add(kib);
-        }
-    }
-    total
-}
-
 fn is_false(b: &bool) -> bool {
     !*b
 }

@@ -255,7 +255,8 @@ impl Session {
                 true if self.lacks(*feature) => Ok(Some(StepReply::NotOffered {
                     not_offered: *feature,
                 })),
-                true => self.perform(step, received),
+                // The wait for the agent is not rasvmm's share.
+                true => self.perform(step, Instant::now()),
             },
         }
     }

@@ -325,7 +325,7 @@ impl Vm {
             })
             .collect();
         std::fs::read_to_string("/proc/self/smaps")
-            .map(|s| crate::report::rss_within_kib(&s, &ranges))
+            .map(|s| crate::host_pages::rss_within_kib(&s, &ranges))
             .unwrap_or(0)
     }
 }

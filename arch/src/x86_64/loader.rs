@@ -90,7 +90,7 @@ pub struct Loaded {
     /// blocks): never to be poisoned.
     pub firmware: std::ops::Range<u64>,
     /// The EINJ register window's address, if the tables offer EINJ (Linux
-    /// guests only): the VMM traps it there.
+    /// guests only; the address the tables give): the VMM traps it there.
     pub einj: Option<u64>,
 }
 
@@ -120,13 +120,12 @@ pub fn load(memory: &GuestMemoryMmap, image: Image<'_>, m: Machine) -> Result<Lo
             initramfs,
             cmdline,
         } => {
-            let (entry, sources) = load_linux(memory, kernel, initramfs, cmdline, m)?;
+            let (entry, sources, einj) = load_linux(memory, kernel, initramfs, cmdline, m)?;
             Ok(Loaded {
                 entry,
                 ghes_sources: Some(sources),
                 firmware,
-                // write_acpi_tables offers EINJ there.
-                einj: Some(layout::EINJ_START),
+                einj: Some(einj),
             })
         }
     }
@@ -138,7 +137,7 @@ fn load_linux(
     initramfs: Option<&Path>,
     cmdline: &str,
     m: Machine,
-) -> Result<(u64, Vec<SourceLayout>), Error> {
+) -> Result<(u64, Vec<SourceLayout>, u64), Error> {
     let kname = kernel.display().to_string();
     let mut kf = File::open(kernel).map_err(|e| Error::Read("kernel", kname.clone(), e))?;
     let mut magic = [0u8; 4];
@@ -171,7 +170,8 @@ fn load_linux(
     };
     let (sources, ghes_size) = ras::ghes::layout(layout::GHES_START, board::GHES_GSI);
     debug_assert!(ghes_size <= layout::GHES_SIZE);
-    let tables = write_acpi_tables(memory, m.vcpus, &sources)?;
+    let einj = layout::EINJ_START;
+    let tables = write_acpi_tables(memory, m.vcpus, &sources, einj)?;
     let acpi_size = tables.size.next_multiple_of(0x1000);
     let e820 = boot::e820_map(
         m.mem_size,
@@ -191,17 +191,19 @@ fn load_linux(
     memory
         .write_obj(params, GuestAddress(layout::ZERO_PAGE_START))
         .map_err(|e| Error::GuestMemory("zero page", e))?;
-    Ok((entry, sources))
+    Ok((entry, sources, einj))
 }
 
-/// Writes the ACPI tables, with a HEST describing `sources`.
+/// Writes the ACPI tables, with a HEST describing `sources` and an EINJ
+/// whose register window is at `einj`.
 fn write_acpi_tables(
     memory: &GuestMemoryMmap,
     vcpus: u8,
     sources: &[SourceLayout],
+    einj: u64,
 ) -> Result<acpi::Tables, Error> {
     let hest = ras::ghes::hest(sources, acpi::OEM_ID, acpi::OEM_TABLE_ID);
-    let einj = ras::einj::table(layout::EINJ_START, acpi::OEM_ID, acpi::OEM_TABLE_ID);
+    let einj = ras::einj::table(einj, acpi::OEM_ID, acpi::OEM_TABLE_ID);
     let tables = acpi::build(&acpi::Platform {
         vcpus,
         ioapic_id: mptable::ioapic_id(vcpus),

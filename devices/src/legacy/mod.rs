@@ -14,7 +14,8 @@ mod uart;
 
 pub use misc::{Cmos, PowerPorts};
 pub use pl011::Pl011;
-pub use serial::{EventFdTrigger, SerialPort, I8042};
+pub use serial::{SerialPort, I8042};
+pub use uart::EventFdTrigger;
 
 use std::io::Write;
 

@@ -52,7 +52,7 @@
 //! line-status or modem-status interrupts (their conditions never arise),
 //! and loopback through MCR.
 
-use std::io::{self, Write};
+use std::io::Write;
 
 use vm_superio::{I8042Device, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -102,23 +102,6 @@ const MSR_CTS: u8 = 0x10;
 const MSR_DSR: u8 = 0x20;
 const MSR_RI: u8 = 0x40;
 const MSR_DCD: u8 = 0x80;
-
-/// Raises an interrupt by signalling an eventfd registered as a KVM irqfd.
-pub struct EventFdTrigger(EventFd);
-
-impl EventFdTrigger {
-    /// Wraps `fd`.
-    pub fn new(fd: EventFd) -> Self {
-        Self(fd)
-    }
-}
-
-impl Trigger for EventFdTrigger {
-    type E = io::Error;
-    fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
-    }
-}
 
 /// A 16550A UART whose transmitted bytes go to `W` and whose interrupt line
 /// is delivered as an edge on every low-to-high transition (module docs).

@@ -5,12 +5,27 @@
 //! 16550A's and the PL011's module docs for why).
 
 use std::collections::VecDeque;
-use std::io::Write;
+use std::io::{self, Write};
 
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::serial::EventFdTrigger;
+/// Raises an interrupt by signalling an eventfd registered as a KVM irqfd.
+pub struct EventFdTrigger(EventFd);
+
+impl EventFdTrigger {
+    /// Wraps `fd`.
+    pub fn new(fd: EventFd) -> Self {
+        Self(fd)
+    }
+}
+
+impl Trigger for EventFdTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
 
 /// A UART's receive FIFO, output sink and interrupt line.
 pub(super) struct UartCore<W: Write + Send> {

@@ -385,6 +385,9 @@ impl Scenario {
         for (i, st) in s.steps.iter().enumerate() {
             steps.push(crate::steps::parse(st).map_err(|e| format!("step {}: {e}", i + 1))?);
         }
+        if let Some(t) = s.guest.timeout_s {
+            crate::config::parse_timeout(t).map_err(|e| format!("guest.timeout_s: {e}"))?;
+        }
         if let Some(p) = &s.guest.poison_report {
             crate::config::PoisonReport::parse(p).map_err(|e| e.to_string())?;
         }

@@ -84,6 +84,10 @@ fn bad_files_are_one_line_errors() {
             "name = \"x\"\nsteps = []\n[expect]\noutcome = \"panic\"\nsignals = [{code = \"SEGV\", page = \"page0\"}]",
             "unknown signal code",
         ),
+        ("name = \"x\"\nsteps = []\n[guest]\ntimeout_s = nan\n[expect]\noutcome = \"panic\"", "guest.timeout_s: Timeout"),
+        ("name = \"x\"\nsteps = []\n[guest]\ntimeout_s = -40\n[expect]\noutcome = \"panic\"", "guest.timeout_s"),
+        ("name = \"x\"\nsteps = []\n[guest]\ntimeout_s = inf\n[expect]\noutcome = \"panic\"", "guest.timeout_s"),
+        ("name = \"x\"\nsteps = []\n[guest]\ntimeout_s = 1e30\n[expect]\noutcome = \"panic\"", "guest.timeout_s"),
     ] {
         let e = Scenario::parse(text).unwrap_err();
         assert!(e.contains(want), "{e}");
