@@ -275,6 +275,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn placeholders_map_per_backend() {
+        let lab = Places {
+            vmlinux: crate::LAB_GUEST_VMLINUX,
+            rasdaemon_initramfs: crate::LAB_GUEST_RASDAEMON_INITRAMFS,
+            job_dir: "/job",
+        };
+        assert_eq!(map_arg("@vmlinux", &lab), "/guest/vmlinux");
+        assert_eq!(
+            map_arg("@rasdaemon-initramfs", &lab),
+            "/guest/initramfs-rasdaemon.cpio"
+        );
+        let direct = Places {
+            vmlinux: "/v",
+            rasdaemon_initramfs: "/r.cpio",
+            job_dir: "/tmp/x",
+        };
+        assert_eq!(map_arg("@job/a.toml", &direct), "/tmp/x/a.toml");
+        assert_eq!(map_arg("@rasdaemon-initramfs", &direct), "/r.cpio");
+        assert_eq!(map_arg("--scenario", &lab), "--scenario");
+        assert!(job_file_name("10-a.toml").is_ok());
+        for bad in ["", "../x", "a/b", ".hidden", "a b"] {
+            assert!(job_file_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn each_part_of_a_job_is_overdue_only_past_its_own_limit() {
         let s = Duration::from_secs;
         let limits = [s(30), s(90)];
