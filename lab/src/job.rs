@@ -69,20 +69,24 @@ impl Job {
     }
 }
 
-/// Watches a job's runs against [`Job::run_limits`]: which part of the job
-/// is under way (the lab host's boot, a run, its power-off), since when,
-/// and whether it has overstayed. Jobs without run limits have only the
+/// Watches a job against [`Job::run_limits`] and [`Job::silence_limit`]:
+/// which part of it is under way (the lab host's boot, a run, its
+/// power-off), since when, when the lab host last sent anything, and
+/// whether something has overstayed. Jobs with neither limit have only the
 /// job's own.
 #[derive(Debug)]
 pub(crate) struct RunDeadlines<'a> {
     limits: &'a [Duration],
+    silence: Option<Duration>,
     /// Longest the lab host may take to start the job (its boot) and to
     /// power off after the last run.
     margin: Duration,
-    started: bool,
-    /// The run under way (runs before it have finished).
-    run: usize,
+    /// The part under way and since when: `None` before the job started,
+    /// else the run under way (runs before it have finished).
+    run: Option<usize>,
     since: Instant,
+    /// Bytes on the results channel so far, and when the last came.
+    sent: (u64, Instant),
 }
 
 /// What overstayed its limit.
@@ -94,6 +98,8 @@ pub(crate) enum Overdue {
     Run(usize, Duration),
     /// The lab host did not power off after the last run.
     PowerOff(Duration),
+    /// The job sent nothing for that long.
+    Silent(Duration),
 }
 
 impl fmt::Display for Overdue {
@@ -114,50 +120,60 @@ impl fmt::Display for Overdue {
                 "the lab host did not power off within {} s of the last run",
                 l.as_secs()
             ),
+            Overdue::Silent(l) => write!(f, "the job sent nothing for {} s", l.as_secs()),
         }
     }
 }
 
 impl<'a> RunDeadlines<'a> {
-    pub(crate) fn new(limits: &'a [Duration], margin: Duration, start: Instant) -> Self {
+    pub(crate) fn new(job: &'a Job, margin: Duration, start: Instant) -> Self {
         RunDeadlines {
-            limits,
+            limits: &job.run_limits,
+            silence: job.silence_limit,
             margin,
-            started: false,
-            run: 0,
+            run: None,
             since: start,
+            sent: (0, start),
         }
     }
 
-    /// Notes whether the job has `started` (the lab host said so on its
-    /// results channel) and how many runs have `finished` by `now`; what is
-    /// past its limit, if anything.
-    pub(crate) fn check(
-        &mut self,
-        started: bool,
-        finished: usize,
-        now: Instant,
-    ) -> Option<Overdue> {
-        if self.limits.is_empty() {
+    /// Notes how many bytes the lab host has `sent` on its results channel
+    /// (its first is the job's start) and how many runs have `finished` by
+    /// `now`; what is past its limit, if anything.
+    pub(crate) fn check(&mut self, sent: u64, finished: usize, now: Instant) -> Option<Overdue> {
+        if self.limits.is_empty() && self.silence.is_none() {
             return None;
         }
-        if started && !self.started {
-            self.started = true;
-            self.since = now;
+        if sent != self.sent.0 {
+            self.sent = (sent, now);
         }
-        if finished > self.run {
-            self.run = finished;
-            self.since = now;
+        match self.run {
+            None if sent > 0 => (self.run, self.since) = (Some(finished), now),
+            Some(run) if finished > run => (self.run, self.since) = (Some(finished), now),
+            _ => {}
         }
-        let overdue = match self.limits.get(self.run) {
-            _ if !self.started => Overdue::Boot(self.margin),
-            Some(l) => Overdue::Run(self.run, *l),
-            None => Overdue::PowerOff(self.margin),
+        let part = match self.run {
+            None => Some(Overdue::Boot(self.margin)),
+            Some(_) if self.limits.is_empty() => None,
+            Some(run) => Some(match self.limits.get(run) {
+                Some(l) => Overdue::Run(run, *l),
+                None => Overdue::PowerOff(self.margin),
+            }),
         };
-        let limit = match overdue {
-            Overdue::Boot(l) | Overdue::Run(_, l) | Overdue::PowerOff(l) => l,
+        let limit = |o: Overdue| match o {
+            Overdue::Boot(l) | Overdue::Run(_, l) | Overdue::PowerOff(l) | Overdue::Silent(l) => l,
         };
-        (now.saturating_duration_since(self.since) > limit).then_some(overdue)
+        if let Some(o) = part.filter(|o| now.saturating_duration_since(self.since) > limit(*o)) {
+            return Some(o);
+        }
+        match self.silence {
+            Some(quiet)
+                if self.run.is_some() && now.saturating_duration_since(self.sent.1) > quiet =>
+            {
+                Some(Overdue::Silent(quiet))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -305,24 +321,25 @@ mod tests {
         let s = Duration::from_secs;
         let limits = [s(30), s(90)];
         let t0 = Instant::now();
-        let mut d = RunDeadlines::new(&limits, s(60), t0);
+        let job = Job {
+            run_limits: limits.to_vec(),
+            ..Job::default()
+        };
+        let mut d = RunDeadlines::new(&job, s(60), t0);
         // The lab host's boot, until it says the job started.
-        assert_eq!(d.check(false, 0, t0 + s(59)), None);
-        assert_eq!(d.check(false, 0, t0 + s(61)), Some(Overdue::Boot(s(60))));
+        assert_eq!(d.check(0, 0, t0 + s(59)), None);
+        assert_eq!(d.check(0, 0, t0 + s(61)), Some(Overdue::Boot(s(60))));
         // Run 0's clock starts with the job, whenever that is.
-        assert_eq!(d.check(true, 0, t0 + s(100)), None);
-        assert_eq!(d.check(true, 0, t0 + s(129)), None);
-        assert_eq!(d.check(true, 0, t0 + s(131)), Some(Overdue::Run(0, s(30))));
+        assert_eq!(d.check(1, 0, t0 + s(100)), None);
+        assert_eq!(d.check(1, 0, t0 + s(129)), None);
+        assert_eq!(d.check(1, 0, t0 + s(131)), Some(Overdue::Run(0, s(30))));
         // Its end restarts the clock for the next run, at its own limit.
-        assert_eq!(d.check(true, 1, t0 + s(135)), None);
-        assert_eq!(d.check(true, 1, t0 + s(224)), None);
-        assert_eq!(d.check(true, 1, t0 + s(226)), Some(Overdue::Run(1, s(90))));
+        assert_eq!(d.check(1, 1, t0 + s(135)), None);
+        assert_eq!(d.check(1, 1, t0 + s(224)), None);
+        assert_eq!(d.check(1, 1, t0 + s(226)), Some(Overdue::Run(1, s(90))));
         // After the last run, the power-off.
-        assert_eq!(d.check(true, 2, t0 + s(230)), None);
-        assert_eq!(
-            d.check(true, 2, t0 + s(291)),
-            Some(Overdue::PowerOff(s(60)))
-        );
+        assert_eq!(d.check(1, 2, t0 + s(230)), None);
+        assert_eq!(d.check(1, 2, t0 + s(291)), Some(Overdue::PowerOff(s(60))));
         assert_eq!(
             Overdue::Run(3, s(90)).to_string(),
             "run 3 of the job did not finish within 90 s of the one before it"
@@ -332,8 +349,27 @@ mod tests {
     #[test]
     fn no_limits_never_overdue() {
         let t0 = Instant::now();
-        let mut d = RunDeadlines::new(&[], Duration::from_secs(1), t0);
-        assert_eq!(d.check(false, 0, t0 + Duration::from_secs(3600)), None);
-        assert_eq!(d.check(true, 5, t0 + Duration::from_secs(3600)), None);
+        let job = Job::default();
+        let mut d = RunDeadlines::new(&job, Duration::from_secs(1), t0);
+        assert_eq!(d.check(0, 0, t0 + Duration::from_secs(3600)), None);
+        assert_eq!(d.check(10, 5, t0 + Duration::from_secs(3600)), None);
+    }
+
+    #[test]
+    fn a_script_job_is_overdue_when_silent() {
+        let s = Duration::from_secs;
+        let t0 = Instant::now();
+        let job = Job {
+            silence_limit: Some(s(140)),
+            ..Job::default()
+        };
+        let mut d = RunDeadlines::new(&job, s(120), t0);
+        assert_eq!(d.check(0, 0, t0 + s(121)), Some(Overdue::Boot(s(120))));
+        let mut d = RunDeadlines::new(&job, s(120), t0);
+        assert_eq!(d.check(10, 0, t0 + s(100)), None);
+        // Every word restarts the silence.
+        assert_eq!(d.check(50, 0, t0 + s(230)), None);
+        assert_eq!(d.check(50, 0, t0 + s(369)), None);
+        assert_eq!(d.check(50, 0, t0 + s(371)), Some(Overdue::Silent(s(140))));
     }
 }

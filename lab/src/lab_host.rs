@@ -132,34 +132,15 @@ impl Lab {
         let mut progress = RunsSoFar::new(&results);
         // The lab host's boot may take the job's margin, and as long again
         // on a slow machine; so may its power-off.
-        let mut deadlines = RunDeadlines::new(&job.run_limits, 2 * LAB_MARGIN, start);
-        let mut heard = (0u64, start);
+        let mut deadlines = RunDeadlines::new(job, 2 * LAB_MARGIN, start);
         let waited = wait_child(&mut child, start + limit, qemu, &lab_console, &mut || {
             progress.poll(on_run);
-            let now = Instant::now();
             // The lab host's first word on the results channel is the
             // job's start (images/lab-init).
-            let len = std::fs::metadata(&results).map_or(0, |m| m.len());
-            if len != heard.0 {
-                heard = (len, now);
-            }
-            let started = len > 0;
-            let what = match (
-                deadlines.check(started, progress.finished(), now),
-                job.silence_limit,
-            ) {
-                (Some(o), _) => o.to_string(),
-                (None, Some(quiet)) if started && now - heard.1 > quiet => {
-                    format!("the job sent nothing for {} s", quiet.as_secs())
-                }
-                (None, Some(_)) if !started && now - start > 2 * LAB_MARGIN => {
-                    format!(
-                        "the lab host did not start the job within {} s",
-                        (2 * LAB_MARGIN).as_secs()
-                    )
-                }
-                _ => return None,
-            };
+            let sent = std::fs::metadata(&results).map_or(0, |m| m.len());
+            let what = deadlines
+                .check(sent, progress.finished(), Instant::now())?
+                .to_string();
             Some(Error::LabStalled {
                 what,
                 log: lab_console.display().to_string(),
